@@ -1,0 +1,95 @@
+"""The ``misp`` command: LightningCLI for every training stage, plus tool subcommands.
+
+    misp fit --config configs/shapes/misp_dpo.yaml     any stage is `misp fit` with its config
+    misp test --config ... --ckpt_path ...             POPE and CHAIR on the test split
+    misp world --out DIR [--seed S] [...]              writes a Shapes world dataset to DIR
+
+Tool subcommands (``world``) are not Trainer methods, so ``main`` dispatches them to their own
+jsonargparse parser before LightningCLI runs; ``misp --help`` still lists them beside fit/test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import lightning as L
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from misp.data.world import WorldConfig, write_world
+
+# Field docstrings of misp's dataclass configs become --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def _world_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="misp world", description="Write a seeded Shapes world dataset (all splits).")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with WorldConfig fields.")
+    parser.add_argument("--out", type=str, required=True, help="Output folder (created; files are replaced).")
+    parser.add_argument("--quiet", type=bool, default=False, help="No progress bar.")
+    parser.add_class_arguments(WorldConfig, "world", help="The world's generator settings.")
+    return parser
+
+
+def _run_world(argv: Sequence[str]) -> None:
+    parser = _world_parser()
+    cfg = parser.parse_args(_flatten_world_args(argv))
+    config = parser.instantiate_classes(cfg).world
+    info = write_world(cfg.out, config, progress=not cfg.quiet)
+    counts = ", ".join(f"{k} {v}" for k, v in info.get("counts", {}).items())
+    print(f"wrote the Shapes world to {cfg.out}: {counts}")
+
+
+def _flatten_world_args(argv: Sequence[str]) -> list[str]:
+    """Let users write ``--seed 3`` for ``--world.seed 3``: WorldConfig fields sit at the top level."""
+    fields = set(WorldConfig.__dataclass_fields__)
+    out = []
+    for arg in argv:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        out.append(f"--world.{arg[2:]}" if name in fields else arg)
+    return out
+
+
+TOOLS: dict[str, tuple[Callable[[Sequence[str]], None], Callable[[], ArgumentParser], str]] = {
+    "world": (_run_world, _world_parser, "Write a seeded Shapes world dataset to a folder."),
+}
+
+
+class MispCLI(LightningCLI):
+    """LightningCLI with misp's defaults: any LightningModule/DataModule chosen by ``class_path``."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=L.LightningModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"env_prefix": "MISP", "default_env": False},
+            args=list(args) if args is not None else None,
+            run=run,
+        )
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # Listed for --help only: main() runs tool subcommands before LightningCLI parses anything.
+        action = parser._subcommands_action
+        for name, (_, make_parser, help_text) in TOOLS.items():
+            action.add_subcommand(name, make_parser(), help=help_text)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console entry point ``misp``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    logging.basicConfig(level=os.environ.get("MISP_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in TOOLS:
+        TOOLS[argv[0]][0](argv[1:])
+        return
+    MispCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

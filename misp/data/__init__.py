@@ -1,0 +1,1 @@
+"""Data: record formats and validation, the Shapes world, collation, and the negative-sampler datamodule."""

@@ -1,0 +1,103 @@
+"""Evaluation data shared by every VLM module: POPE questions and captioning prompts for CHAIR."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Dataset
+
+from misp.data.images import load_rgb
+from misp.data.records import read_pope_questions, read_prompt_records
+
+
+@dataclass
+class EvalData:
+    """Where the evaluation questions and prompts come from."""
+
+    pope_file: str | None = None
+    """POPE questions, JSON Lines (``image``, ``question``, ``label``, ``split``); None skips POPE."""
+    pope_layout: str = "misp"
+    """``misp`` (the layout above) or ``pope`` (the original POPE files: ``question_id``, ``image``,
+    ``text``, ``label``; the split is then ``pope_split``)."""
+    pope_split: str | None = None
+    """Split name for a ``pope``-layout file (random, popular or adversarial)."""
+    captions_file: str | None = None
+    """Captioning prompts with ground-truth objects (``image``, ``prompt``, ``objects``); None skips CHAIR."""
+    image_root: str | None = None
+    """Folder image paths are relative to (default: each file's folder)."""
+    objects: list[str] = field(default_factory=list)
+    """CHAIR's object vocabulary. Empty: read ``objects`` from a ``world.json`` beside the captions file."""
+    synonyms_file: str | None = None
+    """Optional JSON object mapping a surface form to its canonical object name (for CHAIR)."""
+    limit: int | None = None
+    """Evaluate only the first N questions and N prompts (quick validation during training)."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+
+    def chair_objects(self) -> list[str]:
+        if self.objects:
+            return list(self.objects)
+        if self.captions_file is None:
+            return []
+        world = Path(self.captions_file).parent / "world.json"
+        if not world.exists():
+            raise FileNotFoundError(
+                f"CHAIR needs an object vocabulary: set evaluation.objects, or put a world.json beside {self.captions_file}"
+            )
+        return list(json.loads(world.read_text())["objects"])
+
+    def synonyms(self) -> dict[str, str]:
+        if self.synonyms_file is None:
+            return {}
+        return dict(json.loads(Path(self.synonyms_file).read_text()))
+
+
+class _EvalDataset(Dataset):
+    def __init__(self, task: str, rows: list[dict]) -> None:
+        self.task = task
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = dict(self.rows[i])
+        row["image"] = load_rgb(row["image"])
+        return row
+
+
+def _collate(items: list[dict]) -> dict:
+    batch = {key: [item[key] for item in items] for key in items[0]}
+    batch["task"] = items[0]["task"]
+    return batch
+
+
+def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
+    """The POPE and captioning sets named by ``cfg``, validated up front, in that order."""
+    sets = []
+    if cfg.pope_file:
+        questions = read_pope_questions(
+            Path(cfg.pope_file), image_root=cfg.image_root, layout=cfg.pope_layout, split=cfg.pope_split
+        ).records[: cfg.limit]
+        rows = [
+            {"task": "pope", "id": q.id, "image": q.image, "prompt": q.question, "label": q.label, "split": q.split}
+            for q in questions
+        ]
+        sets.append(_EvalDataset("pope", rows))
+    if cfg.captions_file:
+        prompts = read_prompt_records(Path(cfg.captions_file), image_root=cfg.image_root).records[: cfg.limit]
+        rows = [
+            {"task": "caption", "id": p.id, "image": p.image, "prompt": p.prompt, "objects": list(p.objects)}
+            for p in prompts
+        ]
+        sets.append(_EvalDataset("caption", rows))
+    return sets
+
+
+def eval_dataloaders(cfg: EvalData, num_workers: int = 0) -> list[DataLoader]:
+    return [
+        DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
+        for ds in eval_datasets(cfg)
+    ]

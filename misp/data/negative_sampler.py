@@ -1,0 +1,324 @@
+"""NegativeSamplerDataModule: the data of the SAE and of every preference-optimisation method.
+
+Mining (CLIP embedding, retrieval, SAE scoring, greedy selection) runs once in ``prepare_data`` on one
+process per node and is cached, so every rank then loads identical results in ``setup``. Each epoch
+(``reload_dataloaders_every_n_epochs=1``) ``train_dataloader`` draws K negatives per record from the
+configured source, the ``sae`` source through the DPO module's current proposal q_phi.
+
+In ``mode: sae`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule; in
+``mode: dpo`` collated VLM batches for MISPDPOModule (``chosen_*``, ``rejected_*``, ``pixel_values`` of
+the B positives then the B*K negatives, ``log_q``, ``draw_index``, ``features``, ``ids``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from misp.data.eval_data import EvalData, eval_dataloaders
+from misp.data.images import load_rgb
+from misp.data.pool import read_pool
+from misp.data.preview import log_negatives_preview
+from misp.data.records import PreferenceRecord, read_preference_records
+from misp.models.clip import ClipSpec, load_clip
+from misp.models.prompting import collate_examples, encode_example, preprocess_images
+from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
+from misp.negatives.sources import (
+    FROM_POOL,
+    SOURCES,
+    TRANSFORMS,
+    NegativeDraws,
+    draw_from_lists,
+    materialise,
+    padded_lists,
+    transform_draws,
+    uniform_log_q,
+)
+from misp.sae.io import load_sae
+
+log = logging.getLogger(__name__)
+
+
+class _DifferenceVectors(Dataset):
+    def __init__(self, pairs: torch.Tensor) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.pairs[i]
+
+
+class _PreferenceEpoch(Dataset):
+    """One epoch of preference examples, each with its K drawn negatives."""
+
+    def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, extra_keys) -> None:
+        self.records, self.encoded, self.draws = records, encoded, draws
+        self.features, self.feature_mask, self.extra_keys = features, feature_mask, extra_keys
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        specs = self.draws.specs[i] if self.draws is not None else []
+        return {
+            "id": r.id,
+            "chosen": self.encoded[i][0],
+            "rejected": self.encoded[i][1],
+            "positive": load_rgb(r.image),
+            "negatives": [materialise(s, r.image, load_rgb) for s in specs],
+            "negative_keys": list(specs),
+            "log_q": self.draws.log_q[i] if self.draws is not None else torch.zeros(0),
+            "draw_index": self.draws.draw_index[i] if self.draws is not None else torch.zeros(0, dtype=torch.long),
+            "features": self.features[i] if self.features is not None else None,
+            "feature_mask": self.feature_mask[i] if self.feature_mask is not None else None,
+        }
+
+
+class NegativeSamplerDataModule(L.LightningDataModule):
+    """Preference records, the candidate pool, mined negatives and per-epoch importance sampling.
+
+    Args:
+        records_file: preference records (JSON Lines or a JSON array; see ``layout``).
+        mode: ``dpo`` serves VLM batches; ``sae`` serves difference vectors for SAEModule.
+        source: where negatives come from: sae, random, counterfactual, given, crop, noise or none.
+        k: negatives drawn per record per epoch (with replacement for the pool sources).
+        pool: the candidate pool: a JSON Lines file with ``image`` rows, or a folder of images.
+        clip: the CLIP that embeds records and pool (needed by the sae and random sources and SAE mode).
+        sae_path: a directory written by SAEModule's export (needed by the sae source).
+        mining: retrieval and selection settings.
+        evaluation: the POPE and captioning sets used by ``validate`` and ``test``.
+        val_limit: during fit, validate on only the first N questions and prompts.
+        image_root: folder image paths are relative to (default: the records file's folder).
+        layout: record layout: misp, mdpo or rlhfv (see misp.data.records).
+        on_bad_record: ``raise`` on the first bad record, or ``skip`` and report the count.
+        cache_dir: where embeddings, retrieval and selection are cached.
+        batch_size: records per DPO batch (each expands to 2 + K sequences).
+        sae_batch_size: difference vectors per SAE batch.
+        sae_val_fraction: share of records whose pairs are held out to validate the SAE.
+        max_length: longest tokenised example; longer responses are truncated from the right.
+        num_workers: DataLoader worker processes.
+        seed: seeds the per-epoch draws (with the epoch and record id) and the SAE data split.
+        preview_records: records shown each epoch in the logger's negatives preview (0: none).
+        progress: progress bars during mining.
+    """
+
+    def __init__(
+        self,
+        records_file: str,
+        mode: Literal["dpo", "sae"] = "dpo",
+        source: Literal["sae", "random", "counterfactual", "given", "crop", "noise", "none"] = "sae",
+        k: int = 3,
+        pool: str | None = None,
+        clip: ClipSpec | None = None,
+        sae_path: str | None = None,
+        mining: MiningConfig | None = None,
+        evaluation: EvalData | None = None,
+        val_limit: int | None = 64,
+        image_root: str | None = None,
+        layout: str = "misp",
+        on_bad_record: Literal["raise", "skip"] = "raise",
+        cache_dir: str = "cache",
+        batch_size: int = 8,
+        sae_batch_size: int = 1024,
+        sae_val_fraction: float = 0.05,
+        max_length: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        preview_records: int = 4,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        needs_pool = mode == "sae" or source in FROM_POOL
+        if needs_pool and (pool is None or clip is None):
+            raise ValueError(f"mode={mode!r} source={source!r} needs both `pool` and `clip`")
+        if mode == "dpo" and source == "sae" and sae_path is None:
+            raise ValueError("source='sae' needs `sae_path` (the export_dir of a trained SAEModule)")
+        if mode == "dpo" and source != "none" and k < 1:
+            raise ValueError(f"k must be >= 1 for source={source!r}")
+        self.mining = mining or MiningConfig()
+        self.evaluation = evaluation or EvalData()
+        self.records: list[PreferenceRecord] | None = None
+        self.candidates: Candidates | None = None
+        self.selection: Selection | None = None
+        self.pool_paths: list[Path] = []
+
+    # mining ---------------------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return 0 if self.hparams.source == "none" else self.hparams.k
+
+    def _read_records(self) -> list[PreferenceRecord]:
+        h = self.hparams
+        return read_preference_records(
+            Path(h.records_file), image_root=h.image_root, layout=h.layout, on_bad_record=h.on_bad_record
+        ).records
+
+    def _cache_dir(self) -> Path:
+        return Path(self.hparams.cache_dir)
+
+    def _mine(self, progress: bool) -> None:
+        h = self.hparams
+        if self.records is None:
+            self.records = self._read_records()
+        if not (h.mode == "sae" or h.source in FROM_POOL) or self.candidates is not None:
+            return
+        self.pool_paths = read_pool(h.pool, verify=True)
+        clip = load_clip(h.clip, device=self.mining.device)
+        self.candidates = mine_candidates(
+            [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
+            self.mining, self._cache_dir(), progress=progress,
+        )
+        if h.mode == "dpo" and h.source == "sae":
+            sae, meta = load_sae(h.sae_path)
+            expected = self.candidates.joint.metadata()
+            if meta.get("joint") not in (None, expected):
+                raise ValueError(
+                    f"the SAE in {h.sae_path} was trained in another joint embedding ({meta['joint']}) than "
+                    f"this data's ({expected}); retrain it or match clip/mining.proj_dim"
+                )
+            self.selection = select_negatives(
+                self.candidates, sae, meta["identity"], self.mining, self._cache_dir(), progress=progress
+            )
+
+    def prepare_data(self) -> None:
+        # One process per node mines and writes the caches; setup() on every rank then reads them.
+        self._mine(progress=self.hparams.progress)
+
+    def setup(self, stage: str) -> None:
+        self._mine(progress=False)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        self.processor = getattr(module, "processor", None)
+        if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
+            if self.processor is None:
+                raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
+            h = self.hparams
+            self.encoded = [
+                (encode_example(self.processor, r.prompt, r.chosen, h.max_length),
+                 encode_example(self.processor, r.prompt, r.rejected, h.max_length))
+                for r in self.records
+            ]
+
+    # SAE mode -------------------------------------------------------------------------------------
+    @property
+    def difference_dim(self) -> int:
+        self._mine(progress=self.hparams.progress)
+        return self.candidates.dim
+
+    def sae_metadata(self) -> dict:
+        return {"joint": self.candidates.joint.metadata(), "candidates": self.candidates.key}
+
+    def _sae_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = self.candidates.valid_pairs()
+        n_records = self.candidates.indices.shape[0]
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        order = torch.randperm(n_records, generator=generator)
+        n_val = max(1, int(round(self.hparams.sae_val_fraction * n_records))) if n_records > 1 else 0
+        is_val = torch.zeros(n_records, dtype=torch.bool)
+        is_val[order[:n_val]] = True
+        held = is_val[pairs[:, 0]]
+        return pairs[~held], pairs[held]
+
+    def sample_differences(self, n: int) -> torch.Tensor:
+        """Up to ``n`` training difference vectors (seeded), e.g. to set the SAE's pre-bias."""
+        train, _ = self._sae_split()
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.seed))[:n]
+        return self.candidates.pair_differences(train[pick])
+
+    def _pairs_collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        return self.candidates.pair_differences(torch.stack(items))
+
+    # DPO mode -------------------------------------------------------------------------------------
+    def _proposal_log_q(self) -> torch.Tensor:
+        """log q over each record's M selected negatives from the module's current q_phi."""
+        sel = self.selection
+        proposal = getattr(self.trainer.lightning_module, "proposal", None) if self.trainer is not None else None
+        if proposal is None:
+            return uniform_log_q(sel.valid)
+        with torch.no_grad():
+            param = next(proposal.parameters())
+            log_q = proposal.log_probs(sel.features.to(param.device, param.dtype), sel.valid.to(param.device))
+        return log_q.double().cpu()
+
+    def draws_for_epoch(self, epoch: int) -> NegativeDraws | None:
+        """The K negatives of every record for ``epoch`` (a pure function of seed, epoch and record ids)."""
+        h, ids = self.hparams, [r.id for r in self.records]
+        if h.source == "none":
+            return None
+        if h.source in TRANSFORMS:
+            return transform_draws(h.source, h.k, h.seed, epoch, ids)
+        if h.source == "sae":
+            paths = [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in self.selection.pool_index]
+            return draw_from_lists(self._proposal_log_q(), paths, h.k, h.seed, epoch, ids)
+        if h.source == "random":
+            idx = self.candidates.indices
+            paths = [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in idx]
+            return draw_from_lists(uniform_log_q(idx >= 0), paths, h.k, h.seed, epoch, ids)
+        lists = [self._record_negatives(r) for r in self.records]
+        empty = [r.id for r, x in zip(self.records, lists) if not x]
+        if empty:
+            raise ValueError(f"source={h.source!r}: records without negatives, e.g. {empty[:3]} in {h.records_file}")
+        paths, valid = padded_lists(lists)
+        return draw_from_lists(uniform_log_q(valid), paths, h.k, h.seed, epoch, ids)
+
+    def _record_negatives(self, record: PreferenceRecord) -> list[str]:
+        if self.hparams.source == "given":
+            return [str(p) for p in record.negatives]
+        root = Path(self.hparams.image_root) if self.hparams.image_root else Path(self.hparams.records_file).parent
+        return [str(root / p) for p in record.meta.get("counterfactuals", [])]
+
+    def _dpo_collate(self, items: list[dict]) -> dict:
+        pad = self.processor.tokenizer.pad_token_id
+        batch = {f"chosen_{k}": v for k, v in collate_examples([it["chosen"] for it in items], pad).items()}
+        batch |= {f"rejected_{k}": v for k, v in collate_examples([it["rejected"] for it in items], pad).items()}
+        images = [it["positive"] for it in items] + [img for it in items for img in it["negatives"]]
+        batch["pixel_values"] = preprocess_images(self.processor, images)
+        batch["log_q"] = torch.stack([it["log_q"] for it in items]).float()
+        batch["draw_index"] = torch.stack([it["draw_index"] for it in items])
+        if items[0]["features"] is not None:
+            batch["features"] = torch.stack([it["features"] for it in items])
+            batch["feature_mask"] = torch.stack([it["feature_mask"] for it in items])
+        batch["ids"] = [it["id"] for it in items]
+        batch["negative_keys"] = [it["negative_keys"] for it in items]
+        return batch
+
+    # dataloaders ----------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        if h.mode == "sae":
+            train, _ = self._sae_split()
+            return DataLoader(_DifferenceVectors(train), batch_size=h.sae_batch_size, shuffle=True, drop_last=True,
+                              num_workers=h.num_workers, collate_fn=self._pairs_collate)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        draws = self.draws_for_epoch(epoch)
+        sel = self.selection
+        dataset = _PreferenceEpoch(
+            self.records, self.encoded, draws,
+            sel.features if sel is not None else None, sel.valid if sel is not None else None, None,
+        )
+        if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
+            log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
+        return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, drop_last=False,
+                          num_workers=h.num_workers, collate_fn=self._dpo_collate)
+
+    def val_dataloader(self):
+        h = self.hparams
+        if h.mode == "sae":
+            _, val = self._sae_split()
+            return DataLoader(_DifferenceVectors(val), batch_size=h.sae_batch_size, num_workers=h.num_workers,
+                              collate_fn=self._pairs_collate)
+        return eval_dataloaders(replace(self.evaluation, limit=h.val_limit), h.num_workers)
+
+    def test_dataloader(self):
+        return eval_dataloaders(self.evaluation, self.hparams.num_workers)

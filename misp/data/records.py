@@ -1,0 +1,656 @@
+"""Record files: reading and validating every example misp trains or evaluates on.
+
+Each reader takes a JSON Lines file (one object a line; blank lines are ignored) or a ``.json``-style
+file holding one JSON array of objects (mDPO ships that); the two are told apart by the first
+non-blank character, not by the suffix, because the official POPE files are JSON Lines named ``.json``.
+In error messages LINE is the 1-based line for JSON Lines and the 1-based item index for an array.
+
+Everything is validated up front, images included (opened and decoded once each), so a bad record fails
+the run at start-up with ``FILE:LINE: field 'FIELD': REASON`` instead of hours later inside a worker.
+With ``on_bad_record="skip"`` bad records are dropped, counted in :attr:`ReadResult.skipped` and
+summarised in one warning; a file whose records are all bad still raises.
+
+Image paths are taken as given when absolute, else relative to ``image_root`` when given, else to the
+record file's folder. They are made absolute and normalised without following symlinks (so an image
+in a Hugging Face cache keeps its own file name).
+
+Layouts of preference files (source key for each misp field; ``a.b`` means key ``b`` of the object,
+or of the JSON string holding an object, found at key ``a``):
+
+======  =========  ==========  =============  ===========  =============  =========  ======
+layout  id         image       prompt         chosen       rejected       negatives  meta
+======  =========  ==========  =============  ===========  =============  =========  ======
+misp    id         image       prompt         chosen       rejected       negatives  meta
+mdpo    (index)    img_path    prompt         chosen       rejected       (none)     (none)
+rlhfv   idx        image_path  text.question  text.chosen  text.rejected  (none)     (none)
+======  =========  ==========  =============  ===========  =============  =========  ======
+
+- ``misp``: the native format of architecture.md ("Files").
+- ``mdpo``: mDPO's released data (``data/sample_data.json`` of luka-group/mDPO, derived from VLFeedback):
+  a JSON array of ``{"img_path", "prompt", "chosen", "rejected"}`` with no id, so the id is the 0-based
+  position of the record in the file. Its prompts carry the chat template and ``<image>`` token
+  verbatim.
+- ``rlhfv``: rows of openbmb/RLHF-V-Dataset exported to JSON Lines: ``idx`` (an integer), ``image_path``,
+  and ``text``, a JSON string holding ``question``, ``chosen`` and ``rejected``. An unparsable ``text``
+  is reported as field ``text``.
+
+POPE question files have the layouts ``misp`` (``id`` optional, ``image``, ``question``, ``label``,
+``split``) and ``pope``, the official RUCAIBox/POPE files (``question_id`` -> id, ``text`` -> question;
+they hold one split each, so pass ``split=``). Caption, SFT and prompt files use their native keys. In
+every reader ``key_map`` (misp field -> source key) overrides the layout's keys, and the id falls back
+to the record's 0-based position where a format makes it optional.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from misp.data.images import verify_image
+
+logger = logging.getLogger(__name__)
+
+OnBadRecord = Literal["raise", "skip"]
+
+
+class RecordError(ValueError):
+    """A record file, or one record in it, is invalid.
+
+    Attributes:
+        file: The record file.
+        line: 1-based line (JSON Lines) or item index (JSON array); None for whole-file errors.
+        field: The offending key as written in the file (dotted for nested keys); None for whole-record
+            or whole-file errors.
+        reason: What is wrong.
+    """
+
+    def __init__(self, file: str | os.PathLike, line: int | None, field: str | None, reason: str):
+        self.file = Path(file)
+        self.line = line
+        self.field = field
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else f"{self.file}"
+        what = f"field '{self.field}': " if self.field is not None else ""
+        return f"{where}: {what}{self.reason}"
+
+    def __reduce__(self):
+        # Exceptions cross process boundaries (dataloader workers, spawn); rebuild from the attributes.
+        return (type(self), (self.file, self.line, self.field, self.reason))
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One preference example: an image, a prompt and a chosen/rejected response pair."""
+
+    id: str
+    """Unique within the file; seeds per-example sampling and keys the caches."""
+    image: Path
+    """The positive image, absolute."""
+    prompt: str
+    """The user prompt, verbatim."""
+    chosen: str
+    """The preferred response."""
+    rejected: str
+    """The dispreferred response."""
+    negatives: tuple[Path, ...] = ()
+    """Optional fixed negative images for this example, absolute."""
+    meta: dict = field(default_factory=dict)
+    """Free-form metadata carried through untouched."""
+
+
+@dataclass(frozen=True)
+class PopeQuestion:
+    """One POPE yes/no question about an image."""
+
+    id: str
+    """Unique within the file."""
+    image: Path
+    """The image asked about, absolute."""
+    question: str
+    """The question, e.g. "Is there a dog in the image?"."""
+    label: str
+    """The true answer, "yes" or "no"."""
+    split: str
+    """The POPE split: "random", "popular" or "adversarial" (any non-empty name is accepted)."""
+    meta: dict = field(default_factory=dict)
+    """Free-form metadata carried through untouched."""
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    """An image with a reference caption (CLIP training, retrieval pools)."""
+
+    id: str
+    """Unique within the file."""
+    image: Path
+    """The image, absolute."""
+    caption: str
+    """Its caption."""
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    """One supervised fine-tuning example."""
+
+    id: str
+    """Unique within the file."""
+    image: Path
+    """The image, absolute."""
+    prompt: str
+    """The user prompt."""
+    response: str
+    """The target response."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A captioning test prompt with the image's ground-truth objects (for CHAIR)."""
+
+    id: str
+    """Unique within the file."""
+    image: Path
+    """The image, absolute."""
+    prompt: str
+    """The prompt to generate a response for."""
+    objects: tuple[str, ...]
+    """Ground-truth object names present in the image (may be empty)."""
+
+
+@dataclass
+class ReadResult:
+    """The valid records of a file, and the errors of the ones skipped."""
+
+    records: list
+    """Valid records in file order."""
+    skipped: list[RecordError]
+    """One error per skipped record (empty unless ``on_bad_record="skip"``)."""
+    path: Path
+    """The file read."""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.records)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schema-driven validator
+
+
+class _Invalid(Exception):
+    """A value failed a converter's check; the validator adds file, line and field."""
+
+
+class _FieldError(Exception):
+    def __init__(self, field: str | None, reason: str):
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+@dataclass
+class _Context:
+    """Per-file state the converters need."""
+
+    base: Path
+    verify: bool
+    verified: dict[Path, str | None]
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    types: tuple[type, ...]
+    convert: Callable[[Any, _Context], Any] | None = None
+    required: bool = True
+    default: Callable[[_Context], Any] | None = None
+    """Value for an absent optional field; None lets the dataclass default apply."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    keys: Mapping[str, str] = field(default_factory=dict)
+    """misp field -> source key, for the fields whose key differs from the misp name."""
+    id_from_index: bool = False
+    """The format has no id: use the record's 0-based position."""
+
+
+_MISSING = object()
+
+_TYPE_NAMES = {str: "string", int: "integer", float: "number", list: "list", dict: "object", bool: "boolean"}
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    # JSON true/false load as bool, a subclass of int; an id of `true` is a mistake, not 1.
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def _text(value: str, ctx: _Context) -> str:
+    if not value.strip():
+        raise _Invalid("empty string")
+    return value
+
+
+def _record_id(value: str | int, ctx: _Context) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return _text(value, ctx)
+
+
+def _label(value: str, ctx: _Context) -> str:
+    norm = value.strip().lower()
+    if norm not in ("yes", "no"):
+        raise _Invalid(f"expected 'yes' or 'no', got {value!r}")
+    return norm
+
+
+def _resolve(value: str, ctx: _Context) -> Path:
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        p = ctx.base / p
+    # normpath rather than resolve(): keep symlinked files under their own names.
+    return Path(os.path.normpath(p.absolute()))
+
+
+def _check_image(p: Path, ctx: _Context) -> None:
+    if not ctx.verify:
+        return
+    if p not in ctx.verified:
+        ctx.verified[p] = verify_image(p)
+    reason = ctx.verified[p]
+    if reason is not None:
+        raise _Invalid(f"{reason}: {p}")
+
+
+def _image(value: str, ctx: _Context) -> Path:
+    _text(value, ctx)
+    p = _resolve(value, ctx)
+    _check_image(p, ctx)
+    return p
+
+
+def _image_list(value: list, ctx: _Context) -> tuple[Path, ...]:
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _Invalid(f"item {i}: expected string, got {_type_name(item)}")
+        try:
+            out.append(_image(item, ctx))
+        except _Invalid as e:
+            raise _Invalid(f"item {i}: {e}") from None
+    return tuple(out)
+
+
+def _string_list(value: list, ctx: _Context) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise _Invalid(f"item {i}: expected a non-empty string, got {item!r}")
+    return tuple(value)
+
+
+def _mapping(value: dict, ctx: _Context) -> dict:
+    return dict(value)
+
+
+def _index_id(ctx: _Context) -> str:
+    return str(ctx.index)
+
+
+_ID = _Field("id", (str, int), _record_id)
+_OPTIONAL_ID = _Field("id", (str, int), _record_id, required=False, default=_index_id)
+_IMAGE = _Field("image", (str,), _image)
+_META = _Field("meta", (dict,), _mapping, required=False)
+
+
+def _text_field(name: str) -> _Field:
+    return _Field(name, (str,), _text)
+
+
+_PREFERENCE_SCHEMA = (
+    _ID,
+    _IMAGE,
+    _text_field("prompt"),
+    _text_field("chosen"),
+    _text_field("rejected"),
+    _Field("negatives", (list,), _image_list, required=False),
+    _META,
+)
+_CAPTION_SCHEMA = (_OPTIONAL_ID, _IMAGE, _text_field("caption"))
+_SFT_SCHEMA = (_OPTIONAL_ID, _IMAGE, _text_field("prompt"), _text_field("response"))
+_PROMPT_SCHEMA = (_OPTIONAL_ID, _IMAGE, _text_field("prompt"), _Field("objects", (list,), _string_list))
+
+PREFERENCE_LAYOUTS: dict[str, _Layout] = {
+    "misp": _Layout(),
+    "mdpo": _Layout(keys={"image": "img_path"}, id_from_index=True),
+    "rlhfv": _Layout(
+        keys={
+            "id": "idx",
+            "image": "image_path",
+            "prompt": "text.question",
+            "chosen": "text.chosen",
+            "rejected": "text.rejected",
+        }
+    ),
+}
+POPE_LAYOUTS: dict[str, _Layout] = {
+    "misp": _Layout(),
+    "pope": _Layout(keys={"id": "question_id", "question": "text"}),
+}
+
+
+def _lookup(row: Mapping[str, Any], key: str, nested: dict[str, Mapping]) -> tuple[Any, str]:
+    """The value at source ``key`` of ``row`` and the key to blame if it is missing.
+
+    A dotted key ``a.b`` reads key ``b`` of the object at ``a``; that object may be stored as a JSON
+    string (RLHF-V's ``text``), parsed once per row into ``nested``.
+    """
+    if key in row or "." not in key:
+        return row.get(key, _MISSING), key
+    head, rest = key.split(".", 1)
+    if head not in nested:
+        if head not in row or row[head] is None:
+            return _MISSING, head
+        obj = row[head]
+        if isinstance(obj, str):
+            try:
+                obj = json.loads(obj)
+            except json.JSONDecodeError as e:
+                raise _FieldError(head, f"invalid JSON in string field: {e}") from None
+        if not isinstance(obj, dict):
+            raise _FieldError(head, f"expected an object or a JSON string holding one, got {_type_name(obj)}")
+        nested[head] = obj
+    value, where = _lookup(nested[head], rest, {})
+    return value, f"{head}.{where}"
+
+
+def _validate(
+    row: Any, schema: tuple[_Field, ...], keys: Mapping[str, str], layout: _Layout, ctx: _Context
+) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise _FieldError(None, f"expected a JSON object, got {_type_name(row)}")
+    out: dict[str, Any] = {}
+    nested: dict[str, Mapping] = {}
+    for f in schema:
+        if f.name == "id" and layout.id_from_index and "id" not in keys:
+            out["id"] = str(ctx.index)
+            continue
+        src = keys.get(f.name, f.name)
+        value, where = _lookup(row, src, nested)
+        if value is _MISSING or value is None:
+            if f.required:
+                raise _FieldError(
+                    where, "missing required field" if value is _MISSING else "required field is null"
+                )
+            if f.default is not None:
+                out[f.name] = f.default(ctx)
+            continue
+        if not _is_instance(value, f.types):
+            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in f.types)
+            raise _FieldError(src, f"expected {expected}, got {_type_name(value)}")
+        try:
+            out[f.name] = f.convert(value, ctx) if f.convert is not None else value
+        except _Invalid as e:
+            raise _FieldError(src, str(e)) from None
+    return out
+
+
+def _load_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line, parsed value or RecordError) for each record of a JSON Lines or JSON array file."""
+    if not path.exists():
+        raise RecordError(path, None, None, "file not found")
+    if not path.is_file():
+        raise RecordError(path, None, None, "not a regular file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecordError(path, None, None, f"not UTF-8 text ({e})") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise RecordError(path, None, None, "empty file: no records")
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            # The array as a whole is unparsable, so no item index exists: report the text line.
+            raise RecordError(
+                path, e.lineno, None, f"invalid JSON array: {e.msg} (column {e.colno})"
+            ) from None
+        if not items:
+            raise RecordError(path, None, None, "empty JSON array: no records")
+        return [(i + 1, item) for i, item in enumerate(items)]
+    rows: list[tuple[int, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as e:
+            hint = " (misp expects one JSON object per line, or a JSON array)" if lineno == 1 else ""
+            rows.append((lineno, RecordError(path, lineno, None, f"invalid JSON: {e.msg}{hint}")))
+    return rows
+
+
+def _read(
+    path: str | os.PathLike,
+    schema: tuple[_Field, ...],
+    record_cls: type,
+    layout: _Layout,
+    image_root: str | os.PathLike | None,
+    key_map: Mapping[str, str] | None,
+    on_bad_record: OnBadRecord,
+    verify_images: bool,
+) -> ReadResult:
+    if on_bad_record not in ("raise", "skip"):
+        raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
+    names = {f.name for f in schema}
+    keys = dict(layout.keys)
+    for native, source in (key_map or {}).items():
+        if native not in names:
+            raise ValueError(
+                f"key_map names unknown field {native!r}; {record_cls.__name__} has {sorted(names)}"
+            )
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"key_map[{native!r}] must be a non-empty string, got {source!r}")
+        keys[native] = source
+
+    path = Path(path)
+    rows = _load_rows(path)
+    base = Path(image_root).expanduser() if image_root is not None else path.parent
+    ctx = _Context(base=base.absolute(), verify=verify_images, verified={})
+
+    records: list = []
+    skipped: list[RecordError] = []
+    seen: dict[str, int] = {}
+    id_src = keys.get("id", "id")
+    for index, (line, row) in enumerate(
+        tqdm(rows, desc=f"validating {path.name}", leave=False, disable=None)
+    ):
+        ctx.index = index
+        try:
+            if isinstance(row, RecordError):
+                raise row
+            try:
+                values = _validate(row, schema, keys, layout, ctx)
+            except _FieldError as e:
+                raise RecordError(path, line, e.field, e.reason) from None
+            rid = values["id"]
+            if rid in seen:
+                raise RecordError(path, line, id_src, f"duplicate id {rid!r} (first at line {seen[rid]})")
+            seen[rid] = line
+            records.append(record_cls(**values))
+        except RecordError as e:
+            if on_bad_record == "raise":
+                raise
+            skipped.append(e)
+
+    if skipped:
+        if not records:
+            raise RecordError(path, None, None, f"all {len(rows)} records are invalid; first: {skipped[0]}")
+        logger.warning("skipped %d of %d records in %s: first: %s", len(skipped), len(rows), path, skipped[0])
+    return ReadResult(records=records, skipped=skipped, path=path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+
+
+def read_preference_records(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    layout: Literal["misp", "mdpo", "rlhfv"] = "misp",
+    key_map: Mapping[str, str] | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    verify_images: bool = True,
+) -> ReadResult:
+    """Read and validate a preference file into :class:`PreferenceRecord` s.
+
+    Args:
+        path: JSON Lines file, or a file holding one JSON array.
+        image_root: Folder relative image paths start from; default: the file's folder.
+        layout: Source format: "misp", "mdpo" or "rlhfv" (see the module docstring).
+        key_map: misp field -> source key; overrides the layout's key for that field.
+        on_bad_record: "raise" stops at the first bad record; "skip" drops bad records and warns once.
+        verify_images: Open and decode every image (and negative) now.
+
+    Raises:
+        RecordError: A bad record (in "raise" mode), or a missing, empty or all-bad file.
+    """
+    if layout not in PREFERENCE_LAYOUTS:
+        raise ValueError(f"unknown preference layout {layout!r}; choose from {sorted(PREFERENCE_LAYOUTS)}")
+    return _read(
+        path,
+        _PREFERENCE_SCHEMA,
+        PreferenceRecord,
+        PREFERENCE_LAYOUTS[layout],
+        image_root,
+        key_map,
+        on_bad_record,
+        verify_images,
+    )
+
+
+def read_pope_questions(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    layout: Literal["misp", "pope"] = "misp",
+    split: str | None = None,
+    key_map: Mapping[str, str] | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    verify_images: bool = True,
+) -> ReadResult:
+    """Read and validate POPE questions into :class:`PopeQuestion` s.
+
+    Args:
+        path: JSON Lines file, or a file holding one JSON array.
+        image_root: Folder relative image paths start from; default: the file's folder.
+        layout: "misp" (native keys) or "pope" (official POPE files: question_id, image, text, label).
+        split: Split for records that name none (official POPE files hold one split each); when None,
+            every record must have a ``split``.
+        key_map: misp field -> source key; overrides the layout's key for that field.
+        on_bad_record: "raise" stops at the first bad record; "skip" drops bad records and warns once.
+        verify_images: Open and decode every image now.
+
+    Raises:
+        RecordError: A bad record (in "raise" mode), or a missing, empty or all-bad file.
+    """
+    if layout not in POPE_LAYOUTS:
+        raise ValueError(f"unknown POPE layout {layout!r}; choose from {sorted(POPE_LAYOUTS)}")
+    if split is not None and not split.strip():
+        raise ValueError("split must be a non-empty name or None")
+    split_field = (
+        _text_field("split")
+        if split is None
+        else _Field("split", (str,), _text, required=False, default=lambda ctx: split)
+    )
+    schema = (
+        _OPTIONAL_ID,
+        _IMAGE,
+        _text_field("question"),
+        _Field("label", (str,), _label),
+        split_field,
+        _META,
+    )
+    return _read(
+        path, schema, PopeQuestion, POPE_LAYOUTS[layout], image_root, key_map, on_bad_record, verify_images
+    )
+
+
+def read_caption_records(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    key_map: Mapping[str, str] | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    verify_images: bool = True,
+) -> ReadResult:
+    """Read and validate ``{id?, image, caption}`` records into :class:`CaptionRecord` s.
+
+    Args:
+        path: JSON Lines file, or a file holding one JSON array.
+        image_root: Folder relative image paths start from; default: the file's folder.
+        key_map: misp field -> source key.
+        on_bad_record: "raise" stops at the first bad record; "skip" drops bad records and warns once.
+        verify_images: Open and decode every image now.
+    """
+    return _read(
+        path, _CAPTION_SCHEMA, CaptionRecord, _Layout(), image_root, key_map, on_bad_record, verify_images
+    )
+
+
+def read_sft_records(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    key_map: Mapping[str, str] | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    verify_images: bool = True,
+) -> ReadResult:
+    """Read and validate ``{id?, image, prompt, response}`` records into :class:`SFTRecord` s.
+
+    Args:
+        path: JSON Lines file, or a file holding one JSON array.
+        image_root: Folder relative image paths start from; default: the file's folder.
+        key_map: misp field -> source key.
+        on_bad_record: "raise" stops at the first bad record; "skip" drops bad records and warns once.
+        verify_images: Open and decode every image now.
+    """
+    return _read(path, _SFT_SCHEMA, SFTRecord, _Layout(), image_root, key_map, on_bad_record, verify_images)
+
+
+def read_prompt_records(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    key_map: Mapping[str, str] | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    verify_images: bool = True,
+) -> ReadResult:
+    """Read and validate captioning test prompts ``{id?, image, prompt, objects}`` into :class:`PromptRecord` s.
+
+    ``objects`` lists the ground-truth object names of the image (CHAIR's reference; may be empty).
+
+    Args:
+        path: JSON Lines file, or a file holding one JSON array.
+        image_root: Folder relative image paths start from; default: the file's folder.
+        key_map: misp field -> source key.
+        on_bad_record: "raise" stops at the first bad record; "skip" drops bad records and warns once.
+        verify_images: Open and decode every image now.
+    """
+    return _read(
+        path, _PROMPT_SCHEMA, PromptRecord, _Layout(), image_root, key_map, on_bad_record, verify_images
+    )

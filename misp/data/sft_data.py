@@ -1,0 +1,88 @@
+"""Supervised (image, prompt, response) data for the SFT stage, plus the evaluation sets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from misp.data.eval_data import EvalData, eval_dataloaders
+from misp.data.images import load_rgb
+from misp.data.records import SFTRecord, read_sft_records
+from misp.models.prompting import collate_examples, encode_example, preprocess_images
+
+
+class _SFTDataset(Dataset):
+    def __init__(self, records: list[SFTRecord], encoded: list[dict]) -> None:
+        self.records = records
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[dict, object]:
+        return self.encoded[i], load_rgb(self.records[i].image)
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Tokenised SFT examples (loss on response tokens only) and the POPE/CHAIR evaluation sets.
+
+    Args:
+        train_file: JSON Lines with ``id``, ``image``, ``prompt``, ``response``.
+        evaluation: the POPE and captioning sets used by ``validate`` and ``test``.
+        val_limit: during fit, validate on only the first N questions and prompts (None = all).
+        image_root: folder image paths are relative to (default: the file's folder).
+        batch_size: examples per batch.
+        max_length: longest tokenised example; longer responses are truncated from the right.
+        num_workers: DataLoader worker processes.
+        on_bad_record: ``raise`` on the first bad line, or ``skip`` and report the count.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        evaluation: EvalData | None = None,
+        val_limit: int | None = 64,
+        image_root: str | None = None,
+        batch_size: int = 32,
+        max_length: int = 256,
+        num_workers: int = 0,
+        on_bad_record: str = "raise",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.evaluation = evaluation or EvalData()
+        self.train_set: _SFTDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        self.processor = self.trainer.lightning_module.processor
+        if stage == "fit" and self.train_set is None:
+            h = self.hparams
+            records = read_sft_records(Path(h.train_file), image_root=h.image_root, on_bad_record=h.on_bad_record).records
+            encoded = [encode_example(self.processor, r.prompt, r.response, max_length=h.max_length) for r in records]
+            self.train_set = _SFTDataset(records, encoded)
+
+    def _collate(self, items: list[tuple[dict, object]]) -> dict[str, torch.Tensor]:
+        examples, images = zip(*items)
+        batch = collate_examples(list(examples), pad_token_id=self.processor.tokenizer.pad_token_id)
+        batch["pixel_values"] = preprocess_images(self.processor, list(images))
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self._collate,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return eval_dataloaders(replace(self.evaluation, limit=self.hparams.val_limit), self.hparams.num_workers)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return eval_dataloaders(self.evaluation, self.hparams.num_workers)

@@ -1,0 +1,328 @@
+"""Writing a Shapes world to disk (the files real datasets use) and reading its manifest back.
+
+Layout under ``out_dir`` (image paths in the JSONL files are relative to ``out_dir``)::
+
+    world.json    manifest: config, vocabulary, objects, bias pairs, file hashes, counts, statistics
+    clip.jsonl    {"id", "image", "caption"}
+    sft.jsonl     {"id", "image", "prompt", "response"}: a caption example and yes/no questions per scene
+    pref.jsonl    {"id", "image", "prompt", "chosen", "rejected", "meta"}: preference records
+    pool.jsonl    {"id", "image", "objects"}: distractor images for negative retrieval
+    test.jsonl    {"id", "image", "prompt", "objects"}: captioning prompts with ground-truth objects
+    pope.jsonl    {"id", "image", "question", "label", "split", "object"}: POPE over the test images
+    images/{clip,sft,pref,pref_cf,pool,test}/*.png
+
+Every file is written atomically and ``world.json`` last, so a directory with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from misp.data.world import grammar
+from misp.data.world.config import SPLITS, WorldConfig
+from misp.data.world.render import png_bytes, render_scene
+from misp.data.world.scene import (
+    Scene,
+    counterfactuals,
+    generate_scenes,
+    hallucinate,
+    missing_partners,
+    split_rng,
+)
+from misp.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, sha256_file
+
+WORLD_VERSION = 1
+"""Format version of world.json and the files it lists."""
+
+MANIFEST = "world.json"
+POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+TOP_PARTNERS = 3
+"""Co-occurring objects listed per object in the manifest."""
+
+
+def record_id(split: str, i: int) -> str:
+    return f"{split}-{i:06d}"
+
+
+def image_path(split: str, i: int) -> str:
+    """Path of a scene's image relative to the world folder."""
+    return f"images/{split}/{record_id(split, i)}.png"
+
+
+def counterfactual_path(i: int, j: int) -> str:
+    return f"images/pref_cf/{record_id('pref', i)}-cf{j}.png"
+
+
+# ---------------------------------------------------------------------------------------- statistics
+def object_frequency(scenes: list[Scene]) -> Counter:
+    """Number of scenes containing each object."""
+    return Counter(name for s in scenes for name in s.names)
+
+
+def cooccurrence(scenes: list[Scene]) -> dict[str, Counter]:
+    """``cooc[a][b]``: number of scenes that contain both a and b (a != b)."""
+    cooc: dict[str, Counter] = {}
+    for s in scenes:
+        for a in s.names:
+            row = cooc.setdefault(a, Counter())
+            row.update(b for b in s.names if b != a)
+    return cooc
+
+
+def bias_statistics(scenes: list[Scene], config: WorldConfig) -> dict:
+    """Per bias pair: trigger scenes, P(partner | trigger), P(partner | no trigger), P(partner)."""
+    out: dict[str, dict] = {}
+    for pair in config.bias():
+        with_t = [pair.partner in s.names for s in scenes if pair.trigger in s.names]
+        without_t = [pair.partner in s.names for s in scenes if pair.trigger not in s.names]
+        out[f"{pair.trigger} -> {pair.partner}"] = {
+            "trigger_scenes": len(with_t),
+            "partner_given_trigger": _rate(with_t),
+            "partner_given_no_trigger": _rate(without_t),
+            "partner_rate": _rate(with_t + without_t),
+        }
+    return out
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def _split_statistics(scenes: list[Scene], config: WorldConfig) -> dict:
+    n_objects = [len(s.objects) for s in scenes]
+    return {
+        "scenes": len(scenes),
+        "mean_objects": sum(n_objects) / len(n_objects) if n_objects else None,
+        "bias": bias_statistics(scenes, config),
+    }
+
+
+def _top_partners(scenes: list[Scene], config: WorldConfig) -> dict[str, list[dict]]:
+    freq = object_frequency(scenes)
+    cooc = cooccurrence(scenes)
+    order = {n: i for i, n in enumerate(config.object_names())}
+    out = {}
+    for name in config.object_names():
+        row = cooc.get(name, Counter())
+        top = sorted(row, key=lambda b: (-row[b], order[b]))[:TOP_PARTNERS]
+        out[name] = [{"object": b, "count": row[b], "rate": row[b] / freq[name]} for b in top]
+    return out
+
+
+# ---------------------------------------------------------------------------------------- rows
+def _sft_questions(scene: Scene, rng: random.Random, config: WorldConfig) -> list[tuple[str, str]]:
+    """Balanced (question, answer) pairs: as many 'yes' as 'no', plus a coin-flip one when odd."""
+    q = config.sft_questions_per_image
+    present = scene.names
+    absent = [n for n in config.object_names() if n not in present]
+    n_pairs = min(q // 2, len(present), len(absent))
+    yes = rng.sample(present, n_pairs)
+    no = rng.sample(absent, n_pairs)
+    if q % 2:
+        left_yes = [n for n in present if n not in yes]
+        left_no = [n for n in absent if n not in no]
+        if left_yes and (not left_no or rng.random() < 0.5):
+            yes.append(rng.choice(left_yes))
+        elif left_no:
+            no.append(rng.choice(left_no))
+    pairs = [(n, grammar.YES) for n in yes] + [(n, grammar.NO) for n in no]
+    rng.shuffle(pairs)
+    return [(grammar.question(n), a) for n, a in pairs]
+
+
+def _sft_rows(scenes: list[Scene], config: WorldConfig) -> list[dict]:
+    rng = split_rng(config.seed, "questions/sft")
+    rows = []
+    for i, scene in enumerate(scenes):
+        img = image_path("sft", i)
+        examples = [(grammar.CAPTION_PROMPT, grammar.caption(scene))]
+        examples += _sft_questions(scene, rng, config)
+        for prompt, response in examples:
+            rows.append(
+                {"id": record_id("sft", len(rows)), "image": img, "prompt": prompt, "response": response}
+            )
+    return rows
+
+
+def _pref_rows(scenes: list[Scene], config: WorldConfig) -> tuple[list[dict], list[tuple[str, Scene]]]:
+    """Preference records and the counterfactual renders they reference."""
+    hal_rng = split_rng(config.seed, "hallucination/pref")
+    cf_rng = split_rng(config.seed, "counterfactual/pref")
+    rows, renders = [], []
+    for i, scene in enumerate(scenes):
+        rejected, kind, hallucinated = hallucinate(scene, hal_rng, config)
+        cfs = counterfactuals(scene, cf_rng, config, config.counterfactuals_per_record)
+        cf_paths = [counterfactual_path(i, j) for j in range(len(cfs))]
+        renders += zip(cf_paths, cfs, strict=True)
+        rows.append(
+            {
+                "id": record_id("pref", i),
+                "image": image_path("pref", i),
+                "prompt": grammar.CAPTION_PROMPT,
+                "chosen": grammar.caption(scene),
+                "rejected": grammar.caption(rejected),
+                "meta": {
+                    "objects": scene.names,
+                    "scene": scene.to_dicts(),
+                    "hallucination": {"type": kind, "object": hallucinated},
+                    "counterfactuals": cf_paths,
+                    "counterfactual_scenes": [cf.to_dicts() for cf in cfs],
+                },
+            }
+        )
+    return rows, renders
+
+
+def pope_negatives(
+    scene: Scene,
+    k: int,
+    split: str,
+    rng: random.Random,
+    config: WorldConfig,
+    freq: Counter,
+    cooc: dict[str, Counter],
+) -> list[str]:
+    """``k`` absent objects to ask about, chosen as POPE's ``split`` prescribes (Li et al. 2023).
+
+    random: uniform over absent objects; popular: the most frequent objects of the sft split;
+    adversarial: the partners a present trigger is missing, then the objects that co-occur most with the
+    scene's objects in the sft split. Ties go to config order, so the choice is deterministic.
+    """
+    order = {n: i for i, n in enumerate(config.object_names())}
+    present = scene.names
+    absent = [n for n in config.object_names() if n not in present]
+    k = min(k, len(absent))
+    if split == "random":
+        return rng.sample(absent, k)
+    if split == "popular":
+        return sorted(absent, key=lambda n: (-freq[n], order[n]))[:k]
+    if split == "adversarial":
+        first = missing_partners(scene, config)
+        score = {n: sum(cooc.get(p, Counter())[n] for p in present) for n in absent}
+        rest = sorted((n for n in absent if n not in first), key=lambda n: (-score[n], -freq[n], order[n]))
+        return (first + rest)[:k]
+    raise ValueError(f"unknown POPE split {split!r}; known: {POPE_SPLITS}")
+
+
+def _pope_rows(test: list[Scene], sft: list[Scene], config: WorldConfig) -> list[dict]:
+    rng = split_rng(config.seed, "pope")
+    freq, cooc = object_frequency(sft), cooccurrence(sft)
+    positives = [rng.sample(s.names, min(config.pope_per_image, len(s.names))) for s in test]
+    rows = []
+    for split in POPE_SPLITS:
+        for i, (scene, yes) in enumerate(zip(test, positives, strict=True)):
+            no = pope_negatives(scene, len(yes), split, rng, config, freq, cooc)
+            qs = [(n, grammar.YES) for n in yes] + [(n, grammar.NO) for n in no]
+            rng.shuffle(qs)
+            for name, label in qs:
+                rows.append(
+                    {
+                        "id": record_id("pope", len(rows)),
+                        "image": image_path("test", i),
+                        "question": grammar.question(name),
+                        "label": label,
+                        "split": split,
+                        "object": name,
+                    }
+                )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- writing
+def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, progress: bool = True) -> dict:
+    """Generate the Shapes world described by ``config`` into ``out_dir``; return the manifest.
+
+    Deterministic: the same config gives byte-identical files. Existing files of the same names are
+    replaced; the manifest is written last.
+    """
+    config = WorldConfig() if config is None else config
+    config.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    scenes = {split: generate_scenes(config, split) for split in SPLITS}
+    rows = {
+        "clip": [
+            {"id": record_id("clip", i), "image": image_path("clip", i), "caption": grammar.caption(s)}
+            for i, s in enumerate(scenes["clip"])
+        ],
+        "sft": _sft_rows(scenes["sft"], config),
+        "pool": [
+            {"id": record_id("pool", i), "image": image_path("pool", i), "objects": s.names}
+            for i, s in enumerate(scenes["pool"])
+        ],
+        "test": [
+            {
+                "id": record_id("test", i),
+                "image": image_path("test", i),
+                "prompt": grammar.CAPTION_PROMPT,
+                "objects": s.names,
+            }
+            for i, s in enumerate(scenes["test"])
+        ],
+        "pope": _pope_rows(scenes["test"], scenes["sft"], config),
+    }
+    rows["pref"], cf_renders = _pref_rows(scenes["pref"], config)
+
+    renders = [(image_path(split, i), s) for split in SPLITS for i, s in enumerate(scenes[split])]
+    renders += cf_renders
+    for rel, scene in tqdm(renders, desc="rendering Shapes world", unit="img", disable=not progress):
+        atomic_write_bytes(out / rel, png_bytes(render_scene(scene, config)))
+
+    files = {}
+    for name in ("clip", "sft", "pref", "pool", "test", "pope"):
+        path = out / f"{name}.jsonl"
+        atomic_write_jsonl(path, rows[name])
+        files[name] = {"path": path.name, "rows": len(rows[name]), "sha256": sha256_file(path)}
+
+    hallucinations = Counter(r["meta"]["hallucination"]["type"] for r in rows["pref"])
+    manifest = {
+        "version": WORLD_VERSION,
+        "config": asdict(config),
+        "vocabulary": grammar.vocabulary(config),
+        "objects": grammar.object_names(config),
+        "bias_pairs": [{"trigger": p.trigger, "partner": p.partner} for p in config.bias()],
+        "prompt": grammar.CAPTION_PROMPT,
+        "files": files,
+        "counts": {
+            "scenes": {split: len(scenes[split]) for split in SPLITS},
+            "rows": {name: f["rows"] for name, f in files.items()},
+            "images": len(renders),
+            "counterfactual_images": len(cf_renders),
+            "hallucinations": {"partner": hallucinations["partner"], "swap": hallucinations["swap"]},
+            "pope": dict(Counter(r["split"] for r in rows["pope"])),
+        },
+        "statistics": {split: _split_statistics(scenes[split], config) for split in SPLITS},
+        "cooccurrence": _top_partners(scenes["sft"], config),
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def load_world(out_dir: str | os.PathLike) -> dict:
+    """The manifest (world.json) of a world written by ``write_world``, checked for completeness."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no Shapes world at {out_dir}: {path} is missing (create one with `misp world --out {out_dir}`)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); regenerate the world") from None
+    if manifest.get("version") != WORLD_VERSION:
+        raise ValueError(
+            f"{path} has world format version {manifest.get('version')!r}, this misp reads {WORLD_VERSION}; "
+            "regenerate the world"
+        )
+    for name, f in manifest["files"].items():
+        if not (Path(out_dir) / f["path"]).is_file():
+            raise FileNotFoundError(f"world file {name!r} ({f['path']}) listed in {path} is missing")
+    return manifest

@@ -1,0 +1,155 @@
+"""MISPDPOModule: preference optimisation of a VLM; every method of method.md is a config of it.
+
+Per step: one forward of the policy over the concatenated rows (chosen and rejected on the positive,
+chosen on each of the K negatives; each image encoded once), the reference log-probs (cached across
+epochs where the image recurs), the objective of misp.dpo.objective, and for MISP-DPO the proposal
+q_phi's own loss, which moves it toward the model's preference distribution over negatives.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
+from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_loss
+from misp.dpo.reference import ReferenceCache, frozen_copy, reference_fingerprint, reference_mode, uses_adapters
+from misp.eval.loop import GenerationEval
+from misp.logprobs import sequence_logps
+from misp.losses import image_advantages, proposal_loss
+from misp.models.forward import vlm_logits
+from misp.models.vlm import VLMSpec
+from misp.negatives.proposal import ProposalNet, gather_log_q
+from misp.stages.optim import adamw_with_warmup_cosine
+from misp.stages.vlm_module import VLMModule
+
+log = logging.getLogger(__name__)
+
+
+class MISPDPOModule(VLMModule):
+    """DPO, mDPO, CHiP-style, random multi-negative and MISP-DPO, chosen by ``objective`` and the data source.
+
+    Args:
+        vlm: the policy: usually the SFT export (Shapes) or a pretrained LLaVA with 4-bit base and LoRA.
+        objective: the loss (dpo, mdpo, misp), beta, lambda_text, anchor, is_correction.
+        proposal_eps: defensive floor of q_phi: every importance weight is at most M / eps.
+        proposal_lr: learning rate of q_phi's parameters (w, log tau).
+        train_proposal: train q_phi toward the model's preference distribution (false keeps q fixed).
+        cache_reference: keep reference log-probs per (record, response, image) across epochs.
+        generation: how evaluation answers are generated.
+        lr: peak AdamW learning rate of the policy.
+        weight_decay: AdamW weight decay of the policy.
+        warmup_steps: linear warm-up steps before cosine decay.
+        export_dir: where the trained policy is saved at the end of fit (LoRA merged into the base).
+    """
+
+    def __init__(
+        self,
+        vlm: VLMSpec,
+        objective: PreferenceObjective | None = None,
+        proposal_eps: float = 0.1,
+        proposal_lr: float = 1e-2,
+        train_proposal: bool = True,
+        cache_reference: bool = True,
+        generation: GenerationEval | None = None,
+        lr: float = 5e-5,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(vlm, generation, lr, weight_decay, warmup_steps, export_dir)
+        self.save_hyperparameters()
+        self.objective = objective or PreferenceObjective()
+        self.proposal = ProposalNet(eps=proposal_eps) if self.objective.loss == "misp" else None
+        self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
+        self.reference_cache = ReferenceCache() if cache_reference else None
+
+    # setup ----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is not None and self.device_mesh is not None and not getattr(self, "_ref_sharded", False):
+            from misp.models.sharding import shard_vlm
+
+            mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
+            shard_vlm(self.reference, mesh)
+            self._ref_sharded = True
+
+    def on_fit_start(self) -> None:
+        if self.reference_cache is not None:
+            self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
+        data = self.trainer.datamodule
+        draws_per_epoch = getattr(data, "k", 0) > 0
+        if draws_per_epoch and self.trainer.reload_dataloaders_every_n_epochs != 1:
+            log.warning(
+                "trainer.reload_dataloaders_every_n_epochs is %s: negatives are drawn once and reused; "
+                "set it to 1 so each epoch draws fresh ones (method.md 4.4)",
+                self.trainer.reload_dataloaders_every_n_epochs,
+            )
+        if self.objective.uses_negatives and getattr(data, "k", 1) == 0:
+            raise ValueError(f"objective.loss={self.objective.loss!r} needs negatives, but data.source is 'none'")
+
+    # log-probs --------------------------------------------------------------------------------------
+    @staticmethod
+    def _logps(model, rows: ConcatenatedRows, pixel_values: torch.Tensor) -> torch.Tensor:
+        logits = vlm_logits(model, rows.input_ids, rows.attention_mask, pixel_values, rows.image_index)
+        return sequence_logps(logits, rows.labels)
+
+    def _reference_logps(self, batch: dict, rows: ConcatenatedRows) -> torch.Tensor:
+        keys = row_keys(batch)
+        if self.reference_cache is not None:
+            values, missing = self.reference_cache.lookup(keys)
+        else:
+            values, missing = torch.zeros(len(keys), dtype=torch.float64), torch.ones(len(keys), dtype=torch.bool)
+        if bool(missing.any()):
+            need = missing.nonzero().squeeze(1).to(rows.input_ids.device)
+            images, image_index = rows.image_index[need].unique(return_inverse=True)
+            subset = ConcatenatedRows(
+                rows.input_ids[need], rows.attention_mask[need], rows.labels[need], image_index, rows.batch_size, rows.k
+            )
+            with reference_mode(self.model, self.reference) as reference:
+                computed = self._logps(reference, subset, batch["pixel_values"][images]).double().cpu()
+            values[missing] = computed
+            if self.reference_cache is not None:
+                self.reference_cache.store([keys[i] for i in need.tolist()], computed)
+        return values.to(rows.input_ids.device, torch.float32)
+
+    # training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id)
+        b, k = rows.batch_size, rows.k
+        policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch["pixel_values"]), b, k))
+        reference = SequenceLogps(*split_rows(self._reference_logps(batch, rows), b, k))
+        log_q = batch["log_q"] if k else None
+        loss, metrics = preference_loss(self.objective, policy, reference, log_q)
+        if self.proposal is not None and self.hparams.train_proposal and "features" in batch:
+            a = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, self.objective.beta)
+            log_q_phi = gather_log_q(self.proposal.log_probs(batch["features"], batch["feature_mask"]), batch["draw_index"])
+            q_loss = proposal_loss(a.detach(), batch["log_q"], log_q_phi).mean()
+            loss = loss + q_loss
+            metrics |= {"proposal/loss": q_loss.detach(), "proposal/temperature": self.proposal.temperature.detach()}
+        if self.reference_cache is not None:
+            total = max(self.reference_cache.hits + self.reference_cache.misses, 1)
+            metrics["reference/cache_hit_rate"] = torch.tensor(self.reference_cache.hits / total)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log_dict(metrics, batch_size=b)
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        groups = [{"params": self.trainable_parameters(), "weight_decay": self.hparams.weight_decay}]
+        if self.proposal is not None and self.hparams.train_proposal:
+            groups.append({"params": list(self.proposal.parameters()), "weight_decay": 0.0, "lr": self.hparams.proposal_lr})
+        config = adamw_with_warmup_cosine(
+            groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+            warmup_steps=self.hparams.warmup_steps, total_steps=self.trainer.estimated_stepping_batches,
+        )
+        return config
+
+    # checkpoints --------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference_cache is not None:
+            checkpoint["reference_cache"] = self.reference_cache.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference_cache is not None and "reference_cache" in checkpoint:
+            self.reference_cache.load_state_dict(checkpoint["reference_cache"])

@@ -1,0 +1,13 @@
+"""Evaluation: POPE and CHAIR as torchmetrics metrics, and the answer parsing they rely on."""
+
+from misp.eval.metrics import CHAIRMetric, POPEMetric, format_results
+from misp.eval.parsing import MentionExtractor, extract_mentions, parse_yes_no
+
+__all__ = [
+    "CHAIRMetric",
+    "MentionExtractor",
+    "POPEMetric",
+    "extract_mentions",
+    "format_results",
+    "parse_yes_no",
+]

@@ -1,0 +1,317 @@
+"""Preference-optimisation losses as pure functions over per-sequence log-probabilities.
+
+Every loss takes summed response log-probabilities (see :mod:`misp.logprobs`) of the policy and of the
+frozen reference model and returns one value per example (shape ``[B]``); the LightningModule decides
+how to reduce and weight them. Formulas and notation follow ``docs/method.md`` sections 1 and 4.5:
+``r = logp_policy - logp_ref`` is the implicit reward without beta.
+
+Numerical stability: everything is written with ``logsigmoid``, ``softplus`` and ``logsumexp``, so the
+values and gradients stay finite even when advantages reach ``|a| = 1e4`` (which happens in bf16 runs
+with a drifting policy). Nothing here exponentiates a raw advantage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "anchor_loss",
+    "conditional_loss",
+    "dpo_loss",
+    "image_advantages",
+    "importance_weight_stats",
+    "plackett_luce_loss",
+    "proposal_loss",
+]
+
+
+def _check_beta(beta: float) -> None:
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+
+
+def _check_same_shape(name: str, ref_shape: torch.Size, **tensors: Tensor) -> None:
+    for key, t in tensors.items():
+        if t.shape != ref_shape:
+            raise ValueError(f"{name}: {key} has shape {tuple(t.shape)}, expected {tuple(ref_shape)}")
+
+
+def _check_mask(name: str, mask: Tensor | None, shape: torch.Size) -> None:
+    if mask is None:
+        return
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name}: mask must be a bool tensor, got {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sigmoid DPO loss (Rafailov et al.), ``L_text`` of method.md section 1.
+
+    Args:
+        policy_chosen_logps: ``[B]`` policy log-probs of the chosen responses.
+        policy_rejected_logps: ``[B]`` policy log-probs of the rejected responses.
+        ref_chosen_logps: ``[B]`` reference log-probs of the chosen responses.
+        ref_rejected_logps: ``[B]`` reference log-probs of the rejected responses.
+        beta: KL-penalty strength, > 0.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``:
+        ``losses = -logsigmoid(beta * (r_chosen - r_rejected))`` and the detached rewards ``beta * r``.
+    """
+    _check_beta(beta)
+    shape = policy_chosen_logps.shape
+    _check_same_shape(
+        "dpo_loss",
+        shape,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    chosen_r = policy_chosen_logps - ref_chosen_logps
+    rejected_r = policy_rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_r - rejected_r))
+    return losses, beta * chosen_r.detach(), beta * rejected_r.detach()
+
+
+def image_advantages(
+    policy_pos_logps: Tensor,
+    policy_neg_logps: Tensor,
+    ref_pos_logps: Tensor,
+    ref_neg_logps: Tensor,
+    beta: float,
+) -> Tensor:
+    """Per-negative image advantages ``a_i = beta * [r(y_p|x,m_i) - r(y_p|x,m_p)]``.
+
+    A positive ``a_i`` means the policy (relative to the reference) prefers the chosen response under the
+    negative image ``m_i`` more than under the true image: the failure the image losses penalise.
+
+    Args:
+        policy_pos_logps: ``[B]`` policy log-probs of ``y_p`` under the positive image.
+        policy_neg_logps: ``[B, K]`` policy log-probs of ``y_p`` under each negative image.
+        ref_pos_logps: ``[B]`` reference log-probs of ``y_p`` under the positive image.
+        ref_neg_logps: ``[B, K]`` reference log-probs of ``y_p`` under each negative image.
+        beta: KL-penalty strength, > 0.
+
+    Returns:
+        ``[B, K]`` advantages (differentiable).
+    """
+    _check_beta(beta)
+    if policy_neg_logps.dim() != 2:
+        raise ValueError(
+            f"image_advantages: negatives must be [B, K], got shape {tuple(policy_neg_logps.shape)}"
+        )
+    b = policy_neg_logps.shape[0]
+    _check_same_shape(
+        "image_advantages", torch.Size([b]), policy_pos_logps=policy_pos_logps, ref_pos_logps=ref_pos_logps
+    )
+    _check_same_shape("image_advantages", policy_neg_logps.shape, ref_neg_logps=ref_neg_logps)
+    pos_r = policy_pos_logps - ref_pos_logps
+    neg_r = policy_neg_logps - ref_neg_logps
+    return beta * (neg_r - pos_r.unsqueeze(-1))
+
+
+def conditional_loss(
+    policy_pos_logps: Tensor,
+    policy_neg_logps: Tensor,
+    ref_pos_logps: Tensor,
+    ref_neg_logps: Tensor,
+    beta: float,
+) -> Tensor:
+    """Single-negative conditional loss (mDPO's CoPO): ``L_cond = softplus(a_1)``.
+
+    Args:
+        policy_pos_logps: ``[B]`` policy log-probs of ``y_p`` under the positive image.
+        policy_neg_logps: ``[B]`` (or ``[B, 1]``) policy log-probs of ``y_p`` under the negative image.
+        ref_pos_logps: ``[B]`` reference log-probs of ``y_p`` under the positive image.
+        ref_neg_logps: ``[B]`` (or ``[B, 1]``) reference log-probs of ``y_p`` under the negative image.
+        beta: KL-penalty strength, > 0.
+
+    Returns:
+        ``[B]`` losses, ``-logsigmoid(beta * [r(y_p|m_p) - r(y_p|m_1)])``.
+    """
+    if policy_neg_logps.dim() == 1:
+        policy_neg_logps = policy_neg_logps.unsqueeze(-1)
+    if ref_neg_logps.dim() == 1:
+        ref_neg_logps = ref_neg_logps.unsqueeze(-1)
+    if policy_neg_logps.dim() != 2 or policy_neg_logps.shape[-1] != 1:
+        raise ValueError(
+            f"conditional_loss takes exactly one negative per example, got shape {tuple(policy_neg_logps.shape)}"
+        )
+    a = image_advantages(policy_pos_logps, policy_neg_logps, ref_pos_logps, ref_neg_logps, beta)
+    return F.softplus(a.squeeze(-1))
+
+
+def _is_log_weights(a: Tensor, log_q: Tensor | None, mask: Tensor | None) -> Tensor:
+    """``log w_k = a_k - log q(i_k)`` (or ``a_k`` without a proposal), ``-inf`` on padded draws."""
+    log_w = a if log_q is None else a - log_q
+    if mask is not None:
+        log_w = log_w.masked_fill(~mask, float("-inf"))
+    return log_w
+
+
+def plackett_luce_loss(
+    policy_pos_logps: Tensor,
+    policy_neg_logps: Tensor,
+    ref_pos_logps: Tensor,
+    ref_neg_logps: Tensor,
+    beta: float,
+    log_q: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Plackett-Luce multi-negative image loss ``L_img`` and its importance-sampled form ``L_img^IS``.
+
+    Without ``log_q`` (the ``is_correction: false`` ablation, or a fixed negative set S)::
+
+        L_img(S) = softplus(LSE_{i in S} a_i) = log(1 + sum_i exp(a_i))
+
+    the negative log-probability that the positive image ranks first among ``{m_p} U S`` under
+    Plackett-Luce scores ``s = beta * r``. With ``K = 1`` it equals :func:`conditional_loss`.
+
+    With ``log_q`` (draws ``i_1..i_K`` made with replacement from a proposal q over a pool)::
+
+        L_img^IS = softplus(LSE_k (a_{i_k} - log q(i_k) - log K)) = log(1 + Z^),
+        Z^ = (1/K) sum_k exp(a_{i_k}) / q(i_k)
+
+    where ``Z^`` is the unbiased importance-sampling estimate of ``Z = sum_{i in pool} exp(a_i)``; the
+    loss is consistent for the full-pool ``L_img`` as K grows (method.md section 4.5). Repeated draws
+    count once per draw, as the estimator requires.
+
+    Both are computed as ``logsumexp([0, x_1, ..., x_K])``, which is ``softplus(LSE x)`` without an
+    intermediate that can be ``-inf`` (so a fully padded row gives loss 0 and zero gradient).
+
+    Args:
+        policy_pos_logps: ``[B]`` policy log-probs of ``y_p`` under the positive image.
+        policy_neg_logps: ``[B, K]`` policy log-probs of ``y_p`` under each drawn negative image.
+        ref_pos_logps: ``[B]`` reference log-probs of ``y_p`` under the positive image.
+        ref_neg_logps: ``[B, K]`` reference log-probs of ``y_p`` under each drawn negative image.
+        beta: KL-penalty strength, > 0.
+        log_q: optional ``[B, K]`` proposal log-probabilities of the draws; gives ``L_img^IS``.
+        mask: optional ``[B, K]`` bool, True for real negatives; False entries (padding) are ignored and
+            K becomes the per-row count of real draws.
+
+    Returns:
+        ``[B]`` losses.
+    """
+    a = image_advantages(policy_pos_logps, policy_neg_logps, ref_pos_logps, ref_neg_logps, beta)
+    _check_mask("plackett_luce_loss", mask, a.shape)
+    if log_q is not None:
+        _check_same_shape("plackett_luce_loss", a.shape, log_q=log_q)
+    x = _is_log_weights(a, log_q, mask)
+    if log_q is not None:
+        k = a.new_full(a.shape[:1], a.shape[1]) if mask is None else mask.sum(-1).to(a.dtype)
+        x = x - k.clamp_min(1).log().unsqueeze(-1)
+    zeros = x.new_zeros(x.shape[0], 1)
+    return torch.logsumexp(torch.cat([zeros, x], dim=-1), dim=-1)
+
+
+def anchor_loss(
+    policy_chosen_logps: Tensor, ref_chosen_logps: Tensor, beta: float, delta: float = 0.0
+) -> Tensor:
+    """Anchored preference loss (mDPO's AncPO): ``L_anc = -logsigmoid(beta * r(y_p|x,m_p) - delta)``.
+
+    Args:
+        policy_chosen_logps: ``[B]`` policy log-probs of the chosen response under the positive image.
+        ref_chosen_logps: ``[B]`` reference log-probs of the same.
+        beta: KL-penalty strength, > 0.
+        delta: anchor offset; 0 keeps the chosen reward from going negative.
+
+    Returns:
+        ``[B]`` losses.
+    """
+    _check_beta(beta)
+    _check_same_shape("anchor_loss", policy_chosen_logps.shape, ref_chosen_logps=ref_chosen_logps)
+    return -F.logsigmoid(beta * (policy_chosen_logps - ref_chosen_logps) - delta)
+
+
+@torch.no_grad()
+def importance_weight_stats(
+    a: Tensor, log_q: Tensor | None, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Effective sample size and largest normalised weight of the importance weights ``w_k = exp(a_k)/q(i_k)``.
+
+    Computed in log space so huge advantages cannot overflow::
+
+        ESS     = (sum w)^2 / sum w^2 = exp(2 LSE(log w) - LSE(2 log w))     in [1, K]
+        max w~  = max_k w_k / sum w   = exp(max log w - LSE(log w))           in [1/K, 1]
+
+    ESS near K means the proposal matches the target ``p_theta(i) ~ exp(a_i)`` well; ESS near 1 means one
+    draw carries the whole estimate.
+
+    Args:
+        a: ``[B, K]`` image advantages of the draws.
+        log_q: ``[B, K]`` proposal log-probabilities of the draws, or None for equal proposal weights.
+        mask: optional ``[B, K]`` bool, True for real draws.
+
+    Returns:
+        ``(ess, max_normalised_weight)``, each ``[B]``, detached. Rows without a real draw give 0 and 0.
+    """
+    if a.dim() != 2:
+        raise ValueError(f"importance_weight_stats: a must be [B, K], got shape {tuple(a.shape)}")
+    if log_q is not None:
+        _check_same_shape("importance_weight_stats", a.shape, log_q=log_q)
+    _check_mask("importance_weight_stats", mask, a.shape)
+    log_w = _is_log_weights(a, log_q, mask)
+    lse = torch.logsumexp(log_w, dim=-1)
+    empty = torch.isneginf(lse)
+    ess = torch.exp(2 * lse - torch.logsumexp(2 * log_w, dim=-1))
+    max_w = torch.exp(log_w.amax(dim=-1) - lse)
+    return ess.masked_fill(empty, 0.0), max_w.masked_fill(empty, 0.0)
+
+
+def proposal_loss(
+    a_detached: Tensor, log_q_draw: Tensor, log_q_phi: Tensor, mask: Tensor | None = None
+) -> Tensor:
+    """Self-normalised IS estimate of ``KL(p_theta || q_phi)`` (up to a phi-independent constant).
+
+    The target is the model's own preference over the example's pool, ``p_theta(i) = exp(a_i) / Z``,
+    the proposal that minimises the variance of ``Z^`` (method.md 4.4). Expanding the divergence::
+
+        KL(p_theta || q_phi) = sum_i p_theta(i) log p_theta(i)  -  sum_i p_theta(i) log q_phi(i)
+
+    the first term does not depend on phi. The second is an expectation under p_theta, which we cannot
+    sample from, so we rewrite it under the proposal ``q0`` the draws actually came from (the frozen
+    q_phi of the epoch start, log-probs ``log_q_draw``)::
+
+        sum_i p_theta(i) log q_phi(i) = E_{i ~ q0}[ p_theta(i) / q0(i) * log q_phi(i) ]
+
+    and with draws ``i_1..i_K ~ q0`` the unknown normaliser Z is replaced by its IS estimate, which
+    self-normalises the weights::
+
+        w_k = exp(a_{i_k}) / q0(i_k),   wbar_k = w_k / sum_j w_j = softmax_k(a_{i_k} - log q0(i_k))
+        loss = - sum_k wbar_k * log q_phi(i_k)
+
+    ``wbar`` is detached (it is a fixed weighting, not a function of phi), so the gradient is
+    ``-sum_k wbar_k grad log q_phi(i_k)``: a weighted maximum-likelihood step that moves q_phi towards
+    p_theta. The estimate is biased for finite K (self-normalisation) but consistent; its minimiser over
+    an unconstrained q is p_theta itself.
+
+    Args:
+        a_detached: ``[B, K]`` image advantages of the draws (detached here regardless).
+        log_q_draw: ``[B, K]`` log-probabilities of the draws under the proposal that made them.
+        log_q_phi: ``[B, K]`` log-probabilities of the same draws under the current (trainable) q_phi.
+        mask: optional ``[B, K]`` bool, True for real draws.
+
+    Returns:
+        ``[B]`` losses; rows without a real draw give 0.
+    """
+    if a_detached.dim() != 2:
+        raise ValueError(f"proposal_loss: a must be [B, K], got shape {tuple(a_detached.shape)}")
+    _check_same_shape("proposal_loss", a_detached.shape, log_q_draw=log_q_draw, log_q_phi=log_q_phi)
+    _check_mask("proposal_loss", mask, a_detached.shape)
+    log_w = _is_log_weights(a_detached.detach(), log_q_draw.detach(), mask)
+    lse = torch.logsumexp(log_w, dim=-1, keepdim=True)
+    # A fully padded row has lse = -inf; give it zero weights instead of NaN.
+    wbar = torch.where(torch.isneginf(lse), torch.zeros_like(log_w), torch.exp(log_w - lse))
+    if mask is not None:
+        # Padded entries may hold -inf log-probs; 0 * -inf would be NaN.
+        log_q_phi = log_q_phi.masked_fill(~mask, 0.0)
+    return -(wbar * log_q_phi).sum(dim=-1)

@@ -1,0 +1,99 @@
+"""Batched answer generation with a LLaVA model, in the LLaVA-1.5 template."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import ProcessorMixin
+
+from misp.models.prompting import collate_examples, encode_example, preprocess_images
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    processor: ProcessorMixin,
+    images: list[Image.Image],
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_return_sequences: int = 1,
+    seed: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[list[str]]:
+    """Answers to ``prompts`` about ``images``: one list of ``num_return_sequences`` strings per input.
+
+    Prompts are wrapped in the LLaVA-1.5 template by ``encode_example`` (the same tokenisation as
+    training) and left-padded into batches. The answers are decoded without special tokens and without
+    the prompt, stripped of surrounding whitespace. The model is put in eval mode for the call (dropout
+    off) and its mode restored after.
+
+    Args:
+        model: a LLaVA model (plain, peft-wrapped or quantised).
+        processor: its processor.
+        images: one PIL image per prompt.
+        prompts: the user questions, without the template.
+        max_new_tokens: longest answer in tokens.
+        do_sample: sample (True) or decode greedily (False, deterministic).
+        temperature: softmax temperature when sampling.
+        top_p: nucleus mass when sampling.
+        num_return_sequences: answers per input.
+        seed: seeds sampling (batch k uses ``seed + k``) so that the same seed and ``batch_size`` give the
+            same answers; the caller's global random state is left untouched.
+        batch_size: inputs per ``generate`` call.
+        progress: show a tqdm bar over batches.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one image per prompt")
+    if batch_size < 1 or num_return_sequences < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size, num_return_sequences and max_new_tokens must be positive")
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if num_return_sequences > 1 and not do_sample:
+        raise ValueError("num_return_sequences > 1 with greedy decoding returns copies; set do_sample=True")
+    tokenizer = processor.tokenizer
+    encoded = [encode_example(processor, p) for p in prompts]
+    device = _input_device(model)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    rng_devices = [device] if device.type == "cuda" else []
+
+    answers: list[list[str]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for k, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
+            batch = collate_examples(encoded[start : start + batch_size], tokenizer.pad_token_id, padding_side="left")
+            pixel_values = preprocess_images(processor, list(images[start : start + batch_size])).to(device)
+            with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed + k)
+                out = model.generate(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    pixel_values=pixel_values,
+                    **kwargs,
+                )
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = [t.strip() for t in texts]
+            answers.extend(texts[i : i + num_return_sequences] for i in range(0, len(texts), num_return_sequences))
+    finally:
+        model.train(was_training)
+    return answers

@@ -1,0 +1,137 @@
+"""The LLaVA-1.5 prompt template, tokenisation with supervised-token labels, collation and image tensors.
+
+One code path for the tiny Shapes model and for llava-hf/llava-1.5-7b-hf: both are a ``LlavaProcessor``,
+and ``encode_example`` expands ``<image>`` and tokenises exactly as the processor's ``__call__`` does, so
+the ids match what ``processor(images=..., text=...)`` returns. The prompt and the response are
+tokenised separately (prompt with BOS, response without), so the boundary between unsupervised and
+supervised tokens is exact whatever the tokenizer merges across it.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from transformers import ProcessorMixin
+
+IGNORE_INDEX = -100
+"""Label of a token that carries no loss (prompt, image and padding tokens)."""
+
+PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+"""LLaVA-1.5's conversation template for one image and one question."""
+
+
+def format_prompt(prompt: str) -> str:
+    """``prompt`` in the LLaVA-1.5 template: ``"USER: <image>\\n{prompt} ASSISTANT:"``."""
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def num_image_tokens(processor: ProcessorMixin) -> int:
+    """How many ``<image>`` tokens the processor puts in place of one ``<image>`` (576 for LLaVA-1.5-7B).
+
+    The same arithmetic as ``LlavaProcessor``: patches of the cropped image, plus the backbone's extra
+    tokens (CLS), minus one under the 'default' feature strategy (which drops CLS).
+    """
+    patch = getattr(processor, "patch_size", None)
+    if not patch:
+        raise ValueError(f"{type(processor).__name__} has no patch_size; it cannot expand <image> into image tokens")
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None) if getattr(ip, "do_center_crop", False) else None
+    size = crop or getattr(ip, "size", None) or {}
+    if "height" not in size or "width" not in size:
+        raise ValueError(
+            f"the image processor's output size is not fixed ({size}); encode_example needs a square "
+            "crop (do_center_crop with crop_size) to know the number of image tokens"
+        )
+    n = (size["height"] // patch) * (size["width"] // patch) + int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    if getattr(processor, "vision_feature_select_strategy", None) == "default":
+        n -= 1
+    return n
+
+
+def encode_example(
+    processor: ProcessorMixin, prompt: str, response: str | None = None, max_length: int | None = None
+) -> dict[str, list[int]]:
+    """Token ids and labels of one (prompt, response) example in the LLaVA-1.5 template.
+
+    Args:
+        processor: the model's ``LlavaProcessor`` (tokenizer plus image-token arithmetic).
+        prompt: the user's text, without the template and without ``<image>``.
+        response: the assistant's answer; ``None`` encodes the prompt alone, ready for generation.
+        max_length: longest total length. The response (with its EOS) is cut from the right to fit;
+            image and prompt tokens are never cut, so a prompt that leaves no room raises.
+
+    Returns:
+        ``{"input_ids", "labels"}``: ``input_ids`` = BOS, the template with ``<image>`` expanded, then
+        `` {response}`` and EOS; ``labels`` = -100 on every prompt and image token, the token id on each
+        response token and on EOS (all -100 when ``response`` is None).
+    """
+    tokenizer = processor.tokenizer
+    image_token = processor.image_token
+    for name, text in (("prompt", prompt), ("response", response)):
+        if text is not None and image_token in text:
+            raise ValueError(f"the {name} contains {image_token!r}; the template places the one image itself")
+    text = format_prompt(prompt).replace("<image>", image_token * num_image_tokens(processor))
+    prompt_ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = prompt_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids)
+    if response is not None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; a response must end with one")
+        response_ids = list(tokenizer(" " + response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        if max_length is not None:
+            room = max_length - len(prompt_ids)
+            if room < 1:
+                raise ValueError(
+                    f"the prompt alone is {len(prompt_ids)} tokens ({num_image_tokens(processor)} of them image "
+                    f"tokens), leaving no room for the response within max_length={max_length}; raise max_length "
+                    f"or shorten the prompt: {prompt[:80]!r}"
+                )
+            response_ids = response_ids[:room]
+        ids = prompt_ids + response_ids
+        labels = labels + response_ids
+    elif max_length is not None and len(prompt_ids) > max_length:
+        raise ValueError(
+            f"the prompt alone is {len(prompt_ids)} tokens, over max_length={max_length}; image tokens are "
+            f"never truncated: {prompt[:80]!r}"
+        )
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate_examples(
+    examples: list[dict], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad encoded examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors ``[B, T]``.
+
+    Args:
+        examples: outputs of ``encode_example``.
+        pad_token_id: id written into padding positions of ``input_ids``.
+        padding_side: ``right`` for training, ``left`` for batched generation.
+    """
+    if not examples:
+        raise ValueError("collate_examples needs at least one example")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None; the tokenizer needs a pad token")
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        lab = e.get("labels", [IGNORE_INDEX] * n)
+        if len(lab) != n:
+            raise ValueError(f"example {i}: {n} input_ids but {len(lab)} labels")
+        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[i, cols] = torch.tensor(e["input_ids"], dtype=torch.long)
+        mask[i, cols] = 1
+        labels[i, cols] = torch.tensor(lab, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def preprocess_images(processor: ProcessorMixin, images: list[Image.Image]) -> torch.Tensor:
+    """The processor's pixel values ``[N, 3, H, W]`` for PIL images (converted to RGB first)."""
+    if not images:
+        raise ValueError("preprocess_images needs at least one image")
+    rgb = [im.convert("RGB") if im.mode != "RGB" else im for im in images]
+    return processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]

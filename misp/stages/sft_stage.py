@@ -1,0 +1,55 @@
+"""Supervised fine-tuning of a VLM on (image, prompt, response) examples: the Shapes base model."""
+
+from __future__ import annotations
+
+import torch
+
+from misp.eval.loop import GenerationEval
+from misp.models.forward import vlm_logits
+from misp.models.vlm import VLMSpec
+from misp.stages.optim import adamw_with_warmup_cosine
+from misp.stages.vlm_module import VLMModule
+
+
+class SFTModule(VLMModule):
+    """Next-token cross-entropy on response tokens only (prompt and image tokens carry label -100).
+
+    Args:
+        vlm: the VLM to fine-tune (the tiny Shapes LLaVA built from the world's vocabulary by default).
+        generation: how evaluation answers are generated.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before cosine decay.
+        export_dir: where the fine-tuned model is saved at the end of fit (the DPO stages start from it).
+    """
+
+    def __init__(
+        self,
+        vlm: VLMSpec,
+        generation: GenerationEval | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 50,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(vlm, generation, lr, weight_decay, warmup_steps, export_dir)
+        self.save_hyperparameters()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = vlm_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        labels = batch["labels"]
+        # Shifted token-level mean: every supervised token weighs the same, whatever its sequence.
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        return adamw_with_warmup_cosine(
+            self.trainable_parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            warmup_steps=self.hparams.warmup_steps,
+            total_steps=self.trainer.estimated_stepping_batches,
+        )

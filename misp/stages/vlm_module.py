@@ -1,0 +1,109 @@
+"""The base of every LightningModule that trains a VLM: build, shard, evaluate, export.
+
+Subclasses (SFT, MISP-DPO) add a training step; everything a user sees about evaluation (POPE and CHAIR
+tables, logged metrics, sample answers) is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from misp.data.eval_data import EvalData
+from misp.eval.loop import Evaluator, GenerationEval
+from misp.eval.metrics import format_results
+from misp.models.sharding import shard_vlm
+from misp.models.vlm import VLMSpec, load_vlm, save_vlm
+from misp.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class VLMModule(L.LightningModule):
+    """Shared plumbing for VLM modules; not trained on its own.
+
+    Args:
+        vlm: which VLM to load (pretrained path with optional 4-bit and LoRA, or the tiny Shapes model).
+        generation: how evaluation answers are generated.
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before cosine decay.
+        export_dir: where the trained model and processor are saved (Hugging Face layout) at the end of
+            fit, so that the next stage loads them with ``VLMSpec(path=...)``.
+    """
+
+    def __init__(
+        self,
+        vlm: VLMSpec,
+        generation: GenerationEval | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 20,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        # The processor is needed by the datamodule at setup, before configure_model runs.
+        self.model, self.processor = load_vlm(vlm)
+        self.generation = generation or GenerationEval()
+        self.evaluator: Evaluator | None = None
+
+    def configure_model(self) -> None:
+        # Under ModelParallelStrategy (FSDP2) Lightning hands us a device mesh; other strategies wrap the
+        # model themselves (strategy=fsdp uses the config's auto_wrap_policy).
+        if self.device_mesh is not None and not getattr(self, "_sharded", False):
+            mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
+            shard_vlm(self.model, mesh)
+            self._sharded = True
+
+    def setup(self, stage: str) -> None:
+        if self.evaluator is None:
+            data: EvalData | None = getattr(self.trainer.datamodule, "evaluation", None)
+            objects = data.chair_objects() if data is not None else []
+            synonyms = data.synonyms() if data is not None else {}
+            self.evaluator = Evaluator(self.generation, objects, synonyms)
+
+    # evaluation -------------------------------------------------------------------------------------
+    def _eval_step(self, batch: dict) -> None:
+        self.evaluator.update(self.model, self.processor, batch)
+
+    def _eval_epoch_end(self, prefix: str) -> dict[str, float]:
+        results = self.evaluator.compute()
+        samples = self.evaluator.samples
+        self.evaluator.reset()
+        if not results:
+            return results
+        self.log_dict({f"{prefix}/{k}": v for k, v in results.items()}, sync_dist=False)
+        if self.trainer.is_global_zero:
+            table = format_results(results)
+            print(f"\n{prefix} results ({type(self).__name__}):\n{table}")
+            for s in samples[:4]:
+                print(f"  [{s['task']}] {s['prompt']!r} -> {s['answer']!r}")
+        return results
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._eval_epoch_end("test")
+        if self.test_results and self.trainer.is_global_zero:
+            # A machine-readable copy next to the run, for the demo summary and for scripts.
+            atomic_write_json(Path(self.trainer.default_root_dir) / "test_results.json", self.test_results)
+
+    # export -------------------------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.hparams.get("export_dir") and self.trainer.is_global_zero:
+            out = Path(self.hparams.export_dir)
+            save_vlm(self.model, self.processor, out)
+            log.info("exported the trained VLM to %s", out)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,46 @@
+"""Every shipped config loads through the CLI (`misp fit --print_config`), and `misp --help` works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from misp.cli import MispCLI, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    assert {"shapes/clip.yaml", "shapes/sft.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_print_config_resolves_every_shipped_config(config, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    original = yaml.safe_load(config.read_text())
+    assert printed["model"]["class_path"] == original["model"]["class_path"]
+    assert printed["data"]["class_path"] == original["data"]["class_path"]
+
+
+def test_help_lists_trainer_and_tool_subcommands():
+    out = subprocess.run([sys.executable, "-m", "misp.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for sub in ("fit", "validate", "test", "predict", "world"):
+        assert sub in out
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"class_path": "misp.stages.SFTModule", "init_args": {"not_a_field": 1}}}))
+    with pytest.raises(SystemExit):
+        MispCLI(args=["fit", "--config", str(bad)], run=True)
+    assert "not_a_field" in capsys.readouterr().err

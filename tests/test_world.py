@@ -1,0 +1,375 @@
+"""The Shapes world: determinism, the co-occurrence bias, grammar round trips, POPE, preference records."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from misp.data.world import (
+    CAPTION_PROMPT,
+    WorldConfig,
+    caption,
+    generate_scenes,
+    load_world,
+    parse_objects,
+    png_bytes,
+    question,
+    render_scene,
+    scene_from_dicts,
+    vocabulary,
+    words,
+    write_world,
+)
+from misp.data.world.generate import MANIFEST
+from misp.data.world.scene import ATTRIBUTES, WorldObject, make_scene, missing_partners
+from misp.utils.io import sha256_file
+
+SMALL = dict(n_clip=12, n_sft=40, n_pref=30, n_pool=10, n_test=40, image_size=40)
+
+
+def small_config(**overrides) -> WorldConfig:
+    return WorldConfig(**{**SMALL, **overrides})
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    write_world(out, small_config(), progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------ determinism
+def test_same_seed_gives_byte_identical_files(world, tmp_path):
+    write_world(tmp_path, small_config(), progress=False)
+    a, b = file_hashes(world), file_hashes(tmp_path)
+    assert a == b
+    # Every scene image and counterfactual is there, and no temporary file was left behind.
+    manifest = load_world(world)
+    assert sum(k.endswith(".png") for k in a) == manifest["counts"]["images"]
+    assert not [k for k in a if k.endswith(".tmp")]
+
+
+def test_different_seed_differs(world, tmp_path):
+    write_world(tmp_path, small_config(seed=1), progress=False)
+    a, b = file_hashes(world), file_hashes(tmp_path)
+    assert a.keys() == b.keys()
+    for name in ("clip.jsonl", "sft.jsonl", "pref.jsonl", "pool.jsonl", "test.jsonl", "pope.jsonl"):
+        assert a[name] != b[name]
+    images = [k for k in a if k.endswith(".png")]
+    assert sum(a[k] != b[k] for k in images) > 0.9 * len(images)
+
+
+def test_changing_one_split_size_leaves_the_others_unchanged(world, tmp_path):
+    write_world(tmp_path, small_config(n_pool=23, n_clip=5), progress=False)
+    a, b = file_hashes(world), file_hashes(tmp_path)
+    for name in ("sft.jsonl", "pref.jsonl", "test.jsonl", "pope.jsonl"):
+        assert a[name] == b[name]
+    assert a["pool.jsonl"] != b["pool.jsonl"]
+    # The first pool scenes are a prefix of the longer pool's.
+    assert read_jsonl(world / "pool.jsonl") == read_jsonl(tmp_path / "pool.jsonl")[:10]
+
+
+def test_rendering_is_reproducible_and_sized(world):
+    config = small_config()
+    for rec in read_jsonl(world / "pref.jsonl"):
+        scene = scene_from_dicts(rec["meta"]["scene"], config)
+        assert png_bytes(render_scene(scene, config)) == (world / rec["image"]).read_bytes()
+    for path in (world / "images").rglob("*.png"):
+        with Image.open(path) as im:
+            assert im.size == (40, 40) and im.mode == "RGB"
+            assert not im.info  # no metadata chunks
+    scene = make_scene([WorldObject("red", "circle", "large", "center")], WorldConfig(image_size=64))
+    image = render_scene(scene, WorldConfig(image_size=64))
+    assert image.size == (64, 64)
+    # The large red circle fills the centre cell and leaves the corners background.
+    assert image.getpixel((32, 32)) == (220, 30, 30)
+    assert image.getpixel((2, 2)) == (0x28, 0x28, 0x28)
+
+
+# ------------------------------------------------------------------------------------ the bias
+def _partner_given_trigger(scenes, pair):
+    hits = [pair.partner in s.names for s in scenes if pair.trigger in s.names]
+    return sum(hits) / len(hits), len(hits)
+
+
+def test_sft_partner_follows_trigger_at_bias_strength():
+    config = WorldConfig(n_sft=4000)
+    scenes = generate_scenes(config, "sft")
+    for pair in config.bias():
+        p, n = _partner_given_trigger(scenes, pair)
+        se = math.sqrt(config.bias_strength * (1 - config.bias_strength) / n)
+        assert n > 400
+        assert abs(p - config.bias_strength) < 4 * se, (pair, p, n)
+    weak = WorldConfig(n_sft=3000, bias_strength=0.3)
+    for pair in weak.bias():
+        p, n = _partner_given_trigger(generate_scenes(weak, "sft"), pair)
+        assert abs(p - 0.3) < 4 * math.sqrt(0.21 / n)
+
+
+@pytest.mark.parametrize("split", ["test", "pref", "clip", "pool"])
+def test_other_splits_break_the_bias(split):
+    config = WorldConfig()
+    scenes = generate_scenes(config, split, n=4000)
+    n_ids = len(config.object_names())
+    for pair in config.bias():
+        with_t = [s for s in scenes if pair.trigger in s.names]
+        p, n = _partner_given_trigger(scenes, pair)
+        # Independence: given the trigger and n objects, the other n-1 are a uniform subset of the other
+        # n_ids-1 objects, so P(partner | trigger) = E[(n-1)/(n_ids-1) | trigger].
+        expected = sum((len(s.objects) - 1) / (n_ids - 1) for s in with_t) / n
+        assert abs(p - expected) < 4 * math.sqrt(expected * (1 - expected) / n), (pair, p, expected)
+        assert p < 0.25 < config.bias_strength
+        # Triggers are still forced into about trigger_rate of the scenes.
+        assert n / len(scenes) > config.trigger_rate / len(config.bias())
+
+
+def test_manifest_statistics_match_files(world):
+    manifest = load_world(world)
+    config = WorldConfig(**manifest["config"])
+    assert config == small_config()
+    sft = generate_scenes(config, "sft")
+    for pair in config.bias():
+        key = f"{pair.trigger} -> {pair.partner}"
+        p, n = _partner_given_trigger(sft, pair)
+        stats = manifest["statistics"]["sft"]["bias"][key]
+        assert stats["trigger_scenes"] == n and stats["partner_given_trigger"] == pytest.approx(p)
+        assert manifest["cooccurrence"][pair.trigger][0]["object"] == pair.partner
+    for name, f in manifest["files"].items():
+        assert len(read_jsonl(world / f["path"])) == f["rows"] == manifest["counts"]["rows"][name]
+        assert sha256_file(world / f["path"]) == f["sha256"]
+    assert manifest["objects"] == config.object_names()
+
+
+# ------------------------------------------------------------------------------------ grammar
+def test_captions_parse_back_to_the_scene_objects(world):
+    config = small_config()
+    names = config.object_names()
+    for rec in read_jsonl(world / "pref.jsonl"):
+        assert parse_objects(rec["chosen"], names) == rec["meta"]["objects"]
+    for scene in generate_scenes(config, "clip", n=200):
+        text = caption(scene)
+        assert parse_objects(text, names) == scene.names
+        # What a word-level tokenizer's decode gives back: spaces around punctuation, odd case.
+        decoded = "  ".join(words(text)).upper()
+        assert parse_objects(decoded, names) == scene.names
+
+
+def test_parse_objects_edge_cases():
+    names = WorldConfig().object_names()
+    text = "A red circle. a  red\tcircle . bred circle red circles blue square ?"
+    assert parse_objects(text, names) == ["red circle", "red circle", "blue square"]
+    assert parse_objects("nothing here", names) == []
+
+
+def test_caption_format_and_reading_order():
+    config = WorldConfig()
+    scene = make_scene(
+        [WorldObject("blue", "square", "large", "center"), WorldObject("red", "circle", "small", "top left")],
+        config,
+    )
+    assert caption(scene) == "a small red circle at the top left. a large blue square at the center."
+    assert question("red circle") == "is there a red circle in the image?"
+
+
+def test_vocabulary_is_exactly_the_tokens_of_every_world_text(world):
+    config = small_config()
+    vocab = vocabulary(config)
+    assert vocab == sorted(set(vocab))
+    # Brute force over every possible sentence, question and fixed text.
+    texts = [CAPTION_PROMPT, "yes", "no"] + [question(n) for n in config.object_names()]
+    for color, shape, size, pos in itertools.product(
+        config.colors, config.shapes, config.sizes, config.positions
+    ):
+        texts.append(caption(make_scene([WorldObject(color, shape, size, pos)], config)))
+    assert sorted({w for t in texts for w in words(t)}) == vocab
+    # And every text actually written is covered.
+    for name, keys in [
+        ("clip", ["caption"]),
+        ("sft", ["prompt", "response"]),
+        ("test", ["prompt"]),
+        ("pref", ["prompt", "chosen", "rejected"]),
+        ("pope", ["question", "label"]),
+    ]:
+        for rec in read_jsonl(world / f"{name}.jsonl"):
+            for k in keys:
+                assert set(words(rec[k])) <= set(vocab)
+    assert load_world(world)["vocabulary"] == vocab
+
+
+def test_sft_rows_are_a_caption_and_balanced_questions(world):
+    rows = read_jsonl(world / "sft.jsonl")
+    config = small_config()
+    assert len(rows) == config.n_sft * (1 + config.sft_questions_per_image)
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], []).append(r)
+    labels = Counter()
+    for group in by_image.values():
+        assert group[0]["prompt"] == CAPTION_PROMPT
+        present = set(parse_objects(group[0]["response"], config.object_names()))
+        for q in group[1:]:
+            (obj,) = parse_objects(q["prompt"], config.object_names())
+            assert q["response"] == ("yes" if obj in present else "no")
+            labels[q["response"]] += 1
+    assert labels["yes"] == labels["no"] == config.n_sft
+
+
+# ------------------------------------------------------------------------------------ POPE
+def test_pope_labels_and_splits(world):
+    config = small_config()
+    names = config.object_names()
+    truth = {r["image"]: set(r["objects"]) for r in read_jsonl(world / "test.jsonl")}
+    sft_caps = [r["response"] for r in read_jsonl(world / "sft.jsonl") if r["prompt"] == CAPTION_PROMPT]
+    freq = Counter(n for c in sft_caps for n in set(parse_objects(c, names)))
+    rows = read_jsonl(world / "pope.jsonl")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        assert r["label"] == ("yes" if r["object"] in truth[r["image"]] else "no")
+        assert r["question"] == question(r["object"])
+        groups.setdefault((r["split"], r["image"]), []).append(r)
+    assert {s for s, _ in groups} == {"random", "popular", "adversarial"}
+    partner_checks = 0
+    for (split, img), group in groups.items():
+        yes = [r["object"] for r in group if r["label"] == "yes"]
+        no = [r["object"] for r in group if r["label"] == "no"]
+        assert len(yes) == len(no) == min(config.pope_per_image, len(truth[img]))
+        assert len(set(no)) == len(no)
+        absent = [n for n in names if n not in truth[img]]
+        if split == "popular":
+            ranked = sorted(absent, key=lambda n: (-freq[n], names.index(n)))
+            assert sorted(no) == sorted(ranked[: len(no)])
+        if split == "adversarial":
+            for pair in config.bias():
+                if pair.trigger in truth[img] and pair.partner not in truth[img]:
+                    assert pair.partner in no
+                    partner_checks += 1
+    assert partner_checks >= 3  # the fixture's test split has trigger images without their partner
+
+
+# ------------------------------------------------------------------------------------ preference records
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in text.split(".") if s.strip()]
+
+
+def test_rejected_has_exactly_one_hallucinated_object(world):
+    config = small_config()
+    names = config.object_names()
+    kinds = Counter()
+    for rec in read_jsonl(world / "pref.jsonl"):
+        scene = scene_from_dicts(rec["meta"]["scene"], config)
+        assert rec["prompt"] == CAPTION_PROMPT and rec["chosen"] == caption(scene)
+        chosen, rejected = parse_objects(rec["chosen"], names), parse_objects(rec["rejected"], names)
+        hal = rec["meta"]["hallucination"]
+        kinds[hal["type"]] += 1
+        assert set(rejected) - set(chosen) == {hal["object"]}
+        c_sent, r_sent = _sentences(rec["chosen"]), _sentences(rec["rejected"])
+        if hal["type"] == "partner":
+            assert hal["object"] in missing_partners(scene, config)
+            assert Counter(rejected) - Counter(chosen) == Counter([hal["object"]])
+            assert len(r_sent) == len(c_sent) + 1 and set(c_sent) < set(r_sent)
+        else:
+            assert not missing_partners(scene, config) or len(scene.objects) == 9
+            (gone,) = set(chosen) - set(rejected)
+            g_color, g_shape = gone.split()
+            h_color, h_shape = hal["object"].split()
+            assert (g_color == h_color) != (g_shape == h_shape)  # one of colour or shape swapped
+            assert (
+                len(r_sent) == len(c_sent) and sum(a != b for a, b in zip(c_sent, r_sent, strict=True)) == 1
+            )
+    assert kinds["partner"] > 0 and kinds["swap"] > 0
+
+
+def _attribute_distance(a: list[dict], b: list[dict]) -> int:
+    """Fewest attribute changes that turn scene a into scene b, over all object matchings."""
+    if len(a) != len(b):
+        return 10**6
+    return min(
+        sum(x[attr] != y[attr] for x, y in zip(a, perm, strict=True) for attr in ATTRIBUTES)
+        for perm in itertools.permutations(b)
+    )
+
+
+def test_counterfactuals_change_exactly_one_attribute(world):
+    config = small_config()
+    changed = Counter()
+    for rec in read_jsonl(world / "pref.jsonl"):
+        meta = rec["meta"]
+        assert len(meta["counterfactuals"]) == config.counterfactuals_per_record
+        original = (world / rec["image"]).read_bytes()
+        seen = set()
+        for path, cf in zip(meta["counterfactuals"], meta["counterfactual_scenes"], strict=True):
+            assert path.startswith("images/pref_cf/")
+            assert _attribute_distance(meta["scene"], cf) == 1
+            for attr in ATTRIBUTES:
+                if sorted(o[attr] for o in cf) != sorted(o[attr] for o in meta["scene"]):
+                    changed[attr] += 1
+            key = json.dumps(cf, sort_keys=True)
+            assert key not in seen
+            seen.add(key)
+            data = (world / path).read_bytes()
+            assert data != original
+            assert data == png_bytes(render_scene(scene_from_dicts(cf, config), config))
+            names = [f"{o['color']} {o['shape']}" for o in cf]
+            assert len(set(names)) == len(names)
+    assert set(changed) == set(ATTRIBUTES)
+
+
+# ------------------------------------------------------------------------------------ config and loading
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"bias_pairs": ["red circle -> pink square"]}, "pink square"),
+        ({"bias_pairs": ["red circle blue square"]}, "TRIGGER -> PARTNER"),
+        ({"bias_pairs": ["red circle -> red circle"]}, "must differ"),
+        ({"bias_pairs": ["red circle -> blue square", "blue square -> green circle"]}, "chains"),
+        ({"max_objects": 10}, "grid cells"),
+        ({"min_objects": 3, "max_objects": 2}, "exceeds max_objects"),
+        ({"colors": ["red", "magenta"]}, "magenta"),
+        ({"shapes": []}, "must not be empty"),
+        ({"background": "red"}, "same RGB"),
+        ({"background": "#12345"}, "#rrggbb"),
+        ({"trigger_rate": 1.5}, "trigger_rate"),
+        ({"positions": ["top", "bottom"]}, "9 distinct"),
+        ({"n_sft": -1}, "n_sft"),
+        ({"max_objects": 1}, "max_objects >= 2"),
+    ],
+)
+def test_bad_config_raises_a_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        WorldConfig(**overrides)
+
+
+def test_bad_config_types_and_scenes():
+    with pytest.raises(TypeError, match="image_size"):
+        WorldConfig(image_size="64")
+    config = WorldConfig()
+    with pytest.raises(ValueError, match="identical"):
+        make_scene(
+            [WorldObject("red", "circle", "small", "top"), WorldObject("red", "circle", "large", "left")],
+            config,
+        )
+    with pytest.raises(ValueError, match="share a cell"):
+        make_scene(
+            [WorldObject("red", "circle", "small", "top"), WorldObject("blue", "circle", "large", "top")],
+            config,
+        )
+
+
+def test_load_world_errors(tmp_path, world):
+    with pytest.raises(FileNotFoundError, match="misp world"):
+        load_world(tmp_path)
+    assert load_world(world)["version"] == json.loads((world / MANIFEST).read_text())["version"]
