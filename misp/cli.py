@@ -88,7 +88,7 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv and argv[0] in TOOLS:
         TOOLS[argv[0]][0](argv[1:])
         return
-    MispCLI(args=argv)
+    MispCLI(args=None if args is None else argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from misp.models import (
     save_vlm,
     vlm_logits,
 )
-from misp.models.forward import find_projector
 
 WORDS = [
     "a", "an", "small", "large", "red", "blue", "green", "circle", "square", "triangle", "at", "the",
@@ -59,7 +58,7 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def _batch(processor, prompts, responses, images, padding_side="right"):
-    ex = [encode_example(processor, p, r) for p, r in zip(prompts, responses)]
+    ex = [encode_example(processor, p, r) for p, r in zip(prompts, responses, strict=True)]
     batch = collate_examples(ex, processor.tokenizer.pad_token_id, padding_side=padding_side)
     batch["pixel_values"] = preprocess_images(processor, images)
     return batch
@@ -102,7 +101,7 @@ def test_encode_example_matches_processor_and_masks_prompt(tiny):
     assert n_img == (TINY.image_size // TINY.patch_size) ** 2
     assert enc["input_ids"][: len(ref)] == ref
     assert ref.count(processor.image_token_id) == n_img
-    supervised = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX]
+    supervised = [t for t, lab in zip(enc["input_ids"], enc["labels"], strict=True) if lab != IGNORE_INDEX]
     resp_ids = processor.tokenizer(" " + response, add_special_tokens=False)["input_ids"]
     assert supervised == resp_ids + [processor.tokenizer.eos_token_id]
     assert enc["labels"] == [IGNORE_INDEX] * len(ref) + supervised
@@ -214,6 +213,53 @@ def test_vlm_logits_encodes_each_image_once_and_matches_plain_forward(tiny):
     assert not torch.allclose(swapped[2][mask[2]], got[2][mask[2]], atol=1e-4)
 
 
+def test_vlm_logits_gradients_match_repeated_images(world):
+    """Sharing one encoding between rows must give the gradients of encoding the image once per row."""
+    model, processor = load_vlm(VLMSpec(tiny=TINY, vocabulary=world))
+    model.train()
+    batch = _batch(processor, ["describe the image."] * 3, ["a red circle.", "a blue square.", "no."], _images(2))
+    image_index = torch.tensor([1, 1, 0])
+    labels = batch["labels"]
+
+    def grads(logits):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        # The last vision layer gets no gradient (LLaVA reads the second-to-last): count it as zero.
+        return {
+            n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            for n, p in model.named_parameters()
+            if "vision_tower" in n or "projector" in n
+        }
+
+    shared = grads(vlm_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_index))
+    repeated = grads(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"][image_index]).logits)
+    assert shared.keys() == repeated.keys() and any(g.abs().sum() > 0 for g in shared.values())
+    for n in shared:
+        torch.testing.assert_close(shared[n], repeated[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_gradient_checkpointing_keeps_lora_gradients(world):
+    batch = None
+    result = []
+    for checkpointing in (False, True):
+        spec = VLMSpec(tiny=TINY, vocabulary=world, lora=LoraSpec(r=4, alpha=8, dropout=0.0), gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)  # peft draws the LoRA A init from the global generator
+        model, processor = load_vlm(spec)
+        _randomise_lora_b(model)
+        model.train()
+        if batch is None:
+            batch = _batch(processor, ["describe the image."] * 2, ["a red circle.", "no."], _images(1))
+        logits = vlm_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], torch.tensor([0, 0]))
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX).backward()
+        result.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    assert result[0].keys() == result[1].keys()
+    for n in result[0]:
+        torch.testing.assert_close(result[0][n], result[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_vlm_logits_is_padding_side_invariant(tiny):
     model, processor = tiny
     prompts, responses = ["describe the image.", "is there a red circle in the image?"], ["a small red circle.", "no."]
@@ -297,7 +343,7 @@ def test_4bit_forward_on_cpu(tiny, world):
     # Close-ish: 4-bit weights perturb the logits but keep their shape.
     rel = (lq - lf).norm() / lf.norm()
     corr = torch.corrcoef(torch.stack([lq.flatten(), lf.flatten()]))[0, 1]
-    assert rel < 0.5 and corr > 0.85, (rel, corr)
+    assert rel < 0.35 and corr > 0.95, (rel, corr)
 
 
 def test_4bit_lora_step_changes_only_lora(world, tmp_path):

@@ -198,8 +198,9 @@ class NegativeSamplerDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._mine(progress=False)
+        # The VLM module supplies the processor; outside a Trainer (a notebook) set `dm.processor` first.
         module = self.trainer.lightning_module if self.trainer is not None else None
-        self.processor = getattr(module, "processor", None)
+        self.processor = getattr(module, "processor", None) or getattr(self, "processor", None)
         if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
             if self.processor is None:
                 raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
@@ -309,7 +310,9 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         )
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
-        return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, drop_last=False,
+        # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches.
+        order = torch.Generator().manual_seed(h.seed * 1_000_003 + epoch)
+        return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, drop_last=False, generator=order,
                           num_workers=h.num_workers, collate_fn=self._dpo_collate)
 
     def val_dataloader(self):

@@ -138,8 +138,12 @@ def weights_identity(model: nn.Module, model_cfg: dict, preprocess_cfg: dict) ->
 
 
 def _preprocess_cfg(model: nn.Module) -> dict[str, Any]:
-    cfg = dict(open_clip.get_model_preprocess_cfg(model))
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    """The model's preprocessing config in one canonical JSON form (open_clip itself stores the size as
+    an int or as (h, w) depending on how the model was made)."""
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in open_clip.get_model_preprocess_cfg(model).items()}
+    if isinstance(cfg.get("size"), int):
+        cfg["size"] = [cfg["size"], cfg["size"]]
+    return cfg
 
 
 def _eval_transform(model: nn.Module) -> Callable:

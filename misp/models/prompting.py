@@ -2,9 +2,8 @@
 
 One code path for the tiny Shapes model and for llava-hf/llava-1.5-7b-hf: both are a ``LlavaProcessor``,
 and ``encode_example`` expands ``<image>`` and tokenises exactly as the processor's ``__call__`` does, so
-the ids match what ``processor(images=..., text=...)`` returns. The prompt and the response are
-tokenised separately (prompt with BOS, response without), so the boundary between unsupervised and
-supervised tokens is exact whatever the tokenizer merges across it.
+the prompt ids match what ``processor(images=..., text=...)`` returns, and generation sees the same
+prompt as training. The supervised tokens start exactly where the prompt's ids end.
 """
 
 from __future__ import annotations
@@ -48,6 +47,16 @@ def num_image_tokens(processor: ProcessorMixin) -> int:
     return n
 
 
+def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], response: str) -> list[int]:
+    # The response tokens are those of the whole text after the prompt's, as the model would produce them
+    # continuing the prompt (sentencepiece tokenizers differ on a lone " word"); when the tokenizer merges
+    # across the boundary, the response is tokenised alone.
+    full = list(tokenizer(f"{prompt_text} {response}", add_special_tokens=True)["input_ids"])
+    if full[: len(prompt_ids)] == prompt_ids:
+        return full[len(prompt_ids) :]
+    return list(tokenizer(" " + response, add_special_tokens=False)["input_ids"])
+
+
 def encode_example(
     processor: ProcessorMixin, prompt: str, response: str | None = None, max_length: int | None = None
 ) -> dict[str, list[int]]:
@@ -77,7 +86,7 @@ def encode_example(
     if response is not None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; a response must end with one")
-        response_ids = list(tokenizer(" " + response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        response_ids = _response_ids(tokenizer, text, prompt_ids, response) + [tokenizer.eos_token_id]
         if max_length is not None:
             room = max_length - len(prompt_ids)
             if room < 1:

@@ -179,7 +179,7 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 def _looks_like_local_path(path: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else (absolute, ./, ~, deeper) names a folder.
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
 
 
 def _missing_path_error(path: str, cause: Exception | None = None) -> FileNotFoundError:
@@ -229,7 +229,11 @@ def _set_attn(model: nn.Module, implementation: str) -> None:
 
 def _enable_checkpointing(model: nn.Module) -> None:
     # Non-reentrant: no need to force requires_grad on the inputs, and it works with frozen bases.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _prepare_quantized_for_training(model: nn.Module, spec: VLMSpec) -> None:
@@ -238,11 +242,12 @@ def _prepare_quantized_for_training(model: nn.Module, spec: VLMSpec) -> None:
 
         # Freezes the base, upcasts the few unquantised (norm, embedding) weights to float32 for stable
         # training, and turns on checkpointing only when asked.
-        prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=spec.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        with _quiet_peft():
+            prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=spec.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
     else:
         # The float32 upcast would break FSDP's single storage dtype (the reason quant_storage is set),
         # so only freeze and checkpoint, as the QLoRA-with-FSDP recipes do.
@@ -250,6 +255,14 @@ def _prepare_quantized_for_training(model: nn.Module, spec: VLMSpec) -> None:
             p.requires_grad_(False)
         if spec.gradient_checkpointing:
             _enable_checkpointing(model)
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    # peft calls transformers' `*gradient_checkpointing*` names, deprecated in 5.2x: the warning is theirs.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)
+        yield
 
 
 def load_vlm(spec: VLMSpec) -> tuple[nn.Module, ProcessorMixin]:
@@ -286,11 +299,8 @@ def load_vlm(spec: VLMSpec) -> tuple[nn.Module, ProcessorMixin]:
             adapter = str(saved_adapter)
 
     trainable = spec.lora is not None
-    if trainable:
-        if is_quantized(model):
-            _prepare_quantized_for_training(model, spec)
-        elif spec.gradient_checkpointing:
-            _enable_checkpointing(model)
+    if trainable and is_quantized(model):
+        _prepare_quantized_for_training(model, spec)
     elif spec.gradient_checkpointing:
         _enable_checkpointing(model)
 
@@ -301,11 +311,13 @@ def load_vlm(spec: VLMSpec) -> tuple[nn.Module, ProcessorMixin]:
             raise FileNotFoundError(f"adapter {adapter!r} has no adapter_config.json (not a peft LoRA folder)")
         if trainable:
             log.info("continuing to train the LoRA adapter in %s (its own rank and alpha; spec.lora's are unused)", adapter)
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     elif trainable:
         from peft import get_peft_model
 
-        model = get_peft_model(model, spec.lora.to_peft())
+        with _quiet_peft():
+            model = get_peft_model(model, spec.lora.to_peft())
     return model, processor
 
 

@@ -42,6 +42,7 @@ class ContrastiveCLIPModule(L.LightningModule):
         # Built here, not in configure_model: the datamodule needs the transforms and tokenizer at setup.
         self.bundle = load_clip(clip)
         self.model = self.bundle.model
+        self.model.train()  # loaders hand models over in eval mode; Lightning keeps each module's mode
         self.loss_fn = ClipLoss()
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
 

@@ -1,0 +1,119 @@
+"""NegativeSamplerDataModule: SAE-mode difference vectors, every DPO negative source, per-epoch draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from misp.data.negative_sampler import NegativeSamplerDataModule
+from misp.models.clip import ClipSpec
+from misp.models.vlm import VLMSpec, load_vlm
+from misp.negatives.mining import MiningConfig
+
+# A random-init CLIP maps all Shapes images within cosine ~0.99 of each other: keep them all as candidates.
+MINING = MiningConfig(n_candidates=8, pool_size=4, embed_batch_size=64, dup_threshold=0.99999)
+
+
+@pytest.fixture(scope="module")
+def processor(vlm_dir):
+    return load_vlm(VLMSpec(path=str(vlm_dir)))[1]
+
+
+def make(tiny_world, tmp_path, **kwargs) -> NegativeSamplerDataModule:
+    defaults = dict(records_file=str(tiny_world / "pref.jsonl"), cache_dir=str(tmp_path / "cache"), batch_size=4,
+                    mining=MINING, progress=False, preview_records=0)
+    return NegativeSamplerDataModule(**(defaults | kwargs))
+
+
+def test_sae_mode_serves_exact_difference_vectors(tiny_world, clip_dir, tmp_path):
+    dm = make(tiny_world, tmp_path, mode="sae", pool=str(tiny_world / "pool.jsonl"),
+              clip=ClipSpec(checkpoint=str(clip_dir)), sae_batch_size=16)
+    dm.prepare_data()
+    dm.setup("fit")
+    c = dm.candidates
+    assert dm.difference_dim == c.image.shape[1] * c.text.shape[1]  # small CLIP: no projection
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (16, dm.difference_dim)
+    # d = e(m_p, x) - e(m_i, x) with e the flattened outer product (method.md section 2).
+    r, col = 3, 2
+    pool_i = int(c.indices[r, col])
+    explicit = torch.outer(c.image[r], c.text[r]).flatten() - torch.outer(c.pool[pool_i], c.text[r]).flatten()
+    torch.testing.assert_close(c.pair_differences(torch.tensor([[r, col]]))[0], explicit)
+    # Train and validation pairs come from disjoint records.
+    train, val = dm._sae_split()
+    assert set(train[:, 0].tolist()).isdisjoint(val[:, 0].tolist()) and len(val) > 0
+
+
+def test_mining_is_cached_and_rebuilt_when_the_pool_changes(tiny_world, clip_dir, tmp_path, monkeypatch):
+    import misp.negatives.mining as mining
+
+    kwargs = dict(mode="sae", pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)))
+    make(tiny_world, tmp_path, **kwargs).prepare_data()
+    calls = []
+    real = mining.retrieve_candidates
+    monkeypatch.setattr(mining, "retrieve_candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dm = make(tiny_world, tmp_path, **kwargs)
+    dm.prepare_data()
+    assert calls == []  # everything came from the cache
+    smaller = tmp_path / "pool_small.jsonl"
+    smaller.write_text("".join((tiny_world / "pool.jsonl").read_text().splitlines(keepends=True)[:60]))
+    rows = [line.replace('"images/', f'"{tiny_world}/images/') for line in smaller.read_text().splitlines(keepends=True)]
+    smaller.write_text("".join(rows))
+    dm = make(tiny_world, tmp_path, **(kwargs | {"pool": str(smaller)}))
+    dm.prepare_data()
+    assert calls == [1] and dm.candidates.pool.shape[0] == 60
+
+
+@pytest.mark.parametrize("source,k", [("random", 3), ("sae", 3), ("crop", 1), ("noise", 1), ("counterfactual", 2)])
+def test_every_source_yields_batches_of_the_right_shape(source, k, tiny_world, clip_dir, sae_dir, processor, tmp_path):
+    extra = {}
+    if source in ("random", "sae"):
+        extra = dict(pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)))
+    if source == "sae":
+        extra["sae_path"] = str(sae_dir)
+    dm = make(tiny_world, tmp_path, source=source, k=k, **extra)
+    dm.processor = processor
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    b = len(batch["ids"])
+    size = processor.image_processor.crop_size["height"]
+    assert batch["pixel_values"].shape == (b + b * k, 3, size, size)
+    assert batch["log_q"].shape == (b, k) and torch.isfinite(batch["log_q"]).all()
+    assert batch["chosen_input_ids"].shape[0] == b and batch["rejected_labels"].shape[0] == b
+    if source == "sae":
+        assert batch["features"].shape == (b, MINING.pool_size, 4)
+        assert (batch["log_q"] <= 0).all()
+
+
+def test_draws_repeat_for_the_same_epoch_and_change_across_epochs(tiny_world, clip_dir, sae_dir, tmp_path):
+    kwargs = dict(source="sae", k=3, pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)),
+                  sae_path=str(sae_dir))
+    dm = make(tiny_world, tmp_path, **kwargs)
+    dm.prepare_data()
+    again = make(tiny_world, tmp_path, **kwargs)
+    again.prepare_data()
+    e0, e0_again, e1 = dm.draws_for_epoch(0), again.draws_for_epoch(0), dm.draws_for_epoch(1)
+    assert e0.specs == e0_again.specs
+    assert torch.equal(e0.draw_index, e0_again.draw_index)
+    assert not torch.equal(e0.draw_index, e1.draw_index)
+    # Every drawn negative is one of the record's SAE-selected pool images.
+    for r, specs in enumerate(e0.specs):
+        chosen = {str(dm.pool_paths[i]) for i in dm.selection.pool_index[r].tolist() if i >= 0}
+        assert set(specs) <= chosen
+
+
+def test_transform_sources_follow_seed_and_epoch(tiny_world, tmp_path):
+    dm = make(tiny_world, tmp_path, source="crop", k=2)
+    dm.prepare_data()
+    assert dm.draws_for_epoch(0).specs == dm.draws_for_epoch(0).specs
+    assert dm.draws_for_epoch(0).specs != dm.draws_for_epoch(1).specs
+
+
+def test_configuration_errors_are_clear(tiny_world, tmp_path):
+    with pytest.raises(ValueError, match="needs both `pool` and `clip`"):
+        make(tiny_world, tmp_path, source="random")
+    with pytest.raises(ValueError, match="sae_path"):
+        make(tiny_world, tmp_path, source="sae", pool="p", clip=ClipSpec(checkpoint="c"))
+    with pytest.raises(ValueError, match="source must be one of"):
+        make(tiny_world, tmp_path, source="bogus")

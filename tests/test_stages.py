@@ -1,0 +1,55 @@
+"""The Shapes base stages run through the CLI with the shipped configs: a 2-step fit of each, and test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from misp.cli import main
+from misp.models.clip import ClipSpec, load_clip
+from misp.models.vlm import VLMSpec, load_vlm
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.mark.slow
+def test_clip_stage_fits_and_exports(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main([
+        "fit", "--config", str(ROOT / "configs/shapes/clip.yaml"), *FAST,
+        f"--data.train_file={tiny_world / 'clip.jsonl'}", "--data.val_size=32", "--data.batch_size=16",
+        "--model.init_args.clip.tiny.vision_width=32", "--model.init_args.clip.tiny.text_width=32",
+        "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=2",
+    ])
+    bundle = load_clip(ClipSpec(checkpoint=str(tmp_path / "runs/shapes/clip/export")))
+    assert bundle.model.visual is not None
+    metrics = (tmp_path / "runs/shapes/clip/logs/version_0/metrics.csv").read_text()
+    assert "train/loss" in metrics and "val/i2t_acc" in metrics
+    assert (tmp_path / "runs/shapes/clip/checkpoints/last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_sft_stage_fits_exports_and_tests(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small = [f"--model.init_args.vlm.tiny.{k}={v}" for k, v in
+             dict(image_size=32, vision_hidden_size=32, vision_heads=2, text_hidden_size=64, text_heads=2,
+                  text_intermediate_size=128).items()]
+    data = [
+        f"--data.train_file={tiny_world / 'sft.jsonl'}", f"--model.init_args.vlm.vocabulary={tiny_world}",
+        f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
+        f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}", "--data.batch_size=8", "--data.val_limit=8",
+    ]
+    main(["fit", "--config", str(ROOT / "configs/shapes/sft.yaml"), *FAST, *small, *data,
+          "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1"])
+    model, processor = load_vlm(VLMSpec(path=str(tmp_path / "runs/shapes/sft/export")))
+    assert processor.tokenizer.pad_token_id is not None
+    # `misp test` from the Lightning checkpoint: POPE per split and CHAIR, written as JSON.
+    main(["test", "--config", str(ROOT / "configs/shapes/sft.yaml"), *small, *data,
+          "--data.evaluation.limit=12", "--trainer.enable_progress_bar=false",
+          "--ckpt_path", str(tmp_path / "runs/shapes/sft/checkpoints/last.ckpt")])
+    results = json.loads((tmp_path / "runs/shapes/sft/test_results.json").read_text())
+    assert {"pope/all/accuracy", "pope/all/f1", "chair/chair_i", "chair/chair_s", "chair/recall"} <= set(results)
+    assert all(0.0 <= v <= 1.0 for v in results.values())
