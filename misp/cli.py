@@ -53,8 +53,35 @@ def _flatten_world_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _prefs_parser() -> ArgumentParser:
+    from misp.prefs import PrefsConfig
+
+    parser = ArgumentParser(
+        prog="misp prefs",
+        description="CLIP-DPO preference data: sample responses with the VLM, rank them with CLIP, filter, pair.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with PrefsConfig fields at the top level.")
+    parser.add_class_arguments(PrefsConfig, None)
+    return parser
+
+
+def _run_prefs(argv: Sequence[str]) -> None:
+    from misp.prefs import PrefsConfig, format_summary, run_prefs
+
+    parser = _prefs_parser()
+    cfg = parser.parse_args(list(argv))
+    # `instantiate` replaced `instantiate_classes` in jsonargparse 4.49; misp supports older releases too.
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    built = instantiate(cfg)
+    config = PrefsConfig(**{name: getattr(built, name) for name in PrefsConfig.__dataclass_fields__})
+    summary = run_prefs(config)
+    print(format_summary(summary))
+    print(f"wrote {summary['pairs']} preference records to {config.output_file}")
+
+
 TOOLS: dict[str, tuple[Callable[[Sequence[str]], None], Callable[[], ArgumentParser], str]] = {
     "world": (_run_world, _world_parser, "Write a seeded Shapes world dataset to a folder."),
+    "prefs": (_run_prefs, _prefs_parser, "CLIP-DPO preference data from the VLM's own samples, ranked by CLIP."),
 }
 
 

@@ -28,15 +28,11 @@ STAGES = [
     Stage("world", ["world", "--out", str(WORLD)], WORLD / "world.json"),
     Stage("clip", ["fit", "--config", "configs/shapes/clip.yaml"], Path("runs/shapes/clip/export")),
     Stage("sft", ["fit", "--config", "configs/shapes/sft.yaml"], Path("runs/shapes/sft/export")),
-    Stage(
-        "sft-test",
-        ["test", "--config", "configs/shapes/sft.yaml", "--model.init_args.vlm.tiny=null",
-         "--model.init_args.vlm.path=runs/shapes/sft/export", "--trainer.default_root_dir=runs/shapes/sft/test"],
-        Path("runs/shapes/sft/test/test_results.json"),
-    ),
+    Stage("sft-test", ["test", "--config", "configs/shapes/sft.yaml",
+                       "--ckpt_path", "runs/shapes/sft/checkpoints/last.ckpt"], Path("runs/shapes/sft/test_results.json")),
 ]
 
-SUMMARY = [("base (SFT)", Path("runs/shapes/sft/test/test_results.json"))]
+SUMMARY = [("base (SFT)", Path("runs/shapes/sft/test_results.json"))]
 
 
 def run_stage(stage: Stage, force: bool) -> None:

@@ -70,3 +70,20 @@ def sae_dir(tiny_world, clip_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sae")
     save_sae(SparseAutoencoder(SAEConfig(d_in=joint.dim, n_latents=32, k=4)), out, {"joint": joint.metadata()})
     return out
+
+
+@pytest.fixture(scope="session")
+def vlm64_dir(tiny_world, tmp_path_factory):
+    """A saved tiny LLaVA whose widths are multiples of 64, as bitsandbytes' CPU 4-bit kernels need."""
+    import json
+
+    from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
+    from misp.models.vlm import save_vlm
+
+    words = json.loads((tiny_world / "world.json").read_text())["vocabulary"]
+    config = TinyLlavaConfig(image_size=32, patch_size=8, vision_hidden_size=64, vision_heads=2, text_hidden_size=64,
+                             text_heads=2, text_intermediate_size=128, max_position_embeddings=256)
+    model, processor = build_tiny_llava(words, config)
+    out = tmp_path_factory.mktemp("vlm64")
+    save_vlm(model, processor, out)
+    return out

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from misp.cli import main
 from misp.models.clip import ClipSpec, load_clip
@@ -34,22 +35,36 @@ def test_clip_stage_fits_and_exports(tiny_world, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sft_stage_fits_exports_and_tests(tiny_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    small = [f"--model.init_args.vlm.tiny.{k}={v}" for k, v in
-             dict(image_size=32, vision_hidden_size=32, vision_heads=2, text_hidden_size=64, text_heads=2,
-                  text_intermediate_size=128).items()]
+    config = yaml.safe_load((ROOT / "configs/shapes/sft.yaml").read_text())
+    config["model"]["init_args"]["vlm"]["tiny"] = dict(  # small, and no vision_init (no CLIP export here)
+        image_size=32, vision_hidden_size=32, vision_heads=2, text_hidden_size=64, text_heads=2,
+        text_intermediate_size=128)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
     data = [
         f"--data.train_file={tiny_world / 'sft.jsonl'}", f"--model.init_args.vlm.vocabulary={tiny_world}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
         f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}", "--data.batch_size=8", "--data.val_limit=8",
     ]
-    main(["fit", "--config", str(ROOT / "configs/shapes/sft.yaml"), *FAST, *small, *data,
+    main(["fit", "--config", str(tmp_path / "sft.yaml"), *FAST, *data,
           "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1"])
     model, processor = load_vlm(VLMSpec(path=str(tmp_path / "runs/shapes/sft/export")))
     assert processor.tokenizer.pad_token_id is not None
     # `misp test` from the Lightning checkpoint: POPE per split and CHAIR, written as JSON.
-    main(["test", "--config", str(ROOT / "configs/shapes/sft.yaml"), *small, *data,
+    main(["test", "--config", str(tmp_path / "sft.yaml"), *data,
           "--data.evaluation.limit=12", "--trainer.enable_progress_bar=false",
           "--ckpt_path", str(tmp_path / "runs/shapes/sft/checkpoints/last.ckpt")])
     results = json.loads((tmp_path / "runs/shapes/sft/test_results.json").read_text())
     assert {"pope/all/accuracy", "pope/all/f1", "chair/chair_i", "chair/chair_s", "chair/recall"} <= set(results)
     assert all(0.0 <= v <= 1.0 for v in results.values())
+
+
+def test_sft_vision_tower_starts_from_the_clip_export(tiny_world, clip_dir, tmp_path, monkeypatch):
+    """sft.yaml's vision_init: the SFT model's vision tower is the CLIP stage's image tower."""
+    from misp.stages import SFTModule
+    from misp.models.tiny_llava import TinyLlavaConfig
+
+    module = SFTModule(VLMSpec(tiny=TinyLlavaConfig(vision_init=str(clip_dir)), vocabulary=str(tiny_world)))
+    clip = load_clip(ClipSpec(checkpoint=str(clip_dir))).model.visual
+    tower = module.model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    assert tower.embeddings.patch_embedding.weight.equal(clip.conv1.weight)

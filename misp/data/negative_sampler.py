@@ -26,6 +26,7 @@ from misp.data.images import load_rgb
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
+from misp.data.sampler import EpochShuffleSampler
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.prompting import collate_examples, encode_example, preprocess_images
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
@@ -41,6 +42,7 @@ from misp.negatives.sources import (
     uniform_log_q,
 )
 from misp.sae.io import load_sae
+from misp.stages.hparams import save_plain_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         progress: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self)
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         needs_pool = mode == "sae" or source in FROM_POOL
@@ -147,6 +149,8 @@ class NegativeSamplerDataModule(L.LightningDataModule):
             raise ValueError("source='sae' needs `sae_path` (the export_dir of a trained SAEModule)")
         if mode == "dpo" and source != "none" and k < 1:
             raise ValueError(f"k must be >= 1 for source={source!r}")
+        # Dataclass arguments are kept as given: under LightningCLI `hparams` holds their raw dict form.
+        self.clip = clip
         self.mining = mining or MiningConfig()
         self.evaluation = evaluation or EvalData()
         self.records: list[PreferenceRecord] | None = None
@@ -175,7 +179,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         if not (h.mode == "sae" or h.source in FROM_POOL) or self.candidates is not None:
             return
         self.pool_paths = read_pool(h.pool, verify=True)
-        clip = load_clip(h.clip, device=self.mining.device)
+        clip = load_clip(self.clip, device=self.mining.device)
         self.candidates = mine_candidates(
             [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
             self.mining, self._cache_dir(), progress=progress,
@@ -311,8 +315,8 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
         # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches.
-        order = torch.Generator().manual_seed(h.seed * 1_000_003 + epoch)
-        return DataLoader(dataset, batch_size=h.batch_size, shuffle=True, drop_last=False, generator=order,
+        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch)
+        return DataLoader(dataset, batch_size=h.batch_size, sampler=sampler, drop_last=False,
                           num_workers=h.num_workers, collate_fn=self._dpo_collate)
 
     def val_dataloader(self):

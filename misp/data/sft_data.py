@@ -13,6 +13,7 @@ from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.images import load_rgb
 from misp.data.records import SFTRecord, read_sft_records
 from misp.models.prompting import collate_examples, encode_example, preprocess_images
+from misp.stages.hparams import save_plain_hyperparameters
 
 
 class _SFTDataset(Dataset):
@@ -53,7 +54,7 @@ class SFTDataModule(L.LightningDataModule):
         on_bad_record: str = "raise",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self)
         self.evaluation = evaluation or EvalData()
         self.train_set: _SFTDataset | None = None
 

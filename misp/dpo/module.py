@@ -14,13 +14,20 @@ import torch
 
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_loss
-from misp.dpo.reference import ReferenceCache, frozen_copy, reference_fingerprint, reference_mode, uses_adapters
+from misp.dpo.reference import (
+    ReferenceCache,
+    frozen_copy,
+    reference_fingerprint,
+    reference_mode,
+    uses_adapters,
+)
 from misp.eval.loop import GenerationEval
 from misp.logprobs import sequence_logps
 from misp.losses import image_advantages, proposal_loss
 from misp.models.forward import vlm_logits
 from misp.models.vlm import VLMSpec
 from misp.negatives.proposal import ProposalNet, gather_log_q
+from misp.stages.hparams import save_plain_hyperparameters
 from misp.stages.optim import adamw_with_warmup_cosine
 from misp.stages.vlm_module import VLMModule
 
@@ -59,7 +66,7 @@ class MISPDPOModule(VLMModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__(vlm, generation, lr, weight_decay, warmup_steps, export_dir)
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self)
         self.objective = objective or PreferenceObjective()
         self.proposal = ProposalNet(eps=proposal_eps) if self.objective.loss == "misp" else None
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)

@@ -102,8 +102,14 @@ class ReferenceCache:
                 self.values[key] = float(value)
 
     def state_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint, "values": [[*k, v] for k, v in self.values.items()]}
+        return {
+            "fingerprint": self.fingerprint,
+            "values": [[*k, v] for k, v in self.values.items()],
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.fingerprint = state.get("fingerprint")
         self.values = {(a, b, c): float(v) for a, b, c, v in state.get("values", [])}
+        self.hits, self.misses = int(state.get("hits", 0)), int(state.get("misses", 0))

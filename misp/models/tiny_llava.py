@@ -10,7 +10,7 @@ and the processor expands ``<image>`` into one token per patch. Only the sizes d
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import (
@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from misp.models.clip_vision import load_clip_vision
 from misp.models.tokenizer import IMAGE_TOKEN, build_word_tokenizer
 
 
@@ -52,6 +53,9 @@ class TinyLlavaConfig:
     """Longest sequence (image tokens included) the language model is configured for."""
     seed: int = 0
     """Seed of the random initialisation; the same seed and vocabulary give the same weights."""
+    vision_init: str | None = None
+    """A CLIP saved by ``save_clip`` (the Shapes CLIP stage's export) whose image tower becomes the vision
+    tower, as LLaVA starts from a pretrained CLIP; its sizes then override the vision_* fields above."""
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "vision_hidden_size", "vision_layers", "vision_heads",
@@ -90,15 +94,24 @@ def build_tiny_llava(
     config = config or TinyLlavaConfig()
     tokenizer = build_word_tokenizer(words)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision = CLIPVisionConfig(
-        hidden_size=config.vision_hidden_size,
-        intermediate_size=4 * config.vision_hidden_size,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.vision_heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        projection_dim=config.vision_hidden_size,
-    )
+    vision_weights = None
+    if config.vision_init is not None:
+        vision_kwargs, vision_weights = load_clip_vision(config.vision_init)
+        config = replace(config, image_size=vision_kwargs["image_size"], patch_size=vision_kwargs["patch_size"],
+                         vision_hidden_size=vision_kwargs["hidden_size"],
+                         vision_layers=vision_kwargs["num_hidden_layers"],
+                         vision_heads=vision_kwargs["num_attention_heads"])
+    else:
+        vision_kwargs = dict(
+            hidden_size=config.vision_hidden_size,
+            intermediate_size=4 * config.vision_hidden_size,
+            num_hidden_layers=config.vision_layers,
+            num_attention_heads=config.vision_heads,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            projection_dim=config.vision_hidden_size,
+        )
+    vision = CLIPVisionConfig(**vision_kwargs)
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.text_hidden_size,
@@ -125,6 +138,12 @@ def build_tiny_llava(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = LlavaForConditionalGeneration(llava)
+    if vision_weights is not None:
+        tower = model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps a CLIPVisionTransformer
+        missing, unexpected = tower.load_state_dict(vision_weights, strict=False)
+        if unexpected or [k for k in missing if "position_ids" not in k]:
+            raise ValueError(f"vision_init: weights do not fit the vision tower (missing {missing}, unexpected {unexpected})")
     model.eval()
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (

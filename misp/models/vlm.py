@@ -425,3 +425,23 @@ def save_vlm(model: nn.Module, processor: ProcessorMixin, out_dir: str | os.Path
         model.save_pretrained(out / ADAPTER_SUBDIR, save_embedding_layers=False)
     processor.save_pretrained(out)
     return out
+
+
+def save_vlm_state(model: nn.Module, processor: ProcessorMixin, out_dir: str | os.PathLike, state: dict) -> Path:
+    """Write a model trained sharded, from its gathered full ``state`` (see ``gather_full_state_dict``).
+
+    A LoRA model saves only its adapter (``out_dir/adapter``): the frozen base is the one it was loaded
+    from, so ``load_vlm(VLMSpec(path=<that base>, adapter=<out_dir>/adapter))`` restores it, and merging
+    (which needs every base weight on one process) is left to that unsharded load. A full fine-tune is
+    saved whole, loadable with ``VLMSpec(path=out_dir)``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = unwrap_peft(model)
+    if base is not model:
+        adapter = {k: v for k, v in state.items() if "lora_" in k}
+        model.save_pretrained(out / ADAPTER_SUBDIR, state_dict=adapter, save_embedding_layers=False)
+    else:
+        model.save_pretrained(out, state_dict=state)
+    processor.save_pretrained(out)
+    return out

@@ -23,7 +23,7 @@ class SAEModule(L.LightningModule):
     Args:
         architecture: ``topk`` (Gao et al. 2024) or ``kl`` (as published for MISP-DPO).
         n_latents: number of latents h.
-        k: topk: active latents per sample.
+        top_k: topk: active latents per sample (k of Gao et al.).
         rho: kl: target mean activation.
         gamma: kl: weight of the KL sparsity penalty.
         auxk_coef: topk: weight of the AuxK loss on dead latents.
@@ -38,7 +38,7 @@ class SAEModule(L.LightningModule):
         self,
         architecture: Literal["kl", "topk"] = "topk",
         n_latents: int = 128,
-        k: int = 8,
+        top_k: int = 8,
         rho: float = 0.05,
         gamma: float = 1.0,
         auxk_coef: float = 1.0 / 32.0,
@@ -58,7 +58,7 @@ class SAEModule(L.LightningModule):
         h = self.hparams
         data = self.trainer.datamodule
         config = SAEConfig(
-            d_in=data.difference_dim, architecture=h.architecture, n_latents=h.n_latents, k=h.k, rho=h.rho,
+            d_in=data.difference_dim, architecture=h.architecture, n_latents=h.n_latents, k=h.top_k, rho=h.rho,
             gamma=h.gamma, auxk_coef=h.auxk_coef, aux_k=h.aux_k, dead_after=h.dead_after,
         )
         self.sae = SparseAutoencoder(config)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from misp.models.clip import ClipSpec, load_clip, save_clip
+from misp.stages.hparams import save_plain_hyperparameters
 from misp.stages.optim import adamw_with_warmup_cosine
 
 
@@ -38,7 +39,7 @@ class ContrastiveCLIPModule(L.LightningModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self)
         # Built here, not in configure_model: the datamodule needs the transforms and tokenizer at setup.
         self.bundle = load_clip(clip)
         self.model = self.bundle.model

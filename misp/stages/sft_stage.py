@@ -7,6 +7,7 @@ import torch
 from misp.eval.loop import GenerationEval
 from misp.models.forward import vlm_logits
 from misp.models.vlm import VLMSpec
+from misp.stages.hparams import save_plain_hyperparameters
 from misp.stages.optim import adamw_with_warmup_cosine
 from misp.stages.vlm_module import VLMModule
 
@@ -33,7 +34,7 @@ class SFTModule(VLMModule):
         export_dir: str | None = None,
     ) -> None:
         super().__init__(vlm, generation, lr, weight_decay, warmup_steps, export_dir)
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = vlm_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])

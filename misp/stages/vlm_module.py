@@ -15,8 +15,8 @@ import torch
 from misp.data.eval_data import EvalData
 from misp.eval.loop import Evaluator, GenerationEval
 from misp.eval.metrics import format_results
-from misp.models.sharding import shard_vlm
-from misp.models.vlm import VLMSpec, load_vlm, save_vlm
+from misp.models.sharding import gather_full_state_dict, is_sharded, shard_vlm
+from misp.models.vlm import VLMSpec, load_vlm, save_vlm, save_vlm_state
 from misp.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class VLMModule(L.LightningModule):
         super().__init__()
         # The processor is needed by the datamodule at setup, before configure_model runs.
         self.model, self.processor = load_vlm(vlm)
+        self.model.train()  # loaders hand models over in eval mode; Lightning keeps each module's mode
         self.generation = generation or GenerationEval()
         self.evaluator: Evaluator | None = None
 
@@ -100,9 +101,17 @@ class VLMModule(L.LightningModule):
 
     # export -------------------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
-        if self.hparams.get("export_dir") and self.trainer.is_global_zero:
-            out = Path(self.hparams.export_dir)
+        if not self.hparams.get("export_dir"):
+            return
+        out = Path(self.hparams.export_dir)
+        if self.trainer.world_size > 1 and is_sharded(self.model):
+            state = gather_full_state_dict(self.model)  # a collective: every rank takes part
+            if self.trainer.is_global_zero:
+                save_vlm_state(self.model, self.processor, out, state)
+            self.trainer.strategy.barrier("misp-export")
+        elif self.trainer.is_global_zero:
             save_vlm(self.model, self.processor, out)
+        if self.trainer.is_global_zero:
             log.info("exported the trained VLM to %s", out)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

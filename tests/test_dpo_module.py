@@ -1,0 +1,172 @@
+"""MISPDPOModule end to end: every method's config fits, LoRA reference, 4-bit QLoRA, exact resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from misp.cli import main
+from misp.data.negative_sampler import NegativeSamplerDataModule
+from misp.dpo import MISPDPOModule, PreferenceObjective
+from misp.dpo.batching import concatenate_rows
+from misp.models.clip import ClipSpec
+from misp.models.vlm import LoraSpec, VLMSpec
+from misp.negatives.mining import MiningConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MINING = MiningConfig(n_candidates=8, pool_size=4, embed_batch_size=64, dup_threshold=0.99999)
+
+
+def read_metrics(root: Path) -> list[dict]:
+    files = sorted(root.rglob("metrics.csv"))
+    assert files, f"no metrics.csv under {root}"
+    with open(files[-1]) as f:
+        return list(csv.DictReader(f))
+
+
+def cli_overrides(tiny_world, clip_dir, sae_dir, vlm_dir) -> list[str]:
+    return [
+        f"--model.init_args.vlm.path={vlm_dir}",
+        f"--data.records_file={tiny_world / 'pref.jsonl'}",
+        f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
+        f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
+        "--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.batch_size=4",
+        "--data.progress=false",
+    ]
+
+
+POOL_ARGS = ["--data.mining.n_candidates=8", "--data.mining.pool_size=4", "--data.mining.dup_threshold=0.99999"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "mdpo", "chip", "random_neg", "misp_dpo"])
+def test_every_method_config_fits(method, tiny_world, clip_dir, sae_dir, vlm_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(ROOT / f"configs/shapes/{method}.yaml"), *cli_overrides(tiny_world, clip_dir, sae_dir, vlm_dir)]
+    if method in ("random_neg", "misp_dpo"):
+        args += [f"--data.pool={tiny_world / 'pool.jsonl'}", f"--data.clip.checkpoint={clip_dir}", *POOL_ARGS]
+    if method == "misp_dpo":
+        args += [f"--data.sae_path={sae_dir}"]
+    main(args)
+    rows = read_metrics(tmp_path / "runs")
+    logged = set().union(*(k for r in rows for k, v in r.items() if v))
+    names = {k for r in rows for k, v in r.items() if v}
+    assert {"train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected"} <= names, logged
+    if method != "dpo":
+        assert {"loss/image", "rewards/img_pos", "rewards/img_neg", "img/accuracies"} <= names
+    if method == "mdpo":
+        assert "loss/anchor" in names
+    if method == "misp_dpo":
+        assert {"is/ess", "is/max_weight", "proposal/loss"} <= names
+        ckpt = torch.load(tmp_path / f"runs/shapes/{method}/checkpoints/last.ckpt", weights_only=False)
+        assert ckpt["state_dict"]["proposal.w"].abs().sum() > 0  # q_phi was trained
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert (tmp_path / f"runs/shapes/{method}/export/config.json").exists()
+
+
+def crop_data(tiny_world, tmp_path, processor) -> NegativeSamplerDataModule:
+    dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="crop", k=1, batch_size=4,
+                                   cache_dir=str(tmp_path / "cache"), progress=False, preview_records=0)
+    dm.processor = processor
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_lora_reference_stays_the_base_while_the_policy_moves(tiny_world, vlm_dir, tmp_path):
+    torch.manual_seed(0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0)),
+                           objective=PreferenceObjective(loss="mdpo", beta=0.1), cache_reference=False)
+    assert module.reference is None  # no second copy: the reference is the policy with adapters off
+    batch = next(iter(crop_data(tiny_world, tmp_path, module.processor).train_dataloader()))
+    rows = concatenate_rows(batch, module.processor.tokenizer.pad_token_id)
+
+    def logps():
+        with torch.no_grad():
+            return module._logps(module.model, rows, batch["pixel_values"]), module._reference_logps(batch, rows)
+
+    policy0, ref0 = logps()
+    torch.testing.assert_close(policy0, ref0)  # LoRA B starts at zero: policy == reference
+    optimizer = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        module._logps(module.model, rows, batch["pixel_values"]).sum().backward()
+        optimizer.step()
+    policy1, ref1 = logps()
+    assert not torch.allclose(policy1, policy0)
+    torch.testing.assert_close(ref1, ref0, rtol=0, atol=0)
+
+
+def test_4bit_qlora_trains_on_cpu(tiny_world, vlm64_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    spec = VLMSpec(path=str(vlm64_dir), load_in_4bit=True, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    module = MISPDPOModule(spec, objective=PreferenceObjective(loss="mdpo", beta=0.1), lr=1e-2, cache_reference=False)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
+    dm = crop_data(tiny_world, tmp_path, module.processor)
+    batch = next(iter(dm.train_dataloader()))
+    rows = concatenate_rows(batch, module.processor.tokenizer.pad_token_id)
+    base_before = module._reference_logps(batch, rows)
+    lora_before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+    after = dict(module.model.named_parameters())
+    assert lora_before and all("lora_" in n for n in lora_before)
+    assert any(not torch.equal(after[n], p) for n, p in lora_before.items())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    # The frozen 4-bit base still computes exactly what it did (bitsandbytes may repack its storage on CPU).
+    torch.testing.assert_close(module._reference_logps(batch, rows), base_before, rtol=0, atol=0)
+
+
+class _Crash(L.Callback):
+    """Kills the run when epoch 1 starts, after epoch 0's checkpoint is written."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def _misp_run(root: Path, tiny_world, clip_dir, sae_dir, vlm_dir, crash=False, ckpt_path=None) -> list[dict]:
+    L.seed_everything(0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective(loss="misp"), lr=1e-3)
+    dm = NegativeSamplerDataModule(
+        records_file=str(tiny_world / "pref.jsonl"), source="sae", k=3, pool=str(tiny_world / "pool.jsonl"),
+        clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(sae_dir), mining=MINING, batch_size=8,
+        cache_dir=str(root.parent / "cache"), progress=False, preview_records=0,
+    )
+    trainer = L.Trainer(
+        max_epochs=2, limit_train_batches=3, limit_val_batches=0, accelerator="cpu",
+        reload_dataloaders_every_n_epochs=1, log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root,
+        logger=L.pytorch.loggers.CSVLogger(root, name="logs"),
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)]
+        + ([_Crash()] if crash else []),
+    )
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except RuntimeError as e:
+        assert crash and "simulated crash" in str(e)
+    return [r for r in read_metrics(root / "logs") if r.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_resumed_fit_reproduces_the_uninterrupted_one(tiny_world, clip_dir, sae_dir, vlm_dir, tmp_path):
+    full = _misp_run(tmp_path / "full", tiny_world, clip_dir, sae_dir, vlm_dir)
+    _misp_run(tmp_path / "part", tiny_world, clip_dir, sae_dir, vlm_dir, crash=True)
+    resumed = _misp_run(tmp_path / "part", tiny_world, clip_dir, sae_dir, vlm_dir,
+                        ckpt_path=str(tmp_path / "part/ckpt/last.ckpt"))
+    second_epoch = [float(r["train/loss"]) for r in full if r["epoch"] == "1"]
+    resumed_second = [float(r["train/loss"]) for r in resumed if r["epoch"] == "1"]
+    assert len(second_epoch) == 3
+    torch.testing.assert_close(torch.tensor(resumed_second), torch.tensor(second_epoch), rtol=1e-5, atol=1e-6)
+    # The second epoch reused reference log-probs cached in the first (restored from the checkpoint).
+    hit_rates = [float(r["reference/cache_hit_rate"]) for r in resumed if r["epoch"] == "1"]
+    assert max(hit_rates) > 0
