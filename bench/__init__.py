@@ -23,27 +23,26 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "RESULTS_DIR",
     "PeakMemory",
     "child_env",
     "default_device",
+    "describe_machine",
     "format_table",
     "machine_info",
     "mib",
     "run_child",
     "synchronize",
-    "time_repeats",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -66,26 +65,6 @@ def synchronize(device: str | torch.device) -> None:
 def mib(n_bytes: float) -> float:
     """Bytes to MiB, rounded to 0.1."""
     return round(n_bytes / 2**20, 1)
-
-
-def time_repeats(fn: Callable[[], Any], device: str | torch.device, repeat: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of ``repeat`` calls of ``fn`` after ``warmup`` unmeasured ones."""
-    if repeat < 1 or warmup < 0:
-        raise ValueError(f"repeat must be >= 1 and warmup >= 0, got {repeat} and {warmup}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs))
 
 
 def _status_kib(key: str) -> int | None:

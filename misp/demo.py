@@ -1,7 +1,10 @@
 """``make demo``: the whole misp pipeline on the built-in Shapes world, on a CPU, end to end.
 
-Each stage is the same ``misp`` command a user would type. A stage whose output already exists is
-skipped, so an interrupted demo resumes where it stopped; ``--force`` reruns everything.
+world -> contrastive CLIP -> SFT (the base model) -> its evaluation -> SAE -> MISP-DPO -> its evaluation,
+then a table of base vs MISP-DPO. Each stage is the same ``misp`` command a user would type. A stage
+whose output already exists is skipped, so an interrupted demo resumes where it stopped; ``--force``
+reruns everything and ``--all-methods`` adds every baseline (DPO, mDPO, CHiP-style, random multi-negative)
+trained from the same base.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WORLD = Path("worlds/shapes")
+RUNS = Path("runs/shapes")
+BASELINES = ["dpo", "mdpo", "chip", "random_neg"]
+LABELS = {"sft": "base (SFT)", "misp_dpo": "MISP-DPO", "dpo": "DPO", "mdpo": "mDPO", "chip": "CHiP-style",
+          "random_neg": "random multi-neg"}
 
 
 @dataclass
@@ -24,15 +31,27 @@ class Stage:
     done_when: Path
 
 
-STAGES = [
-    Stage("world", ["world", "--out", str(WORLD)], WORLD / "world.json"),
-    Stage("clip", ["fit", "--config", "configs/shapes/clip.yaml"], Path("runs/shapes/clip/export")),
-    Stage("sft", ["fit", "--config", "configs/shapes/sft.yaml"], Path("runs/shapes/sft/export")),
-    Stage("sft-test", ["test", "--config", "configs/shapes/sft.yaml",
-                       "--ckpt_path", "runs/shapes/sft/checkpoints/last.ckpt"], Path("runs/shapes/sft/test_results.json")),
-]
+def method_stages(name: str) -> list[Stage]:
+    """Fit a VLM stage, then evaluate its last checkpoint on the test split."""
+    root = RUNS / name
+    return [
+        Stage(name, ["fit", "--config", f"configs/shapes/{name}.yaml"], root / "export"),
+        Stage(f"{name}-test", ["test", "--config", f"configs/shapes/{name}.yaml",
+                               "--ckpt_path", str(root / "checkpoints/last.ckpt")], root / "test_results.json"),
+    ]
 
-SUMMARY = [("base (SFT)", Path("runs/shapes/sft/test_results.json"))]
+
+def pipeline(all_methods: bool) -> list[Stage]:
+    stages = [
+        Stage("world", ["world", "--out", str(WORLD)], WORLD / "world.json"),
+        Stage("clip", ["fit", "--config", "configs/shapes/clip.yaml"], RUNS / "clip/export"),
+        *method_stages("sft"),
+        Stage("sae", ["fit", "--config", "configs/shapes/sae.yaml"], RUNS / "sae/export/sae.json"),
+        *method_stages("misp_dpo"),
+    ]
+    if all_methods:
+        stages += [s for name in BASELINES for s in method_stages(name)]
+    return stages
 
 
 def run_stage(stage: Stage, force: bool) -> None:
@@ -46,26 +65,29 @@ def run_stage(stage: Stage, force: bool) -> None:
     print(f"[demo] {stage.name}: finished in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def summary_table() -> str:
-    rows = [(name, json.loads(path.read_text())) for name, path in SUMMARY if path.exists()]
+def summary_table(names: list[str]) -> str:
+    """Test results of the named runs side by side (the metrics each run wrote to test_results.json)."""
+    rows = [(LABELS.get(n, n), json.loads(p.read_text())) for n in names if (p := RUNS / n / "test_results.json").exists()]
     if not rows:
         return "(no results)"
     keys = sorted({k for _, r in rows for k in r})
     width = max(len(k) for k in keys)
-    header = " " * width + "".join(f"{name:>14}" for name, _ in rows)
-    lines = [header] + [k.ljust(width) + "".join(f"{r.get(k, float('nan')):>14.3f}" for _, r in rows) for k in keys]
+    lines = [" " * width + "".join(f"{label:>18}" for label, _ in rows)]
+    lines += [k.ljust(width) + "".join(f"{r.get(k, float('nan')):>18.3f}" for _, r in rows) for k in keys]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    parser.add_argument("--all-methods", action="store_true", help="also train and test every baseline")
     args = parser.parse_args()
     start = time.perf_counter()
-    for stage in STAGES:
+    for stage in pipeline(args.all_methods):
         run_stage(stage, args.force)
     print(f"\n[demo] all stages done in {time.perf_counter() - start:.0f} s\n")
-    print(summary_table())
+    print("Test split: POPE per split (accuracy, F1, yes-ratio...) and CHAIR (lower chair_i/chair_s is better)")
+    print(summary_table(["sft", "misp_dpo", *BASELINES]))
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def test_sft_stage_fits_exports_and_tests(tiny_world, tmp_path, monkeypatch):
 
 def test_sft_vision_tower_starts_from_the_clip_export(tiny_world, clip_dir, tmp_path, monkeypatch):
     """sft.yaml's vision_init: the SFT model's vision tower is the CLIP stage's image tower."""
-    from misp.stages import SFTModule
     from misp.models.tiny_llava import TinyLlavaConfig
+    from misp.stages import SFTModule
 
     module = SFTModule(VLMSpec(tiny=TinyLlavaConfig(vision_init=str(clip_dir)), vocabulary=str(tiny_world)))
     clip = load_clip(ClipSpec(checkpoint=str(clip_dir))).model.visual

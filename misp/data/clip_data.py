@@ -70,7 +70,7 @@ class ClipDataModule(L.LightningDataModule):
         self._tokenizer = module.tokenizer
 
     def _collate(self, items: list[tuple[torch.Tensor, str]]) -> dict:
-        images, captions = zip(*items)
+        images, captions = zip(*items, strict=True)
         return {"images": torch.stack(images), "tokens": self._tokenizer(list(captions))}
 
     def train_dataloader(self) -> DataLoader:

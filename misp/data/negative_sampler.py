@@ -271,7 +271,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
             paths = [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in idx]
             return draw_from_lists(uniform_log_q(idx >= 0), paths, h.k, h.seed, epoch, ids)
         lists = [self._record_negatives(r) for r in self.records]
-        empty = [r.id for r, x in zip(self.records, lists) if not x]
+        empty = [r.id for r, x in zip(self.records, lists, strict=True) if not x]
         if empty:
             raise ValueError(f"source={h.source!r}: records without negatives, e.g. {empty[:3]} in {h.records_file}")
         paths, valid = padded_lists(lists)

@@ -43,8 +43,8 @@ def _grid(rows: list[list[Image.Image]], captions: list[list[str]], cell: int = 
     width = max(len(r) for r in rows)
     grid = Image.new("RGB", (width * cell, len(rows) * (cell + 14)), "white")
     pen = ImageDraw.Draw(grid)
-    for i, (row, texts) in enumerate(zip(rows, captions)):
-        for j, (img, text) in enumerate(zip(row, texts)):
+    for i, (row, texts) in enumerate(zip(rows, captions, strict=True)):
+        for j, (img, text) in enumerate(zip(row, texts, strict=True)):
             grid.paste(img.convert("RGB").resize((cell, cell)), (j * cell, i * (cell + 14)))
             pen.text((j * cell + 2, i * (cell + 14) + cell), text[:16], fill="black")
     return grid
@@ -62,7 +62,7 @@ def log_negatives_preview(trainer, datamodule, dataset, draws, epoch: int, n: in
         q = draws.log_q[i].exp().tolist()
         scores = [float(sel.scores[i, j]) if sel is not None else math.nan for j in draws.draw_index[i].tolist()]
         rows.append([item["positive"], *item["negatives"]])
-        captions.append(["positive"] + [f"q={qi:.2f} s={si:.2f}" for qi, si in zip(q, scores)])
+        captions.append(["positive"] + [f"q={qi:.2f} s={si:.2f}" for qi, si in zip(q, scores, strict=True)])
         table.append((item["id"], datamodule.records[i].prompt, item["positive"], item["negatives"], q, scores))
     if not rows:
         return
@@ -75,7 +75,7 @@ def log_negatives_preview(trainer, datamodule, dataset, draws, epoch: int, n: in
             columns = ["id", "prompt", "positive"] + [f"negative_{j}" for j in range(len(table[0][3]))]
             data = [
                 [rid, prompt, wandb.Image(pos)]
-                + [wandb.Image(img, caption=f"q={qj:.3f} score={sj:.3f}") for img, qj, sj in zip(negs, q, s)]
+                + [wandb.Image(img, caption=f"q={qj:.3f} score={sj:.3f}") for img, qj, sj in zip(negs, q, s, strict=True)]
                 for rid, prompt, pos, negs, q, s in table
             ]
             logger.log_table(key="negatives/preview", columns=columns, data=data, step=trainer.global_step)

@@ -67,7 +67,7 @@ class SFTDataModule(L.LightningDataModule):
             self.train_set = _SFTDataset(records, encoded)
 
     def _collate(self, items: list[tuple[dict, object]]) -> dict[str, torch.Tensor]:
-        examples, images = zip(*items)
+        examples, images = zip(*items, strict=True)
         batch = collate_examples(list(examples), pad_token_id=self.processor.tokenizer.pad_token_id)
         batch["pixel_values"] = preprocess_images(self.processor, list(images))
         return batch

@@ -53,5 +53,5 @@ def row_keys(batch: dict) -> list[tuple[str, str, str]]:
     return (
         [(rid, "chosen", "positive") for rid in ids]
         + [(rid, "rejected", "positive") for rid in ids]
-        + [(rid, "chosen", key) for rid, keys in zip(ids, negatives) for key in keys]
+        + [(rid, "chosen", key) for rid, keys in zip(ids, negatives, strict=True) for key in keys]
     )

@@ -97,7 +97,7 @@ class ReferenceCache:
         return values, missing
 
     def store(self, keys: list[tuple[str, str, str]], values: torch.Tensor) -> None:
-        for key, value in zip(keys, values.tolist()):
+        for key, value in zip(keys, values.tolist(), strict=True):
             if self.cacheable(key):
                 self.values[key] = float(value)
 

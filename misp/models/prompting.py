@@ -20,7 +20,14 @@ PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 
 def format_prompt(prompt: str) -> str:
-    """``prompt`` in the LLaVA-1.5 template: ``"USER: <image>\\n{prompt} ASSISTANT:"``."""
+    """``prompt`` in the LLaVA-1.5 template: ``"USER: <image>\\n{prompt} ASSISTANT:"``.
+
+    A prompt that already holds ``<image>`` is taken as templated and kept verbatim: public preference
+    files (mDPO's among them) store the full conversation prompt, and wrapping it again would put two
+    images and two turns in front of the response.
+    """
+    if "<image>" in prompt:
+        return prompt
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
@@ -76,9 +83,10 @@ def encode_example(
     """
     tokenizer = processor.tokenizer
     image_token = processor.image_token
-    for name, text in (("prompt", prompt), ("response", response)):
-        if text is not None and image_token in text:
-            raise ValueError(f"the {name} contains {image_token!r}; the template places the one image itself")
+    if prompt.count(image_token) > 1:
+        raise ValueError(f"the prompt contains {image_token!r} {prompt.count(image_token)} times; misp examples have one image")
+    if response is not None and image_token in response:
+        raise ValueError(f"the response contains {image_token!r}; only the prompt holds the image")
     text = format_prompt(prompt).replace("<image>", image_token * num_image_tokens(processor))
     prompt_ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     ids = prompt_ids

@@ -9,7 +9,13 @@ from misp.prefs.filters import RULES, Candidate, FilterLedger, Pair, pair_candid
 from misp.prefs.generate import format_summary, run_prefs
 from misp.prefs.inputs import PromptInput, read_inputs
 from misp.prefs.precision import PrecisionReport, file_precision, load_vocabulary, pair_precision
-from misp.prefs.scoring import ResponseScore, aggregate, score_responses, split_sentences, text_heavy_probability
+from misp.prefs.scoring import (
+    ResponseScore,
+    aggregate,
+    score_responses,
+    split_sentences,
+    text_heavy_probability,
+)
 
 __all__ = [
     "RULES",

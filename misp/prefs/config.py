@@ -93,7 +93,9 @@ class FilterConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.text_heavy_threshold < 1:
-            raise ValueError(f"filters.text_heavy_threshold must be in (0, 1), got {self.text_heavy_threshold}")
+            raise ValueError(
+                f"filters.text_heavy_threshold must be in (0, 1), got {self.text_heavy_threshold}"
+            )
         if not self.text_heavy_prompt.strip() or not self.photo_prompt.strip():
             raise ValueError("filters.text_heavy_prompt and filters.photo_prompt must be non-empty")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -110,7 +110,11 @@ class FilterLedger:
     def summary(self) -> list[dict]:
         """One entry per rule in order: rule, level, enabled, threshold, removed, and left (what remains
         at that level after the rule: images, candidates, or examples that still have a pair)."""
-        left = {"image": self.images, "candidate": self.generated, "pair": self.images - self.removed["text_heavy"]}
+        left = {
+            "image": self.images,
+            "candidate": self.generated,
+            "pair": self.images - self.removed["text_heavy"],
+        }
         settings = self._settings()
         out = []
         for name, level in RULES:
@@ -173,7 +177,9 @@ def survivors(candidates: Sequence[Candidate]) -> list[Candidate]:
     return [c for c in candidates if c.fate is None]
 
 
-def pair_candidates(candidates: Sequence[Candidate], config: FilterConfig, ledger: FilterLedger) -> tuple[Pair | None, str]:
+def pair_candidates(
+    candidates: Sequence[Candidate], config: FilterConfig, ledger: FilterLedger
+) -> tuple[Pair | None, str]:
     """Apply ``min_score``, then form and check the best/worst pair of one example.
 
     Every surviving candidate must have been scored. Survivors end with fate chosen, rejected or

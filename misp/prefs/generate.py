@@ -34,7 +34,17 @@ from misp.models.generation import generate
 from misp.models.vlm import is_quantized, load_vlm
 from misp.negatives.embed import embed_images
 from misp.prefs.config import PrefsConfig
-from misp.prefs.filters import FilterLedger, Pair, pair_candidates, prepare_candidates, survivors
+from misp.prefs.filters import (
+    CHOSEN,
+    REJECTED,
+    SURVIVED,
+    Candidate,
+    FilterLedger,
+    Pair,
+    pair_candidates,
+    prepare_candidates,
+    survivors,
+)
 from misp.prefs.inputs import PromptInput, read_inputs
 from misp.prefs.precision import count_hallucinations, load_vocabulary, pair_precision
 from misp.prefs.scoring import score_responses, text_heavy_probability
@@ -72,7 +82,14 @@ def _round(x: float) -> float:
     return round(float(x), _DIGITS)
 
 
-def _record(inp: PromptInput, pair: Pair, n_sampled: int, n_survived: int, image: str, extractor) -> dict:
+def _record(
+    inp: PromptInput,
+    pair: Pair,
+    n_sampled: int,
+    n_survived: int,
+    image: str,
+    extractor: MentionExtractor | None,
+) -> dict:
     meta = {
         "method": METHOD,
         "scores": {"chosen": _round(pair.chosen.score), "rejected": _round(pair.rejected.score)},
@@ -117,7 +134,9 @@ def run_prefs(config: PrefsConfig) -> dict:
     Returns:
         The summary (also written to ``summary_path(config)``).
     """
-    inputs = read_inputs(config.input_file, config.image_root, config.objects_key, config.prompt, config.limit)
+    inputs = read_inputs(
+        config.input_file, config.image_root, config.objects_key, config.prompt, config.limit
+    )
     vocabulary = load_vocabulary(config.objects) if config.objects is not None else None
     extractor = MentionExtractor(vocabulary) if vocabulary is not None else None
     device = resolve_device(config.device)
@@ -169,8 +188,8 @@ def run_prefs(config: PrefsConfig) -> dict:
                     scored.append(r.score)
             for i, cs in zip(chunk, candidates, strict=True):
                 inp = inputs[i]
-                n_alive = len(survivors(cs))
                 pair, outcome = pair_candidates(cs, f, ledger)
+                n_alive = sum(c.fate in (CHOSEN, REJECTED, SURVIVED) for c in cs)
                 image = _image_field(inp.image, out_dir, config.absolute_paths)
                 if pair is not None:
                     records.append(_record(inp, pair, len(cs), n_alive, image, extractor))
@@ -203,7 +222,7 @@ def run_prefs(config: PrefsConfig) -> dict:
     return summary
 
 
-def _candidates_row(inp: PromptInput, image: str, outcome: str, candidates) -> dict:
+def _candidates_row(inp: PromptInput, image: str, outcome: str, candidates: list[Candidate]) -> dict:
     return {
         "id": inp.id,
         "image": image,
@@ -225,14 +244,18 @@ def _candidates_row(inp: PromptInput, image: str, outcome: str, candidates) -> d
 
 def format_summary(summary: dict) -> str:
     """The summary as a few human-readable lines: the rule table, then pairs and precision."""
-    lines = [f"{summary['inputs']} inputs, {summary['candidates']} candidates sampled, {summary['pairs']} pairs"]
+    lines = [
+        f"{summary['inputs']} inputs, {summary['candidates']} candidates sampled, {summary['pairs']} pairs"
+    ]
     lines.append(f"{'rule':<14}{'level':<11}{'threshold':>10}{'removed':>9}{'left':>8}")
     for r in summary["rules"]:
         threshold = "off" if not r["enabled"] else ("-" if r["threshold"] is None else str(r["threshold"]))
         lines.append(f"{r['rule']:<14}{r['level']:<11}{threshold:>10}{r['removed']:>9}{r['left']:>8}")
     if summary.get("scores"):
         sc = summary["scores"]
-        lines.append(f"CLIP scores of scored candidates: mean {sc['mean']}, std {sc['std']}, min {sc['min']}, max {sc['max']}")
+        lines.append(
+            f"CLIP scores of scored candidates: mean {sc['mean']}, std {sc['std']}, min {sc['min']}, max {sc['max']}"
+        )
     p = summary.get("precision")
     if p is not None and p["precision"] is not None:
         lines.append(

@@ -29,7 +29,9 @@ def load_vocabulary(objects: str | os.PathLike | Sequence[str]) -> list[str]:
         path = Path(objects)
         manifest = path / "world.json" if path.is_dir() else path
         if not manifest.is_file():
-            raise FileNotFoundError(f"object vocabulary {str(objects)!r}: no world folder or world.json there")
+            raise FileNotFoundError(
+                f"object vocabulary {str(objects)!r}: no world folder or world.json there"
+            )
         names = json.loads(manifest.read_text(encoding="utf-8")).get("objects")
         if not isinstance(names, list) or not names:
             raise ValueError(f"{manifest} has no non-empty 'objects' list")
@@ -69,7 +71,9 @@ class PrecisionReport:
         return asdict(self)
 
 
-def pair_precision(pairs: Iterable[tuple[str, str, Sequence[str]]], vocabulary: Sequence[str]) -> PrecisionReport:
+def pair_precision(
+    pairs: Iterable[tuple[str, str, Sequence[str]]], vocabulary: Sequence[str]
+) -> PrecisionReport:
     """Measure ``(chosen, rejected, ground-truth objects)`` triples against ``vocabulary``."""
     extractor = MentionExtractor(vocabulary)
     counts = [
@@ -88,7 +92,9 @@ def pair_precision(pairs: Iterable[tuple[str, str, Sequence[str]]], vocabulary: 
     )
 
 
-def file_precision(path: str | os.PathLike, vocabulary: Sequence[str], objects_key: str = "objects") -> PrecisionReport:
+def file_precision(
+    path: str | os.PathLike, vocabulary: Sequence[str], objects_key: str = "objects"
+) -> PrecisionReport:
     """Pair precision of a preference file whose records carry their ground truth in ``meta[objects_key]``
     (as ``misp prefs`` writes them, and as the Shapes world's pref.jsonl does)."""
     result = read_preference_records(path, verify_images=False)
@@ -96,6 +102,8 @@ def file_precision(path: str | os.PathLike, vocabulary: Sequence[str], objects_k
     for r in result:
         truth = r.meta.get(objects_key)
         if not isinstance(truth, list):
-            raise ValueError(f"{path}: record {r.id!r} has no list meta[{objects_key!r}] of ground-truth objects")
+            raise ValueError(
+                f"{path}: record {r.id!r} has no list meta[{objects_key!r}] of ground-truth objects"
+            )
         triples.append((r.chosen, r.rejected, truth))
     return pair_precision(triples, vocabulary)

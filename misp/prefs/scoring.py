@@ -127,6 +127,10 @@ def text_heavy_probability(
     """
     prompts = embed_texts(bundle, [text_prompt, photo_prompt], device=device, progress=False)
     logit_scale = getattr(bundle.model, "logit_scale", None)
-    scale = float(logit_scale.detach().float().exp().reshape(-1)[0]) if logit_scale is not None else _FALLBACK_LOGIT_SCALE
+    scale = (
+        float(logit_scale.detach().float().exp().reshape(-1)[0])
+        if logit_scale is not None
+        else _FALLBACK_LOGIT_SCALE
+    )
     logits = scale * image_embeddings.float() @ prompts.T
     return logits.softmax(dim=-1)[:, 0]
