@@ -9,16 +9,21 @@ Memory is measured per configuration in a fresh child process (:func:`run_child`
 - CPU: ``tracemalloc`` cannot see torch's allocations, so the peak comes from the kernel's resident-set
   high-water mark. Before each measured region the mark is reset (``/proc/self/clear_refs``, Linux) and
   the peak is ``VmHWM - VmRSS`` at entry; where the reset is unavailable, the ``getrusage`` ``ru_maxrss``
-  delta is used instead (only exact when the region is the process's largest so far). The child runs
-  with a fixed glibc mmap threshold, so every tensor of 64 KiB or more is its own mapping, returned to
-  the system when freed: otherwise memory freed by an earlier stage would be reused by a later one
-  without raising the mark, and that stage's peak would read low.
+  delta is used instead (only exact when the region is the process's largest so far). While measuring,
+  glibc's allocator is pinned (``mallopt``) to give every block of 64 KiB or more its own mapping,
+  returned to the system when freed: otherwise memory freed by an earlier stage would be reused by a
+  later one without raising the mark, and that stage's peak would read low.
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated
   at entry.
+
+Pinned that way the allocator maps and faults in fresh pages for every mid-sized tensor, which can
+double the CPU time of a step, so timings are taken in a separate pass after :func:`allocator_steady`
+has put glibc in the state its own adaptive thresholds reach in a long-running process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -35,6 +40,8 @@ import torch
 __all__ = [
     "RESULTS_DIR",
     "PeakMemory",
+    "allocator_measure",
+    "allocator_steady",
     "child_env",
     "default_device",
     "describe_machine",
@@ -48,7 +55,12 @@ __all__ = [
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Where ``python -m bench`` writes ``<name>.json``."""
 
-_MMAP_THRESHOLD = 65536  # bytes; a fixed value also switches off glibc's dynamic threshold
+# glibc mallopt parameters and the thresholds of the two allocator modes (bytes).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MEASURE_MMAP, _MEASURE_TRIM = 64 * 1024, 128 * 1024
+# glibc's adaptive mmap threshold climbs to at most 32 MiB (64-bit), the trim threshold to twice that.
+_STEADY_MMAP, _STEADY_TRIM = 32 * 2**20, 64 * 2**20
+_allocator_mode = "default"
 
 
 def default_device() -> str:
@@ -65,6 +77,46 @@ def synchronize(device: str | torch.device) -> None:
 def mib(n_bytes: float) -> float:
     """Bytes to MiB, rounded to 0.1."""
     return round(n_bytes / 2**20, 1)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _set_allocator(mode: str, mmap_threshold: int, trim_threshold: int) -> bool:
+    global _allocator_mode
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    libc.malloc_trim(0)
+    _allocator_mode = mode if ok else "default"
+    return ok
+
+
+def allocator_measure() -> bool:
+    """Pin glibc so that blocks of 64 KiB or more are mapped and unmapped one by one (memory regions).
+
+    Benchmark children call it first thing (``python -m bench --child``): blocks freed before the pin sit
+    in glibc's free lists and would be reused without raising the high-water mark. Returns False off
+    glibc, where the allocator is left alone. Raises once :func:`allocator_steady` has run: measure
+    memory first, time afterwards.
+    """
+    if _allocator_mode == "steady":
+        raise RuntimeError("memory is measured with the allocator pinned: measure before allocator_steady()")
+    return _allocator_mode == "measure" or _set_allocator("measure", _MEASURE_MMAP, _MEASURE_TRIM)
+
+
+def allocator_steady() -> bool:
+    """Put glibc in the steady state of its adaptive thresholds (32 MiB mmap, 64 MiB trim) for timing.
+
+    One way: after it, :class:`PeakMemory` refuses to measure CPU memory in this process.
+    """
+    return _allocator_mode == "steady" or _set_allocator("steady", _STEADY_MMAP, _STEADY_TRIM)
 
 
 def _status_kib(key: str) -> int | None:
@@ -98,34 +150,45 @@ class PeakMemory:
     """Context manager: the peak memory a region allocated on top of what was live at its entry.
 
     After the ``with`` block, ``peak_bytes`` holds the peak and ``method`` says how it was measured
-    (``cuda``, ``vmhwm`` or ``getrusage``; see the module docstring). Regions must not overlap.
+    (``cuda``, ``vmhwm`` or ``getrusage``, with ``+pinned`` when the allocator was pinned; see the module
+    docstring). On the CPU, entering pins the allocator, which slows what runs inside: time elsewhere.
+    Regions must not overlap. With ``enabled=False`` it measures nothing (``peak_bytes`` stays 0).
     """
 
-    def __init__(self, device: str | torch.device) -> None:
+    def __init__(self, device: str | torch.device, enabled: bool = True) -> None:
         self.device = torch.device(device)
+        self.enabled = enabled
         self.peak_bytes = 0
         self.method = ""
         self._base = 0
 
     def __enter__(self) -> PeakMemory:
+        if not self.enabled:
+            return self
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             self.method = "cuda"
-        elif _reset_hwm():
+            return self
+        pinned_before = _allocator_mode == "measure"
+        # Pinned only now, earlier frees may be reused unseen: say so in the method.
+        pinned = ("+pinned" if pinned_before else "+pinned-late") if allocator_measure() else ""
+        if _reset_hwm():
             self._base = (_status_kib("VmRSS") or 0) * 1024
-            self.method = "vmhwm"
+            self.method = "vmhwm" + pinned
         else:
             self._base = _maxrss_bytes()
-            self.method = "getrusage"
+            self.method = "getrusage" + pinned
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
         if self.method == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.method == "vmhwm":
+        elif self.method.startswith("vmhwm"):
             peak = (_status_kib("VmHWM") or 0) * 1024
         else:
             peak = _maxrss_bytes()
@@ -133,9 +196,8 @@ class PeakMemory:
 
 
 def child_env(threads: int | None = None) -> dict[str, str]:
-    """Environment of a measuring child: fixed mmap threshold (see module docstring), offline, quiet."""
+    """Environment of a benchmark child: offline, quiet, optionally a fixed OpenMP thread count."""
     env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(_MMAP_THRESHOLD)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("WANDB_MODE", "offline")

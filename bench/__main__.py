@@ -13,6 +13,7 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench import RESULTS_DIR, default_device, describe_machine, format_table, machine_info
+from bench import RESULTS_DIR, allocator_measure, default_device, describe_machine, format_table, machine_info
 from misp.utils.io import atomic_write_json
 
 BENCHMARKS = ("mining", "logprobs", "forward")
@@ -33,6 +34,7 @@ def _child(argv: list[str]) -> None:
     parser.add_argument("out")
     parser.add_argument("--child-threads", type=int, default=None)
     ns = parser.parse_args(argv)
+    allocator_measure()  # before anything allocates: see bench.allocator_measure
     if ns.child_threads:
         torch.set_num_threads(ns.child_threads)
     module_name, _, function = ns.target.partition(":")
@@ -87,12 +89,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"## {name}: {table['title']}\n")
             print(format_table(table["rows"], table["columns"]))
             print()
-        print(f"({name}: {wall:.0f} s wall)\n", flush=True)
+        load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        print(f"({name}: {wall:.0f} s wall; load average {load} at the end)\n", flush=True)
         record = {
             "benchmark": name,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine,
             "wall_s": round(wall, 1),
+            "load_average_1m_end": load,
             "argv": argv,
             **result,
         }

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench import PeakMemory, mib, run_child, synchronize
+from bench import PeakMemory, allocator_steady, mib, run_child, synchronize
 from misp.logprobs import IGNORE_INDEX, sequence_logps
 
 NAME = "logprobs"
@@ -110,6 +110,7 @@ def size_child(cfg: dict[str, Any]) -> dict[str, Any]:
     res["max_value_diff"], res["max_grad_diff"] = value_err, grad_err
     del grads, values
 
+    allocator_steady()
     times: dict[str, dict[str, list[float]]] = {name: {"fwd": [], "bwd": []} for name in methods}
     for _ in range(cfg["repeat"]):
         for name, fn in methods.items():

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import PeakMemory, mib, run_child, synchronize
+from bench import PeakMemory, allocator_steady, mib, run_child, synchronize
 from misp.negatives.mining import Candidates
 from misp.negatives.projection import make_joint_embedding
 from misp.negatives.proposal import ProposalNet
@@ -43,6 +43,8 @@ NAME = "mining"
 # The Shapes demo world (misp.data.world.config: n_pref 800, n_pool 1500; CLIP embed_dim 64) with the
 # mining settings of configs/shapes/*.yaml (n_candidates 32, pool_size 8).
 DEMO = {"records": 800, "pool": 1500, "dim": 64, "n": 32, "m": 8}
+
+STAGES = ("retrieval", "score", "selection", "drawing")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,12 +132,12 @@ def _retrieve(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
 
 @torch.no_grad()
 def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.device, sae, proposal,
-              records: int) -> dict[str, Any]:
-    """Every stage over the first ``records`` records; per-stage seconds and peak bytes."""
+              records: int, measure: bool) -> dict[str, Any]:
+    """Every stage over the first ``records`` records; per-stage seconds, and peak bytes when ``measure``."""
     rows_all = slice(0, records)
     out: dict[str, Any] = {}
 
-    with PeakMemory(device) as mem:
+    with PeakMemory(device, enabled=measure) as mem:
         t0 = time.perf_counter()
         indices, sims = _retrieve(data, cfg, device, rows_all)
         synchronize(device)
@@ -152,7 +154,7 @@ def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
     parts: dict[str, list[torch.Tensor]] = {"pool_index": [], "features": []}
     for start in range(0, records, cfg["chunk_records"]):
         rows = torch.arange(start, min(start + cfg["chunk_records"], records))
-        with PeakMemory(device) as mem:
+        with PeakMemory(device, enabled=measure) as mem:
             t0 = time.perf_counter()
             valid = cand.valid[rows].to(device)
             d = cand.differences(rows).to(device)
@@ -163,7 +165,7 @@ def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
             t2 = time.perf_counter()
             del d
         t_diff, t_sae, peak_score = t_diff + t1 - t0, t_sae + t2 - t1, max(peak_score, mem.peak_bytes)
-        with PeakMemory(device) as mem:
+        with PeakMemory(device, enabled=measure) as mem:
             t0 = time.perf_counter()
             idx, gains = greedy_diverse_select(s["s"], s["z"], valid, cfg["m"], cfg["beta_div"])
             chunk_sims = cand.sims[rows].to(device).clamp_min(-1.0)
@@ -182,7 +184,7 @@ def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
     pool_index = torch.cat(parts["pool_index"])
     features = torch.cat(parts["features"])
     paths, ids = data["paths"], data["ids"][:records]
-    with PeakMemory(device) as mem:
+    with PeakMemory(device, enabled=measure) as mem:
         t0 = time.perf_counter()
         log_q = proposal.log_probs(features.to(device), (pool_index >= 0).to(device)).double().cpu()
         # As in NegativeSamplerDataModule.draws_for_epoch: pool indices to paths, then the seeded draws.
@@ -197,7 +199,8 @@ def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
 
 
 def stages_child(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Child process: build the synthetic world, warm up on a few records, then measure every stage."""
+    """Child process: build the synthetic world, warm up on a few records, then a memory pass (allocator
+    pinned) and a timing pass (allocator in its steady state) over every stage."""
     device = _setup(cfg)
     data: dict[str, Any] = synthetic_embeddings(cfg["records"], cfg["pool"], cfg["dim"], cfg["seed"])
     data["paths"] = [f"pool/{i:07d}.jpg" for i in range(cfg["pool"])]
@@ -208,15 +211,20 @@ def stages_child(cfg: dict[str, Any]) -> dict[str, Any]:
     proposal = ProposalNet(num_features=4, eps=0.1).to(device)
     with torch.no_grad():
         proposal.w.normal_()  # a non-uniform q, as after some training
-    _pipeline(data, cfg, device, sae, proposal, records=min(cfg["records"], 32))  # warm-up
-    result = _pipeline(data, cfg, device, sae, proposal, records=cfg["records"])
+    _pipeline(data, cfg, device, sae, proposal, records=min(cfg["records"], 32), measure=False)  # warm-up
+    memory = _pipeline(data, cfg, device, sae, proposal, records=cfg["records"], measure=True)
+    allocator_steady()
+    result = _pipeline(data, cfg, device, sae, proposal, records=cfg["records"], measure=False)
+    for stage in STAGES:
+        result[stage]["peak_bytes"] = memory[stage]["peak_bytes"]
+        result[stage]["memory_pass_s"] = memory[stage]["time_s"]
     result["projected"] = joint.projected
     result["joint_dim"] = joint.dim
     return result
 
 
 def retrieval_child(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Child process: retrieval alone, for the working-set table."""
+    """Child process: the peak memory of retrieval alone, for the working-set table."""
     device = _setup(cfg)
     data = synthetic_embeddings(cfg["records"], cfg["pool"], cfg["dim"], cfg["seed"])
     _retrieve(data, cfg, device, slice(0, min(cfg["records"], 8)))  # warm-up
@@ -226,7 +234,7 @@ def retrieval_child(cfg: dict[str, Any]) -> dict[str, Any]:
         synchronize(device)
         seconds = time.perf_counter() - t0
     _check_exclusions(indices, data["exclude"], data["duplicate"])
-    return {"time_s": seconds, "peak_bytes": mem.peak_bytes, "method": mem.method}
+    return {"memory_pass_s": seconds, "peak_bytes": mem.peak_bytes, "method": mem.method}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -269,7 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shape = f"R={cfg['records']} P={cfg['pool']} d={cfg['dim']} N={cfg['n']} M={cfg['m']}"
         total_t = 0.0
         peak = 0
-        for key, title in STAGE_NAMES.items():
+        for key in STAGES:
+            title = STAGE_NAMES[key]
             st = res[key]
             note = ""
             if key == "score":
@@ -286,16 +295,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     sweep_rows = []
     pools, chunks = _ints(args.sweep_pools), _ints(args.sweep_chunks)
+    sweep_records = min(args.records, args.query_chunk)
     for chunk in chunks:
         first = None
         for pool in pools:
-            cfg = {**base, **main, "pool": pool, "pool_chunk": chunk}
+            # One query chunk: the working set does not depend on R, only the run time does.
+            cfg = {**base, **main, "records": sweep_records, "pool": pool, "pool_chunk": chunk}
             res = run_child("bench.mining:retrieval_child", cfg, args.threads)
             raw[f"retrieval chunk={chunk} P={pool}"] = {"config": cfg, "result": res}
-            block = min(args.query_chunk, args.records) * min(chunk, pool) * 4
+            block = sweep_records * min(chunk, pool) * 4
             first = first if first is not None else res["peak_bytes"]
             sweep_rows.append({
-                "pool_chunk": chunk, "pool": pool, "time_s": res["time_s"], "peak_mib": mib(res["peak_bytes"]),
+                "pool_chunk": chunk, "pool": pool, "peak_mib": mib(res["peak_bytes"]),
                 "block_mib": mib(block), "peak_per_block": round(res["peak_bytes"] / block, 2),
                 "vs_first_pool": round(res["peak_bytes"] / max(first, 1), 2),
             })
@@ -304,14 +315,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"main": configs[0][1], "demo": configs[1][1] if len(configs) > 1 else None,
                    "sweep_pools": pools, "sweep_chunks": chunks},
         "tables": [
-            {"title": "Mining stages (one pass; time in s, peak = memory on top of the inputs)",
+            {"title": "Mining stages, one pass each (time: timing pass; peak: memory pass, on top of the inputs)",
              "columns": [("config", "config"), ("stage", "stage"), ("time_s", "time (s)"),
                          ("peak_mib", "peak (MiB)"), ("note", "note")],
              "rows": stage_rows},
-            {"title": f"Retrieval working set (R={args.records}, d={args.dim}, query_chunk={args.query_chunk}; "
-                      "block = one float32 query-chunk x pool-chunk similarity block)",
-             "columns": [("pool_chunk", "pool_chunk"), ("pool", "P"), ("time_s", "time (s)"),
-                         ("peak_mib", "peak (MiB)"), ("block_mib", "block (MiB)"),
+            {"title": f"Retrieval working set (R={sweep_records}, d={args.dim}, query_chunk={args.query_chunk}; "
+                      "block = one float32 query-chunk x pool-chunk similarity block; the pool itself is input)",
+             "columns": [("pool_chunk", "pool_chunk"), ("pool", "P"), ("peak_mib", "peak (MiB)"), ("block_mib", "block (MiB)"),
                          ("peak_per_block", "peak / block"), ("vs_first_pool", f"peak / peak at P={pools[0]}")],
              "rows": sweep_rows},
         ],

@@ -19,9 +19,9 @@ from pathlib import Path
 
 WORLD = Path("worlds/shapes")
 RUNS = Path("runs/shapes")
-BASELINES = ["dpo", "mdpo", "chip", "random_neg"]
+BASELINES = ["dpo", "mdpo", "chip", "random_neg", "clip_dpo"]
 LABELS = {"sft": "base (SFT)", "misp_dpo": "MISP-DPO", "dpo": "DPO", "mdpo": "mDPO", "chip": "CHiP-style",
-          "random_neg": "random multi-neg"}
+          "random_neg": "random multi-neg", "clip_dpo": "CLIP-DPO"}
 
 
 @dataclass
@@ -50,6 +50,9 @@ def pipeline(all_methods: bool) -> list[Stage]:
         *method_stages("misp_dpo"),
     ]
     if all_methods:
+        # CLIP-DPO first generates its own preference pairs from the SFT model, ranked by the CLIP.
+        stages.append(Stage("clip_dpo-prefs", ["prefs", "--config", "configs/shapes/clip_dpo_prefs.yaml"],
+                            RUNS / "clip_dpo/prefs.jsonl"))
         stages += [s for name in BASELINES for s in method_stages(name)]
     return stages
 
