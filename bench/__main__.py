@@ -48,10 +48,10 @@ def _parser(modules: dict[str, Any]) -> argparse.ArgumentParser:
         description="misp performance benchmarks: speed and memory, side by side with naive alternatives.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run, from {', '.join(BENCHMARKS)} (default: all)")
-    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("names", nargs="*", metavar="NAME", default=list(BENCHMARKS),
+                        help=f"benchmarks to run, from {', '.join(BENCHMARKS)}")
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda; cuda when available")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; None: torch's choice")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the <name>.json results")
     for module in modules.values():
         module.add_arguments(parser)
@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> None:
 
     machine = machine_info(device)
     print(f"# misp benchmarks on {describe_machine(machine)}\n")
-    for name in args.names or BENCHMARKS:
+    load, threads = machine.get("load_average_1m"), torch.get_num_threads()
+    if device.type == "cpu" and threads > 1 and load is not None and load > machine["cores"] / 2:
+        # OpenMP workers spin at barriers: with the cores already busy, a descheduled worker stalls every
+        # parallel region, and small-op workloads (the forward benchmark) slow down up to tenfold.
+        print(f"warning: load average {load} on {machine['cores']} cores; timings with {threads} threads are "
+              "erratic on a busy machine, --threads 1 gives stable ones\n")
+    for name in args.names:
         t0 = time.perf_counter()
         result = modules[name].run(args)
         wall = time.perf_counter() - t0

@@ -49,8 +49,8 @@ STAGES = ("retrieval", "score", "selection", "drawing")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("mining")
-    g.add_argument("--records", type=int, default=2000, help="R: preference records (default 2000)")
-    g.add_argument("--pool", type=int, default=100_000, help="P: pool images (default 100000)")
+    g.add_argument("--records", type=int, default=2000, help="R: preference records")
+    g.add_argument("--pool", type=int, default=100_000, help="P: pool images")
     g.add_argument("--dim", type=int, default=64,
                    help="CLIP embedding dimension d (64: outer product of 4096 dims, no projection; "
                         "768: projected to --proj-dim)")
@@ -117,8 +117,6 @@ def _check_exclusions(indices: torch.Tensor, exclude: torch.Tensor, duplicate: t
 
 
 def _setup(cfg: dict[str, Any]) -> torch.device:
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
     torch.manual_seed(cfg["seed"])
     return torch.device(cfg["device"])
 
@@ -195,6 +193,7 @@ def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
     if any(spec == "" for row in draws.specs for spec in row):
         raise RuntimeError("drawing returned a padded (invalid) negative")
     out["valid_candidates"] = float((indices >= 0).float().mean())
+    out["memory_method"] = mem.method
     return out
 
 
@@ -261,7 +260,7 @@ STAGE_NAMES = {
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the mining benchmark; returns the tables and raw results."""
     base = {
-        "device": args.device, "threads": args.threads, "seed": 0, "proj_dim": args.proj_dim,
+        "device": args.device, "seed": 0, "proj_dim": args.proj_dim,
         "k": args.draws, "n_latents": args.n_latents, "beta_div": 0.5, "chunk_records": args.chunk_records,
         "query_chunk": args.query_chunk, "pool_chunk": args.pool_chunk,
     }

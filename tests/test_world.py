@@ -210,22 +210,33 @@ def test_vocabulary_is_exactly_the_tokens_of_every_world_text(world):
     assert load_world(world)["vocabulary"] == vocab
 
 
-def test_sft_rows_are_a_caption_and_balanced_questions(world):
+def test_sft_rows_are_a_caption_balanced_questions_and_partner_questions(world):
     rows = read_jsonl(world / "sft.jsonl")
     config = small_config()
-    assert len(rows) == config.n_sft * (1 + config.sft_questions_per_image)
+    partner_of = {p.trigger: p.partner for p in config.bias()}
     by_image: dict[str, list[dict]] = {}
     for r in rows:
         by_image.setdefault(r["image"], []).append(r)
+    assert len(by_image) == config.n_sft
     labels = Counter()
+    partner_answers = Counter()
     for group in by_image.values():
         assert group[0]["prompt"] == CAPTION_PROMPT
         present = set(parse_objects(group[0]["response"], config.object_names()))
+        balanced = group[1 : 1 + config.sft_questions_per_image]
+        extra = group[1 + config.sft_questions_per_image :]
         for q in group[1:]:
             (obj,) = parse_objects(q["prompt"], config.object_names())
             assert q["response"] == ("yes" if obj in present else "no")
+        for q in balanced:
             labels[q["response"]] += 1
+        # One extra question per present trigger, about its partner, answered truthfully.
+        expected = [partner_of[t] for t in partner_of if t in present]
+        assert [parse_objects(q["prompt"], config.object_names())[0] for q in extra] == expected
+        partner_answers.update(q["response"] for q in extra)
     assert labels["yes"] == labels["no"] == config.n_sft
+    # In the biased split the partner question is mostly "yes": the prior POPE-adversarial probes.
+    assert partner_answers["yes"] > 3 * partner_answers["no"] > 0
 
 
 # ------------------------------------------------------------------------------------ POPE

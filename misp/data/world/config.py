@@ -132,6 +132,11 @@ class WorldConfig:
     sft_questions_per_image: int = 2
     """Yes/no questions per sft scene besides the caption, balanced between yes and no."""
 
+    partner_questions: bool = True
+    """sft: every scene with a trigger is also asked about the trigger's partner (truthfully: "yes" in
+    bias_strength of them). This is the language prior VQA data teaches real VLMs, and the shortcut
+    POPE's adversarial split probes; without it yes/no answers never meet the bias."""
+
     pope_per_image: int = 2
     """'yes' questions per test image and POPE split (capped by the objects present), with as many 'no'."""
 

@@ -137,6 +137,16 @@ def _sft_questions(scene: Scene, rng: random.Random, config: WorldConfig) -> lis
     return [(grammar.question(n), a) for n, a in pairs]
 
 
+def _partner_questions(scene: Scene, config: WorldConfig) -> list[tuple[str, str]]:
+    """The question about each present trigger's partner, answered truthfully (see partner_questions)."""
+    names = scene.names
+    return [
+        (grammar.question(pair.partner), grammar.YES if pair.partner in names else grammar.NO)
+        for pair in config.bias()
+        if pair.trigger in names
+    ]
+
+
 def _sft_rows(scenes: list[Scene], config: WorldConfig) -> list[dict]:
     rng = split_rng(config.seed, "questions/sft")
     rows = []
@@ -144,6 +154,8 @@ def _sft_rows(scenes: list[Scene], config: WorldConfig) -> list[dict]:
         img = image_path("sft", i)
         examples = [(grammar.CAPTION_PROMPT, grammar.caption(scene))]
         examples += _sft_questions(scene, rng, config)
+        if config.partner_questions:
+            examples += _partner_questions(scene, config)
         for prompt, response in examples:
             rows.append(
                 {"id": record_id("sft", len(rows)), "image": img, "prompt": prompt, "response": response}
