@@ -343,7 +343,7 @@ def test_sae_metrics_match_hand_values():
     assert m["recon_cosine"] == pytest.approx(0.5)  # cos 1 and cos 0 (zero reconstruction)
     assert "mean_activation" not in m
 
-    kl_model = SparseAutoencoder(SAEConfig(d_in=2, architecture="kl", n_latents=3, rho=0.1))
+    kl_model = SparseAutoencoder(SAEConfig(d_in=2, architecture="kl", n_latents=3, rho=0.1, kl_fire_threshold=0.5))
     out.latents = torch.tensor([[0.9, 0.1, 0.6], [0.2, 0.7, 0.3]])
     m = sae_metrics(d, out, kl_model)
     assert m["l0"] == pytest.approx(1.5)  # latents above 0.5: two, then one

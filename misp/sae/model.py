@@ -54,11 +54,11 @@ class SAEConfig:
     gamma: float = 1.0
     """kl: weight of the summed KL sparsity penalty."""
 
-    kl_fire_threshold: float = 0.5
+    kl_fire_threshold: float | None = None
     """kl: activation above which a sigmoid latent counts as firing (for L0 and dead-latent accounting),
-    since sigmoid latents are never exactly zero. 0.5 reads each latent as a Bernoulli probability; the
-    decoder norm is unconstrained in kl, so a trained model may encode with small activations and then
-    report a low L0 and a high dead fraction under this threshold."""
+    since sigmoid latents are never exactly zero. None means 2 * rho: clearly above the target mean rate.
+    (A fixed 0.5 reads nothing: trained on the Shapes world, every kl latent sits near rho, 99% of
+    activations below 0.1, the decoder rows growing instead; the KL penalty is met without sparsity.)"""
 
     k: int = 8
     """topk: number of latents kept per sample (before the ReLU, so at most k are active)."""
@@ -87,7 +87,7 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.rho must lie strictly between 0 and 1, got {self.rho}")
         if self.gamma < 0:
             raise ValueError(f"SAEConfig.gamma must be >= 0, got {self.gamma}")
-        if not 0.0 <= self.kl_fire_threshold < 1.0:
+        if self.kl_fire_threshold is not None and not 0.0 <= self.kl_fire_threshold < 1.0:
             raise ValueError(f"SAEConfig.kl_fire_threshold must lie in [0, 1), got {self.kl_fire_threshold}")
         if self.k < 1 or (self.architecture == "topk" and self.k > self.n_latents):
             raise ValueError(f"SAEConfig.k must lie in [1, n_latents={self.n_latents}], got {self.k}")
@@ -97,6 +97,11 @@ class SAEConfig:
             raise ValueError(f"SAEConfig.aux_k must be >= 1 or None, got {self.aux_k}")
         if self.dead_after < 1:
             raise ValueError(f"SAEConfig.dead_after must be >= 1, got {self.dead_after}")
+
+    @property
+    def resolved_kl_fire_threshold(self) -> float:
+        """The effective kl firing threshold: ``kl_fire_threshold``, or 2 * rho when None."""
+        return self.kl_fire_threshold if self.kl_fire_threshold is not None else 2 * self.rho
 
     @property
     def resolved_aux_k(self) -> int:
@@ -137,7 +142,7 @@ class SparseAutoencoder(nn.Module):
     A buffer ``samples_since_fired`` ``[n_latents]`` counts, per latent, the training samples seen since
     the last batch in which it fired; it is updated by forward passes in training mode only and is part
     of the state dict, so a resumed run keeps its dead-latent statistics. "Fired" means ``z > 0`` for
-    topk and ``z > kl_fire_threshold`` (0.5) for kl, whose sigmoid latents are never exactly zero.
+    topk and ``z > kl_fire_threshold`` (default 2 rho) for kl, whose sigmoid latents are never exactly zero.
 
     Initialisation: for kl, ``b_enc = logit(rho)`` so every latent starts at its target rate (the
     published description gives no initialisation; with ``b_enc = 0`` all latents start at 0.5 and the
@@ -259,7 +264,7 @@ class SparseAutoencoder(nn.Module):
 
     def fired(self, z: Tensor) -> Tensor:
         """Bool ``[n, n_latents]``: which latents count as firing (``> 0`` topk, ``> kl_fire_threshold`` kl)."""
-        return z > (self.config.kl_fire_threshold if self.config.architecture == "kl" else 0.0)
+        return z > (self.config.resolved_kl_fire_threshold if self.config.architecture == "kl" else 0.0)
 
     @torch.no_grad()
     def _update_dead_stats(self, z: Tensor) -> None:
