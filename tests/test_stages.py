@@ -68,3 +68,13 @@ def test_sft_vision_tower_starts_from_the_clip_export(tiny_world, clip_dir, tmp_
     tower = module.model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)
     assert tower.embeddings.patch_embedding.weight.equal(clip.conv1.weight)
+
+
+def test_eval_limit_takes_the_first_questions_of_every_pope_split(tiny_world):
+    from misp.data.eval_data import EvalData, eval_datasets
+
+    pope, captions = eval_datasets(EvalData(pope_file=str(tiny_world / "pope.jsonl"),
+                                            captions_file=str(tiny_world / "test.jsonl"), limit=3))
+    splits = [row["split"] for row in pope.rows]
+    assert {s: splits.count(s) for s in set(splits)} == {"random": 3, "popular": 3, "adversarial": 3}
+    assert len(captions) == 3

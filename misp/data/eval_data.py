@@ -32,7 +32,8 @@ class EvalData:
     synonyms_file: str | None = None
     """Optional JSON object mapping a surface form to its canonical object name (for CHAIR)."""
     limit: int | None = None
-    """Evaluate only the first N questions and N prompts (quick validation during training)."""
+    """Evaluate only the first N questions of each POPE split and the first N prompts (quick
+    validation during training)."""
     batch_size: int = 32
     """Prompts per generation batch."""
 
@@ -74,13 +75,26 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
+def _first_per_split(questions: list, limit: int | None) -> list:
+    # POPE files list one split after another; a plain [:limit] would validate on the first split only.
+    if limit is None:
+        return questions
+    taken: dict[str, int] = {}
+    kept = []
+    for q in questions:
+        if taken.get(q.split, 0) < limit:
+            taken[q.split] = taken.get(q.split, 0) + 1
+            kept.append(q)
+    return kept
+
+
 def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
     """The POPE and captioning sets named by ``cfg``, validated up front, in that order."""
     sets = []
     if cfg.pope_file:
-        questions = read_pope_questions(
+        questions = _first_per_split(read_pope_questions(
             Path(cfg.pope_file), image_root=cfg.image_root, layout=cfg.pope_layout, split=cfg.pope_split
-        ).records[: cfg.limit]
+        ).records, cfg.limit)
         rows = [
             {"task": "pope", "id": q.id, "image": q.image, "prompt": q.question, "label": q.label, "split": q.split}
             for q in questions

@@ -77,11 +77,10 @@ class VLMModule(L.LightningModule):
         if not results:
             return results
         self.log_dict({f"{prefix}/{k}": v for k, v in results.items()}, sync_dist=False)
-        if self.trainer.is_global_zero:
-            table = format_results(results)
-            print(f"\n{prefix} results ({type(self).__name__}):\n{table}")
-            for s in samples[:4]:
-                print(f"  [{s['task']}] {s['prompt']!r} -> {s['answer']!r}")
+        # self.print: rank zero only, and routed through the progress bar (a rich bar captures stdout).
+        self.print(f"\n{prefix} results ({type(self).__name__}):\n{format_results(results)}")
+        for s in samples[:4]:
+            self.print(f"  [{s['task']}] {s['prompt']!r} -> {s['answer']!r}")
         return results
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
