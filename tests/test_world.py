@@ -236,7 +236,7 @@ def test_sft_rows_are_a_caption_balanced_questions_and_partner_questions(world):
         partner_answers.update(q["response"] for q in extra)
     assert labels["yes"] == labels["no"] == config.n_sft
     # In the biased split the partner question is mostly "yes": the prior POPE-adversarial probes.
-    assert partner_answers["yes"] > 3 * partner_answers["no"] > 0
+    assert partner_answers["yes"] > 3 * partner_answers["no"] and partner_answers["yes"] > 0
 
 
 # ------------------------------------------------------------------------------------ POPE

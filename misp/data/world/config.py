@@ -108,8 +108,10 @@ class WorldConfig:
     )
     """Co-occurrence biases 'TRIGGER -> PARTNER', each side a '{color} {shape}' object name."""
 
-    bias_strength: float = 0.9
-    """In the sft split, P(partner in scene | trigger in scene); every other split breaks the bias."""
+    bias_strength: float = 0.98
+    """In the sft split, P(partner in scene | trigger in scene); every other split breaks the bias.
+    Real hallucinations come from priors that are almost never wrong in training: at 0.9 the tiny SFT
+    model meets enough counter-examples to learn to look, and the bias leaves POPE untouched."""
 
     trigger_rate: float = 0.35
     """Fraction of scenes (in every split) built around a trigger object, so the biased case is common."""
