@@ -3,8 +3,9 @@
     misp fit --config configs/shapes/misp_dpo.yaml     any stage is `misp fit` with its config
     misp test --config ... --ckpt_path ...             POPE and CHAIR on the test split
     misp world --out DIR [--seed S] [...]              writes a Shapes world dataset to DIR
+    misp prefs --config configs/shapes/clip_dpo_prefs.yaml   CLIP-DPO pairs sampled from a VLM
 
-Tool subcommands (``world``) are not Trainer methods, so ``main`` dispatches them to their own
+Tool subcommands (``world``, ``prefs``) are not Trainer methods, so ``main`` dispatches them to their own
 jsonargparse parser before LightningCLI runs; ``misp --help`` still lists them beside fit/test.
 """
 
