@@ -117,3 +117,23 @@ def test_configuration_errors_are_clear(tiny_world, tmp_path):
         make(tiny_world, tmp_path, source="sae", pool="p", clip=ClipSpec(checkpoint="c"))
     with pytest.raises(ValueError, match="source must be one of"):
         make(tiny_world, tmp_path, source="bogus")
+
+
+def test_given_source_draws_from_each_records_own_negatives(tiny_world, processor, tmp_path):
+    import json
+
+    rows = [json.loads(line) for line in (tiny_world / "pref.jsonl").read_text().splitlines()]
+    for row in rows:  # the record's own negatives: here, its counterfactual renders
+        row["negatives"] = row["meta"]["counterfactuals"][:2]
+    records = tiny_world / "pref_given.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = make(tiny_world, tmp_path, records_file=str(records), source="given", k=3)
+    dm.processor = processor
+    dm.prepare_data()
+    dm.setup("fit")
+    draws = dm.draws_for_epoch(0)
+    for record, specs in zip(dm.records, draws.specs, strict=True):
+        assert set(specs) <= {str(p) for p in record.negatives}
+    torch.testing.assert_close(draws.log_q, torch.full_like(draws.log_q, -torch.log(torch.tensor(2.0)).item()))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape[0] == len(batch["ids"]) * 4
