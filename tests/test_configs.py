@@ -49,3 +49,21 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         MispCLI(args=["fit", "--config", str(bad)], run=True)
     assert "not_a_field" in capsys.readouterr().err
+
+
+def test_llava_fsdp_strategy_wraps_and_checkpoints_decoder_layers():
+    """configs/llava.yaml's FSDP strategy instantiates with the decoder layer as wrap and checkpoint unit."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = yaml.safe_load((ROOT / "configs/llava.yaml").read_text())
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(FSDPStrategy, "strategy")
+    strategy = parser.instantiate_classes(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    vlm = config["model"]["init_args"]["vlm"]
+    assert vlm["load_in_4bit"] and vlm["bnb_4bit_quant_type"] == "nf4"
+    assert vlm["bnb_4bit_quant_storage"] == vlm["dtype"] == "bfloat16"  # FSDP shards 4-bit weights as bf16
+    assert vlm["lora"] == {"r": 64, "alpha": 128, "dropout": 0.05}
