@@ -384,3 +384,17 @@ def test_load_world_errors(tmp_path, world):
     with pytest.raises(FileNotFoundError, match="misp world"):
         load_world(tmp_path)
     assert load_world(world)["version"] == json.loads((world / MANIFEST).read_text())["version"]
+
+
+def test_partner_size_draws_every_partner_at_that_size_and_leaves_the_rest():
+    config = small_config(partner_size="small")
+    plain = small_config(partner_size=None)
+    partners = {p.partner for p in config.bias()}
+    for split in ("sft", "test", "pool"):
+        sized, free = generate_scenes(config, split), generate_scenes(plain, split)
+        for a, b in zip(sized, free, strict=True):
+            assert [o.name for o in a.objects] == [o.name for o in b.objects]  # same stream otherwise
+            for o, p in zip(a.objects, b.objects, strict=True):
+                assert o.size == ("small" if o.name in partners else p.size)
+    with pytest.raises(ValueError, match="partner_size"):
+        small_config(partner_size="huge")

@@ -134,6 +134,10 @@ class WorldConfig:
     sft_questions_per_image: int = 2
     """Yes/no questions per sft scene besides the caption, balanced between yes and no."""
 
+    partner_size: str | None = None
+    """Draw every partner object at this size (None: any size). Real hallucinations concentrate on
+    small objects: a small partner is harder to see, so the learned prior weighs more."""
+
     partner_questions: bool = True
     """sft: every scene with a trigger is also asked about the trigger's partner (truthfully: "yes" in
     bias_strength of them). This is the language prior VQA data teaches real VLMs, and the shortcut
@@ -186,6 +190,8 @@ class WorldConfig:
             raise ValueError("bias_pairs need max_objects >= 2 (a trigger and its partner)")
         for name in ("n_clip", "n_sft", "n_pref", "n_pool", "n_test"):
             _int(name, getattr(self, name), lo=0)
+        if self.partner_size is not None and self.partner_size not in self.sizes:
+            raise ValueError(f"WorldConfig.partner_size {self.partner_size!r} is not one of sizes {self.sizes}")
         _int("sft_questions_per_image", self.sft_questions_per_image, lo=0)
         _int("pope_per_image", self.pope_per_image, lo=0)
         _int("counterfactuals_per_record", self.counterfactuals_per_record, lo=0)

@@ -102,7 +102,10 @@ def _jitter(rng: random.Random) -> float:
 
 def _new_object(name: str, cell: str, rng: random.Random, config: WorldConfig) -> WorldObject:
     color, shape = config.split_name(name)
-    return WorldObject(color, shape, rng.choice(config.sizes), cell, _jitter(rng), _jitter(rng))
+    size = rng.choice(config.sizes)  # drawn even when overridden, so the rest of the stream is unchanged
+    if config.partner_size is not None and name in {p.partner for p in config.bias()}:
+        size = config.partner_size
+    return WorldObject(color, shape, size, cell, _jitter(rng), _jitter(rng))
 
 
 def sample_scene(rng: random.Random, config: WorldConfig, biased: bool) -> Scene:
