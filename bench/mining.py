@@ -7,7 +7,7 @@ caches:
 1. ``retrieval``: ``retrieve_candidates`` (chunked top-N, the positive and its near-duplicates excluded).
 2. ``differences + SAE``: ``Candidates.differences`` (``JointEmbedding.differences``, projected when
    ``d * d > proj_dim``) and ``sae_scores`` with a random-init ``SparseAutoencoder``, over record chunks.
-3. ``selection``: ``greedy_diverse_select`` and ``selection_features``, over the same chunks.
+3. ``selection``: ``select_chunk`` (greedy diverse selection and the proposal features), over the same chunks.
 4. ``drawing``: one epoch of ``ProposalNet.log_probs`` and ``draw_from_lists`` (``draw_negatives``).
 
 Synthetic data: L2-normalised Gaussian clusters (within-cluster cosine about 0.67), the records' positives
@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from bench import PeakMemory, allocator_steady, mib, run_child, synchronize
-from misp.negatives.mining import Candidates
+from misp.negatives.mining import Candidates, select_chunk
 from misp.negatives.projection import make_joint_embedding
 from misp.negatives.proposal import ProposalNet
 from misp.negatives.retrieval import retrieve_candidates
 from misp.negatives.scoring import sae_scores
-from misp.negatives.selection import greedy_diverse_select, selection_features
 from misp.negatives.sources import draw_from_lists
 from misp.sae.model import SAEConfig, SparseAutoencoder
 
@@ -165,13 +164,9 @@ def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
         t_diff, t_sae, peak_score = t_diff + t1 - t0, t_sae + t2 - t1, max(peak_score, mem.peak_bytes)
         with PeakMemory(device, enabled=measure) as mem:
             t0 = time.perf_counter()
-            idx, gains = greedy_diverse_select(s["s"], s["z"], valid, cfg["m"], cfg["beta_div"])
-            chunk_sims = cand.sims[rows].to(device).clamp_min(-1.0)
-            feats = selection_features(s["l"], s["v"], gains, chunk_sims, idx, valid)
-            chosen = idx >= 0
-            pool_index = torch.where(chosen, cand.indices[rows].to(device).gather(1, idx.clamp_min(0)), -1)
-            parts["pool_index"].append(pool_index.cpu())
-            parts["features"].append(feats.float().cpu())
+            chunk = select_chunk(cand, rows, valid, s, cfg["m"], cfg["beta_div"])
+            parts["pool_index"].append(chunk["pool_index"])
+            parts["features"].append(chunk["features"])
             synchronize(device)
             t_sel += time.perf_counter() - t0
         peak_sel = max(peak_sel, mem.peak_bytes)

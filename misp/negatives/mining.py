@@ -171,6 +171,28 @@ class Selection:
         return self.pool_index >= 0
 
 
+def select_chunk(
+    candidates: Candidates, rows: torch.Tensor, valid: torch.Tensor, scores: dict[str, torch.Tensor], m: int,
+    beta_div: float,
+) -> dict[str, torch.Tensor]:
+    """Greedy diverse selection for the records ``rows`` from their SAE ``scores`` (``sae_scores``'s output).
+
+    Returns CPU tensors: ``pool_index [r, m]`` (-1 pads), ``features [r, m, 4]``, ``scores [r, m]``, ``gains [r, m]``.
+    """
+    device = valid.device
+    idx, gains = greedy_diverse_select(scores["s"], scores["z"], valid, m, beta_div)
+    sims = candidates.sims[rows].to(device).clamp_min(-1.0)
+    features = selection_features(scores["l"], scores["v"], gains, sims, idx, valid)
+    chosen = idx >= 0
+    at = idx.clamp_min(0)
+    return {
+        "pool_index": torch.where(chosen, candidates.indices[rows].to(device).gather(1, at), -1).cpu(),
+        "features": features.float().cpu(),
+        "scores": torch.where(chosen, scores["s"].gather(1, at), 0.0).float().cpu(),
+        "gains": gains.float().cpu(),
+    }
+
+
 @torch.no_grad()
 def select_negatives(
     candidates: Candidates,
@@ -200,16 +222,9 @@ def select_negatives(
             rows = torch.arange(start, min(start + c.chunk_records, n))
             valid = candidates.valid[rows].to(device)
             d = candidates.differences(rows).to(device)
-            s = sae_scores(sae, d, valid)
-            idx, gains = greedy_diverse_select(s["s"], s["z"], valid, c.pool_size, c.beta_div)
-            sims = candidates.sims[rows].to(device).clamp_min(-1.0)
-            feats = selection_features(s["l"], s["v"], gains, sims, idx, valid)
-            chosen = idx >= 0
-            pool_index = torch.where(chosen, candidates.indices[rows].to(device).gather(1, idx.clamp_min(0)), -1)
-            out["pool_index"].append(pool_index.cpu())
-            out["features"].append(feats.float().cpu())
-            out["scores"].append(torch.where(chosen, s["s"].gather(1, idx.clamp_min(0)), 0.0).float().cpu())
-            out["gains"].append(gains.float().cpu())
+            chunk = select_chunk(candidates, rows, valid, sae_scores(sae, d, valid), c.pool_size, c.beta_div)
+            for k, v in chunk.items():
+                out[k].append(v)
         return {k: torch.cat(v) for k, v in out.items()}
 
     found = cached(Path(cache_dir) / f"selection_m{c.pool_size}", key, build)
