@@ -73,14 +73,8 @@ class MISPDPOModule(VLMModule):
         self.reference_cache = ReferenceCache() if cache_reference else None
 
     # setup ----------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.reference is not None and self.device_mesh is not None and not getattr(self, "_ref_sharded", False):
-            from misp.models.sharding import shard_vlm
-
-            mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
-            shard_vlm(self.reference, mesh)
-            self._ref_sharded = True
+    def vlms(self) -> list[torch.nn.Module]:
+        return [self.model] + ([self.reference] if self.reference is not None else [])
 
     def on_fit_start(self) -> None:
         if self.reference_cache is not None:

@@ -51,13 +51,20 @@ class VLMModule(L.LightningModule):
         self.generation = generation or GenerationEval()
         self.evaluator: Evaluator | None = None
 
+    def vlms(self) -> list[torch.nn.Module]:
+        """Every VLM this module holds (the policy; DPO adds its frozen reference): all are sharded alike."""
+        return [self.model]
+
     def configure_model(self) -> None:
         # Under ModelParallelStrategy (FSDP2) Lightning hands us a device mesh; other strategies wrap the
         # model themselves (strategy=fsdp uses the config's auto_wrap_policy).
-        if self.device_mesh is not None and not getattr(self, "_sharded", False):
-            mesh = self.device_mesh["data_parallel"] if "data_parallel" in self.device_mesh.mesh_dim_names else self.device_mesh
-            shard_vlm(self.model, mesh)
-            self._sharded = True
+        if self.device_mesh is None or getattr(self, "_sharded", False):
+            return
+        names = self.device_mesh.mesh_dim_names or ()
+        mesh = self.device_mesh["data_parallel"] if "data_parallel" in names else self.device_mesh
+        for vlm in self.vlms():
+            shard_vlm(vlm, mesh)
+        self._sharded = True
 
     def setup(self, stage: str) -> None:
         if self.evaluator is None:
