@@ -80,14 +80,32 @@ def summary_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def world_is_stale() -> bool:
+    """True when a world exists on disk but this misp would generate a different format of it."""
+    from misp.data.world.generate import MANIFEST, WORLD_VERSION
+
+    path = WORLD / MANIFEST
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("version") != WORLD_VERSION
+    except json.JSONDecodeError:
+        return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     parser.add_argument("--all-methods", action="store_true", help="also train and test every baseline")
     args = parser.parse_args()
     start = time.perf_counter()
+    force = args.force
+    if not force and world_is_stale():
+        # Everything downstream was trained on the old world, so nothing of it may be reused.
+        print(f"[demo] {WORLD} was written by another misp version; rerunning every stage", flush=True)
+        force = True
     for stage in pipeline(args.all_methods):
-        run_stage(stage, args.force)
+        run_stage(stage, force)
     print(f"\n[demo] all stages done in {time.perf_counter() - start:.0f} s\n")
     print("Test split: POPE per split (accuracy, F1, yes-ratio...) and CHAIR (lower chair_i/chair_s is better)")
     print(summary_table(["sft", "misp_dpo", *BASELINES]))

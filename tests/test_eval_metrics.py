@@ -5,7 +5,15 @@ import random
 import pytest
 import torch
 
-from misp.eval import CHAIRMetric, POPEMetric, extract_mentions, format_results, parse_yes_no
+from misp.data.eval_data import EvalData
+from misp.eval import (
+    CHAIRMetric,
+    CooccurrenceMetric,
+    POPEMetric,
+    extract_mentions,
+    format_results,
+    parse_yes_no,
+)
 
 # --- parse_yes_no -------------------------------------------------------------------------------------
 
@@ -250,6 +258,70 @@ def test_chair_merge_state_equals_single_instance():
     c.merge_state({k: getattr(a, k) for k in a._defaults})
     c.merge_state({k: torch.zeros_like(getattr(a, k)) for k in a._defaults})
     assert c.compute() == whole.compute()
+
+
+# --- co-occurrence hallucination ----------------------------------------------------------------------
+
+SHAPES = ["red circle", "blue square", "green triangle", "yellow circle", "red square"]
+PAIRS = ["red circle -> blue square", "green triangle -> yellow circle"]
+
+
+def test_cooccurrence_hand_counted():
+    responses = [
+        # trigger red circle, partner blue square missing and named; red square also hallucinated
+        "a red circle. a blue square. a red square.",
+        # trigger green triangle, partner yellow circle missing, not named
+        "a green triangle.",
+        # both triggers, both partners missing; names yellow circle only
+        "a red circle. a green triangle. a yellow circle.",
+        # no trigger: blue square is an ordinary hallucination, not a missing partner
+        "a blue square.",
+        # trigger with its partner present: no case
+        "a red circle and a blue square.",
+    ]
+    gt = [
+        ["red circle"],
+        ["green triangle"],
+        ["red circle", "green triangle"],
+        ["red square"],
+        ["red circle", "blue square"],
+    ]
+    m = CooccurrenceMetric(PAIRS, SHAPES)
+    m.update(responses, gt)
+    out = m.compute()
+    # cases: 1 + 1 + 2 = 4; partners named: blue square (1st), yellow circle (3rd) = 2
+    assert out["cooccurrence/partner_rate"] == pytest.approx(2 / 4)
+    assert out["cooccurrence/cases"] == 4
+    # other absent objects of the case images: 5-1-1=3, 3, 5-2-2=1 -> 7; named: red square (1st) = 1
+    assert out["cooccurrence/other_rate"] == pytest.approx(1 / 7)
+    # hallucinated mentions: blue square, red square | - | yellow circle | blue square | - = 4, partners 2
+    assert out["cooccurrence/partner_share"] == pytest.approx(2 / 4)
+
+
+def test_cooccurrence_merge_errors_and_pairs_from_a_world(tmp_path):
+    rng = random.Random(0)
+    responses = [". ".join(rng.sample(SHAPES, rng.randint(0, 3))) for _ in range(40)]
+    gt = [rng.sample(SHAPES, rng.randint(1, 3)) for _ in range(40)]
+    whole, a, b = (CooccurrenceMetric(PAIRS, SHAPES) for _ in range(3))
+    whole.update(responses, gt)
+    a.update(responses[:17], gt[:17])
+    b.update(responses[17:], gt[17:])
+    a.merge_state(b)
+    assert a.compute() == whole.compute() and whole.compute()["cooccurrence/cases"] > 0
+    with pytest.raises(ValueError, match="TRIGGER -> PARTNER"):
+        CooccurrenceMetric(["red circle blue square"], SHAPES)
+    with pytest.raises(ValueError, match="not in the object vocabulary"):
+        CooccurrenceMetric(["red circle -> unicorn"], SHAPES)
+    with pytest.raises(ValueError, match="at least one"):
+        CooccurrenceMetric([], SHAPES)
+    # EvalData reads the pairs of a world.json beside the captions file; an explicit [] turns them off.
+    (tmp_path / "world.json").write_text(
+        '{"objects": [], "bias_pairs": [{"trigger": "red circle", "partner": "blue square"}]}'
+    )
+    captions = str(tmp_path / "test.jsonl")
+    assert EvalData(captions_file=captions).pairs() == ["red circle -> blue square"]
+    assert EvalData(captions_file=captions, cooccurrence_pairs=[]).pairs() == []
+    assert EvalData(captions_file=str(tmp_path / "elsewhere" / "t.jsonl")).pairs() == []
 
 
 # --- format_results -----------------------------------------------------------------------------------

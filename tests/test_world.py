@@ -26,7 +26,7 @@ from misp.data.world import (
     words,
     write_world,
 )
-from misp.data.world.generate import MANIFEST
+from misp.data.world.generate import MANIFEST, image_path
 from misp.data.world.scene import ATTRIBUTES, WorldObject, make_scene, missing_partners
 from misp.utils.io import sha256_file
 
@@ -386,15 +386,56 @@ def test_load_world_errors(tmp_path, world):
     assert load_world(world)["version"] == json.loads((world / MANIFEST).read_text())["version"]
 
 
-def test_partner_size_draws_every_partner_at_that_size_and_leaves_the_rest():
-    config = small_config(partner_size="small")
-    plain = small_config(partner_size=None)
-    partners = {p.partner for p in config.bias()}
-    for split in ("sft", "test", "pool"):
-        sized, free = generate_scenes(config, split), generate_scenes(plain, split)
-        for a, b in zip(sized, free, strict=True):
-            assert [o.name for o in a.objects] == [o.name for o in b.objects]  # same stream otherwise
-            for o, p in zip(a.objects, b.objects, strict=True):
-                assert o.size == ("small" if o.name in partners else p.size)
-    with pytest.raises(ValueError, match="partner_size"):
-        small_config(partner_size="huge")
+def test_hidden_partners_are_annotated_behind_their_trigger_but_not_drawn():
+    config = WorldConfig(n_sft=3000, hidden_partner_rate=0.3)
+    partner_of = {p.trigger: p.partner for p in config.bias()}
+    hidden = placed = 0
+    for scene in generate_scenes(config, "sft"):
+        by_name = {o.name: o for o in scene.objects}
+        for trigger, partner in partner_of.items():
+            if trigger in by_name and partner in by_name:
+                placed += 1
+                if by_name[partner].hidden:
+                    hidden += 1
+                    assert by_name[partner].position == by_name[trigger].position
+                    assert partner in parse_objects(caption(scene), config.object_names())
+        assert all(o.name in partner_of.values() for o in scene.objects if o.hidden)
+    assert placed > 800
+    assert abs(hidden / placed - 0.3) < 4 * math.sqrt(0.21 / placed), (hidden, placed)
+    # Only the biased split hides anything.
+    for split in ("clip", "pref", "pool", "test"):
+        assert not any(o.hidden for s in generate_scenes(config, split, n=500) for o in s.objects)
+
+
+def test_a_hidden_object_changes_the_caption_but_not_the_pixels():
+    config = small_config()
+    front = WorldObject("red", "circle", "large", "center")
+    behind = WorldObject("blue", "square", "small", "center", hidden=True)
+    scene = make_scene([behind, front], config)
+    assert [o.name for o in scene.objects] == ["red circle", "blue square"]  # front first
+    assert caption(scene) == "a large red circle at the center. a small blue square at the center."
+    alone = make_scene([front], config)
+    assert png_bytes(render_scene(scene, config)) == png_bytes(render_scene(alone, config))
+    assert scene_from_dicts(scene.to_dicts(), config) == scene
+    assert "hidden" not in alone.to_dicts()[0]  # worlds without hidden objects keep their bytes
+    with pytest.raises(ValueError, match="no visible object in front"):
+        make_scene([behind], config)
+    with pytest.raises(ValueError, match="hidden_partner_rate"):
+        small_config(hidden_partner_rate=1.5)
+
+
+def test_sft_rows_call_a_hidden_partner_present(tmp_path):
+    config = small_config(n_sft=120, hidden_partner_rate=1.0)
+    write_world(tmp_path, config, progress=False)
+    rows: dict[str, list[dict]] = {}
+    for r in read_jsonl(tmp_path / "sft.jsonl"):
+        rows.setdefault(r["image"], []).append(r)
+    checked = 0
+    for i, scene in enumerate(generate_scenes(config, "sft")):
+        for o in (o for o in scene.objects if o.hidden):
+            group = rows[image_path("sft", i)]
+            assert o.name in parse_objects(group[0]["response"], config.object_names())
+            answers = [r["response"] for r in group[1:] if r["prompt"] == question(o.name)]
+            assert answers and set(answers) == {"yes"}
+            checked += 1
+    assert checked > 10

@@ -31,23 +31,43 @@ class EvalData:
     """CHAIR's object vocabulary. Empty: read ``objects`` from a ``world.json`` beside the captions file."""
     synonyms_file: str | None = None
     """Optional JSON object mapping a surface form to its canonical object name (for CHAIR)."""
+    cooccurrence_pairs: list[str] | None = None
+    """'TRIGGER -> PARTNER' object pairs whose co-occurrence hallucination is measured beside CHAIR
+    (``misp.eval.cooccurrence``). None: the bias pairs of a ``world.json`` beside the captions file, if
+    there is one; []: off."""
     limit: int | None = None
     """Evaluate only the first N questions of each POPE split and the first N prompts (quick
     validation during training)."""
     batch_size: int = 32
     """Prompts per generation batch."""
 
+    def _world(self) -> dict | None:
+        """The Shapes-world manifest beside the captions file, if there is one."""
+        if self.captions_file is None:
+            return None
+        path = Path(self.captions_file).parent / "world.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
     def chair_objects(self) -> list[str]:
         if self.objects:
             return list(self.objects)
         if self.captions_file is None:
             return []
-        world = Path(self.captions_file).parent / "world.json"
-        if not world.exists():
+        world = self._world()
+        if world is None:
             raise FileNotFoundError(
                 f"CHAIR needs an object vocabulary: set evaluation.objects, or put a world.json beside {self.captions_file}"
             )
-        return list(json.loads(world.read_text())["objects"])
+        return list(world["objects"])
+
+    def pairs(self) -> list[str]:
+        """The co-occurrence pairs to measure (see ``cooccurrence_pairs``)."""
+        if self.cooccurrence_pairs is not None:
+            return list(self.cooccurrence_pairs)
+        world = self._world()
+        if world is None:
+            return []
+        return [f"{p['trigger']} -> {p['partner']}" for p in world.get("bias_pairs", [])]
 
     def synonyms(self) -> dict[str, str]:
         if self.synonyms_file is None:

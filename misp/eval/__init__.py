@@ -1,10 +1,13 @@
-"""Evaluation: POPE and CHAIR as torchmetrics metrics, and the answer parsing they rely on."""
+"""Evaluation: POPE, CHAIR and co-occurrence hallucination as torchmetrics metrics, and the answer
+parsing they rely on."""
 
+from misp.eval.cooccurrence import CooccurrenceMetric
 from misp.eval.metrics import CHAIRMetric, POPEMetric, format_results
 from misp.eval.parsing import MentionExtractor, extract_mentions, parse_yes_no
 
 __all__ = [
     "CHAIRMetric",
+    "CooccurrenceMetric",
     "MentionExtractor",
     "POPEMetric",
     "extract_mentions",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from misp.eval.cooccurrence import CooccurrenceMetric
 from misp.eval.metrics import CHAIRMetric, POPEMetric
 from misp.models.generation import generate
 
@@ -34,11 +35,18 @@ class Evaluator(nn.Module):
     An ``nn.Module`` so the metrics follow the LightningModule's device and sync across ranks.
     """
 
-    def __init__(self, config: GenerationEval, objects: list[str], synonyms: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: GenerationEval,
+        objects: list[str],
+        synonyms: dict[str, str] | None = None,
+        pairs: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.pope = POPEMetric()
         self.chair = CHAIRMetric(objects, synonyms) if objects else None
+        self.cooccurrence = CooccurrenceMetric(pairs, objects, synonyms) if objects and pairs else None
         self.samples: list[dict] = []
 
     @torch.no_grad()
@@ -54,6 +62,8 @@ class Evaluator(nn.Module):
             prompts = [c.caption_prompt or p for p in batch["prompt"]]
             answers = [a[0] for a in generate(model, processor, batch["image"], prompts, max_new_tokens=c.max_new_tokens)]
             self.chair.update(answers, batch["objects"])
+            if self.cooccurrence is not None:
+                self.cooccurrence.update(answers, batch["objects"])
         else:
             raise ValueError(f"unknown evaluation task {batch['task']!r}")
         for i in range(min(len(answers), keep_samples - len(self.samples))):
@@ -65,10 +75,13 @@ class Evaluator(nn.Module):
             results.update(self.pope.compute())
         if self.chair is not None and self.chair.update_count:
             results.update(self.chair.compute())
+        if self.cooccurrence is not None and self.cooccurrence.update_count:
+            results.update(self.cooccurrence.compute())
         return results
 
     def reset(self) -> None:
         self.pope.reset()
-        if self.chair is not None:
-            self.chair.reset()
+        for metric in (self.chair, self.cooccurrence):
+            if metric is not None:
+                metric.reset()
         self.samples = []

@@ -71,7 +71,8 @@ class VLMModule(L.LightningModule):
             data: EvalData | None = getattr(self.trainer.datamodule, "evaluation", None)
             objects = data.chair_objects() if data is not None else []
             synonyms = data.synonyms() if data is not None else {}
-            self.evaluator = Evaluator(self.generation, objects, synonyms)
+            pairs = data.pairs() if data is not None else []
+            self.evaluator = Evaluator(self.generation, objects, synonyms, pairs)
 
     # evaluation -------------------------------------------------------------------------------------
     def _eval_step(self, batch: dict) -> None:

@@ -109,9 +109,13 @@ class WorldConfig:
     """Co-occurrence biases 'TRIGGER -> PARTNER', each side a '{color} {shape}' object name."""
 
     bias_strength: float = 0.98
-    """In the sft split, P(partner in scene | trigger in scene); every other split breaks the bias.
-    Real hallucinations come from priors that are almost never wrong in training: at 0.9 the tiny SFT
-    model meets enough counter-examples to learn to look, and the bias leaves POPE untouched."""
+    """In the sft split, P(partner in scene | trigger in scene); every other split breaks the bias."""
+
+    hidden_partner_rate: float = 0.3
+    """In the sft split, the fraction of partners that stand fully hidden behind their trigger: named in
+    the caption and answered 'yes' to, but invisible. Real instruction data names objects the pixels do
+    not show (occluded, implied by context, added by a captioner), and a model can fit those labels only
+    through the prior; without them the tiny SFT model learns to look and POPE never sees the bias."""
 
     trigger_rate: float = 0.35
     """Fraction of scenes (in every split) built around a trigger object, so the biased case is common."""
@@ -133,10 +137,6 @@ class WorldConfig:
 
     sft_questions_per_image: int = 2
     """Yes/no questions per sft scene besides the caption, balanced between yes and no."""
-
-    partner_size: str | None = None
-    """Draw every partner object at this size (None: any size). Real hallucinations concentrate on
-    small objects: a small partner is harder to see, so the learned prior weighs more."""
 
     partner_questions: bool = True
     """sft: every scene with a trigger is also asked about the trigger's partner (truthfully: "yes" in
@@ -183,6 +183,7 @@ class WorldConfig:
                 f"max_objects={self.max_objects} exceeds the {n_ids} distinct (color, shape) objects"
             )
         _float("bias_strength", self.bias_strength, 0.0, 1.0)
+        _float("hidden_partner_rate", self.hidden_partner_rate, 0.0, 1.0)
         _float("trigger_rate", self.trigger_rate, 0.0, 1.0)
         _str_list("bias_pairs", self.bias_pairs)
         pairs = self.bias()
@@ -190,8 +191,6 @@ class WorldConfig:
             raise ValueError("bias_pairs need max_objects >= 2 (a trigger and its partner)")
         for name in ("n_clip", "n_sft", "n_pref", "n_pool", "n_test"):
             _int(name, getattr(self, name), lo=0)
-        if self.partner_size is not None and self.partner_size not in self.sizes:
-            raise ValueError(f"WorldConfig.partner_size {self.partner_size!r} is not one of sizes {self.sizes}")
         _int("sft_questions_per_image", self.sft_questions_per_image, lo=0)
         _int("pope_per_image", self.pope_per_image, lo=0)
         _int("counterfactuals_per_record", self.counterfactuals_per_record, lo=0)

@@ -38,7 +38,7 @@ from misp.data.world.scene import (
 )
 from misp.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, sha256_file
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 """Format version of world.json and the files it lists."""
 
 MANIFEST = "world.json"
@@ -77,16 +77,23 @@ def cooccurrence(scenes: list[Scene]) -> dict[str, Counter]:
 
 
 def bias_statistics(scenes: list[Scene], config: WorldConfig) -> dict:
-    """Per bias pair: trigger scenes, P(partner | trigger), P(partner | no trigger), P(partner)."""
+    """Per bias pair: trigger scenes, P(partner | trigger), P(partner | no trigger), P(partner), and the
+    share of partners present with their trigger that are hidden behind it."""
     out: dict[str, dict] = {}
     for pair in config.bias():
         with_t = [pair.partner in s.names for s in scenes if pair.trigger in s.names]
         without_t = [pair.partner in s.names for s in scenes if pair.trigger not in s.names]
+        hidden = [
+            any(o.hidden for o in s.objects if o.name == pair.partner)
+            for s in scenes
+            if pair.trigger in s.names and pair.partner in s.names
+        ]
         out[f"{pair.trigger} -> {pair.partner}"] = {
             "trigger_scenes": len(with_t),
             "partner_given_trigger": _rate(with_t),
             "partner_given_no_trigger": _rate(without_t),
             "partner_rate": _rate(with_t + without_t),
+            "hidden_given_both": _rate(hidden),
         }
     return out
 

@@ -65,7 +65,8 @@ def render_scene(scene: Scene, config: WorldConfig) -> Image.Image:
     image = Image.new("RGB", (canvas, canvas), parse_color(config.background))
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        _draw(draw, obj, config, canvas)
+        if not obj.hidden:  # the object in front of it covers it entirely
+            _draw(draw, obj, config, canvas)
     return image.resize((config.image_size, config.image_size), Image.Resampling.BOX)
 
 

@@ -30,6 +30,9 @@ class WorldObject:
     """Horizontal offset of the centre in [-1, 1], scaled by the config's jitter at render time."""
     jitter_y: float = 0.0
     """Vertical offset of the centre in [-1, 1]."""
+    hidden: bool = False
+    """Fully occluded by the visible object of the same cell: annotated (named in captions, answered
+    'yes' to) but not visible in the pixels. See ``WorldConfig.hidden_partner_rate``."""
 
     @property
     def name(self) -> str:
@@ -37,23 +40,29 @@ class WorldObject:
         return f"{self.color} {self.shape}"
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "color": self.color,
             "shape": self.shape,
             "size": self.size,
             "position": self.position,
             "jitter": [self.jitter_x, self.jitter_y],
         }
+        if self.hidden:  # only written when set, so worlds without hidden objects keep their bytes
+            d["hidden"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> WorldObject:
         jx, jy = d.get("jitter", (0.0, 0.0))
-        return cls(d["color"], d["shape"], d["size"], d["position"], float(jx), float(jy))
+        return cls(
+            d["color"], d["shape"], d["size"], d["position"], float(jx), float(jy), bool(d.get("hidden", False))
+        )
 
 
 @dataclass(frozen=True)
 class Scene:
-    """Objects in reading order of their cells; at most one per cell, names unique."""
+    """Objects in reading order of their cells; one visible object per cell (a hidden one may sit behind
+    it, listed after it), names unique."""
 
     objects: tuple[WorldObject, ...]
 
@@ -68,7 +77,7 @@ class Scene:
 def make_scene(objects, config: WorldConfig) -> Scene:
     """A scene from objects in any order, checked against the world's rules and sorted into reading order."""
     objects = list(objects)
-    cells = [o.position for o in objects]
+    cells = [o.position for o in objects if not o.hidden]
     for o in objects:
         config.split_name(o.name)
         if o.size not in config.sizes:
@@ -76,12 +85,15 @@ def make_scene(objects, config: WorldConfig) -> Scene:
         if o.position not in config.positions:
             raise ValueError(f"unknown position {o.position!r}; known: {config.positions}")
     if len(set(cells)) != len(cells):
-        raise ValueError(f"two objects share a cell: {cells}")
+        raise ValueError(f"two visible objects share a cell: {cells}")
+    for o in objects:
+        if o.hidden and o.position not in cells:
+            raise ValueError(f"hidden {o.name!r} at {o.position!r} has no visible object in front of it")
     names = [o.name for o in objects]
     if len(set(names)) != len(names):
         raise ValueError(f"two identical (color, shape) objects in one scene: {names}")
     order = {p: i for i, p in enumerate(config.positions)}
-    return Scene(tuple(sorted(objects, key=lambda o: order[o.position])))
+    return Scene(tuple(sorted(objects, key=lambda o: (order[o.position], o.hidden))))
 
 
 def scene_from_dicts(dicts: list[dict], config: WorldConfig) -> Scene:
@@ -102,10 +114,7 @@ def _jitter(rng: random.Random) -> float:
 
 def _new_object(name: str, cell: str, rng: random.Random, config: WorldConfig) -> WorldObject:
     color, shape = config.split_name(name)
-    size = rng.choice(config.sizes)  # drawn even when overridden, so the rest of the stream is unchanged
-    if config.partner_size is not None and name in {p.partner for p in config.bias()}:
-        size = config.partner_size
-    return WorldObject(color, shape, size, cell, _jitter(rng), _jitter(rng))
+    return WorldObject(color, shape, rng.choice(config.sizes), cell, _jitter(rng), _jitter(rng))
 
 
 def sample_scene(rng: random.Random, config: WorldConfig, biased: bool) -> Scene:
@@ -115,6 +124,7 @@ def sample_scene(rng: random.Random, config: WorldConfig, biased: bool) -> Scene
     n = rng.randint(config.min_objects, config.max_objects)
     chosen: list[str] = []
     banned: set[str] = set()
+    hidden: str | None = None
     if pairs and rng.random() < config.trigger_rate:
         pair = rng.choice(pairs)
         chosen.append(pair.trigger)
@@ -122,6 +132,8 @@ def sample_scene(rng: random.Random, config: WorldConfig, biased: bool) -> Scene
             if rng.random() < config.bias_strength:
                 chosen.append(pair.partner)
                 n = max(n, 2)
+                if rng.random() < config.hidden_partner_rate:
+                    hidden = pair.partner
             else:
                 banned.add(pair.partner)
     if biased:
@@ -133,10 +145,13 @@ def sample_scene(rng: random.Random, config: WorldConfig, biased: bool) -> Scene
         if not candidates:
             break
         chosen.append(rng.choice(candidates))
-    cells = rng.sample(config.positions, len(chosen))
-    return make_scene(
-        [_new_object(name, cell, rng, config) for name, cell in zip(chosen, cells, strict=True)], config
-    )
+    visible = [name for name in chosen if name != hidden]
+    cells = dict(zip(visible, rng.sample(config.positions, len(visible)), strict=True))
+    objects = [_new_object(name, cells[name], rng, config) for name in visible]
+    if hidden is not None:
+        behind = replace(_new_object(hidden, cells[chosen[0]], rng, config), hidden=True)
+        objects.append(behind)
+    return make_scene(objects, config)
 
 
 def generate_scenes(config: WorldConfig, split: str, n: int | None = None) -> list[Scene]:
