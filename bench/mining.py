@@ -154,7 +154,7 @@ def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
         with PeakMemory(device, enabled=measure) as mem:
             t0 = time.perf_counter()
             valid = cand.valid[rows].to(device)
-            d = cand.differences(rows).to(device)
+            d = cand.differences(rows, device)
             synchronize(device)
             t1 = time.perf_counter()
             s = sae_scores(sae, d, valid)

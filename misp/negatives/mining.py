@@ -85,12 +85,17 @@ class Candidates:
     def dim(self) -> int:
         return self.joint.dim
 
-    def differences(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[r, N, D]`` difference vectors of the given records' candidates (zero on padding)."""
+    def differences(self, rows: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[r, N, D]`` difference vectors of the given records' candidates (zero on padding).
+
+        The embeddings are gathered where they live and moved to ``device`` before the expansion to
+        dimension D, so on a GPU the large ``[r, N, D]`` tensor is built there, never copied over.
+        """
+        device = self.pool.device if device is None else torch.device(device)
         idx = self.indices[rows]
-        cand = self.pool[idx.clamp_min(0)]
-        d = self.joint.differences(self.image[rows], cand, self.text[rows])
-        return d * (idx >= 0).unsqueeze(-1).to(d.dtype)
+        cand = self.pool[idx.clamp_min(0)].to(device)
+        d = self.joint.differences(self.image[rows].to(device), cand, self.text[rows].to(device))
+        return d * (idx >= 0).unsqueeze(-1).to(device=device, dtype=d.dtype)
 
     def pair_differences(self, pairs: torch.Tensor) -> torch.Tensor:
         """``[n, D]`` difference vectors of (record, candidate column) pairs ``[n, 2]``."""
@@ -221,7 +226,7 @@ def select_negatives(
         for start in tqdm(range(0, n, c.chunk_records), desc="SAE scoring", disable=not progress, unit="chunk"):
             rows = torch.arange(start, min(start + c.chunk_records, n))
             valid = candidates.valid[rows].to(device)
-            d = candidates.differences(rows).to(device)
+            d = candidates.differences(rows, device)
             chunk = select_chunk(candidates, rows, valid, sae_scores(sae, d, valid), c.pool_size, c.beta_div)
             for k, v in chunk.items():
                 out[k].append(v)
