@@ -2,7 +2,8 @@
 
 world -> contrastive CLIP -> SFT (the base model) -> its evaluation -> SAE -> MISP-DPO -> its evaluation,
 then a table of base vs MISP-DPO. Each stage is the same ``misp`` command a user would type. A stage
-whose output already exists is skipped, so an interrupted demo resumes where it stopped; ``--force``
+whose output exists, from the same command and config file contents, is skipped, so an interrupted demo
+resumes where it stopped; a stage whose config changed reruns, and so does everything after it. ``--force``
 reruns everything and ``--all-methods`` adds every baseline (DPO, mDPO, CHiP-style, random multi-negative)
 trained from the same base.
 """
@@ -10,6 +11,7 @@ trained from the same base.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,8 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from misp.utils.io import atomic_write_text
+
 WORLD = Path("worlds/shapes")
 RUNS = Path("runs/shapes")
+STAMPS = RUNS / ".demo"
+"""One file per finished stage, holding the fingerprint of the command and config it ran with."""
 BASELINES = ["dpo", "mdpo", "chip", "random_neg", "clip_dpo"]
 LABELS = {"sft": "base (SFT)", "misp_dpo": "MISP-DPO", "dpo": "DPO", "mdpo": "mDPO", "chip": "CHiP-style",
           "random_neg": "random multi-neg", "clip_dpo": "CLIP-DPO"}
@@ -57,15 +63,33 @@ def pipeline(all_methods: bool) -> list[Stage]:
     return stages
 
 
-def run_stage(stage: Stage, force: bool) -> None:
-    if stage.done_when.exists() and not force:
+def fingerprint(stage: Stage) -> str:
+    """sha256 of the stage's command line and of the config file it names."""
+    h = hashlib.sha256(json.dumps(stage.args).encode())
+    for flag, value in zip(stage.args, stage.args[1:], strict=False):
+        if flag == "--config":
+            h.update(Path(value).read_bytes())
+    return h.hexdigest()
+
+
+def is_done(stage: Stage) -> bool:
+    """Its output exists and was made by the same command and config as now."""
+    stamp = STAMPS / f"{stage.name}.sha256"
+    return stage.done_when.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(stage)
+
+
+def run_stage(stage: Stage, force: bool) -> bool:
+    """Run the stage unless it is done (see ``is_done``) and not forced; True when it ran."""
+    if not force and is_done(stage):
         print(f"[demo] {stage.name}: done already ({stage.done_when}); skipping", flush=True)
-        return
+        return False
     cmd = [sys.executable, "-m", "misp.cli", *stage.args]
     print(f"[demo] {stage.name}: {' '.join(['misp', *stage.args])}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
+    atomic_write_text(STAMPS / f"{stage.name}.sha256", fingerprint(stage) + "\n")
     print(f"[demo] {stage.name}: finished in {time.perf_counter() - start:.0f} s", flush=True)
+    return True
 
 
 def summary_table(names: list[str]) -> str:
@@ -105,7 +129,8 @@ def main() -> None:
         print(f"[demo] {WORLD} was written by another misp version; rerunning every stage", flush=True)
         force = True
     for stage in pipeline(args.all_methods):
-        run_stage(stage, force)
+        # A stage that ran changed what every later stage reads, so none of their outputs may be reused.
+        force = run_stage(stage, force) or force
     print(f"\n[demo] all stages done in {time.perf_counter() - start:.0f} s\n")
     print("Test split: POPE per split (accuracy, F1, yes-ratio...) and CHAIR (lower chair_i/chair_s is better)")
     print(summary_table(["sft", "misp_dpo", *BASELINES]))

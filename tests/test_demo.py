@@ -17,3 +17,41 @@ def test_a_world_from_another_version_makes_the_demo_rerun_everything(tmp_path, 
     assert demo.world_is_stale()
     path.write_text("{truncated")
     assert demo.world_is_stale()
+
+
+def _fake_pipeline(tmp_path):
+    (tmp_path / "a.yaml").write_text("epochs: 1\n")
+    (tmp_path / "b.yaml").write_text("epochs: 1\n")
+    return [
+        demo.Stage("a", ["fit", "--config", "a.yaml"], tmp_path / "out_a"),
+        demo.Stage("b", ["fit", "--config", "b.yaml"], tmp_path / "out_b"),
+    ]
+
+
+def _run(stages, monkeypatch) -> list[str]:
+    ran = []
+
+    def fake_run(cmd, check):
+        config = cmd[cmd.index("--config") + 1]
+        stage = next(s for s in stages if config in s.args)
+        stage.done_when.write_text("done")
+        ran.append(stage.name)
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    force = False
+    for stage in stages:
+        force = demo.run_stage(stage, force) or force
+    return ran
+
+
+def test_the_demo_reruns_a_stage_whose_config_changed_and_everything_after_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stages = _fake_pipeline(tmp_path)
+    assert _run(stages, monkeypatch) == ["a", "b"]
+    assert _run(stages, monkeypatch) == []  # resumes: nothing left to do
+    (tmp_path / "b.yaml").write_text("epochs: 2\n")
+    assert _run(stages, monkeypatch) == ["b"]
+    (tmp_path / "a.yaml").write_text("epochs: 2\n")
+    assert _run(stages, monkeypatch) == ["a", "b"]  # b read a's output, so it reruns too
+    (tmp_path / "out_b").unlink()  # an output lost (or a stage killed before writing it)
+    assert _run(stages, monkeypatch) == ["b"]
