@@ -106,15 +106,15 @@ def summary_table(names: list[str]) -> str:
 
 def world_is_stale() -> bool:
     """True when a world exists on disk but this misp would generate a different format of it."""
-    from misp.data.world.generate import MANIFEST, WORLD_VERSION
+    from misp.data.world.generate import MANIFEST, load_world
 
-    path = WORLD / MANIFEST
-    if not path.exists():
+    if not (WORLD / MANIFEST).exists():
         return False
     try:
-        return json.loads(path.read_text()).get("version") != WORLD_VERSION
-    except json.JSONDecodeError:
+        load_world(WORLD)  # checks the version, the JSON and that every listed file is there
+    except (ValueError, FileNotFoundError):
         return True
+    return False
 
 
 def main() -> None:

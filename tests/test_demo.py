@@ -11,9 +11,9 @@ def test_a_world_from_another_version_makes_the_demo_rerun_everything(tmp_path, 
     assert not demo.world_is_stale()  # no world yet: the world stage simply runs
     path = tmp_path / demo.WORLD / MANIFEST
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"version": WORLD_VERSION}))
+    path.write_text(json.dumps({"version": WORLD_VERSION, "files": {}}))
     assert not demo.world_is_stale()
-    path.write_text(json.dumps({"version": WORLD_VERSION - 1}))
+    path.write_text(json.dumps({"version": WORLD_VERSION - 1, "files": {}}))
     assert demo.world_is_stale()
     path.write_text("{truncated")
     assert demo.world_is_stale()

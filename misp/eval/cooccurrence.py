@@ -30,6 +30,10 @@ def parse_pairs(pairs: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
+_COUNTS = ("cases", "partner_named", "other_cases", "other_named", "hallucinated", "partner_hallucinated")
+"""The metric's states: integer counts, summed across batches and ranks."""
+
+
 def _ratio(num: int, den: int) -> float:
     return num / den if den else 0.0
 
@@ -65,14 +69,14 @@ class CooccurrenceMetric(Metric):
             raise ValueError(f"co-occurrence pairs: {e}") from None
         if not self.pairs:
             raise ValueError("CooccurrenceMetric needs at least one 'TRIGGER -> PARTNER' pair")
-        for name in ("cases", "partner_named", "other_cases", "other_named", "hallucinated", "partner_hallucinated"):
+        for name in _COUNTS:
             self.add_state(name, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, responses: Sequence[str], gt_objects: Sequence[Sequence[str]]) -> None:
         """Count one batch of descriptions against their images' ground-truth objects."""
         if len(responses) != len(gt_objects):
             raise ValueError(f"{len(responses)} responses but {len(gt_objects)} ground-truth object lists")
-        c = dict.fromkeys(("cases", "partner_named", "other_cases", "other_named", "hallucinated", "partner_hallucinated"), 0)
+        c = dict.fromkeys(_COUNTS, 0)
         vocabulary = set(self.extractor.objects)
         for text, gt in zip(responses, gt_objects, strict=True):
             truth = {self.extractor.canonicalise(o) for o in gt}

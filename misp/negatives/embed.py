@@ -160,14 +160,7 @@ def embed_images(
 
     if cache_path is None:
         return build()["embeddings"]
-    key = {
-        "kind": "clip_image_embeddings",
-        "version": _CACHE_VERSION,
-        "model": str(bundle.identity),
-        "count": len(paths),
-        "inputs": image_fingerprint(paths),
-    }
-    return cached(cache_path, key, build)["embeddings"]
+    return _cached_embeddings(cache_path, "clip_image_embeddings", bundle, len(paths), image_fingerprint(paths), build)
 
 
 def embed_texts(
@@ -215,11 +208,10 @@ def embed_texts(
 
     if cache_path is None:
         return build()["embeddings"]
-    key = {
-        "kind": "clip_text_embeddings",
-        "version": _CACHE_VERSION,
-        "model": str(bundle.identity),
-        "count": len(texts),
-        "inputs": text_fingerprint(texts),
-    }
+    return _cached_embeddings(cache_path, "clip_text_embeddings", bundle, len(texts), text_fingerprint(texts), build)
+
+
+def _cached_embeddings(cache_path, kind: str, bundle: Any, count: int, inputs: str, build) -> torch.Tensor:
+    """``build()``'s embeddings through the cache, keyed on the model and a fingerprint of the inputs."""
+    key = {"kind": kind, "version": _CACHE_VERSION, "model": str(bundle.identity), "count": count, "inputs": inputs}
     return cached(cache_path, key, build)["embeddings"]
