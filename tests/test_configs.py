@@ -52,17 +52,23 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
 
 
 def test_llava_fsdp_strategy_wraps_and_checkpoints_decoder_layers():
-    """configs/llava.yaml's FSDP strategy instantiates with the decoder layer as wrap and checkpoint unit."""
+    """configs/llava.yaml's FSDP strategy: decoder layers as wrap and checkpoint units, adapters in units of
+    their own, float32 adapters under bf16 autocast, and a 4-bit base stored as bf16 so FSDP can flatten it."""
     from jsonargparse import ArgumentParser
-    from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from misp.models.sharding import TrainableLeafWrapPolicy
+    from misp.training import FSDPStrategy
 
     config = yaml.safe_load((ROOT / "configs/llava.yaml").read_text())
     parser = ArgumentParser()
     parser.add_subclass_arguments(FSDPStrategy, "strategy")
     strategy = parser.instantiate_classes(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert type(strategy) is FSDPStrategy
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, TrainableLeafWrapPolicy) and policy._module_classes == {LlamaDecoderLayer}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert config["trainer"]["precision"] == "bf16-mixed"  # bf16-true would round LoRA updates away
     vlm = config["model"]["init_args"]["vlm"]
     assert vlm["load_in_4bit"] and vlm["bnb_4bit_quant_type"] == "nf4"
     assert vlm["bnb_4bit_quant_storage"] == vlm["dtype"] == "bfloat16"  # FSDP shards 4-bit weights as bf16

@@ -246,15 +246,12 @@ class NegativeSamplerDataModule(L.LightningDataModule):
 
     # DPO mode -------------------------------------------------------------------------------------
     def _proposal_log_q(self) -> torch.Tensor:
-        """log q over each record's M selected negatives from the module's current q_phi."""
+        """log q over each record's M selected negatives from the module's current q_phi (uniform without one)."""
         sel = self.selection
-        proposal = getattr(self.trainer.lightning_module, "proposal", None) if self.trainer is not None else None
-        if proposal is None:
-            return uniform_log_q(sel.valid)
-        with torch.no_grad():
-            param = next(proposal.parameters())
-            log_q = proposal.log_probs(sel.features.to(param.device, param.dtype), sel.valid.to(param.device))
-        return log_q.double().cpu()
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        # The module gathers q_phi when it is sharded; every rank builds its dataloader, so all take part.
+        log_q = module.proposal_log_q(sel.features, sel.valid) if hasattr(module, "proposal_log_q") else None
+        return uniform_log_q(sel.valid) if log_q is None else log_q
 
     def draws_for_epoch(self, epoch: int) -> NegativeDraws | None:
         """The K negatives of every record for ``epoch`` (a pure function of seed, epoch and record ids)."""

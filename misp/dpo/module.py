@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.distributed.fsdp import fully_shard
 
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_loss
@@ -25,6 +26,7 @@ from misp.eval.loop import GenerationEval
 from misp.logprobs import sequence_logps
 from misp.losses import image_advantages, proposal_loss
 from misp.models.forward import vlm_logits
+from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec
 from misp.negatives.proposal import ProposalNet, gather_log_q
 from misp.stages.hparams import save_plain_hyperparameters
@@ -71,14 +73,36 @@ class MISPDPOModule(VLMModule):
         self.proposal = ProposalNet(eps=proposal_eps) if self.objective.loss == "misp" else None
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
         self.reference_cache = ReferenceCache() if cache_reference else None
+        if self.reference_cache is not None:
+            # Now, while every weight is whole on this process: sharding wraps and splits them later.
+            self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
 
     # setup ----------------------------------------------------------------------------------------
     def vlms(self) -> list[torch.nn.Module]:
         return [self.model] + ([self.reference] if self.reference is not None else [])
 
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.proposal is not None and self.device_mesh is not None and not is_sharded(self.proposal):
+            # Under FSDP2 nothing reduces the gradients of an unsharded module across ranks: shard q_phi too,
+            # so every rank keeps the same proposal (and draws the same negatives for a record).
+            names = self.device_mesh.mesh_dim_names or ()
+            fully_shard(self.proposal, mesh=self.device_mesh["data_parallel"] if "data_parallel" in names else self.device_mesh)
+
+    @torch.no_grad()
+    def proposal_log_q(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """log q_phi over every record's candidates ``[R, M]`` (float64, CPU), between training steps.
+
+        None without a proposal. Every rank must call it together: under FSDP it gathers q_phi's shards.
+        """
+        if self.proposal is None:
+            return None
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        with unsharded(self.proposal, root) as proposal:
+            param = next(proposal.parameters())
+            return proposal.log_probs(features.to(param.device, param.dtype), mask.to(param.device)).double().cpu()
+
     def on_fit_start(self) -> None:
-        if self.reference_cache is not None:
-            self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
         data = self.trainer.datamodule
         draws_per_epoch = getattr(data, "k", 0) > 0
         if draws_per_epoch and self.trainer.reload_dataloaders_every_n_epochs != 1:
@@ -125,10 +149,11 @@ class MISPDPOModule(VLMModule):
         loss, metrics = preference_loss(self.objective, policy, reference, log_q)
         if self.proposal is not None and self.hparams.train_proposal and "features" in batch:
             a = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, self.objective.beta)
-            log_q_phi = gather_log_q(self.proposal.log_probs(batch["features"], batch["feature_mask"]), batch["draw_index"])
+            # Through forward, so that FSDP gathers q_phi's parameters.
+            log_q_phi = gather_log_q(self.proposal(batch["features"], batch["feature_mask"]), batch["draw_index"])
             q_loss = proposal_loss(a.detach(), batch["log_q"], log_q_phi).mean()
             loss = loss + q_loss
-            metrics |= {"proposal/loss": q_loss.detach(), "proposal/temperature": self.proposal.temperature.detach()}
+            metrics |= {"proposal/loss": q_loss.detach(), "proposal/temperature": self.proposal.last_temperature}
         if self.reference_cache is not None:
             total = max(self.reference_cache.hits + self.reference_cache.misses, 1)
             metrics["reference/cache_hit_rate"] = torch.tensor(self.reference_cache.hits / total)
@@ -148,9 +173,11 @@ class MISPDPOModule(VLMModule):
 
     # checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.reference_cache is not None:
             checkpoint["reference_cache"] = self.reference_cache.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.reference_cache is not None and "reference_cache" in checkpoint:
             self.reference_cache.load_state_dict(checkpoint["reference_cache"])

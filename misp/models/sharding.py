@@ -1,13 +1,19 @@
-"""FSDP2 sharding of a LLaVA-style VLM (``fully_shard`` per decoder layer, then the whole model).
+"""Sharding a LLaVA-style VLM: FSDP2 (``fully_shard`` per decoder layer, then the whole model) under
+Lightning's ``ModelParallelStrategy``, the FSDP1 wrap policy for ``strategy=fsdp`` with LoRA, and reading
+sharded parameters outside forward.
 
-Used by modules under Lightning's ``ModelParallelStrategy``. The decoder layer is the wrap and
-activation-checkpointing unit, as in the FSDP1 configs (``strategy=fsdp``).
+The decoder layer is the wrap and activation-checkpointing unit in both.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -41,3 +47,70 @@ def gather_full_state_dict(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class TrainableLeafWrapPolicy(ModuleWrapPolicy):
+    """FSDP1 units for a partly frozen model: the given layer classes, plus each module that owns trainable
+    parameters beside frozen ones (LoRA's ``lora_A``/``lora_B``, the proposal q_phi).
+
+    FSDP1 flattens each unit's parameters into one tensor of one dtype. QLoRA keeps its adapters (and their
+    AdamW states) in float32 over a bfloat16-stored 4-bit base, so the adapters need units of their own; a
+    decoder-layer unit alone would mix the two dtypes and FSDP refuses it. Own units also let the proposal
+    be gathered alone when the datamodule reads it between steps (``unsharded``). This is peft's
+    ``fsdp_auto_wrap_policy`` rule, typed so that a YAML config can name it.
+
+    Args:
+        layer_classes: the transformer blocks to wrap (e.g. ``LlamaDecoderLayer``), as with
+            ``FSDPStrategy(auto_wrap_policy=[...])``.
+    """
+
+    def __init__(self, layer_classes: list[type[nn.Module]]) -> None:
+        super().__init__(set(layer_classes))
+
+    def _run_policy(self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict) -> dict:
+        target = super()._run_policy(root_module, ignored_modules, root_kwargs)
+        partly_frozen = any(not p.requires_grad for p in root_module.parameters())
+        for module in root_module.modules():
+            if module is root_module or module in ignored_modules:
+                continue
+            own = list(module.parameters(recurse=False))
+            trainable_leaf = partly_frozen and own and all(p.requires_grad for p in own)
+            if trainable_leaf or getattr(module, "fsdp_own_unit", False):
+                target[module] = dict(root_kwargs)
+        return target
+
+
+@contextmanager
+def unsharded(module: nn.Module, root: nn.Module | None = None) -> Iterator[nn.Module]:
+    """A module whose parameters are whole on this rank, for use outside forward (a collective when sharded).
+
+    - FSDP1 unit: its parameters are gathered for the duration (``summon_full_params``).
+    - inside an FSDP1 ``root`` without a unit of its own: the root's own parameters are gathered.
+    - FSDP2 (DTensor parameters): a plain copy holding the full tensors.
+    - otherwise: the module itself.
+    Every rank must enter it together. Changes made inside are not written back.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(module, FSDP):
+        if isinstance(root, FSDP):
+            # A unit used before the root's first forward would set itself up as a root, and the root's
+            # first forward would then fail ("Non-root FSDP instance's _is_root ..."): set up from the root.
+            from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+            _lazy_init(root, root)
+        with FSDP.summon_full_params(module, writeback=False):
+            yield module.module
+    elif isinstance(root, FSDP):
+        with FSDP.summon_full_params(root, writeback=False, recurse=False):
+            yield module
+    elif any(isinstance(p, DTensor) for p in module.parameters()):
+        full = copy.deepcopy(module)  # DTensor parameters deep-copy as DTensors; replaced just below
+        for name, param in module.named_parameters():
+            parent, _, leaf = name.rpartition(".")
+            owner = full.get_submodule(parent) if parent else full
+            setattr(owner, leaf, nn.Parameter(param.full_tensor().detach(), requires_grad=False))
+        yield full
+    else:
+        yield module

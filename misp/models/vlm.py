@@ -123,7 +123,8 @@ class VLMSpec:
     """Attention kernel: sdpa, eager or flash_attention_2."""
     device_map: str | None = None
     """Passed to ``from_pretrained`` for single-process inference (e.g. "auto"); leave None under
-    Lightning, which places the model itself."""
+    Lightning, which places the model itself. A 4-bit model on GPUs with None is loaded onto this
+    process's own GPU (``LOCAL_RANK``), as FSDP and DDP need."""
     adapter: str | None = None
     """A LoRA adapter folder (peft layout) to attach after loading ``path``, e.g. the ``adapter/`` of a
     4-bit run, attached to the unquantised base to merge it. Trainable when ``lora`` is set."""
@@ -208,6 +209,10 @@ def _from_pretrained(path: str, spec: VLMSpec) -> tuple[LlavaForConditionalGener
     quant = spec.quantization_config()
     if quant is not None:
         kwargs["quantization_config"] = quant
+        if spec.device_map is None and torch.cuda.is_available():
+            # bitsandbytes quantises while loading, onto the device it is given (cuda:0 by default). Under
+            # FSDP/DDP every process must hold its copy on its own GPU, so place it by the local rank.
+            kwargs["device_map"] = {"": torch.device("cuda", local_rank())}
     try:
         model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path, **{k: v for k, v in spec.extra.items() if k in ("revision", "cache_dir")})
@@ -216,6 +221,14 @@ def _from_pretrained(path: str, spec: VLMSpec) -> tuple[LlavaForConditionalGener
             raise OSError(f"could not load a LLaVA model and processor from the folder {path}: {e}") from e
         raise _missing_path_error(path, e) from e
     return model, processor
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node, as launchers set it (torchrun, Lightning, SLURM); 0 alone."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def _set_attn(model: nn.Module, implementation: str) -> None:

@@ -41,6 +41,9 @@ class ProposalNet(nn.Module):
         init_temperature: initial softmax temperature tau, > 0 (learned as ``log tau``).
     """
 
+    fsdp_own_unit = True
+    """FSDP1 gives q_phi a unit of its own (``TrainableLeafWrapPolicy``): the datamodule gathers it alone."""
+
     def __init__(self, num_features: int = 4, eps: float = 0.1, init_temperature: float = 1.0) -> None:
         super().__init__()
         if num_features < 1:
@@ -52,11 +55,20 @@ class ProposalNet(nn.Module):
         self.num_features = num_features
         self.eps = float(eps)
         self.w = nn.Parameter(torch.zeros(num_features))
-        self.log_tau = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        # Shape [1], not a scalar: FSDP flattens parameters and refuses 0-d ones.
+        self.log_tau = nn.Parameter(torch.full((1,), math.log(init_temperature)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints written before log_tau became 1-D hold a scalar: reshape it rather than refuse it.
+        key = prefix + "log_tau"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def temperature(self) -> Tensor:
-        return self.log_tau.exp()
+        """tau as a 0-d tensor."""
+        return self.log_tau.exp().squeeze(0)
 
     def log_probs(self, features: Tensor, mask: Tensor | None = None) -> Tensor:
         """Log-probabilities of every candidate under q_phi.
@@ -86,7 +98,10 @@ class ProposalNet(nn.Module):
         # Zero padded features: their scores are masked anyway, but 0 * nan in the backward would not be.
         features = features.masked_fill(~mask.unsqueeze(-1), 0.0)
         w = self.w.to(features.dtype)
-        scores = (features @ w) / self.temperature.to(features.dtype)
+        temperature = self.temperature
+        # Kept for logging: outside forward a sharded (FSDP) q_phi holds only part of log_tau on this rank.
+        self.last_temperature = temperature.detach()
+        scores = (features @ w) / temperature.to(features.dtype)
         log_soft = torch.log_softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         if self.eps == 0.0:
             return log_soft

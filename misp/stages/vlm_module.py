@@ -50,6 +50,10 @@ class VLMModule(L.LightningModule):
         self.model.train()  # loaders hand models over in eval mode; Lightning keeps each module's mode
         self.generation = generation or GenerationEval()
         self.evaluator: Evaluator | None = None
+        # Checkpoints hold the trainable state only (see on_save_checkpoint); the frozen rest comes from
+        # the base's path. on_load_checkpoint checks that nothing trainable is missing instead.
+        self.strict_loading = False
+        self._trainable_keys: set[str] | None = None
 
     def vlms(self) -> list[torch.nn.Module]:
         """Every VLM this module holds (the policy; DPO adds its frozen reference): all are sharded alike."""
@@ -67,6 +71,7 @@ class VLMModule(L.LightningModule):
         self._sharded = True
 
     def setup(self, stage: str) -> None:
+        self.trainable_state_keys()  # before the strategy wraps the model (FSDP renames parameters)
         if self.evaluator is None:
             data: EvalData | None = getattr(self.trainer.datamodule, "evaluation", None)
             objects = data.chair_objects() if data is not None else []
@@ -123,3 +128,42 @@ class VLMModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    # checkpoints: the trainable state only -------------------------------------------------------------
+    def trainable_state_keys(self) -> set[str]:
+        """State-dict keys of every trainable parameter (LoRA, proposal; all weights in a full fine-tune).
+
+        Taken before any sharding wraps the modules, so the names are the plain ones checkpoints use.
+        """
+        if self._trainable_keys is None:
+            self._trainable_keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        return self._trainable_keys
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A 4-bit base is GBs that never change and cannot be loaded back through load_state_dict (its
+        # quantisation-state keys): leave it out. Optimiser states already cover trainable weights only.
+        keys = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict")
+        if state is None:  # a sharded checkpoint: the FSDP strategy has loaded and checked the weights
+            return
+        missing = sorted(self.trainable_state_keys() - state.keys())
+        if missing:
+            where = getattr(self.trainer, "ckpt_path", None) if self._trainer is not None else None
+            raise ValueError(
+                f"checkpoint {where or ''} lacks {len(missing)} trainable weights of this model (e.g. {missing[:3]}): "
+                "it was written for another model, adapter or method"
+            )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FSDP) and gradient_clip_algorithm in (None, "norm"):
+            # Lightning's FSDP precision plugin refuses norm clipping: the norm must be taken over every
+            # rank's shard, which only the root FSDP module's own clip_grad_norm_ does.
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
