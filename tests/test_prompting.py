@@ -17,3 +17,42 @@ def test_pretemplated_prompt_is_kept_and_tokenises_to_one_image(vlm_dir):
     plain = encode_example(processor, "describe the image.", "a red circle.")
     again = encode_example(processor, templated, "a red circle.")
     assert again == plain
+
+
+def _pair_records():
+    from misp.data.records import PreferenceRecord
+
+    long = "a red circle at the top left. " * 40
+    return [
+        PreferenceRecord(id="short", image="x.png", prompt="describe the image.", chosen="a red circle.", rejected="a blue square."),
+        PreferenceRecord(id="long", image="x.png", prompt="describe the image.", chosen="a red circle.", rejected=long),
+    ]
+
+
+def test_a_pair_over_max_length_is_skipped_with_a_counted_warning(vlm_dir, caplog):
+    import logging
+
+    from misp.models.prompting import encode_preference_records
+
+    _, processor = load_vlm(VLMSpec(path=str(vlm_dir)))
+    short = encode_example(processor, "describe the image.", "a blue square.")
+    max_length = len(short["input_ids"]) + 4
+    with caplog.at_level(logging.WARNING):
+        encoded = encode_preference_records(processor, _pair_records(), max_length, "skip", "pairs.jsonl")
+    assert encoded[0] is not None and encoded[1] is None
+    assert "1 of 2 records" in caplog.text and "long" in caplog.text and "pairs.jsonl" in caplog.text
+
+
+def test_truncate_cuts_both_responses_and_raise_names_the_record(vlm_dir):
+    import pytest
+
+    from misp.models.prompting import encode_preference_records
+
+    _, processor = load_vlm(VLMSpec(path=str(vlm_dir)))
+    eos = processor.tokenizer.eos_token_id
+    max_length = len(encode_example(processor, "describe the image.", "a blue square.")["input_ids"]) + 4
+    chosen, rejected = encode_preference_records(processor, _pair_records(), max_length, "truncate")[1]
+    assert len(rejected["input_ids"]) == max_length and rejected["input_ids"][-1] != eos  # cut: unfinished
+    assert chosen["input_ids"][-1] == eos  # the chosen answer fits whole
+    with pytest.raises(ValueError, match="record 'long'.*max_length"):
+        encode_preference_records(processor, _pair_records(), max_length, "raise", "pairs.jsonl")

@@ -28,7 +28,7 @@ from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler
 from misp.models.clip import ClipSpec, load_clip
-from misp.models.prompting import collate_examples, encode_example, preprocess_images
+from misp.models.prompting import collate_examples, encode_preference_records, preprocess_images
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import (
     FROM_POOL,
@@ -59,16 +59,18 @@ class _DifferenceVectors(Dataset):
 
 
 class _PreferenceEpoch(Dataset):
-    """One epoch of preference examples, each with its K drawn negatives."""
+    """One epoch of preference examples, each with its K drawn negatives (records encoded as None are left out)."""
 
     def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, extra_keys) -> None:
         self.records, self.encoded, self.draws = records, encoded, draws
         self.features, self.feature_mask, self.extra_keys = features, feature_mask, extra_keys
+        self.kept = [i for i, e in enumerate(encoded) if e is not None]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.kept)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, j: int) -> dict:
+        i = self.kept[j]
         r = self.records[i]
         specs = self.draws.specs[i] if self.draws is not None else []
         return {
@@ -106,7 +108,10 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         batch_size: records per DPO batch (each expands to 2 + K sequences).
         sae_batch_size: difference vectors per SAE batch.
         sae_val_fraction: share of records whose pairs are held out to validate the SAE.
-        max_length: longest tokenised example; longer responses are truncated from the right.
+        max_length: longest tokenised example (prompt with its image tokens, plus the response).
+        truncation: a record whose chosen or rejected example is longer than ``max_length``: ``skip`` it
+            (counted in a warning), ``truncate`` both responses to fit (a cut response keeps no EOS: it is
+            unfinished), or ``raise``.
         num_workers: DataLoader worker processes.
         seed: seeds the per-epoch draws (with the epoch and record id) and the SAE data split.
         preview_records: records shown each epoch in the logger's negatives preview (0: none).
@@ -133,6 +138,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         sae_batch_size: int = 1024,
         sae_val_fraction: float = 0.05,
         max_length: int = 256,
+        truncation: Literal["skip", "truncate", "raise"] = "skip",
         num_workers: int = 0,
         seed: int = 0,
         preview_records: int = 4,
@@ -208,12 +214,9 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
             if self.processor is None:
                 raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
-            h = self.hparams
-            self.encoded = [
-                (encode_example(self.processor, r.prompt, r.chosen, h.max_length),
-                 encode_example(self.processor, r.prompt, r.rejected, h.max_length))
-                for r in self.records
-            ]
+            self.encoded = encode_preference_records(
+                self.processor, self.records, self.hparams.max_length, self.hparams.truncation, self.hparams.records_file
+            )
 
     # SAE mode -------------------------------------------------------------------------------------
     @property

@@ -8,6 +8,8 @@ prompt as training. The supervised tokens start exactly where the prompt's ids e
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from PIL import Image
 from transformers import ProcessorMixin
@@ -17,6 +19,8 @@ IGNORE_INDEX = -100
 
 PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 """LLaVA-1.5's conversation template for one image and one question."""
+
+log = logging.getLogger(__name__)
 
 
 def format_prompt(prompt: str) -> str:
@@ -112,6 +116,47 @@ def encode_example(
             f"never truncated: {prompt[:80]!r}"
         )
     return {"input_ids": ids, "labels": labels}
+
+
+def encode_preference_records(
+    processor: ProcessorMixin, records, max_length: int, truncation: str = "skip", source: str | None = None
+) -> list[tuple[dict, dict] | None]:
+    """Encode each record's (chosen, rejected) examples; None for a record left out by ``truncation``.
+
+    A pair is judged as one: when either example is longer than ``max_length``, ``skip`` leaves the record
+    out (with one warning that counts them), ``truncate`` cuts both responses to fit (cut responses keep
+    no EOS: they are unfinished), and ``raise`` stops with the record's id. Cutting only the longer one
+    silently, as a per-example limit would, trains on a pair whose rejected answer merely ends early.
+    """
+    if truncation not in ("skip", "truncate", "raise"):
+        raise ValueError(f"truncation must be skip, truncate or raise, got {truncation!r}")
+    out: list[tuple[dict, dict] | None] = []
+    over: list[str] = []
+    for r in records:
+        pair = (encode_example(processor, r.prompt, r.chosen), encode_example(processor, r.prompt, r.rejected))
+        longest = max(len(e["input_ids"]) for e in pair)
+        if longest <= max_length:
+            out.append(pair)
+            continue
+        over.append(r.id)
+        if truncation == "raise":
+            raise ValueError(
+                f"{source or 'records'}: record {r.id!r} is {longest} tokens with its image, over max_length="
+                f"{max_length}; raise max_length, or set truncation to skip or truncate"
+            )
+        if truncation == "skip":
+            out.append(None)
+        else:
+            out.append(tuple(encode_example(processor, r.prompt, y, max_length) for y in (r.chosen, r.rejected)))
+    if over:
+        action = "left out" if truncation == "skip" else "truncated"
+        log.warning(
+            "%s: %d of %d records are longer than max_length=%d and were %s (e.g. %s)",
+            source or "records", len(over), len(records), max_length, action, ", ".join(over[:3]),
+        )
+        if truncation == "skip" and len(over) == len(records):
+            raise ValueError(f"{source or 'records'}: every record is longer than max_length={max_length}")
+    return out
 
 
 def collate_examples(
