@@ -3,11 +3,16 @@
 The tests and the notebooks' smoke mode use them in place of the trained exports: a small world, a
 random-init CLIP, a tiny LLaVA over the world's vocabulary, and an SAE in that CLIP's joint embedding.
 They exercise every code path with the real file formats; their numbers mean nothing.
+
+For the real-model path (configs/llava.yaml) ``smoke_llava15_hub`` and ``smoke_clip_hub`` put tiny
+stand-ins for llava-hf/llava-1.5-7b-hf and the CLIP into a Hugging Face hub cache, where an offline run
+finds its downloads.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +20,8 @@ import torch
 
 from misp.data.world import WorldConfig, write_world
 from misp.models.clip import ClipSpec, TinyClipConfig, build_tiny_clip, load_clip, save_clip
+from misp.models.hub_cache import publish_snapshot
+from misp.models.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
 from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.vlm import save_vlm
 from misp.negatives.projection import make_joint_embedding
@@ -27,6 +34,12 @@ SMOKE_LLAVA = dict(image_size=32, patch_size=8, vision_hidden_size=32, vision_he
                    text_heads=2, text_intermediate_size=128, max_position_embeddings=256)
 # bitsandbytes' CPU 4-bit kernels need widths that are multiples of 64.
 SMOKE_LLAVA_4BIT = SMOKE_LLAVA | dict(vision_hidden_size=64)
+# The CLIP stand-in: embed_dim 128 makes the joint embedding 128 * 128 = 16384 > 4096 wide, so mining with
+# configs/llava.yaml's proj_dim 4096 takes the random-projection path, as ViT-L-14 (768 * 768) does.
+SMOKE_CLIP_HUB = dict(image_size=224, patch_size=32, vision_width=64, vision_heads=2, text_width=64, text_heads=2,
+                      embed_dim=128)
+SMOKE_CLIP_HUB_REPO = "misp-test/tiny-clip"
+"""Hub repo of the CLIP stand-in; the model name for open_clip is ``"hf-hub:" + SMOKE_CLIP_HUB_REPO``."""
 
 
 @dataclass
@@ -76,3 +89,48 @@ def smoke_artifacts(root: str | Path) -> SmokeArtifacts:
     vlm = root / "vlm" if (root / "vlm/config.json").exists() else smoke_vlm(world, root / "vlm")
     sae = root / "sae" if (root / "sae/sae.json").exists() else smoke_sae(clip, root / "sae")
     return SmokeArtifacts(world, clip, vlm, sae)
+
+
+def smoke_llava15_hub(
+    cache_dir: str | Path, sizes: Llava15Sizes | None = None, seed: int = 0, repo_id: str = HUB_REPO_ID
+) -> Path:
+    """A tiny random LLaVA-1.5 (real architecture, 576 image tokens) stored as ``repo_id`` in the hub cache.
+
+    Sharded safetensors (several shards) and the hub repo's processor, tokenizer and chat-template files.
+    A run then loads it by its hub id, e.g. ``misp fit --config configs/llava.yaml`` unchanged in
+    ``model.init_args.vlm.path``, with the environment ``misp.models.hub_cache.hub_cache_env(cache_dir)``::
+
+        HF_HUB_CACHE=<cache_dir> HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+    (in the test process itself: ``with use_hub_cache(cache_dir): ...``). Its widths are multiples of 64, so
+    the config's 4-bit nf4 loading works on the CPU too.
+
+    Returns:
+        The snapshot folder.
+    """
+    model, processor = build_llava15(sizes or Llava15Sizes(), seed=seed)
+    # A small shard size: the 7B checkpoint comes in several shards with an index, and so does this.
+    return write_hub_cache(model, processor, cache_dir, repo_id=repo_id, max_shard_size="300KB")
+
+
+def smoke_clip_hub(cache_dir: str | Path, repo_id: str = SMOKE_CLIP_HUB_REPO) -> str:
+    """A tiny random CLIP (embed_dim 128) stored as ``repo_id`` in the hub cache, in open_clip's hub layout.
+
+    It stands in for configs/llava.yaml's ``clip: {model_name: ViT-L-14, pretrained: openai}`` through
+    ``load_clip``'s pretrained path (``open_clip.create_model_and_transforms(model_name, pretrained=...)``),
+    whose weights come from the hub cache as the real ones do. A test overrides::
+
+        --data.clip.model_name=hf-hub:misp-test/tiny-clip   (the returned name)
+        --data.clip.pretrained=openai                        (kept; open_clip ignores a tag for hf-hub names)
+
+    with ``HF_HUB_CACHE=<cache_dir> HF_HUB_OFFLINE=1`` as for ``smoke_llava15_hub``.
+
+    Returns:
+        The open_clip model name, ``"hf-hub:" + repo_id``.
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".staging-", dir=cache) as tmp:
+        save_clip(build_tiny_clip(TinyClipConfig(**SMOKE_CLIP_HUB)), tmp)
+        publish_snapshot(tmp, cache, repo_id)
+    return "hf-hub:" + repo_id

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration, ProcessorMixin
 
+from misp.models.quantized import keep_4bit_trainable
 from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.tokenizer import read_vocabulary
 
@@ -314,6 +315,7 @@ def load_vlm(spec: VLMSpec) -> tuple[nn.Module, ProcessorMixin]:
     trainable = spec.lora is not None
     if trainable and is_quantized(model):
         _prepare_quantized_for_training(model, spec)
+        keep_4bit_trainable(model)  # else a CPU eval pass would cut the backward through 4-bit layers
     elif spec.gradient_checkpointing:
         _enable_checkpointing(model)
 
