@@ -11,6 +11,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -39,14 +40,26 @@ def is_sharded(model: nn.Module) -> bool:
     )
 
 
-def gather_full_state_dict(model: nn.Module) -> dict:
-    """The unsharded state dict, under the model's own key names, on CPU on rank 0 (empty elsewhere).
+def gather_full_state_dict(model: nn.Module, trainable_only: bool = False, prefix: str = "") -> dict:
+    """The unsharded state dict on CPU on rank 0 (empty elsewhere). A collective: every rank must call it.
 
-    A collective: every rank must call it.
+    Args:
+        model: the outermost sharded module. Under FSDP1 that is the root FSDP wrapper (Lightning's
+            ``trainer.strategy.model``): a submodule inside it cannot gather on its own.
+        trainable_only: leave frozen parameters out (a LoRA export needs only the adapters, not a gathered
+            copy of the whole 4-bit base).
+        prefix: keep only keys under this prefix, with the prefix removed (e.g. ``"model."`` for the
+            policy inside a LightningModule).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # With frozen parameters left out every rank gathers the (small) trainable state: torch's rank-0-only
+    # gathering (cpu_offload) pops the frozen keys from the other ranks' empty dicts and fails.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not trainable_only, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
+    if trainable_only and torch.distributed.get_rank() != 0:
+        return {}
+    return {k[len(prefix):]: v.cpu() for k, v in state.items() if k.startswith(prefix)}
 
 
 class TrainableLeafWrapPolicy(ModuleWrapPolicy):

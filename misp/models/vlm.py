@@ -442,6 +442,24 @@ def save_vlm(model: nn.Module, processor: ProcessorMixin, out_dir: str | os.Path
     return out
 
 
+def _save_adapter_state(model: nn.Module, state: dict, out: Path) -> None:
+    """peft's adapter folder from a gathered state dict, written directly.
+
+    peft's ``save_pretrained(state_dict=...)`` picks the adapter's keys by the live model's module names,
+    which FSDP1 has renamed (``_fsdp_wrapped_module``): it would write an empty adapter. peft's own file
+    layout is simple: the LoRA keys without the adapter name, and the adapter's config.
+    """
+    from safetensors.torch import save_file
+
+    (name,) = model.peft_config.keys() if len(model.peft_config) == 1 else (model.active_adapter,)
+    weights = {k.replace(f".{name}.", "."): v.detach().contiguous() for k, v in state.items() if "lora_" in k}
+    if not weights:
+        raise ValueError("the gathered state holds no LoRA weights: nothing to export as an adapter")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config[name].save_pretrained(str(out))
+
+
 def save_vlm_state(model: nn.Module, processor: ProcessorMixin, out_dir: str | os.PathLike, state: dict) -> Path:
     """Write a model trained sharded, from its gathered full ``state`` (see ``gather_full_state_dict``).
 
@@ -454,8 +472,7 @@ def save_vlm_state(model: nn.Module, processor: ProcessorMixin, out_dir: str | o
     out.mkdir(parents=True, exist_ok=True)
     base = unwrap_peft(model)
     if base is not model:
-        adapter = {k: v for k, v in state.items() if "lora_" in k}
-        model.save_pretrained(out / ADAPTER_SUBDIR, state_dict=adapter, save_embedding_layers=False)
+        _save_adapter_state(model, state, out / ADAPTER_SUBDIR)
     else:
         model.save_pretrained(out, state_dict=state)
     processor.save_pretrained(out)

@@ -16,7 +16,7 @@ from misp.data.eval_data import EvalData
 from misp.eval.loop import Evaluator, GenerationEval
 from misp.eval.metrics import format_results
 from misp.models.sharding import gather_full_state_dict, is_sharded, shard_vlm
-from misp.models.vlm import VLMSpec, load_vlm, save_vlm, save_vlm_state
+from misp.models.vlm import VLMSpec, load_vlm, save_vlm, save_vlm_state, unwrap_peft
 from misp.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,11 @@ class VLMModule(L.LightningModule):
             return
         out = Path(self.hparams.export_dir)
         if self.trainer.world_size > 1 and is_sharded(self.model):
-            state = gather_full_state_dict(self.model)  # a collective: every rank takes part
+            # A collective from the outermost module (FSDP1 gathers only from its root); a LoRA export
+            # needs the adapters alone, not a gathered copy of the frozen base.
+            state = gather_full_state_dict(
+                self.trainer.strategy.model, trainable_only=unwrap_peft(self.model) is not self.model, prefix="model."
+            )
             if self.trainer.is_global_zero:
                 save_vlm_state(self.model, self.processor, out, state)
             self.trainer.strategy.barrier("misp-export")
