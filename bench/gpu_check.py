@@ -13,7 +13,7 @@ Steps, each timed:
    bf16 compute and storage, LoRA r64/alpha128; its objective), read offline from that cache;
 4. train: ``--steps`` MISP-DPO steps under ``lightning.Trainer`` with configs/llava.yaml's strategy
    (``FSDPStrategy``, Llama decoder layers as wrap and activation-checkpointing units) and precision
-   (bf16-true) on one device. Each step: the policy forward + backward over the 2B + BK rows of B
+   (bf16-mixed: float32 LoRA under bf16 autocast) on one device. Each step: the policy forward + backward over the 2B + BK rows of B
    records with K negatives (chosen and rejected on the positive, chosen on each negative; each of the
    B + BK images encoded once), the reference forward (adapters off; no cache, as in a first epoch),
    the MISP loss and the proposal's loss, the optimiser step.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -15,6 +17,8 @@ from bench.gpu_check import main, step_flops
 from misp.models.llava15 import Llava15Sizes, build_llava15
 from misp.models.prompting import encode_example, preprocess_images
 from misp.models.vlm import LoraSpec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_step_flops_match_torch_flop_counter():
@@ -58,7 +62,7 @@ def test_dry_run_trains_and_reports(tmp_path):
     results = main(["--dry-run", "--out", str(out), "--peak-tflops", "1.0", "--work-dir", str(tmp_path / "work")])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(results))
-    assert saved["dry_run"] and saved["strategy"] == "SingleDeviceStrategy" and saved["precision"] == "bf16-true"
+    assert saved["dry_run"] and saved["strategy"] == "SingleDeviceStrategy" and saved["precision"] == yaml.safe_load((ROOT / "configs/llava.yaml").read_text())["trainer"]["precision"]
     assert saved["batch"] == {"records": 1, "k": 3, "rows": 5, "images": 4}
     assert len(saved["step_s_all"]) == 2 and all(math.isfinite(x) for x in saved["losses"])
     assert saved["tokens_per_step"] > 5 * 576  # every row holds the 576 image tokens
