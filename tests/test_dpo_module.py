@@ -170,3 +170,36 @@ def test_resumed_fit_reproduces_the_uninterrupted_one(tiny_world, clip_dir, sae_
     # The second epoch reused reference log-probs cached in the first (restored from the checkpoint).
     hit_rates = [float(r["reference/cache_hit_rate"]) for r in resumed if r["epoch"] == "1"]
     assert max(hit_rates) > 0
+
+
+@pytest.mark.slow
+def test_4bit_checkpoint_holds_the_trainable_state_and_restores_it(tiny_world, vlm64_dir, tmp_path):
+    """A single-process 4-bit QLoRA checkpoint: no 4-bit base inside, and a fresh module (base reloaded from
+    its path) continues from it with the trained adapters (Lightning's `--ckpt_path` path, `misp test` too)."""
+    spec = VLMSpec(path=str(vlm64_dir), load_in_4bit=True, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+
+    def module():
+        return MISPDPOModule(spec, objective=PreferenceObjective(loss="mdpo", beta=0.1), lr=1e-2)
+
+    trained = module()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(trained, datamodule=crop_data(tiny_world, tmp_path, trained.processor))
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert state and all("lora_" in k for k in state)  # neither the 4-bit base nor its quantisation state
+    assert ckpt.stat().st_size < 2_000_000
+
+    restored = module()
+    again = L.Trainer(max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path / "again",
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    again.fit(restored, datamodule=crop_data(tiny_world, tmp_path / "again", restored.processor), ckpt_path=ckpt)
+    for name, param in restored.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(param, trained.state_dict()[name], rtol=0, atol=0)
+
+
+def test_a_checkpoint_without_the_models_adapters_is_refused(vlm_dir):
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8)), objective=PreferenceObjective(loss="dpo"))
+    with pytest.raises(ValueError, match="lacks .* trainable weights"):
+        module.on_load_checkpoint({"state_dict": {"proposal.w": torch.zeros(4)}})

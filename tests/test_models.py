@@ -415,3 +415,27 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's RNG is untouched
     assert a == b and len(a) == 2 and all(len(x) == 3 for x in a)
     assert len({s for x in a for s in x}) > 1  # sampling at temperature 1.5 gives varied answers
+
+
+def test_4bit_loads_onto_this_ranks_gpu(monkeypatch, tmp_path):
+    """Under FSDP/DDP each process quantises onto its own GPU (LOCAL_RANK), not all onto cuda:0."""
+    from transformers import LlavaForConditionalGeneration
+
+    from misp.models import vlm as vlm_module
+
+    seen = {}
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise OSError("stop after the arguments")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(OSError):
+        vlm_module._from_pretrained(str(tmp_path), VLMSpec(path=str(tmp_path), load_in_4bit=True))
+    assert seen["device_map"] == {"": torch.device("cuda", 3)}
+    seen.clear()
+    with pytest.raises(OSError):
+        vlm_module._from_pretrained(str(tmp_path), VLMSpec(path=str(tmp_path), load_in_4bit=True, device_map="auto"))
+    assert seen["device_map"] == "auto"  # an explicit choice is kept

@@ -184,3 +184,12 @@ def test_gather_log_q():
     torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError):
         gather_log_q(log_q, idx[:2])
+
+
+def test_temperature_is_one_dimensional_and_old_scalar_checkpoints_load():
+    """FSDP refuses 0-d parameters, so log_tau is [1]; checkpoints from before keep loading."""
+    net = ProposalNet(num_features=3, init_temperature=2.0)
+    assert all(p.dim() >= 1 for p in net.parameters())
+    old = {"w": torch.tensor([0.1, 0.2, 0.3]), "log_tau": torch.tensor(math.log(0.5))}
+    net.load_state_dict(old)
+    assert net.temperature.dim() == 0 and net.temperature.item() == pytest.approx(0.5)
