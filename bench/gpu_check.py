@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> dict:
         with use_hub_cache(cache):
             module = MISPDPOModule(
                 vlm=VLMSpec(**vlm, lora=LoraSpec(**lora)),
-                objective=PreferenceObjective(**init.get("objective", {})),
+                objective=PreferenceObjective.from_config(init.get("objective", {})),
                 cache_reference=False,  # every step computes its reference, as the first epoch does
                 lr=float(init.get("lr", 1e-5)), warmup_steps=1,
             )

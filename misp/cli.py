@@ -101,12 +101,34 @@ class MispCLI(LightningCLI):
             run=run,
         )
 
+    def before_instantiate_classes(self) -> None:
+        # The method (objective terms x negative source x K) is checked before any model or data loads.
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        check_configured_method(config)
+
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
         # Listed for --help only: main() runs tool subcommands before LightningCLI parses anything.
         action = parser._subcommands_action
         for name, (_, make_parser, help_text) in TOOLS.items():
             action.add_subcommand(name, make_parser(), help=help_text)
+
+
+def check_configured_method(config) -> None:
+    """``check_method`` on a parsed config whose model has an ``objective`` and whose data has a ``source``."""
+    from misp.dpo.method import check_method
+    from misp.dpo.objective import PreferenceObjective
+
+    model = getattr(config, "model", None)
+    data = getattr(config, "data", None)
+    model_args = getattr(model, "init_args", None)
+    data_args = getattr(data, "init_args", None)
+    objective = getattr(model_args, "objective", None) if model_args is not None else None
+    source = getattr(data_args, "source", None) if data_args is not None else None
+    if objective is None or source is None or getattr(data_args, "mode", "dpo") != "dpo":
+        return
+    as_dict = objective.as_dict() if hasattr(objective, "as_dict") else vars(objective)
+    check_method(PreferenceObjective.from_config(as_dict), source, int(getattr(data_args, "k", 0)))
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -58,12 +58,14 @@ def test_every_method_config_fits(method, tiny_world, clip_dir, sae_dir, vlm_dir
     names = {k for r in rows for k, v in r.items() if v}
     assert {"train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected"} <= names, logged
-    if method not in ("dpo", "clip_dpo"):
-        assert {"loss/image", "rewards/img_pos", "rewards/img_neg", "img/accuracies"} <= names
-    if method == "mdpo":
-        assert "loss/anchor" in names
+    image = {"loss/image", "rewards/img_pos", "rewards/img_neg", "img/accuracies"}
+    # Each term logs its own metrics, and only the terms that run log anything.
+    assert (image <= names) == (method not in ("dpo", "clip_dpo")) and (not image & names) == (method in ("dpo", "clip_dpo"))
+    assert ("loss/anchor" in names) == (method == "mdpo")
+    assert ({"is/ess", "is/max_weight"} <= names) == (method == "misp_dpo")
+    assert not ({"is/ess", "is/max_weight"} & names) or method == "misp_dpo"
     if method == "misp_dpo":
-        assert {"is/ess", "is/max_weight", "proposal/loss"} <= names
+        assert {"loss/proposal", "proposal/temperature"} <= names
         ckpt = torch.load(tmp_path / f"runs/shapes/{method}/checkpoints/last.ckpt", weights_only=False)
         assert ckpt["state_dict"]["proposal.w"].abs().sum() > 0  # q_phi was trained
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
@@ -83,7 +85,7 @@ def crop_data(tiny_world, tmp_path, processor) -> NegativeSamplerDataModule:
 def test_lora_reference_stays_the_base_while_the_policy_moves(tiny_world, vlm_dir, tmp_path):
     torch.manual_seed(0)
     module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0)),
-                           objective=PreferenceObjective(loss="mdpo", beta=0.1), cache_reference=False)
+                           objective=PreferenceObjective.preset("mdpo"), cache_reference=False)
     assert module.reference is None  # no second copy: the reference is the policy with adapters off
     batch = next(iter(crop_data(tiny_world, tmp_path, module.processor).train_dataloader()))
     rows = concatenate_rows(batch, module.processor.tokenizer.pad_token_id)
@@ -108,7 +110,7 @@ def test_4bit_qlora_trains_on_cpu(tiny_world, vlm64_dir, tmp_path):
     import bitsandbytes as bnb
 
     spec = VLMSpec(path=str(vlm64_dir), load_in_4bit=True, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
-    module = MISPDPOModule(spec, objective=PreferenceObjective(loss="mdpo", beta=0.1), lr=1e-2, cache_reference=False)
+    module = MISPDPOModule(spec, objective=PreferenceObjective.preset("mdpo"), lr=1e-2, cache_reference=False)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
     dm = crop_data(tiny_world, tmp_path, module.processor)
     batch = next(iter(dm.train_dataloader()))
@@ -136,7 +138,7 @@ class _Crash(L.Callback):
 
 def _misp_run(root: Path, tiny_world, clip_dir, sae_dir, vlm_dir, crash=False, ckpt_path=None) -> list[dict]:
     L.seed_everything(0)
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective(loss="misp"), lr=1e-3)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"), lr=1e-3)
     dm = NegativeSamplerDataModule(
         records_file=str(tiny_world / "pref.jsonl"), source="sae", k=3, pool=str(tiny_world / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(sae_dir), mining=MINING, batch_size=8,
@@ -179,7 +181,7 @@ def test_4bit_checkpoint_holds_the_trainable_state_and_restores_it(tiny_world, v
     spec = VLMSpec(path=str(vlm64_dir), load_in_4bit=True, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
 
     def module():
-        return MISPDPOModule(spec, objective=PreferenceObjective(loss="mdpo", beta=0.1), lr=1e-2)
+        return MISPDPOModule(spec, objective=PreferenceObjective.preset("mdpo"), lr=1e-2)
 
     trained = module()
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path,
@@ -200,6 +202,6 @@ def test_4bit_checkpoint_holds_the_trainable_state_and_restores_it(tiny_world, v
 
 
 def test_a_checkpoint_without_the_models_adapters_is_refused(vlm_dir):
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8)), objective=PreferenceObjective(loss="dpo"))
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8)), objective=PreferenceObjective.preset("dpo"))
     with pytest.raises(ValueError, match="lacks .* trainable weights"):
         module.on_load_checkpoint({"state_dict": {"proposal.w": torch.zeros(4)}})

@@ -115,7 +115,7 @@ def test_configuration_errors_are_clear(tiny_world, tmp_path):
         make(tiny_world, tmp_path, source="random")
     with pytest.raises(ValueError, match="sae_path"):
         make(tiny_world, tmp_path, source="sae", pool="p", clip=ClipSpec(checkpoint="c"))
-    with pytest.raises(ValueError, match="source must be one of"):
+    with pytest.raises(ValueError, match="unknown negative source .bogus.; registered"):
         make(tiny_world, tmp_path, source="bogus")
 
 

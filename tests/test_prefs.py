@@ -458,5 +458,6 @@ def test_clip_dpo_training_config_loads(capsys, monkeypatch):
     printed = yaml.safe_load(capsys.readouterr().out)
     data, model = printed["data"]["init_args"], printed["model"]["init_args"]
     assert data["records_file"] == "runs/shapes/clip_dpo/prefs.jsonl" and data["source"] == "none"
-    assert model["objective"]["loss"] == "dpo" and model["objective"]["beta"] == 0.1
+    terms = [t["class_path"] for t in model["objective"]["terms"]]
+    assert terms == ["misp.dpo.terms.TextDPO"] and model["objective"]["beta"] == 0.1  # plain DPO
     assert model["vlm"]["path"] == "runs/shapes/sft/export"

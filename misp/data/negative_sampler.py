@@ -30,17 +30,7 @@ from misp.data.sampler import EpochShuffleSampler
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.prompting import collate_examples, encode_preference_records, preprocess_images
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
-from misp.negatives.sources import (
-    FROM_POOL,
-    SOURCES,
-    TRANSFORMS,
-    NegativeDraws,
-    draw_from_lists,
-    materialise,
-    padded_lists,
-    transform_draws,
-    uniform_log_q,
-)
+from misp.negatives.sources import DrawContext, NegativeDraws, get_source, materialise, uniform_log_q
 from misp.sae.io import load_sae
 from misp.stages.hparams import save_plain_hyperparameters
 
@@ -93,7 +83,8 @@ class NegativeSamplerDataModule(L.LightningDataModule):
     Args:
         records_file: preference records (JSON Lines or a JSON array; see ``layout``).
         mode: ``dpo`` serves VLM batches; ``sae`` serves difference vectors for SAEModule.
-        source: where negatives come from: sae, random, counterfactual, given, crop, noise or none.
+        source: where negatives come from, a name in ``misp.negatives.sources.REGISTRY``: sae, random,
+            counterfactual, given, crop, noise or none (or one registered by the user).
         k: negatives drawn per record per epoch (with replacement for the pool sources).
         pool: the candidate pool: a JSON Lines file with ``image`` rows, or a folder of images.
         clip: the CLIP that embeds records and pool (needed by the sae and random sources and SAE mode).
@@ -122,7 +113,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         self,
         records_file: str,
         mode: Literal["dpo", "sae"] = "dpo",
-        source: Literal["sae", "random", "counterfactual", "given", "crop", "noise", "none"] = "sae",
+        source: str = "sae",
         k: int = 3,
         pool: str | None = None,
         clip: ClipSpec | None = None,
@@ -146,14 +137,13 @@ class NegativeSamplerDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        needs_pool = mode == "sae" or source in FROM_POOL
+        negatives = get_source(source)
+        needs_pool = mode == "sae" or negatives.needs_pool
         if needs_pool and (pool is None or clip is None):
             raise ValueError(f"mode={mode!r} source={source!r} needs both `pool` and `clip`")
-        if mode == "dpo" and source == "sae" and sae_path is None:
-            raise ValueError("source='sae' needs `sae_path` (the export_dir of a trained SAEModule)")
-        if mode == "dpo" and source != "none" and k < 1:
+        if mode == "dpo" and negatives.needs_sae and sae_path is None:
+            raise ValueError(f"source={source!r} needs `sae_path` (the export_dir of a trained SAEModule)")
+        if mode == "dpo" and negatives.draws_negatives and k < 1:
             raise ValueError(f"k must be >= 1 for source={source!r}")
         # Dataclass arguments are kept as given: under LightningCLI `hparams` holds their raw dict form.
         self.clip = clip
@@ -167,7 +157,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
     # mining ---------------------------------------------------------------------------------------
     @property
     def k(self) -> int:
-        return 0 if self.hparams.source == "none" else self.hparams.k
+        return self.hparams.k if get_source(self.hparams.source).draws_negatives else 0
 
     def _read_records(self) -> list[PreferenceRecord]:
         h = self.hparams
@@ -182,7 +172,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         h = self.hparams
         if self.records is None:
             self.records = self._read_records()
-        if not (h.mode == "sae" or h.source in FROM_POOL) or self.candidates is not None:
+        if not (h.mode == "sae" or get_source(h.source).needs_pool) or self.candidates is not None:
             return
         self.pool_paths = read_pool(h.pool, verify=True)
         clip = load_clip(self.clip, device=self.mining.device)
@@ -190,7 +180,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
             [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
             self.mining, self._cache_dir(), progress=progress,
         )
-        if h.mode == "dpo" and h.source == "sae":
+        if h.mode == "dpo" and get_source(h.source).needs_sae:
             sae, meta = load_sae(h.sae_path)
             expected = self.candidates.joint.metadata()
             if meta.get("joint") not in (None, expected):
@@ -258,27 +248,29 @@ class NegativeSamplerDataModule(L.LightningDataModule):
 
     def draws_for_epoch(self, epoch: int) -> NegativeDraws | None:
         """The K negatives of every record for ``epoch`` (a pure function of seed, epoch and record ids)."""
-        h, ids = self.hparams, [r.id for r in self.records]
-        if h.source == "none":
+        h = self.hparams
+        source = get_source(h.source)
+        if source.draw is None:
             return None
-        if h.source in TRANSFORMS:
-            return transform_draws(h.source, h.k, h.seed, epoch, ids)
-        if h.source == "sae":
-            paths = [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in self.selection.pool_index]
-            return draw_from_lists(self._proposal_log_q(), paths, h.k, h.seed, epoch, ids)
-        if h.source == "random":
-            idx = self.candidates.indices
-            paths = [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in idx]
-            return draw_from_lists(uniform_log_q(idx >= 0), paths, h.k, h.seed, epoch, ids)
-        lists = [self._record_negatives(r) for r in self.records]
-        empty = [r.id for r, x in zip(self.records, lists, strict=True) if not x]
-        if empty:
-            raise ValueError(f"source={h.source!r}: records without negatives, e.g. {empty[:3]} in {h.records_file}")
-        paths, valid = padded_lists(lists)
-        return draw_from_lists(uniform_log_q(valid), paths, h.k, h.seed, epoch, ids)
+        return source.draw(self._draw_context(), epoch)
 
-    def _record_negatives(self, record: PreferenceRecord) -> list[str]:
-        if self.hparams.source == "given":
+    def _draw_context(self) -> DrawContext:
+        h = self.hparams
+
+        def paths(index: torch.Tensor) -> list[list[str]]:
+            return [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in index]
+
+        return DrawContext(
+            ids=[r.id for r in self.records], k=h.k, seed=h.seed,
+            candidate_paths=lambda: paths(self.candidates.indices),
+            candidate_valid=lambda: self.candidates.indices >= 0,
+            selected_paths=lambda: paths(self.selection.pool_index),
+            proposal_log_q=self._proposal_log_q,
+            record_lists=lambda kind: [self._record_negatives(r, kind) for r in self.records],
+        )
+
+    def _record_negatives(self, record: PreferenceRecord, kind: str) -> list[str]:
+        if kind == "given":
             return [str(p) for p in record.negatives]
         root = Path(self.hparams.image_root) if self.hparams.image_root else Path(self.hparams.records_file).parent
         return [str(root / p) for p in record.meta.get("counterfactuals", [])]

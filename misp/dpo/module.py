@@ -14,6 +14,7 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
+from misp.dpo.method import check_method
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_loss
 from misp.dpo.reference import (
     ReferenceCache,
@@ -24,7 +25,6 @@ from misp.dpo.reference import (
 )
 from misp.eval.loop import GenerationEval
 from misp.logprobs import sequence_logps
-from misp.losses import image_advantages, proposal_loss
 from misp.models.forward import vlm_logits
 from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec
@@ -41,10 +41,9 @@ class MISPDPOModule(VLMModule):
 
     Args:
         vlm: the policy: usually the SFT export (Shapes) or a pretrained LLaVA with 4-bit base and LoRA.
-        objective: the loss (dpo, mdpo, misp), beta, lambda_text, anchor, is_correction.
+        objective: beta and the weighted terms summed into the loss (misp.dpo.terms).
         proposal_eps: defensive floor of q_phi: every importance weight is at most M / eps.
-        proposal_lr: learning rate of q_phi's parameters (w, log tau).
-        train_proposal: train q_phi toward the model's preference distribution (false keeps q fixed).
+        proposal_lr: learning rate of q_phi's parameters (w, log tau), trained by the ProposalFit term.
         cache_reference: keep reference log-probs per (record, response, image) across epochs.
         generation: how evaluation answers are generated.
         lr: peak AdamW learning rate of the policy.
@@ -59,7 +58,6 @@ class MISPDPOModule(VLMModule):
         objective: PreferenceObjective | None = None,
         proposal_eps: float = 0.1,
         proposal_lr: float = 1e-2,
-        train_proposal: bool = True,
         cache_reference: bool = True,
         generation: GenerationEval | None = None,
         lr: float = 5e-5,
@@ -70,7 +68,8 @@ class MISPDPOModule(VLMModule):
         super().__init__(vlm, generation, lr, weight_decay, warmup_steps, export_dir)
         save_plain_hyperparameters(self)
         self.objective = objective or PreferenceObjective()
-        self.proposal = ProposalNet(eps=proposal_eps) if self.objective.loss == "misp" else None
+        # q_phi exists to be trained (ProposalFit); without that term the draws stay uniform over the M selected.
+        self.proposal = ProposalNet(eps=proposal_eps) if self.objective.uses_proposal else None
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
         self.reference_cache = ReferenceCache() if cache_reference else None
         if self.reference_cache is not None:
@@ -111,8 +110,9 @@ class MISPDPOModule(VLMModule):
                 "set it to 1 so each epoch draws fresh ones (method.md 4.4)",
                 self.trainer.reload_dataloaders_every_n_epochs,
             )
-        if self.objective.uses_negatives and getattr(data, "k", 1) == 0:
-            raise ValueError(f"objective.loss={self.objective.loss!r} needs negatives, but data.source is 'none'")
+        source = getattr(getattr(data, "hparams", None), "source", None)
+        if source is not None:
+            check_method(self.objective, source, data.hparams.get("k", 0))
 
     # log-probs --------------------------------------------------------------------------------------
     @staticmethod
@@ -146,14 +146,13 @@ class MISPDPOModule(VLMModule):
         policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch["pixel_values"]), b, k))
         reference = SequenceLogps(*split_rows(self._reference_logps(batch, rows), b, k))
         log_q = batch["log_q"] if k else None
-        loss, metrics = preference_loss(self.objective, policy, reference, log_q)
-        if self.proposal is not None and self.hparams.train_proposal and "features" in batch:
-            a = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, self.objective.beta)
+        log_q_phi = None
+        if self.proposal is not None:
             # Through forward, so that FSDP gathers q_phi's parameters.
             log_q_phi = gather_log_q(self.proposal(batch["features"], batch["feature_mask"]), batch["draw_index"])
-            q_loss = proposal_loss(a.detach(), batch["log_q"], log_q_phi).mean()
-            loss = loss + q_loss
-            metrics |= {"proposal/loss": q_loss.detach(), "proposal/temperature": self.proposal.last_temperature}
+        loss, metrics = preference_loss(self.objective, policy, reference, log_q, log_q_phi)
+        if self.proposal is not None:
+            metrics["proposal/temperature"] = self.proposal.last_temperature
         if self.reference_cache is not None:
             total = max(self.reference_cache.hits + self.reference_cache.misses, 1)
             metrics["reference/cache_hit_rate"] = torch.tensor(self.reference_cache.hits / total)
@@ -163,7 +162,7 @@ class MISPDPOModule(VLMModule):
 
     def configure_optimizers(self) -> dict:
         groups = [{"params": self.trainable_parameters(), "weight_decay": self.hparams.weight_decay}]
-        if self.proposal is not None and self.hparams.train_proposal:
+        if self.proposal is not None:
             groups.append({"params": list(self.proposal.parameters()), "weight_decay": 0.0, "lr": self.hparams.proposal_lr})
         config = adamw_with_warmup_cosine(
             groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,

@@ -1,107 +1,117 @@
-"""The preference objectives of method.md section 1, composed from the pure losses in misp.losses.
+"""A preference objective: one beta and a weighted sum of named terms (``misp.dpo.terms``).
 
-| loss | total                                   | used by                                   |
-| ---- | --------------------------------------- | ----------------------------------------- |
-| dpo  | L_text                                  | DPO, CLIP-DPO                             |
-| mdpo | L_text + L_img(S)                       | mDPO (+ anchor), CHiP-style, random multi-negative |
-| misp | L_img^IS(S~) + lambda_text * L_text     | MISP-DPO (``is_correction: false``: plain L_img) |
+Every method of method.md is a list of terms, written out in its config (configs/shapes/*.yaml):
 
-``anchor: true`` adds L_anc to any of them. With K = 1, L_img(S) is mDPO's conditional loss exactly.
+| method                 | terms                                                       | source   |
+| ---------------------- | ----------------------------------------------------------- | -------- |
+| DPO, CLIP-DPO          | TextDPO                                                     | none     |
+| mDPO                   | TextDPO + PlackettLuce (K = 1: L_cond) + Anchor              | crop     |
+| CHiP-style             | TextDPO + PlackettLuce (K = 1)                               | noise    |
+| random multi-negative  | TextDPO + PlackettLuce                                       | random   |
+| MISP-DPO               | PlackettLuce(importance_sampling) + lambda TextDPO + ProposalFit | sae  |
+
+``preset`` builds the same lists in code (notebooks, tests, ``PreferenceObjective.preset("misp")``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
-import torch
+from torch import Tensor
 
-from misp.losses import anchor_loss, dpo_loss, image_advantages, importance_weight_stats, plackett_luce_loss
+from misp.dpo.terms import (
+    Anchor,
+    LossTerm,
+    PlackettLuce,
+    ProposalFit,
+    SequenceLogps,
+    TermInputs,
+    TextDPO,
+    term_losses,
+    uses_negatives,
+)
+from misp.losses import image_advantages
+
+PRESETS = ("dpo", "mdpo", "chip", "random_neg", "misp")
+"""Names of the methods ``PreferenceObjective.preset`` builds."""
 
 
 @dataclass
 class PreferenceObjective:
-    """Which objective to optimise and its weights."""
+    """What a preference run optimises: the sum of ``terms``, all at one ``beta``."""
 
-    loss: Literal["dpo", "mdpo", "misp"] = "misp"
-    """dpo: text DPO only; mdpo: text + image (Plackett-Luce over the drawn negatives); misp: the
-    importance-sampled image loss plus lambda_text times the text loss."""
     beta: float = 0.5
     """KL-penalty strength of every term (0.1 for DPO/mDPO, 0.5 for the multi-negative methods)."""
-    lambda_text: float = 1.0
-    """misp: weight of the text DPO term."""
-    anchor: bool = False
-    """Add mDPO's anchor loss -log sigma(beta * r(y_p|x,m_p) - delta) (on for mDPO)."""
-    delta: float = 0.0
-    """Anchor margin."""
-    is_correction: bool = True
-    """misp: subtract log q and log K inside the LSE (method.md 4.5); false is the "no IS" ablation."""
+    terms: list[LossTerm] = field(default_factory=lambda: [TextDPO()])
+    """The weighted terms summed into the loss, e.g. [TextDPO, PlackettLuce, Anchor] for mDPO."""
 
     def __post_init__(self) -> None:
-        if self.loss not in ("dpo", "mdpo", "misp"):
-            raise ValueError(f"objective.loss must be dpo, mdpo or misp, got {self.loss!r}")
-        if self.beta <= 0:
+        if not self.beta > 0:
             raise ValueError(f"objective.beta must be > 0, got {self.beta}")
+        if not self.terms:
+            raise ValueError("objective.terms is empty: name at least one term (e.g. misp.dpo.terms.TextDPO)")
+        names = [t.name for t in self.terms]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"objective.terms names {repeated} more than once; give each term once with its weight")
+
+    @classmethod
+    def preset(cls, method: str, beta: float | None = None, lambda_text: float = 1.0) -> PreferenceObjective:
+        """The objective of a method of method.md, at its default beta unless given."""
+        presets = {
+            "dpo": (0.1, [TextDPO()]),
+            "mdpo": (0.1, [TextDPO(), PlackettLuce(), Anchor()]),
+            "chip": (0.1, [TextDPO(), PlackettLuce()]),
+            "random_neg": (0.5, [TextDPO(), PlackettLuce()]),
+            "misp": (0.5, [PlackettLuce(importance_sampling=True), TextDPO(weight=lambda_text), ProposalFit()]),
+        }
+        if method not in presets:
+            raise ValueError(f"unknown method {method!r}; presets are {list(presets)}")
+        default_beta, terms = presets[method]
+        return cls(beta=default_beta if beta is None else beta, terms=terms)
+
+    @classmethod
+    def from_config(cls, config) -> PreferenceObjective:
+        """From a config's ``objective`` mapping (terms as ``{class_path, init_args}``), as a YAML file has it."""
+        import importlib
+
+        config = dict(config or {})
+        terms = []
+        for spec in config.get("terms") or []:
+            spec = dict(spec) if not isinstance(spec, LossTerm) else spec
+            if isinstance(spec, LossTerm):
+                terms.append(spec)
+                continue
+            module, _, name = str(spec["class_path"]).rpartition(".")
+            terms.append(getattr(importlib.import_module(module), name)(**dict(spec.get("init_args") or {})))
+        return cls(beta=config.get("beta", 0.5), **({"terms": terms} if terms else {}))
 
     @property
     def uses_negatives(self) -> bool:
-        return self.loss != "dpo"
+        return uses_negatives(self.terms)
 
-
-@dataclass
-class SequenceLogps:
-    """Summed response log-probs of one step, policy or reference."""
-
-    chosen: torch.Tensor
-    """[B] log p(y_p | x, m_p)."""
-    rejected: torch.Tensor
-    """[B] log p(y_n | x, m_p)."""
-    negatives: torch.Tensor
-    """[B, K] log p(y_p | x, m_i) for each drawn negative image (K may be 0)."""
+    @property
+    def uses_proposal(self) -> bool:
+        """A learnable q_phi is read (importance sampling over its draws) or trained."""
+        return any(t.trains_proposal for t in self.terms)
 
 
 def preference_loss(
     objective: PreferenceObjective,
     policy: SequenceLogps,
     reference: SequenceLogps,
-    log_q: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean loss over the batch and the logged metrics (TRL names where TRL has them)."""
-    o = objective
-    text, chosen_rewards, rejected_rewards = dpo_loss(
-        policy.chosen, policy.rejected, reference.chosen, reference.rejected, o.beta
-    )
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": policy.chosen.detach().mean(),
-        "logps/rejected": policy.rejected.detach().mean(),
-        "loss/text": text.detach().mean(),
-    }
-    total = text if o.loss != "misp" else o.lambda_text * text
-    if o.uses_negatives:
-        if policy.negatives.shape[1] == 0:
-            raise ValueError(f"objective.loss={o.loss!r} needs negatives; the data source gave none")
-        use_q = log_q if (o.loss == "misp" and o.is_correction) else None
-        image = plackett_luce_loss(
-            policy.chosen, policy.negatives, reference.chosen, reference.negatives, o.beta, log_q=use_q
-        )
-        total = total + image
-        a = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, o.beta).detach()
-        metrics |= {
-            "loss/image": image.detach().mean(),
-            "rewards/img_pos": chosen_rewards.mean(),
-            "rewards/img_neg": (o.beta * (policy.negatives - reference.negatives)).detach().mean(),
-            "img/accuracies": (a < 0).all(dim=1).float().mean(),
-            "logps/negatives": policy.negatives.detach().mean(),
-        }
-        if log_q is not None:
-            ess, max_weight = importance_weight_stats(a, log_q)
-            metrics |= {"is/ess": ess.mean(), "is/max_weight": max_weight.mean()}
-    if o.anchor:
-        anchor = anchor_loss(policy.chosen, reference.chosen, o.beta, o.delta)
-        total = total + anchor
-        metrics["loss/anchor"] = anchor.detach().mean()
+    log_q: Tensor | None = None,
+    log_q_phi: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean loss over the batch and the metrics of the terms that ran (TRL's names where TRL has them)."""
+    if objective.uses_negatives and policy.negatives.shape[-1] == 0:
+        raise ValueError(f"objective terms {[t.name for t in objective.terms]} need negatives; the data gave none")
+    advantages = None
+    if policy.negatives.shape[-1]:
+        advantages = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, objective.beta)
+    inputs = TermInputs(policy, reference, objective.beta, advantages, log_q, log_q_phi)
+    total, metrics = term_losses(objective.terms, inputs)
     return total.mean(), metrics
+
+
+__all__ = ["PRESETS", "PreferenceObjective", "SequenceLogps", "preference_loss"]

@@ -18,8 +18,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-# Seeded transforms of the positive (crop:<seed>, noise:<seed>) are new images every epoch: not cached.
-_UNCACHEABLE_PREFIXES = ("crop:", "noise:")
+from misp.negatives.sources import reference_cacheable
 
 
 def uses_adapters(model: nn.Module) -> bool:
@@ -82,7 +81,8 @@ class ReferenceCache:
 
     @staticmethod
     def cacheable(key: tuple[str, str, str]) -> bool:
-        return not key[2].startswith(_UNCACHEABLE_PREFIXES)
+        # The image's source decides: seeded transforms of the positive are new images every epoch.
+        return reference_cacheable(key[2])
 
     def lookup(self, keys: list[tuple[str, str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached values (0 where missing) and the mask of rows that must be computed."""
