@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from misp.data.world.generate import WORLD_VERSION
 from misp.models import (
     IGNORE_INDEX,
     LoraSpec,
@@ -42,7 +43,7 @@ TINY = TinyLlavaConfig(image_size=32, patch_size=8, vision_hidden_size=64, text_
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("world")
-    (d / "world.json").write_text(json.dumps({"vocabulary": WORDS}))
+    (d / "world.json").write_text(json.dumps({"version": WORLD_VERSION, "vocabulary": WORDS}))
     return str(d)
 
 
