@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from misp.data.encoding import encode_records
 from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.images import load_rgb
 from misp.data.pool import read_pool
@@ -41,7 +43,7 @@ from misp.negatives.sources import (
     transform_draws,
     uniform_log_q,
 )
-from misp.sae.io import load_sae
+from misp.sae.io import SAEFormatError, load_sae
 from misp.stages.hparams import save_plain_hyperparameters
 
 log = logging.getLogger(__name__)
@@ -59,16 +61,21 @@ class _DifferenceVectors(Dataset):
 
 
 class _PreferenceEpoch(Dataset):
-    """One epoch of preference examples, each with its K drawn negatives."""
+    """One epoch of preference examples, each with its K drawn negatives.
 
-    def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, extra_keys) -> None:
+    ``index`` lists the positions (in the records file) of the records served: all of them, less those
+    skipped because their texts cannot be encoded. Draws, features and encodings are indexed by position.
+    """
+
+    def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, index: list[int]) -> None:
         self.records, self.encoded, self.draws = records, encoded, draws
-        self.features, self.feature_mask, self.extra_keys = features, feature_mask, extra_keys
+        self.features, self.feature_mask, self.index = features, feature_mask, index
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
+        i = self.index[i]
         r = self.records[i]
         specs = self.draws.specs[i] if self.draws is not None else []
         return {
@@ -165,9 +172,10 @@ class NegativeSamplerDataModule(L.LightningDataModule):
 
     def _read_records(self) -> list[PreferenceRecord]:
         h = self.hparams
-        return read_preference_records(
+        self._read = read_preference_records(
             Path(h.records_file), image_root=h.image_root, layout=h.layout, on_bad_record=h.on_bad_record
-        ).records
+        )
+        return self._read.records
 
     def _cache_dir(self) -> Path:
         return Path(self.hparams.cache_dir)
@@ -179,6 +187,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         if not (h.mode == "sae" or h.source in FROM_POOL) or self.candidates is not None:
             return
         self.pool_paths = read_pool(h.pool, verify=True)
+        self._warn_small_pool()
         clip = load_clip(self.clip, device=self.mining.device)
         self.candidates = mine_candidates(
             [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
@@ -187,14 +196,26 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         if h.mode == "dpo" and h.source == "sae":
             sae, meta = load_sae(h.sae_path)
             expected = self.candidates.joint.metadata()
-            if meta.get("joint") not in (None, expected):
-                raise ValueError(
+            if meta.get("joint") is None:
+                # Without it nothing says the SAE reads this CLIP's joint embedding: its scores may mean nothing.
+                raise SAEFormatError(
+                    f"SAE {Path(h.sae_path) / 'sae.json'}: no 'joint' metadata (the joint embedding it was trained "
+                    "in); export it with SAEModule (`misp fit --config configs/shapes/sae.yaml`)"
+                )
+            if meta["joint"] != expected:
+                raise SAEFormatError(
                     f"the SAE in {h.sae_path} was trained in another joint embedding ({meta['joint']}) than "
                     f"this data's ({expected}); retrain it or match clip/mining.proj_dim"
+                )
+            if sae.config.d_in != self.candidates.dim:
+                raise SAEFormatError(
+                    f"SAE {h.sae_path}: input dimension {sae.config.d_in}, the data's difference vectors have "
+                    f"{self.candidates.dim}; retrain it on this data"
                 )
             self.selection = select_negatives(
                 self.candidates, sae, meta["identity"], self.mining, self._cache_dir(), progress=progress
             )
+        self._warn_repeats()
 
     def prepare_data(self) -> None:
         # One process per node mines and writes the caches; setup() on every rank then reads them.
@@ -209,11 +230,15 @@ class NegativeSamplerDataModule(L.LightningDataModule):
             if self.processor is None:
                 raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
             h = self.hparams
-            self.encoded = [
-                (encode_example(self.processor, r.prompt, r.chosen, h.max_length),
-                 encode_example(self.processor, r.prompt, r.rejected, h.max_length))
-                for r in self.records
-            ]
+            # Errors name the file, line and record; skipped records stay in the mined arrays (indexed by
+            # position) but are not served.
+            self.train_index, encoded = encode_records(
+                self._read, ("chosen", "rejected"), partial(encode_example, self.processor, max_length=h.max_length),
+                h.on_bad_record,
+            )
+            self.encoded = [None] * len(self.records)
+            for i, pair in zip(self.train_index, encoded, strict=True):
+                self.encoded[i] = pair
 
     # SAE mode -------------------------------------------------------------------------------------
     @property
@@ -274,8 +299,48 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         empty = [r.id for r, x in zip(self.records, lists, strict=True) if not x]
         if empty:
             raise ValueError(f"source={h.source!r}: records without negatives, e.g. {empty[:3]} in {h.records_file}")
+        short = [r.id for r, x in zip(self.records, lists, strict=True) if len(x) < h.k]
+        if short and not getattr(self, "_warned_short_lists", False):
+            self._warned_short_lists = True
+            log.warning(
+                "source=%r: %d of %d records in %s have fewer than k=%d negatives (e.g. %s): their draws repeat "
+                "negatives", h.source, len(short), len(lists), h.records_file, h.k, short[:3],
+            )
         paths, valid = padded_lists(lists)
         return draw_from_lists(uniform_log_q(valid), paths, h.k, h.seed, epoch, ids)
+
+    # degenerate settings: the run is correct, but not what the config suggests ----------------------
+    def _warn_small_pool(self) -> None:
+        n_pool, m = len(self.pool_paths), self.mining
+        unique = len({str(p) for p in self.pool_paths})
+        if unique < n_pool:
+            log.warning(
+                "the pool %s lists %d image(s) more than once (%d entries, %d distinct files): retrieval can "
+                "return the same image twice among a record's candidates", self.hparams.pool, n_pool - unique,
+                n_pool, unique,
+            )
+        for option, value in (("mining.n_candidates", m.n_candidates), ("mining.pool_size", m.pool_size)):
+            if n_pool < value:
+                log.warning(
+                    "the pool %s holds %d images, fewer than %s=%d: every record gets at most %d", self.hparams.pool,
+                    n_pool, option, value, n_pool,
+                )
+
+    def _warn_repeats(self) -> None:
+        """Warn once, with the count, when K exceeds the candidates some records have (draws then repeat)."""
+        h = self.hparams
+        if h.mode != "dpo" or h.source not in ("sae", "random"):
+            return
+        valid = self.selection.valid if h.source == "sae" else self.candidates.indices >= 0
+        counts = valid.sum(1)
+        short = int((counts < h.k).sum())
+        if short:
+            option = "mining.pool_size" if h.source == "sae" else "mining.n_candidates"
+            log.warning(
+                "k=%d negatives are drawn from fewer candidates for %d of %d records (fewest: %d; %s=%d): their "
+                "draws repeat negatives. Lower k or raise %s", h.k, short, len(counts), int(counts.min()), option,
+                getattr(self.mining, option.split(".")[1]), option,
+            )
 
     def _record_negatives(self, record: PreferenceRecord) -> list[str]:
         if self.hparams.source == "given":
@@ -310,7 +375,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         sel = self.selection
         dataset = _PreferenceEpoch(
             self.records, self.encoded, draws,
-            sel.features if sel is not None else None, sel.valid if sel is not None else None, None,
+            sel.features if sel is not None else None, sel.valid if sel is not None else None, self.train_index,
         )
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
