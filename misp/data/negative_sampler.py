@@ -28,7 +28,7 @@ from misp.data.images import load_rgb
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
-from misp.data.sampler import EpochShuffleSampler
+from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.prompting import collate_examples, encode_example, preprocess_images
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
@@ -164,6 +164,9 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         self.candidates: Candidates | None = None
         self.selection: Selection | None = None
         self.pool_paths: list[Path] = []
+        self._epoch_log_q: dict[int, torch.Tensor] = {}
+        self._resume: tuple[int, int] | None = None
+        self.train_index: list[int] | None = None
 
     # mining ---------------------------------------------------------------------------------------
     @property
@@ -290,7 +293,11 @@ class NegativeSamplerDataModule(L.LightningDataModule):
             return transform_draws(h.source, h.k, h.seed, epoch, ids)
         if h.source == "sae":
             paths = [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in self.selection.pool_index]
-            return draw_from_lists(self._proposal_log_q(), paths, h.k, h.seed, epoch, ids)
+            # q_phi trains during the epoch: the draws use its state at the epoch's start, kept for a resume.
+            if epoch not in self._epoch_log_q:
+                self._epoch_log_q = {e: q for e, q in self._epoch_log_q.items() if e > epoch - 2}
+                self._epoch_log_q[epoch] = self._proposal_log_q()
+            return draw_from_lists(self._epoch_log_q[epoch], paths, h.k, h.seed, epoch, ids)
         if h.source == "random":
             idx = self.candidates.indices
             paths = [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in idx]
@@ -311,14 +318,8 @@ class NegativeSamplerDataModule(L.LightningDataModule):
 
     # degenerate settings: the run is correct, but not what the config suggests ----------------------
     def _warn_small_pool(self) -> None:
+        # (Repeated images are counted by read_pool.)
         n_pool, m = len(self.pool_paths), self.mining
-        unique = len({str(p) for p in self.pool_paths})
-        if unique < n_pool:
-            log.warning(
-                "the pool %s lists %d image(s) more than once (%d entries, %d distinct files): retrieval can "
-                "return the same image twice among a record's candidates", self.hparams.pool, n_pool - unique,
-                n_pool, unique,
-            )
         for option, value in (("mining.n_candidates", m.n_candidates), ("mining.pool_size", m.pool_size)):
             if n_pool < value:
                 log.warning(
@@ -375,14 +376,49 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         sel = self.selection
         dataset = _PreferenceEpoch(
             self.records, self.encoded, draws,
-            sel.features if sel is not None else None, sel.valid if sel is not None else None, self.train_index,
+            sel.features if sel is not None else None, sel.valid if sel is not None else None,
+            self.train_index if self.train_index is not None else list(range(len(self.records))),
         )
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
-        # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches.
-        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch)
-        return DataLoader(dataset, batch_size=h.batch_size, sampler=sampler, drop_last=False,
-                          num_workers=h.num_workers, collate_fn=self._dpo_collate)
+        # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches; resumed
+        # mid-epoch, it starts after the batches the checkpoint had done.
+        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch, skip=self._resumed_batches(epoch) * h.batch_size)
+        return ResumableDataLoader(dataset, batch_size=h.batch_size, sampler=sampler, drop_last=False,
+                                   num_workers=h.num_workers, collate_fn=self._dpo_collate)
+
+    def _resumed_batches(self, epoch: int) -> int:
+        """Batches of ``epoch`` done before the checkpoint this run resumed from (0 otherwise; used once).
+
+        Lightning builds the first train dataloader (to count the run's steps for the LR schedule) before
+        it restores the loops, and keeps that loader's iterator for the resumed epoch; so the position is
+        taken from this datamodule's own checkpointed state (``load_state_dict`` runs before that), not
+        from the loops.
+        """
+        if self._resume is None or self._resume[0] != epoch:
+            return 0
+        done, self._resume = self._resume[1], None
+        return done
+
+    # checkpointed state: the position in the epoch, and the proposal's log q of the epoch ----------------
+    def state_dict(self) -> dict:
+        """Where the epoch under way stands, and the proposal log q its negatives were drawn from."""
+        if self.trainer is None or self.hparams.mode != "dpo":
+            return {}
+        epoch = self.trainer.current_epoch
+        # `processed` counts the batch whose on_train_batch_end writes this checkpoint; `completed` not yet.
+        state = {"epoch": epoch, "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+        if epoch in self._epoch_log_q:
+            state["proposal_log_q"] = self._epoch_log_q[epoch]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "epoch" not in state:
+            return
+        epoch = int(state["epoch"])
+        self._resume = (epoch, int(state["batches_done"]))
+        if "proposal_log_q" in state:
+            self._epoch_log_q = {epoch: state["proposal_log_q"]}
 
     def val_dataloader(self):
         h = self.hparams

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from misp.errors import UserError
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -59,6 +61,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class OutputNotWritable(UserError, OSError):
+    """An output file cannot be written where the config says."""
+
+
+def check_writable(path: str | os.PathLike, option: str) -> None:
+    """Fail now, naming ``option``, if ``path`` could not be written later by ``atomic_write_bytes``.
+
+    Creates the folder and a temporary file in it (removed at once), as the real write will; for runs that
+    write their output only after hours of work.
+
+    Raises:
+        OutputNotWritable: the folder cannot be created or written, or ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputNotWritable(f"{option} {path}: is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise OutputNotWritable(f"{option} {path}: cannot be written ({e.strerror or e}); checked before any work") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
