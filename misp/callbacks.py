@@ -51,10 +51,16 @@ class FiniteLossGuard(L.Callback):
         self._ids, self._batch_idx = batch_ids(batch), batch_idx
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        # One device-to-host sync per step: negligible next to a VLM forward pass.
-        if bool(torch.isfinite(loss.detach()).all()):
+        # One device-to-host sync per step (and one tiny all-reduce when sharded): negligible next to a VLM
+        # forward pass. Every rank must stop together, or the others would wait in backward's collectives.
+        local_bad = not bool(torch.isfinite(loss.detach()).all())
+        bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False) if trainer.world_size > 1 else local_bad
+        if not bad:
             return
         value = loss.detach().float().flatten()[0].item() if loss.numel() else float("nan")
+        where = f" on rank {trainer.global_rank} of {trainer.world_size}" if trainer.world_size > 1 else ""
+        if not local_bad:
+            value = f"finite here ({value}) but not on another rank"
         if self._ids is None:
             records = "record ids: not in this batch"
         elif len(self._ids) <= MAX_IDS_SHOWN:
@@ -67,7 +73,7 @@ class FiniteLossGuard(L.Callback):
         resume = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written"
         raise TrainingDiverged(
             f"the training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
-            f"batch {self._batch_idx}); {records}. Training stopped before this step's update{resume}. "
+            f"batch {self._batch_idx}{where}); {records}. Training stopped before this step's update{resume}. "
             "Look at those records, or lower the learning rate"
         )
 

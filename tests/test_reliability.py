@@ -353,7 +353,7 @@ def test_encoding_errors_name_file_line_and_record(tmp_path, tiny_world, vlm_dir
     rows = _pref_rows(tiny_world, 8)
     cases = [(1, "prompt", "<image> <image> describe the image.", "prompt contains '<image>' 2 times"),
              (3, "chosen", "a red circle <image>.", "the response contains '<image>'"),
-             (5, "prompt", "describe " * 400 + "the image.", "leaving no room for the response within max_length")]
+             (5, "prompt", "describe " * 400 + "the image.", "max_length")]
     for index, field, text, message in cases:
         bad = [dict(r) for r in rows]
         bad[index][field] = text
