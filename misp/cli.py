@@ -75,15 +75,14 @@ def _flatten_world_args(argv: Sequence[str]) -> list[str]:
 
 
 def _instantiate(parser: ArgumentParser, cfg: Namespace) -> Namespace:
-    """``parser``'s classes built from ``cfg``; a dataclass's refusal of a value becomes a ConfigError."""
+    """``parser``'s dataclass configs built from ``cfg``; a refused value becomes a ConfigError."""
     # `instantiate` replaced `instantiate_classes` in jsonargparse 4.49; misp supports older releases too.
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     try:
         return instantiate(cfg)
     except (ValueError, TypeError) as e:
-        if is_union_report(e):
-            raise ConfigError(innermost_reason(e)) from e
-        raise
+        # Only the tools' dataclass configs are built here, so any such error is a refused value.
+        raise ConfigError(innermost_reason(e)) from e
 
 
 def _prefs_parser() -> ArgumentParser:

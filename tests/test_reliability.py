@@ -24,6 +24,7 @@ from PIL import Image
 
 from misp.cli import main
 from misp.data.eval_data import EvalData
+from misp.data.pool import read_pool
 from misp.data.records import RecordError, read_preference_records
 from misp.data.world import WorldConfig
 from misp.data.world.generate import MANIFEST, WORLD_VERSION, load_world, write_world
@@ -384,6 +385,8 @@ def test_a_dataclass_refusal_reaches_the_user_as_its_own_message(tmp_path, tiny_
         assert err.strip().splitlines()[-1] == f"misp: error: mining.{option} must be a positive integer, got 0", err
     err = _cli_error(base + ["--model.init_args.objective.beta=-1"], capsys)
     assert err.strip().splitlines()[-1] == "misp: error: objective.beta must be > 0, got -1.0", err
+    err = _cli_error(["world", "--out", str(tmp_path / "w"), "--image_size", "3"], capsys)
+    assert err.strip() == "misp: error: image_size must be >= 16, got 3", err
 
 
 def test_a_non_utf8_byte_is_reported_by_line_and_column(tmp_path, tiny_world):
@@ -393,6 +396,9 @@ def test_a_non_utf8_byte_is_reported_by_line_and_column(tmp_path, tiny_world):
     column = lines[2].index('"prompt"') + 4
     with pytest.raises(RecordError, match=rf"p.jsonl:3: not UTF-8 text: byte 0xff at column {column}"):
         read_preference_records(tmp_path / "p.jsonl")
+    (tmp_path / "pool.jsonl").write_bytes(b'{"image": "a.png"}\n{"image": "\xe9.png"}\n')
+    with pytest.raises(RecordError, match=r"pool.jsonl:2: not UTF-8 text: byte 0xe9 at column 12"):
+        read_pool(tmp_path / "pool.jsonl")
 
 
 def test_misp_prefs_refuses_an_unwritable_output_before_sampling(tmp_path, tiny_world, capsys):

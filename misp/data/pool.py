@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from misp.data.images import verify_image
-from misp.data.records import RecordError
+from misp.data.records import RecordError, read_utf8
 from misp.utils.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def read_pool(source: str | Path, image_root: str | Path | None = None, verify: 
     else:
         root = Path(image_root) if image_root else source.parent
         lines = []
-        for n, line in enumerate(source.read_text().splitlines(), start=1):
+        for n, line in enumerate(read_utf8(source).splitlines(), start=1):
             if not line.strip():
                 continue
             try:

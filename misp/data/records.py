@@ -416,15 +416,11 @@ def _validate(
     return out
 
 
-def _load_rows(path: Path) -> list[tuple[int, Any]]:
-    """(line, parsed value or RecordError) for each record of a JSON Lines or JSON array file."""
-    if not path.exists():
-        raise RecordError(path, None, None, "file not found")
-    if not path.is_file():
-        raise RecordError(path, None, None, "not a regular file")
+def read_utf8(path: Path) -> str:
+    """The text of a record file; a byte that is not UTF-8 is a RecordError naming its line and column."""
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         # Report the line and column of the bad byte, as for every other error, not its byte offset.
         start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
@@ -433,6 +429,15 @@ def _load_rows(path: Path) -> list[tuple[int, Any]]:
         raise RecordError(
             path, line, None, f"not UTF-8 text: byte 0x{data[start]:02x} at column {column} ({e.reason})"
         ) from None
+
+
+def _load_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line, parsed value or RecordError) for each record of a JSON Lines or JSON array file."""
+    if not path.exists():
+        raise RecordError(path, None, None, "file not found")
+    if not path.is_file():
+        raise RecordError(path, None, None, "not a regular file")
+    text = read_utf8(path)
     stripped = text.lstrip()
     if not stripped:
         raise RecordError(path, None, None, "empty file: no records")
