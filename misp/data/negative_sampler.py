@@ -61,21 +61,18 @@ class _DifferenceVectors(Dataset):
 
 
 class _PreferenceEpoch(Dataset):
-    """One epoch of preference examples, each with its K drawn negatives.
+    """One epoch of preference examples, each with its K drawn negatives (records encoded as None are left out)."""
 
-    ``index`` lists the positions (in the records file) of the records served: all of them, less those
-    skipped because their texts cannot be encoded. Draws, features and encodings are indexed by position.
-    """
-
-    def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, index: list[int]) -> None:
+    def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, extra_keys) -> None:
         self.records, self.encoded, self.draws = records, encoded, draws
-        self.features, self.feature_mask, self.index = features, feature_mask, index
+        self.features, self.feature_mask, self.extra_keys = features, feature_mask, extra_keys
+        self.kept = [i for i, e in enumerate(encoded) if e is not None]
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.kept)
 
-    def __getitem__(self, i: int) -> dict:
-        i = self.index[i]
+    def __getitem__(self, j: int) -> dict:
+        i = self.kept[j]
         r = self.records[i]
         specs = self.draws.specs[i] if self.draws is not None else []
         return {
@@ -166,7 +163,6 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         self.pool_paths: list[Path] = []
         self._epoch_log_q: dict[int, torch.Tensor] = {}
         self._resume: tuple[int, int] | None = None
-        self.train_index: list[int] | None = None
 
     # mining ---------------------------------------------------------------------------------------
     @property
@@ -233,14 +229,14 @@ class NegativeSamplerDataModule(L.LightningDataModule):
             if self.processor is None:
                 raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
             h = self.hparams
-            # Errors name the file, line and record; skipped records stay in the mined arrays (indexed by
-            # position) but are not served.
-            self.train_index, encoded = encode_records(
+            # Errors name the file, line and record. A skipped record stays in the mined arrays (indexed by
+            # position) but is encoded as None, which the epoch's dataset leaves out.
+            kept, encoded = encode_records(
                 self._read, ("chosen", "rejected"), partial(encode_example, self.processor, max_length=h.max_length),
                 h.on_bad_record,
             )
             self.encoded = [None] * len(self.records)
-            for i, pair in zip(self.train_index, encoded, strict=True):
+            for i, pair in zip(kept, encoded, strict=True):
                 self.encoded[i] = pair
 
     # SAE mode -------------------------------------------------------------------------------------
@@ -376,8 +372,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         sel = self.selection
         dataset = _PreferenceEpoch(
             self.records, self.encoded, draws,
-            sel.features if sel is not None else None, sel.valid if sel is not None else None,
-            self.train_index if self.train_index is not None else list(range(len(self.records))),
+            sel.features if sel is not None else None, sel.valid if sel is not None else None, None,
         )
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
