@@ -353,8 +353,7 @@ def test_encoding_errors_name_file_line_and_record(tmp_path, tiny_world, vlm_dir
     processor = load_vlm(VLMSpec(path=str(vlm_dir)))[1]
     rows = _pref_rows(tiny_world, 8)
     cases = [(1, "prompt", "<image> <image> describe the image.", "prompt contains '<image>' 2 times"),
-             (3, "chosen", "a red circle <image>.", "the response contains '<image>'"),
-             (5, "prompt", "describe " * 400 + "the image.", "max_length")]
+             (3, "chosen", "a red circle <image>.", "the response contains '<image>'")]
     for index, field, text, message in cases:
         bad = [dict(r) for r in rows]
         bad[index][field] = text
@@ -362,7 +361,7 @@ def test_encoding_errors_name_file_line_and_record(tmp_path, tiny_world, vlm_dir
         dm = NegativeSamplerDataModule(records_file=str(path), source="none", progress=False, preview_records=0)
         dm.processor = processor
         dm.prepare_data()
-        expected = rf"pref{index}.jsonl:{index + 1}: field '{field if field == 'prompt' else 'chosen'}': record '{rows[index]['id']}': .*{re.escape(message)}"
+        expected = rf"pref{index}.jsonl:{index + 1}: field '{field}': record '{rows[index]['id']}': .*{re.escape(message)}"
         with pytest.raises(RecordError, match=expected):
             dm.setup("fit")
     dm = NegativeSamplerDataModule(records_file=str(path), source="none", progress=False, preview_records=0,
@@ -373,7 +372,30 @@ def test_encoding_errors_name_file_line_and_record(tmp_path, tiny_world, vlm_dir
         dm.setup("fit")
     assert "skipped 1 of 8 records in" in caplog.text and "cannot be encoded" in caplog.text
     served = [r for batch in dm.train_dataloader() for r in batch["ids"]]
-    assert sorted(served) == sorted(r["id"] for i, r in enumerate(rows) if i != 5)
+    assert sorted(served) == sorted(r["id"] for i, r in enumerate(rows) if i != 3)
+
+
+def test_an_sft_prompt_over_max_length_names_file_line_and_record(tmp_path, tiny_world, vlm_dir):
+    from types import SimpleNamespace
+
+    from misp.data.sft_data import SFTDataModule
+    from misp.models.vlm import VLMSpec, load_vlm
+
+    processor = load_vlm(VLMSpec(path=str(vlm_dir)))[1]
+    rows = [json.loads(line) for line in (tiny_world / "sft.jsonl").read_text().splitlines()[:6]]
+    for r in rows:
+        r["image"] = str(tiny_world / r["image"])
+    rows[4]["prompt"] = "describe " * 400 + "the image."
+    path = _write_jsonl(tmp_path / "sft.jsonl", rows)
+    dm = SFTDataModule(train_file=str(path), max_length=64)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(processor=processor))
+    with pytest.raises(RecordError, match=rf"sft.jsonl:5: field 'prompt': record '{rows[4]['id']}': .*max_length"):
+        dm.setup("fit")
+    dm = SFTDataModule(train_file=str(path), max_length=64, on_bad_record="skip", batch_size=2)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(processor=processor))
+    dm.setup("fit")
+    assert [r.id for r in dm.train_set.records] == [r["id"] for i, r in enumerate(rows) if i != 4]
+    assert "ids" in next(iter(dm.train_dataloader()))
 
 
 # --- item 10: config errors -----------------------------------------------------------------------------
