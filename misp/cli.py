@@ -138,7 +138,6 @@ class MispCLI(LightningCLI):
         for name, (_, make_parser, help_text) in TOOLS.items():
             action.add_subcommand(name, make_parser(), help=help_text)
 
-
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
