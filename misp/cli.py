@@ -7,6 +7,19 @@
 
 Tool subcommands (``world``, ``prefs``) are not Trainer methods, so ``main`` dispatches them to their own
 jsonargparse parser before LightningCLI runs; ``misp --help`` still lists them beside fit/test.
+
+What ``MispCLI`` adds to LightningCLI, for reliability:
+
+- every Trainer gets ``FiniteLossGuard`` (a NaN or infinite loss stops training, naming the step and the
+  records) and ``SettingsCheck`` (warnings about degenerate settings), and writes checkpoints atomically
+  (``misp.checkpoints.AtomicCheckpointIO``);
+- ``--ckpt_path`` is checked before the Trainer loads it: a missing, truncated or foreign checkpoint, or
+  one made by another method's config, is a one-line error naming it. The config's settings are used,
+  not silently replaced by the checkpoint's (Lightning's default), and differences are listed;
+- a config value refused by a dataclass's own check is reported with that check's message, not inside
+  jsonargparse's "Does not validate against any of the Union subtypes" report;
+- ``main`` prints any ``misp.errors.UserError`` as one line (``misp: error: ...``, exit status 2)
+  without a traceback; ``MISP_TRACEBACK=1`` shows it.
 """
 
 from __future__ import annotations
@@ -17,10 +30,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 import lightning as L
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer.states import TrainerFn
 
+from misp.callbacks import FiniteLossGuard, SettingsCheck
+from misp.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, method_mismatches, read_checkpoint
 from misp.data.world import WorldConfig, write_world
+from misp.errors import CheckpointError, ConfigError, UserError, innermost_reason, is_union_report
+
+log = logging.getLogger("misp.cli")
 
 # Field docstrings of misp's dataclass configs become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -38,7 +58,7 @@ def _world_parser() -> ArgumentParser:
 def _run_world(argv: Sequence[str]) -> None:
     parser = _world_parser()
     cfg = parser.parse_args(_flatten_world_args(argv))
-    config = parser.instantiate_classes(cfg).world
+    config = _instantiate(parser, cfg).world
     info = write_world(cfg.out, config, progress=not cfg.quiet)
     counts = ", ".join(f"{k} {v}" for k, v in info.get("counts", {}).items())
     print(f"wrote the Shapes world to {cfg.out}: {counts}")
@@ -52,6 +72,17 @@ def _flatten_world_args(argv: Sequence[str]) -> list[str]:
         name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
         out.append(f"--world.{arg[2:]}" if name in fields else arg)
     return out
+
+
+def _instantiate(parser: ArgumentParser, cfg: Namespace) -> Namespace:
+    """``parser``'s dataclass configs built from ``cfg``; a refused value becomes a ConfigError."""
+    # `instantiate` replaced `instantiate_classes` in jsonargparse 4.49; misp supports older releases too.
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    try:
+        return instantiate(cfg)
+    except (ValueError, TypeError) as e:
+        # Only the tools' dataclass configs are built here, so any such error is a refused value.
+        raise ConfigError(innermost_reason(e)) from e
 
 
 def _prefs_parser() -> ArgumentParser:
@@ -71,9 +102,7 @@ def _run_prefs(argv: Sequence[str]) -> None:
 
     parser = _prefs_parser()
     cfg = parser.parse_args(list(argv))
-    # `instantiate` replaced `instantiate_classes` in jsonargparse 4.49; misp supports older releases too.
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    built = instantiate(cfg)
+    built = _instantiate(parser, cfg)
     config = PrefsConfig(**{name: getattr(built, name) for name in PrefsConfig.__dataclass_fields__})
     summary = run_prefs(config)
     print(format_summary(summary))
@@ -96,6 +125,7 @@ class MispCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [FiniteLossGuard(), SettingsCheck()]},
             parser_kwargs={"env_prefix": "MISP", "default_env": False},
             args=list(args) if args is not None else None,
             run=run,
@@ -112,6 +142,68 @@ class MispCLI(LightningCLI):
         action = parser._subcommands_action
         for name, (_, make_parser, help_text) in TOOLS.items():
             action.add_subcommand(name, make_parser(), help=help_text)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as e:
+            if is_union_report(e):
+                raise ConfigError(innermost_reason(e)) from e
+            raise
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Only the plain local writer is replaced: a user's own CheckpointIO plugin is left alone.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the config's model settings by the checkpoint's here, silently. misp keeps the
+        # config's (and compares the two in _check_checkpoint); it only fills in a model the config lacks.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or ckpt_path in SPECIAL_PATHS:
+            return
+        read_checkpoint(ckpt_path, mmap=True)  # a missing, truncated or foreign file: one clear error
+        model = self.config[sub].get("model")
+        if model is None or getattr(model, "class_path", None) is None:
+            super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if ckpt_path:
+            self._check_checkpoint(subcommand, ckpt_path)
+        super()._run_subcommand(subcommand)
+
+    def _check_checkpoint(self, subcommand: str, ckpt_path: str) -> None:
+        """Refuse a checkpoint of another method; warn about any other setting it was trained with."""
+        path = ckpt_path
+        if ckpt_path in SPECIAL_PATHS:
+            fn = {"fit": TrainerFn.FITTING, "validate": TrainerFn.VALIDATING, "test": TrainerFn.TESTING,
+                  "predict": TrainerFn.PREDICTING}[subcommand]
+            try:
+                # Lightning's own resolution of last/best/hpc (private, stable across 2.x).
+                path = self.trainer._checkpoint_connector._parse_ckpt_path(fn, ckpt_path, True, False)
+            except Exception:  # noqa: BLE001 - Lightning raises its own clear error for these when it loads
+                return
+            if path is None:
+                return
+        ckpt = read_checkpoint(path, mmap=True)
+        current = {"hyper_parameters": dict(self.model.hparams)}
+        if self.datamodule is not None:
+            current["datamodule_hyper_parameters"] = dict(self.datamodule.hparams)
+        errors, differences = method_mismatches(ckpt, current)
+        if errors:
+            raise CheckpointError(
+                f"checkpoint {path} was trained by another method than this config's: {'; '.join(errors)}. "
+                "Pass the config the checkpoint was made with"
+            )
+        if differences:
+            log.warning(
+                "checkpoint %s was trained with %d other setting(s) than this config's, whose values are used: %s",
+                path, len(differences), "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else ""),
+            )
 
 
 def check_configured_method(config) -> None:
@@ -132,13 +224,19 @@ def check_configured_method(config) -> None:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Console entry point ``misp``."""
+    """Console entry point ``misp``: a ``UserError`` is printed as one line, exit status 2."""
     argv = list(sys.argv[1:] if args is None else args)
     logging.basicConfig(level=os.environ.get("MISP_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] in TOOLS:
-        TOOLS[argv[0]][0](argv[1:])
-        return
-    MispCLI(args=None if args is None else argv)
+    try:
+        if argv and argv[0] in TOOLS:
+            TOOLS[argv[0]][0](argv[1:])
+            return
+        MispCLI(args=None if args is None else argv)
+    except UserError as e:
+        if os.environ.get("MISP_TRACEBACK"):
+            raise
+        print(f"misp: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

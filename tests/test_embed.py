@@ -15,6 +15,11 @@ from PIL import Image
 
 from misp.negatives.embed import embed_images, embed_texts
 
+# Float32 embeddings of the same images computed in different batches differ by ~1e-7 (the batch's
+# composition changes the kernels' reduction order), so comparisons across builds need a tolerance.
+# Unit-norm rows: 1e-5 absolute is ~100 ulps, far below any real change of an image (~1e-1).
+EMBED_TOL = {"rtol": 1e-4, "atol": 1e-5}
+
 
 @dataclass
 class Bundle:
@@ -84,10 +89,10 @@ def test_image_embeddings_are_normalised_in_order_and_batch_independent(bundle, 
     assert a.dtype == torch.float32 and a.shape == (5, 8)
     torch.testing.assert_close(a.norm(dim=-1), torch.ones(5))
     b = embed_images(bundle, paths, batch_size=256, progress=False, num_workers=1)
-    torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a, _reference_images(bundle, paths))
+    torch.testing.assert_close(a, b, **EMBED_TOL)
+    torch.testing.assert_close(a, _reference_images(bundle, paths), **EMBED_TOL)
     rev = embed_images(bundle, paths[::-1], batch_size=3, progress=False)
-    torch.testing.assert_close(rev, a.flip(0))
+    torch.testing.assert_close(rev, a.flip(0), **EMBED_TOL)
 
 
 def test_image_cache_hits_and_rebuilds(bundle, tmp_path):
@@ -106,7 +111,8 @@ def test_image_cache_hits_and_rebuilds(bundle, tmp_path):
     assert n == 0 and torch.equal(again, first)
 
     n, out = calls_for(paths[::-1])  # reordered
-    assert n > 0 and torch.allclose(out, first.flip(0))
+    assert n > 0
+    torch.testing.assert_close(out, first.flip(0), **EMBED_TOL)
     n, out = calls_for(paths[:3])  # removed
     assert n > 0 and out.shape == (3, 8)
     (tmp_path / "more").mkdir()
@@ -121,7 +127,8 @@ def test_image_cache_hits_and_rebuilds(bundle, tmp_path):
     # Changed content (new pixels, new size and mtime).
     Image.new("RGB", (31, 17), (10, 200, 30)).save(paths[1])
     n, out = calls_for(paths)
-    assert n > 0 and not torch.allclose(out[1], first[1]) and torch.allclose(out[0], first[0])
+    assert n > 0 and (out[1] - first[1]).abs().max() > 1e-2
+    torch.testing.assert_close(out[0], first[0], **EMBED_TOL)  # same image, another batch
     # Touched: same bytes, new modification time.
     st = os.stat(paths[2])
     os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -151,7 +158,7 @@ def test_text_embeddings_and_cache(bundle, tmp_path):
     a = embed_texts(bundle, texts, batch_size=2, progress=False)
     with torch.no_grad():
         ref = F.normalize(CLIP.encode_text(bundle.model, bundle.tokenizer(texts)), dim=-1)
-    torch.testing.assert_close(a, ref)
+    torch.testing.assert_close(a, ref, **EMBED_TOL)
     torch.testing.assert_close(a.norm(dim=-1), torch.ones(3))
 
     cache = tmp_path / "texts"
@@ -162,7 +169,7 @@ def test_text_embeddings_and_cache(bundle, tmp_path):
 
     changed = texts[:2] + ["two green triangle"]
     out = embed_texts(bundle, changed, cache_path=cache, progress=False)
-    assert bundle.model.text_calls > before and not torch.allclose(out[2], first[2])
+    assert bundle.model.text_calls > before and (out[2] - first[2]).abs().max() > 1e-2
     before = bundle.model.text_calls
     other = Bundle(bundle.model, bundle.preprocess, bundle.tokenizer, "another-clip")
     embed_texts(other, changed, cache_path=cache, progress=False)

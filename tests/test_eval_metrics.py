@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 
 from misp.data.eval_data import EvalData
+from misp.data.world.generate import WORLD_VERSION
 from misp.eval import (
     CHAIRMetric,
     CooccurrenceMetric,
@@ -316,7 +318,7 @@ def test_cooccurrence_merge_errors_and_pairs_from_a_world(tmp_path):
         CooccurrenceMetric([], SHAPES)
     # EvalData reads the pairs of a world.json beside the captions file; an explicit [] turns them off.
     (tmp_path / "world.json").write_text(
-        '{"objects": [], "bias_pairs": [{"trigger": "red circle", "partner": "blue square"}]}'
+        json.dumps({"version": WORLD_VERSION, "objects": [], "bias_pairs": [{"trigger": "red circle", "partner": "blue square"}]})
     )
     captions = str(tmp_path / "test.jsonl")
     assert EvalData(captions_file=captions).pairs() == ["red circle -> blue square"]

@@ -21,9 +21,9 @@ class _CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str]:
         r = self.records[i]
-        return self.transform(load_rgb(r.image)), r.caption
+        return self.transform(load_rgb(r.image)), r.caption, r.id
 
 
 class ClipDataModule(L.LightningDataModule):
@@ -69,9 +69,10 @@ class ClipDataModule(L.LightningDataModule):
         self.val_set = _CaptionDataset(val, module.preprocess)
         self._tokenizer = module.tokenizer
 
-    def _collate(self, items: list[tuple[torch.Tensor, str]]) -> dict:
-        images, captions = zip(*items, strict=True)
-        return {"images": torch.stack(images), "tokens": self._tokenizer(list(captions))}
+    def _collate(self, items: list[tuple[torch.Tensor, str, str]]) -> dict:
+        images, captions, ids = zip(*items, strict=True)
+        # ids name the records of a batch in errors (misp.callbacks.FiniteLossGuard).
+        return {"images": torch.stack(images), "tokens": self._tokenizer(list(captions)), "ids": list(ids)}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

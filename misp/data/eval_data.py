@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from misp.data.images import load_rgb
 from misp.data.records import read_pope_questions, read_prompt_records
+from misp.data.world.generate import read_manifest
 
 
 @dataclass
@@ -46,7 +47,8 @@ class EvalData:
         if self.captions_file is None:
             return None
         path = Path(self.captions_file).parent / "world.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        # A world of another format version is refused here too, not used with its old objects and pairs.
+        return read_manifest(path) if path.exists() else None
 
     def chair_objects(self) -> list[str]:
         if self.objects:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -21,17 +22,18 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from misp.data.encoding import encode_records
 from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.images import load_rgb
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
-from misp.data.sampler import EpochShuffleSampler
+from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.prompting import collate_examples, encode_preference_records, preprocess_images
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source, materialise, uniform_log_q
-from misp.sae.io import load_sae
+from misp.sae.io import SAEFormatError, load_sae
 from misp.stages.hparams import save_plain_hyperparameters
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,8 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         self.candidates: Candidates | None = None
         self.selection: Selection | None = None
         self.pool_paths: list[Path] = []
+        self._epoch_log_q: dict[int, torch.Tensor] = {}
+        self._resume: tuple[int, int] | None = None
 
     # mining ---------------------------------------------------------------------------------------
     @property
@@ -161,9 +165,10 @@ class NegativeSamplerDataModule(L.LightningDataModule):
 
     def _read_records(self) -> list[PreferenceRecord]:
         h = self.hparams
-        return read_preference_records(
+        self._read = read_preference_records(
             Path(h.records_file), image_root=h.image_root, layout=h.layout, on_bad_record=h.on_bad_record
-        ).records
+        )
+        return self._read.records
 
     def _cache_dir(self) -> Path:
         return Path(self.hparams.cache_dir)
@@ -175,6 +180,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         if not (h.mode == "sae" or get_source(h.source).needs_pool) or self.candidates is not None:
             return
         self.pool_paths = read_pool(h.pool, verify=True)
+        self._warn_small_pool()
         clip = load_clip(self.clip, device=self.mining.device)
         self.candidates = mine_candidates(
             [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
@@ -183,14 +189,26 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         if h.mode == "dpo" and get_source(h.source).needs_sae:
             sae, meta = load_sae(h.sae_path)
             expected = self.candidates.joint.metadata()
-            if meta.get("joint") not in (None, expected):
-                raise ValueError(
+            if meta.get("joint") is None:
+                # Without it nothing says the SAE reads this CLIP's joint embedding: its scores may mean nothing.
+                raise SAEFormatError(
+                    f"SAE {Path(h.sae_path) / 'sae.json'}: no 'joint' metadata (the joint embedding it was trained "
+                    "in); export it with SAEModule (`misp fit --config configs/shapes/sae.yaml`)"
+                )
+            if meta["joint"] != expected:
+                raise SAEFormatError(
                     f"the SAE in {h.sae_path} was trained in another joint embedding ({meta['joint']}) than "
                     f"this data's ({expected}); retrain it or match clip/mining.proj_dim"
+                )
+            if sae.config.d_in != self.candidates.dim:
+                raise SAEFormatError(
+                    f"SAE {h.sae_path}: input dimension {sae.config.d_in}, the data's difference vectors have "
+                    f"{self.candidates.dim}; retrain it on this data"
                 )
             self.selection = select_negatives(
                 self.candidates, sae, meta["identity"], self.mining, self._cache_dir(), progress=progress
             )
+        self._warn_repeats()
 
     def prepare_data(self) -> None:
         # One process per node mines and writes the caches; setup() on every rank then reads them.
@@ -204,9 +222,18 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
             if self.processor is None:
                 raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
-            self.encoded = encode_preference_records(
-                self.processor, self.records, self.hparams.max_length, self.hparams.truncation, self.hparams.records_file
+            h = self.hparams
+            # Errors in a record's text name the file, line and record (encode_records); then each kept
+            # pair is judged against max_length as one (truncation). A record left out by either stays in
+            # the mined arrays (indexed by position) but is encoded as None, which the epoch leaves out.
+            kept, _ = encode_records(self._read, ("chosen", "rejected"), partial(encode_example, self.processor),
+                                     h.on_bad_record)
+            pairs = encode_preference_records(
+                self.processor, [self.records[i] for i in kept], h.max_length, h.truncation, h.records_file
             )
+            self.encoded = [None] * len(self.records)
+            for i, pair in zip(kept, pairs, strict=True):
+                self.encoded[i] = pair
 
     # SAE mode -------------------------------------------------------------------------------------
     @property
@@ -252,9 +279,16 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         source = get_source(h.source)
         if source.draw is None:
             return None
-        return source.draw(self._draw_context(), epoch)
+        return source.draw(self._draw_context(epoch), epoch)
 
-    def _draw_context(self) -> DrawContext:
+    def _epoch_proposal_log_q(self, epoch: int) -> torch.Tensor:
+        # q_phi trains during the epoch: the draws use its state at the epoch's start, kept for a resume.
+        if epoch not in self._epoch_log_q:
+            self._epoch_log_q = {e: q for e, q in self._epoch_log_q.items() if e > epoch - 2}
+            self._epoch_log_q[epoch] = self._proposal_log_q()
+        return self._epoch_log_q[epoch]
+
+    def _draw_context(self, epoch: int) -> DrawContext:
         h = self.hparams
 
         def paths(index: torch.Tensor) -> list[list[str]]:
@@ -265,9 +299,37 @@ class NegativeSamplerDataModule(L.LightningDataModule):
             candidate_paths=lambda: paths(self.candidates.indices),
             candidate_valid=lambda: self.candidates.indices >= 0,
             selected_paths=lambda: paths(self.selection.pool_index),
-            proposal_log_q=self._proposal_log_q,
+            proposal_log_q=lambda: self._epoch_proposal_log_q(epoch),
             record_lists=lambda kind: [self._record_negatives(r, kind) for r in self.records],
         )
+
+    # degenerate settings: the run is correct, but not what the config suggests ----------------------
+    def _warn_small_pool(self) -> None:
+        # (Repeated images are counted by read_pool.)
+        n_pool, m = len(self.pool_paths), self.mining
+        for option, value in (("mining.n_candidates", m.n_candidates), ("mining.pool_size", m.pool_size)):
+            if n_pool < value:
+                log.warning(
+                    "the pool %s holds %d images, fewer than %s=%d: every record gets at most %d", self.hparams.pool,
+                    n_pool, option, value, n_pool,
+                )
+
+    def _warn_repeats(self) -> None:
+        """Warn once, with the count, when K exceeds the candidates some records have (draws then repeat)."""
+        h = self.hparams
+        source = get_source(h.source)
+        if h.mode != "dpo" or not source.needs_pool:
+            return
+        valid = self.selection.valid if source.needs_sae else self.candidates.indices >= 0
+        counts = valid.sum(1)
+        short = int((counts < h.k).sum())
+        if short:
+            option = "mining.pool_size" if source.needs_sae else "mining.n_candidates"
+            log.warning(
+                "k=%d negatives are drawn from fewer candidates for %d of %d records (fewest: %d; %s=%d): their "
+                "draws repeat negatives. Lower k or raise %s", h.k, short, len(counts), int(counts.min()), option,
+                getattr(self.mining, option.split(".")[1]), option,
+            )
 
     def _record_negatives(self, record: PreferenceRecord, kind: str) -> list[str]:
         if kind == "given":
@@ -306,10 +368,44 @@ class NegativeSamplerDataModule(L.LightningDataModule):
         )
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
-        # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches.
-        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch)
-        return DataLoader(dataset, batch_size=h.batch_size, sampler=sampler, drop_last=False,
-                          num_workers=h.num_workers, collate_fn=self._dpo_collate)
+        # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches; resumed
+        # mid-epoch, it starts after the batches the checkpoint had done.
+        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch, skip=self._resumed_batches(epoch) * h.batch_size)
+        return ResumableDataLoader(dataset, batch_size=h.batch_size, sampler=sampler, drop_last=False,
+                                   num_workers=h.num_workers, collate_fn=self._dpo_collate)
+
+    def _resumed_batches(self, epoch: int) -> int:
+        """Batches of ``epoch`` done before the checkpoint this run resumed from (0 otherwise; used once).
+
+        Lightning builds the first train dataloader (to count the run's steps for the LR schedule) before
+        it restores the loops, and keeps that loader's iterator for the resumed epoch; so the position is
+        taken from this datamodule's own checkpointed state (``load_state_dict`` runs before that), not
+        from the loops.
+        """
+        if self._resume is None or self._resume[0] != epoch:
+            return 0
+        done, self._resume = self._resume[1], None
+        return done
+
+    # checkpointed state: the position in the epoch, and the proposal's log q of the epoch ----------------
+    def state_dict(self) -> dict:
+        """Where the epoch under way stands, and the proposal log q its negatives were drawn from."""
+        if self.trainer is None or self.hparams.mode != "dpo":
+            return {}
+        epoch = self.trainer.current_epoch
+        # `processed` counts the batch whose on_train_batch_end writes this checkpoint; `completed` not yet.
+        state = {"epoch": epoch, "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
+        if epoch in self._epoch_log_q:
+            state["proposal_log_q"] = self._epoch_log_q[epoch]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "epoch" not in state:
+            return
+        epoch = int(state["epoch"])
+        self._resume = (epoch, int(state["batches_done"]))
+        if "proposal_log_q" in state:
+            self._epoch_log_q = {epoch: state["proposal_log_q"]}
 
     def val_dataloader(self):
         h = self.hparams

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from misp.data.images import verify_image
-from misp.data.records import RecordError
+from misp.data.records import RecordError, read_utf8
+from misp.utils.io import sha256_file
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -30,7 +34,7 @@ def read_pool(source: str | Path, image_root: str | Path | None = None, verify: 
     else:
         root = Path(image_root) if image_root else source.parent
         lines = []
-        for n, line in enumerate(source.read_text().splitlines(), start=1):
+        for n, line in enumerate(read_utf8(source).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -43,9 +47,24 @@ def read_pool(source: str | Path, image_root: str | Path | None = None, verify: 
         if not lines:
             raise RecordError(source, 1, None, "file has no records")
     paths = []
+    first: dict[str, int] = {}  # content hash -> line of its first entry
+    duplicates = []
     for image, n in lines:
         path = Path(image) if root is None or Path(image).is_absolute() else root / image
-        if verify and (reason := verify_image(path)):
-            raise RecordError(source, n, "image", reason)
+        if verify:
+            if reason := verify_image(path):
+                raise RecordError(source, n, "image", reason)
+            # The file was just read to decode it, so hashing it costs little next to that.
+            digest = sha256_file(path)
+            if digest in first:
+                duplicates.append((n, first[digest]))
+            first.setdefault(digest, n)
         paths.append(path)
+    if duplicates:
+        # Kept (indices into the pool must stay stable), but a record can then get the same image twice.
+        n, m = duplicates[0]
+        log.warning(
+            "image pool %s: %d of %d entries repeat an earlier image's content (first: line %d = line %d): "
+            "a record's candidates can hold the same image twice", source, len(duplicates), len(paths), n, m,
+        )
     return paths

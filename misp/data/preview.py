@@ -59,6 +59,7 @@ def log_negatives_preview(trainer, datamodule, dataset, draws, epoch: int, n: in
     rows, captions, table = [], [], []
     for i in range(min(n, len(dataset))):
         item = dataset[i]
+        i = dataset.kept[i]  # the record's position in the file: draws and selection are indexed by it
         q = draws.log_q[i].exp().tolist()
         scores = [float(sel.scores[i, j]) if sel is not None else math.nan for j in draws.draw_index[i].tolist()]
         rows.append([item["positive"], *item["negatives"]])

@@ -54,13 +54,14 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from misp.data.images import verify_image
+from misp.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 OnBadRecord = Literal["raise", "skip"]
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record file, or one record in it, is invalid.
 
     Attributes:
@@ -176,6 +177,9 @@ class ReadResult:
     """One error per skipped record (empty unless ``on_bad_record="skip"``)."""
     path: Path
     """The file read."""
+    lines: list[int] = field(default_factory=list)
+    """The 1-based line (JSON Lines) or item index (JSON array) of each record in ``records``, so that
+    a later check of a record (its tokenised length, say) can name where it is."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -412,16 +416,28 @@ def _validate(
     return out
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a record file; a byte that is not UTF-8 is a RecordError naming its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # Report the line and column of the bad byte, as for every other error, not its byte offset.
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise RecordError(
+            path, line, None, f"not UTF-8 text: byte 0x{data[start]:02x} at column {column} ({e.reason})"
+        ) from None
+
+
 def _load_rows(path: Path) -> list[tuple[int, Any]]:
     """(line, parsed value or RecordError) for each record of a JSON Lines or JSON array file."""
     if not path.exists():
         raise RecordError(path, None, None, "file not found")
     if not path.is_file():
         raise RecordError(path, None, None, "not a regular file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise RecordError(path, None, None, f"not UTF-8 text ({e})") from None
+    text = read_utf8(path)
     stripped = text.lstrip()
     if not stripped:
         raise RecordError(path, None, None, "empty file: no records")
@@ -448,6 +464,12 @@ def _load_rows(path: Path) -> list[tuple[int, Any]]:
     return rows
 
 
+def _check_preference(values: dict[str, Any], path: Path, line: int, keys: Mapping[str, str]) -> None:
+    """A pair whose two responses are the same text has no preference in it: its DPO gradient is zero."""
+    if values["chosen"].strip() == values["rejected"].strip():
+        raise RecordError(path, line, keys.get("rejected", "rejected"), "identical to 'chosen': the pair prefers nothing")
+
+
 def _read(
     path: str | os.PathLike,
     schema: tuple[_Field, ...],
@@ -457,6 +479,7 @@ def _read(
     key_map: Mapping[str, str] | None,
     on_bad_record: OnBadRecord,
     verify_images: bool,
+    check: Callable[[dict[str, Any], Path, int, Mapping[str, str]], None] | None = None,
 ) -> ReadResult:
     if on_bad_record not in ("raise", "skip"):
         raise ValueError(f"on_bad_record must be 'raise' or 'skip', got {on_bad_record!r}")
@@ -477,6 +500,7 @@ def _read(
     ctx = _Context(base=base.absolute(), verify=verify_images, verified={})
 
     records: list = []
+    record_lines: list[int] = []
     skipped: list[RecordError] = []
     seen: dict[str, int] = {}
     id_src = keys.get("id", "id")
@@ -495,7 +519,10 @@ def _read(
             if rid in seen:
                 raise RecordError(path, line, id_src, f"duplicate id {rid!r} (first at line {seen[rid]})")
             seen[rid] = line
+            if check is not None:
+                check(values, path, line, keys)
             records.append(record_cls(**values))
+            record_lines.append(line)
         except RecordError as e:
             if on_bad_record == "raise":
                 raise
@@ -505,7 +532,7 @@ def _read(
         if not records:
             raise RecordError(path, None, None, f"all {len(rows)} records are invalid; first: {skipped[0]}")
         logger.warning("skipped %d of %d records in %s: first: %s", len(skipped), len(rows), path, skipped[0])
-    return ReadResult(records=records, skipped=skipped, path=path)
+    return ReadResult(records=records, skipped=skipped, path=path, lines=record_lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -544,6 +571,7 @@ def read_preference_records(
         key_map,
         on_bad_record,
         verify_images,
+        check=_check_preference,
     )
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
+from misp.data.encoding import encode_records, subset
 from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.images import load_rgb
 from misp.data.records import SFTRecord, read_sft_records
@@ -24,8 +25,8 @@ class _SFTDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[dict, object]:
-        return self.encoded[i], load_rgb(self.records[i].image)
+    def __getitem__(self, i: int) -> tuple[dict, object, str]:
+        return self.encoded[i], load_rgb(self.records[i].image), self.records[i].id
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -62,14 +63,17 @@ class SFTDataModule(L.LightningDataModule):
         self.processor = self.trainer.lightning_module.processor
         if stage == "fit" and self.train_set is None:
             h = self.hparams
-            records = read_sft_records(Path(h.train_file), image_root=h.image_root, on_bad_record=h.on_bad_record).records
-            encoded = [encode_example(self.processor, r.prompt, r.response, max_length=h.max_length) for r in records]
-            self.train_set = _SFTDataset(records, encoded)
+            read = read_sft_records(Path(h.train_file), image_root=h.image_root, on_bad_record=h.on_bad_record)
+            kept, encoded = encode_records(
+                read, ("response",), partial(encode_example, self.processor, max_length=h.max_length), h.on_bad_record
+            )
+            self.train_set = _SFTDataset(subset(read.records, kept), [e for (e,) in encoded])
 
-    def _collate(self, items: list[tuple[dict, object]]) -> dict[str, torch.Tensor]:
-        examples, images = zip(*items, strict=True)
+    def _collate(self, items: list[tuple[dict, object, str]]) -> dict:
+        examples, images, ids = zip(*items, strict=True)
         batch = collate_examples(list(examples), pad_token_id=self.processor.tokenizer.pad_token_id)
         batch["pixel_values"] = preprocess_images(self.processor, list(images))
+        batch["ids"] = list(ids)  # names the records of a batch in errors (misp.callbacks.FiniteLossGuard)
         return batch
 
     def train_dataloader(self) -> DataLoader:

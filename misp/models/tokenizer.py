@@ -8,7 +8,6 @@ by the ``tokenizers`` library), so it goes through the same ``LlavaProcessor``, 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -85,19 +84,17 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
 
 def read_vocabulary(path: str | os.PathLike) -> list[str]:
     """The ``"vocabulary"`` list of a Shapes world, given its folder or its ``world.json``."""
+    from misp.data.world.generate import read_manifest
+
     p = Path(path)
     if p.is_dir():
         p = p / "world.json"
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"vocabulary: {p} does not exist; pass a world folder (holding world.json) or the world.json file "
-            "(write a world with `misp world --out DIR`)"
-        )
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"vocabulary: {p} is not valid JSON ({e})") from e
-    vocab = data.get("vocabulary") if isinstance(data, dict) else None
+        # The version check matters here: a model built on another version's vocabulary trains silently wrong.
+        data = read_manifest(p)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"vocabulary: {e}") from None
+    vocab = data.get("vocabulary")
     if not isinstance(vocab, list) or not vocab:
         raise ValueError(f"vocabulary: {p} has no non-empty 'vocabulary' list")
     return vocab

@@ -9,10 +9,12 @@ Outputs are float32, L2-normalised, one row per input in input order.
 
 Cache validity. The cache key names the model identity and a fingerprint of the inputs:
 
-- images: a hash over ``(absolute path, size, mtime_ns)`` of every file in order. It needs one ``stat``
-  per file (cheap for a million files, no reads) and detects changed (rewritten), added, removed and
-  reordered images. An edit that keeps both the size and the modification time (for instance a copy with
-  preserved timestamps of a same-sized file) is not detected.
+- images: a hash over ``(absolute path, size, mtime_ns, ctime_ns, inode)`` of every file in order. It
+  needs one ``stat`` per file (cheap for a million files, no reads) and detects changed (rewritten),
+  added, removed and reordered images. The status-change time and the inode catch what size and mtime
+  miss: a same-sized file copied over an image with its timestamps preserved (``cp -p``, ``rsync -t``)
+  keeps both, but no user can set ``ctime``, and ``rsync`` renames a new inode into place. The cost is a
+  spurious rebuild after a ``chmod`` or a move of the dataset, never a stale embedding.
 - texts: a hash of the texts in order.
 """
 
@@ -31,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from misp.data.images import load_rgb
 from misp.utils.cache import cached
 
 _CACHE_VERSION = 1
@@ -47,24 +50,20 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except OSError as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
-        return self.preprocess(image)
+        # load_rgb scales 16-bit images instead of clipping them, and names the file when it fails.
+        return self.preprocess(load_rgb(self.paths[i]))
 
 
 def image_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
-    """Hash of ``(absolute path, size, mtime_ns)`` of every file, in order (one ``stat`` per file)."""
+    """Hash of ``(absolute path, size, mtime_ns, ctime_ns, inode)`` of every file, in order (one ``stat`` each)."""
     h = hashlib.sha256()
     for p in paths:
         try:
             st = os.stat(p)
         except OSError as e:
             raise FileNotFoundError(f"cannot stat image {p}: {e}") from e
-        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        stamp = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+        h.update(f"{os.path.abspath(p)}\0{stamp}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -156,7 +155,9 @@ def embed_images(
                     _normalise(bundle.model.encode_image(images.to(dev, dtype=dtype, non_blocking=True)))
                 )
                 bar.update(images.shape[0])
-        return {"embeddings": torch.cat(out)}
+        embeddings = torch.cat(out)
+        _check_finite(embeddings, [str(p) for p in paths], "image")
+        return {"embeddings": embeddings}
 
     if cache_path is None:
         return build()["embeddings"]
@@ -204,11 +205,24 @@ def embed_texts(
                 tokens = bundle.tokenizer(batch).to(dev)
                 out.append(_normalise(bundle.model.encode_text(tokens)))
                 bar.update(len(batch))
-        return {"embeddings": torch.cat(out)}
+        embeddings = torch.cat(out)
+        _check_finite(embeddings, texts, "text")
+        return {"embeddings": embeddings}
 
     if cache_path is None:
         return build()["embeddings"]
     return _cached_embeddings(cache_path, "clip_text_embeddings", bundle, len(texts), text_fingerprint(texts), build)
+
+
+def _check_finite(embeddings: torch.Tensor, inputs: Sequence[str], kind: str) -> None:
+    """Raise, naming the inputs, when CLIP made NaN or infinite embeddings (a broken model or input)."""
+    bad = (~torch.isfinite(embeddings)).any(1).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(repr(inputs[i])[:120] for i in bad[:3])
+        raise ValueError(
+            f"CLIP {kind} embeddings of {len(bad)} of {len(inputs)} inputs are NaN or infinite, e.g. {shown}: "
+            "check those inputs and the CLIP weights; nothing was cached"
+        )
 
 
 def _cached_embeddings(cache_path, kind: str, bundle: Any, count: int, inputs: str, build) -> torch.Tensor:

@@ -57,6 +57,17 @@ class MiningConfig:
     device: str = "cpu"
     """Where CLIP, retrieval and the SAE run during mining (``cuda`` on a GPU machine)."""
 
+    def __post_init__(self) -> None:
+        # Checked here, so that a bad value fails at start-up naming its option, not deep inside retrieval.
+        for name in ("n_candidates", "pool_size", "proj_dim", "embed_batch_size", "chunk_records"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"mining.{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.dup_threshold:
+            raise ValueError(f"mining.dup_threshold must be positive (a cosine; above 1 keeps duplicates), got {self.dup_threshold}")
+        if self.beta_div < 0:
+            raise ValueError(f"mining.beta_div must be >= 0, got {self.beta_div}")
+
 
 @dataclass
 class Candidates:

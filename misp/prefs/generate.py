@@ -48,7 +48,7 @@ from misp.prefs.filters import (
 from misp.prefs.inputs import PromptInput, read_inputs
 from misp.prefs.precision import count_hallucinations, load_vocabulary, pair_precision
 from misp.prefs.scoring import score_responses, text_heavy_probability
-from misp.utils.io import atomic_write_json, atomic_write_jsonl
+from misp.utils.io import atomic_write_json, atomic_write_jsonl, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,11 @@ def run_prefs(config: PrefsConfig) -> dict:
     Returns:
         The summary (also written to ``summary_path(config)``).
     """
+    # Every output is checked before sampling, which may take hours, rather than when it is written.
+    check_writable(config.output_file, "output_file")
+    check_writable(summary_path(config), "summary_file")
+    if config.candidates_file is not None:
+        check_writable(config.candidates_file, "candidates_file")
     inputs = read_inputs(
         config.input_file, config.image_root, config.objects_key, config.prompt, config.limit
     )

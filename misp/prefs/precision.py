@@ -9,13 +9,13 @@ signal either way.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from misp.data.records import read_preference_records
+from misp.data.world.generate import read_manifest
 from misp.eval.parsing import MentionExtractor
 
 
@@ -32,7 +32,7 @@ def load_vocabulary(objects: str | os.PathLike | Sequence[str]) -> list[str]:
             raise FileNotFoundError(
                 f"object vocabulary {str(objects)!r}: no world folder or world.json there"
             )
-        names = json.loads(manifest.read_text(encoding="utf-8")).get("objects")
+        names = read_manifest(manifest).get("objects")
         if not isinstance(names, list) or not names:
             raise ValueError(f"{manifest} has no non-empty 'objects' list")
         return [str(n) for n in names]

@@ -4,6 +4,10 @@ A cache is a pair ``NAME.safetensors`` + ``NAME.json``. The sidecar holds a ``ke
 inputs' hashes and the model that produced the tensors. ``load_cache`` returns the tensors only when the
 stored key equals the expected one and the file reads back whole; a stale or corrupt cache returns
 ``None`` (with a log line saying why) so the caller rebuilds it. It is never silently used.
+
+NaN and +inf are refused both ways: ``save_cache`` raises naming the cache, the tensor and the first bad
+row (the cause is near: the model or the input that made them), and ``load_cache`` treats a cache holding
+them as corrupt. ``-inf`` is allowed: retrieval and scoring use it to mark padding.
 """
 
 from __future__ import annotations
@@ -31,9 +35,31 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return base.with_suffix(".safetensors"), base.with_suffix(".json")
 
 
+class NonFiniteCacheError(ValueError):
+    """Tensors about to be cached hold NaN or +inf."""
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Where ``tensors`` hold NaN or +inf (``-inf`` marks padding and is allowed), or None."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        bad = torch.isnan(t) | torch.isposinf(t)
+        if bool(bad.any()):
+            rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten() if t.dim() else torch.zeros(1)
+            return f"tensor {name!r} holds NaN or +inf in {len(rows)} row(s), first at row {int(rows[0])}"
+    return None
+
+
 def save_cache(path: str | os.PathLike, tensors: dict[str, torch.Tensor], key: dict[str, Any]) -> None:
-    """Write tensors and their sidecar atomically. The sidecar is written last: it is the commit mark."""
+    """Write tensors and their sidecar atomically. The sidecar is written last: it is the commit mark.
+
+    Raises:
+        NonFiniteCacheError: a floating tensor holds NaN or +inf (nothing is written).
+    """
     data_path, meta_path = _paths(path)
+    if (where := non_finite(tensors)) is not None:
+        raise NonFiniteCacheError(f"cache {data_path} ({key.get('kind', 'tensors')}): {where}; nothing was written")
     blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     atomic_write_bytes(data_path, blob)
     atomic_write_json(
@@ -59,7 +85,11 @@ def load_cache(path: str | os.PathLike, key: dict[str, Any]) -> dict[str, torch.
     if sha256_bytes(blob) != meta.get("data_sha256"):
         log.warning("cache %s is corrupt (checksum mismatch); rebuilding", data_path)
         return None
-    return load_file(str(data_path))
+    tensors = load_file(str(data_path))
+    if (where := non_finite(tensors)) is not None:
+        log.warning("cache %s: %s; rebuilding", data_path, where)
+        return None
+    return tensors
 
 
 def cached(path: str | os.PathLike, key: dict[str, Any], build: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ hallucination), and writes CLIP, SFT, preference, pool, test and POPE files in t
 """
 
 from misp.data.world.config import BiasPair, WorldConfig
-from misp.data.world.generate import load_world, write_world
+from misp.data.world.generate import load_world, read_manifest, write_world
 from misp.data.world.grammar import (
     CAPTION_PROMPT,
     caption,
@@ -32,6 +32,7 @@ __all__ = [
     "object_names",
     "parse_objects",
     "png_bytes",
+    "read_manifest",
     "question",
     "render_scene",
     "scene_from_dicts",

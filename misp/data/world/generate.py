@@ -11,11 +11,16 @@ Layout under ``out_dir`` (image paths in the JSONL files are relative to ``out_d
     pope.jsonl    {"id", "image", "question", "label", "split", "object"}: POPE over the test images
     images/{clip,sft,pref,pref_cf,pool,test}/*.png
 
-Every file is written atomically and ``world.json`` last, so a directory with a manifest is complete.
+Every file is written atomically and ``world.json`` last: it is the world's commit mark. Regenerating
+over an existing world removes the old mark before writing anything, so a run interrupted half-way leaves
+a folder ``load_world`` refuses (no manifest), never a mix of old and new images that passes for a world.
+The manifest also holds the SHA-256 of every JSON Lines file and one hash over every image, which
+``load_world`` checks, so files changed or mixed in later are noticed too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -38,8 +43,8 @@ from misp.data.world.scene import (
 )
 from misp.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, sha256_file
 
-WORLD_VERSION = 2
-"""Format version of world.json and the files it lists."""
+WORLD_VERSION = 3
+"""Format version of world.json and the files it lists (3: the manifest hashes the images)."""
 
 MANIFEST = "world.json"
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -265,6 +270,8 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
     config.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Withdraw the old commit mark first: from here until the new manifest lands, the folder is no world.
+    (out / MANIFEST).unlink(missing_ok=True)
 
     scenes = {split: generate_scenes(config, split) for split in SPLITS}
     rows = {
@@ -292,8 +299,11 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
 
     renders = [(image_path(split, i), s) for split in SPLITS for i, s in enumerate(scenes[split])]
     renders += cf_renders
+    image_hashes = {}
     for rel, scene in tqdm(renders, desc="rendering Shapes world", unit="img", disable=not progress):
-        atomic_write_bytes(out / rel, png_bytes(render_scene(scene, config)))
+        data = png_bytes(render_scene(scene, config))
+        atomic_write_bytes(out / rel, data)
+        image_hashes[rel] = hashlib.sha256(data).hexdigest()
 
     files = {}
     for name in ("clip", "sft", "pref", "pool", "test", "pope"):
@@ -310,6 +320,7 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
         "bias_pairs": [{"trigger": p.trigger, "partner": p.partner} for p in config.bias()],
         "prompt": grammar.CAPTION_PROMPT,
         "files": files,
+        "images": {"count": len(image_hashes), "sha256": _images_hash(image_hashes)},
         "counts": {
             "scenes": {split: len(scenes[split]) for split in SPLITS},
             "rows": {name: f["rows"] for name, f in files.items()},
@@ -325,23 +336,88 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
     return manifest
 
 
-def load_world(out_dir: str | os.PathLike) -> dict:
-    """The manifest (world.json) of a world written by ``write_world``, checked for completeness."""
-    path = Path(out_dir) / MANIFEST
+def _images_hash(hashes: dict[str, str]) -> str:
+    """One hash over every image of a world: relative path and SHA-256 of its bytes, in path order."""
+    h = hashlib.sha256()
+    for rel in sorted(hashes):
+        h.update(f"{rel}\0{hashes[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def _referenced_images(root: Path, manifest: dict) -> set[str]:
+    """Every image path the world's JSON Lines files name (rows' ``image``, preference counterfactuals)."""
+    rels: set[str] = set()
+    for f in manifest["files"].values():
+        with open(root / f["path"], encoding="utf-8") as lines:
+            for line in lines:
+                row = json.loads(line)
+                rels.add(row["image"])
+                rels.update(row.get("meta", {}).get("counterfactuals", []))
+    return rels
+
+
+def read_manifest(world: str | os.PathLike) -> dict:
+    """The manifest of a world folder (or of the ``world.json`` given), checked for JSON and version only.
+
+    Every reader of a world's metadata (the tiny tokenizer's vocabulary, CHAIR's objects, the evaluation's
+    bias pairs, pair precision) goes through here, so a world from another misp version is refused by all
+    of them, not only by the demo. ``load_world`` adds the check of every file's contents.
+
+    Raises:
+        FileNotFoundError: no ``world.json`` there (no world, or one whose regeneration was interrupted).
+        ValueError: the manifest is not JSON, or has another format version.
+    """
+    path = Path(world)
+    if path.is_dir() or not path.suffix:
+        path = path / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
-            f"no Shapes world at {out_dir}: {path} is missing (create one with `misp world --out {out_dir}`)"
+            f"no Shapes world at {path.parent}: {path} is missing (create one with `misp world --out {path.parent}`; "
+            "a world whose regeneration was interrupted has none either)"
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); regenerate the world") from None
-    if manifest.get("version") != WORLD_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("version") != WORLD_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
         raise ValueError(
-            f"{path} has world format version {manifest.get('version')!r}, this misp reads {WORLD_VERSION}; "
-            "regenerate the world"
+            f"{path} has world format version {version!r}, this misp reads {WORLD_VERSION}; regenerate the "
+            f"world with `misp world --out {path.parent}`"
         )
+    return manifest
+
+
+def load_world(out_dir: str | os.PathLike, verify: bool = True) -> dict:
+    """The manifest (world.json) of a world written by ``write_world``, checked for completeness.
+
+    Args:
+        out_dir: the world's folder.
+        verify: also check the contents: every JSON Lines file against its SHA-256 and every image
+            against the manifest's image hash (reads the whole world: about a second for the default).
+
+    Raises:
+        FileNotFoundError: no manifest, or a file it lists is missing.
+        ValueError: another format version, or a file whose contents differ from the manifest's.
+    """
+    manifest = read_manifest(out_dir)
+    root = Path(out_dir)
+    path = root / MANIFEST
     for name, f in manifest["files"].items():
-        if not (Path(out_dir) / f["path"]).is_file():
+        if not (root / f["path"]).is_file():
             raise FileNotFoundError(f"world file {name!r} ({f['path']}) listed in {path} is missing")
+        if verify and sha256_file(root / f["path"]) != f["sha256"]:
+            raise ValueError(f"world file {root / f['path']} differs from the one {path} lists; regenerate the world")
+    if verify:
+        hashes = {}
+        for rel in _referenced_images(root, manifest):
+            try:
+                hashes[rel] = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"world image {root / rel} named in {root} is missing") from None
+        if _images_hash(hashes) != manifest.get("images", {}).get("sha256"):
+            raise ValueError(
+                f"the images under {root} differ from the ones {path} lists (a partial regeneration, or files "
+                "copied in later); regenerate the world"
+            )
     return manifest
