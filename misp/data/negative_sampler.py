@@ -30,7 +30,12 @@ from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from misp.models.clip import ClipSpec, load_clip
-from misp.models.prompting import collate_examples, encode_example, encode_preference_records, preprocess_images
+from misp.models.prompting import (
+    collate_examples,
+    encode_example,
+    encode_preference_records,
+    preprocess_images,
+)
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source, materialise, uniform_log_q
 from misp.sae.io import SAEFormatError, load_sae
