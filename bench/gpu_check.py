@@ -163,7 +163,8 @@ def _datamodule(processor, args: argparse.Namespace):
     import lightning as L
 
     class Data(L.LightningDataModule):
-        k = args.k  # read by MISPDPOModule.on_fit_start: this data has negatives
+        k = args.k
+        hparams = {"source": "sae", "k": args.k}  # what MISPDPOModule.attach_data checks the objective against
 
         def train_dataloader(self):
             data = _Batches(processor, args.steps, args.batch, args.k, args.pool_size, args.prompt_words,
@@ -325,7 +326,9 @@ def run(args: argparse.Namespace) -> dict:
             reload_dataloaders_every_n_epochs=config["trainer"].get("reload_dataloaders_every_n_epochs", 0),
         )
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=_datamodule(processor, args))
+        data = _datamodule(processor, args)
+        module.attach_data(data)
+        trainer.fit(module, datamodule=data)
         phases["fit_s"] = time.perf_counter() - t0
     finally:
         if work is not None:

@@ -39,7 +39,7 @@ from misp.sae.model import SAEConfig, SparseAutoencoder
 
 NAME = "mining"
 
-# The Shapes demo world (misp.data.world.config: n_pref 800, n_pool 1500; CLIP embed_dim 64) with the
+# The Shapes demo world (misp.world.config: n_pref 800, n_pool 1500; CLIP embed_dim 64) with the
 # mining settings of configs/shapes/*.yaml (n_candidates 32, pool_size 8).
 DEMO = {"records": 800, "pool": 1500, "dim": 64, "n": 32, "m": 8}
 

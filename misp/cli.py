@@ -1,6 +1,7 @@
 """The ``misp`` command: LightningCLI for every training stage, plus tool subcommands.
 
-    misp fit --config configs/shapes/misp_dpo.yaml     any stage is `misp fit` with its config
+    misp fit --config configs/shapes/sft.yaml          any stage is `misp fit` with its config(s)
+    misp fit --config configs/shapes/preference.yaml --config configs/shapes/methods/misp_dpo.yaml
     misp test --config ... --ckpt_path ...             POPE and CHAIR on the test split
     misp world --out DIR [--seed S] [...]              writes a Shapes world dataset to DIR
     misp prefs --config configs/shapes/clip_dpo_prefs.yaml   CLIP-DPO pairs sampled from a VLM
@@ -37,8 +38,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from misp.callbacks import FiniteLossGuard, SettingsCheck
 from misp.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, method_mismatches, read_checkpoint
-from misp.data.world import WorldConfig, write_world
 from misp.errors import CheckpointError, ConfigError, UserError, innermost_reason, is_union_report
+from misp.world import WorldConfig, write_world
 
 log = logging.getLogger("misp.cli")
 
@@ -134,7 +135,16 @@ class MispCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # The method (objective terms x negative source x K) is checked before any model or data loads.
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        derive_run_dirs(config)
         check_configured_method(config)
+
+    def _attach(self) -> None:
+        # The one explicit handshake between the data and the module (misp.data.handshake).
+        attach = getattr(self.datamodule, "attach", None)
+        if attach is not None:
+            attach(self.model)
+
+    before_fit = before_validate = before_test = before_predict = _attach
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -204,6 +214,30 @@ class MispCLI(LightningCLI):
                 "checkpoint %s was trained with %d other setting(s) than this config's, whose values are used: %s",
                 path, len(differences), "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else ""),
             )
+
+
+def derive_run_dirs(config) -> None:
+    """Fill in the run directories a config leaves unset, under ``trainer.default_root_dir``.
+
+    Logs go to ``<root>/logs`` (CSV), checkpoints to ``<root>/checkpoints``, the trained model to
+    ``<root>/export``; so a method config names its run once. Anything a config sets is kept.
+    """
+    from jsonargparse import Namespace
+
+    trainer = getattr(config, "trainer", None)
+    root = getattr(trainer, "default_root_dir", None) if trainer is not None else None
+    if not root:
+        return
+    if getattr(trainer, "logger", None) in (None, True):
+        trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                   init_args=Namespace(save_dir=str(root), name="logs"))
+    for callback in getattr(trainer, "callbacks", None) or []:
+        args = getattr(callback, "init_args", None)
+        if str(getattr(callback, "class_path", "")).endswith("ModelCheckpoint") and args is not None and not args.get("dirpath"):
+            args["dirpath"] = f"{root}/checkpoints"
+    model_args = getattr(getattr(config, "model", None), "init_args", None)
+    if model_args is not None and "export_dir" in model_args and model_args.get("export_dir") is None:
+        model_args["export_dir"] = f"{root}/export"
 
 
 def check_configured_method(config) -> None:

@@ -4,8 +4,8 @@ world -> contrastive CLIP -> SFT (the base model) -> its evaluation -> SAE -> MI
 then a table of base vs MISP-DPO. Each stage is the same ``misp`` command a user would type. A stage
 whose output exists, from the same command and config file contents, is skipped, so an interrupted demo
 resumes where it stopped; a stage whose config changed reruns, and so does everything after it. ``--force``
-reruns everything and ``--all-methods`` adds every baseline (DPO, mDPO, CHiP-style, random multi-negative)
-trained from the same base.
+reruns everything and ``--all-methods`` adds every other method in ``configs/shapes/methods`` (DPO, mDPO,
+CHiP-style, random multi-negative, CLIP-DPO), trained from the same base.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ WORLD = Path("worlds/shapes")
 RUNS = Path("runs/shapes")
 STAMPS = RUNS / ".demo"
 """One file per finished stage, holding the fingerprint of the command and config it ran with."""
-BASELINES = ["dpo", "mdpo", "chip", "random_neg", "clip_dpo"]
+PREFERENCE_BASE = Path("configs/shapes/preference.yaml")
+"""What every preference method shares; each file in ``METHODS`` adds one method to it."""
+METHODS = Path("configs/shapes/methods")
+MAIN_METHOD = "misp_dpo"
 LABELS = {"sft": "base (SFT)", "misp_dpo": "MISP-DPO", "dpo": "DPO", "mdpo": "mDPO", "chip": "CHiP-style",
           "random_neg": "random multi-neg", "clip_dpo": "CLIP-DPO"}
 
@@ -37,13 +40,32 @@ class Stage:
     done_when: Path
 
 
+def method_configs(name: str, root: Path = Path(".")) -> list[str]:
+    """The ``--config`` flags of a stage: ``configs/shapes/<name>.yaml``, or the preference base plus
+    ``configs/shapes/methods/<name>.yaml`` for a preference method."""
+    method = root / METHODS / f"{name}.yaml"
+    if method.exists():
+        return ["--config", str(root / PREFERENCE_BASE), "--config", str(method)]
+    return ["--config", str(root / f"configs/shapes/{name}.yaml")]
+
+
+def baselines() -> list[str]:
+    """Every preference method with a config in ``configs/shapes/methods`` but MISP-DPO, by name."""
+    return sorted(p.stem for p in METHODS.glob("*.yaml") if p.stem != MAIN_METHOD)
+
+
 def method_stages(name: str) -> list[Stage]:
-    """Fit a VLM stage, then evaluate its last checkpoint on the test split."""
+    """Fit a VLM stage, then evaluate its last checkpoint on the test split (after its own data, if any)."""
     root = RUNS / name
-    return [
-        Stage(name, ["fit", "--config", f"configs/shapes/{name}.yaml"], root / "export"),
-        Stage(f"{name}-test", ["test", "--config", f"configs/shapes/{name}.yaml",
-                               "--ckpt_path", str(root / "checkpoints/last.ckpt")], root / "test_results.json"),
+    stages = []
+    prefs = Path(f"configs/shapes/{name}_prefs.yaml")
+    if prefs.exists():  # a method that generates its own preference pairs first (CLIP-DPO)
+        stages.append(Stage(f"{name}-prefs", ["prefs", "--config", str(prefs)], root / "prefs.jsonl"))
+    configs = method_configs(name)
+    return stages + [
+        Stage(name, ["fit", *configs], root / "export"),
+        Stage(f"{name}-test", ["test", *configs, "--ckpt_path", str(root / "checkpoints/last.ckpt")],
+              root / "test_results.json"),
     ]
 
 
@@ -53,13 +75,10 @@ def pipeline(all_methods: bool) -> list[Stage]:
         Stage("clip", ["fit", "--config", "configs/shapes/clip.yaml"], RUNS / "clip/export"),
         *method_stages("sft"),
         Stage("sae", ["fit", "--config", "configs/shapes/sae.yaml"], RUNS / "sae/export/sae.json"),
-        *method_stages("misp_dpo"),
+        *method_stages(MAIN_METHOD),
     ]
     if all_methods:
-        # CLIP-DPO first generates its own preference pairs from the SFT model, ranked by the CLIP.
-        stages.append(Stage("clip_dpo-prefs", ["prefs", "--config", "configs/shapes/clip_dpo_prefs.yaml"],
-                            RUNS / "clip_dpo/prefs.jsonl"))
-        stages += [s for name in BASELINES for s in method_stages(name)]
+        stages += [s for name in baselines() for s in method_stages(name)]
     return stages
 
 
@@ -106,7 +125,7 @@ def summary_table(names: list[str]) -> str:
 
 def world_is_stale() -> bool:
     """True when a world exists on disk but this misp would generate a different format of it."""
-    from misp.data.world.generate import MANIFEST, read_manifest
+    from misp.world.generate import MANIFEST, read_manifest
 
     if not (WORLD / MANIFEST).exists():
         return False
@@ -133,7 +152,7 @@ def main() -> None:
         force = run_stage(stage, force) or force
     print(f"\n[demo] all stages done in {time.perf_counter() - start:.0f} s\n")
     print("Test split: POPE per split (accuracy, F1, yes-ratio...) and CHAIR (lower chair_i/chair_s is better)")
-    print(summary_table(["sft", "misp_dpo", *BASELINES]))
+    print(summary_table(["sft", MAIN_METHOD, *baselines()]))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from misp.data.world import WorldConfig, write_world
 from misp.models.clip import ClipSpec, TinyClipConfig, build_tiny_clip, load_clip, save_clip
 from misp.models.hub_cache import publish_snapshot
 from misp.models.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
@@ -27,6 +26,7 @@ from misp.models.vlm import save_vlm
 from misp.negatives.projection import make_joint_embedding
 from misp.sae.io import save_sae
 from misp.sae.model import SAEConfig, SparseAutoencoder
+from misp.world import WorldConfig, write_world
 
 SMOKE_WORLD = dict(seed=0, n_clip=320, n_sft=160, n_pref=48, n_pool=120, n_test=24)
 SMOKE_CLIP = dict(vision_width=32, text_width=32, embed_dim=16, image_size=32)

@@ -14,15 +14,18 @@ from misp.cli import MispCLI, main
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 # Training configs (LightningCLI: model + data); the others belong to tool subcommands (misp prefs).
-CONFIGS = [p for p in ALL_CONFIGS if "model" in yaml.safe_load(p.read_text())]
+CONFIGS = [p for p in ALL_CONFIGS if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {})]
+METHODS = sorted((ROOT / "configs/shapes/methods").glob("*.yaml"))
 
 
 def test_there_are_configs():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
-    expected = {"clip", "sft", "sae", "dpo", "mdpo", "chip", "random_neg", "misp_dpo", "clip_dpo"}
-    assert {f"shapes/{n}.yaml" for n in expected} | {"llava.yaml", "llava_sae.yaml"} <= names
+    stages = {f"shapes/{n}.yaml" for n in ("clip", "sft", "sae", "preference")}
+    methods = {f"shapes/methods/{n}.yaml" for n in ("dpo", "mdpo", "chip", "random_neg", "misp_dpo", "clip_dpo")}
+    assert stages | {"llava.yaml", "llava_sae.yaml"} <= names
     tools = {p.relative_to(ROOT / "configs").as_posix() for p in ALL_CONFIGS} - names
-    assert tools == {"shapes/clip_dpo_prefs.yaml"}  # loaded by tests/test_prefs.py with the prefs parser
+    # Method files add to the preference base (loaded together below); prefs configs belong to `misp prefs`.
+    assert tools == methods | {"shapes/clip_dpo_prefs.yaml"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
@@ -35,6 +38,39 @@ def test_print_config_resolves_every_shipped_config(config, capsys, monkeypatch)
     original = yaml.safe_load(config.read_text())
     assert printed["model"]["class_path"] == original["model"]["class_path"]
     assert printed["data"]["class_path"] == original["data"]["class_path"]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)
+def test_each_method_composes_with_the_preference_base(method, capsys, monkeypatch):
+    """A method file says the method once; the base supplies the rest, and the run directories follow
+    the method's default_root_dir."""
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/shapes/preference.yaml", "--config", str(method), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    own = yaml.safe_load(method.read_text())
+    assert printed["trainer"]["default_root_dir"] == own["trainer"]["default_root_dir"] == f"runs/shapes/{method.stem}"
+    assert printed["model"]["class_path"] == "misp.dpo.MISPDPOModule"
+    assert printed["model"]["init_args"]["objective"]["beta"] == own["model"]["init_args"]["objective"]["beta"]
+    assert printed["data"]["init_args"]["source"] == own["data"]["init_args"]["source"]
+
+
+def test_run_directories_follow_default_root_dir():
+    from jsonargparse import Namespace
+
+    from misp.cli import derive_run_dirs
+
+    config = Namespace(
+        trainer=Namespace(default_root_dir="runs/x", logger=None, callbacks=[
+            Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(dirpath=None)),
+            Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint", init_args=Namespace(dirpath="mine")),
+        ]),
+        model=Namespace(class_path="m", init_args=Namespace(export_dir=None)),
+    )
+    derive_run_dirs(config)
+    assert config.trainer.logger.init_args.save_dir == "runs/x"
+    assert [c.init_args.dirpath for c in config.trainer.callbacks] == ["runs/x/checkpoints", "mine"]  # set: kept
+    assert config.model.init_args.export_dir == "runs/x/export"
 
 
 def test_help_lists_trainer_and_tool_subcommands():

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from misp import demo
-from misp.data.world.generate import MANIFEST, WORLD_VERSION
+from misp.world.generate import MANIFEST, WORLD_VERSION
 
 
 def test_a_world_from_another_version_makes_the_demo_rerun_everything(tmp_path, monkeypatch):
@@ -55,3 +56,20 @@ def test_the_demo_reruns_a_stage_whose_config_changed_and_everything_after_it(tm
     assert _run(stages, monkeypatch) == ["a", "b"]  # b read a's output, so it reruns too
     (tmp_path / "out_b").unlink()  # an output lost (or a stage killed before writing it)
     assert _run(stages, monkeypatch) == ["b"]
+
+
+def test_the_demo_finds_its_methods_in_the_configs(monkeypatch):
+    """`--all-methods` runs every file in configs/shapes/methods on the preference base, no list in code;
+    a method with a `<name>_prefs.yaml` generates its pairs first."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    methods = {p.stem for p in (root / "configs/shapes/methods").glob("*.yaml")}
+    assert set(demo.baselines()) == methods - {demo.MAIN_METHOD}
+    stages = {s.name: s for s in demo.pipeline(all_methods=True)}
+    for name in methods:
+        assert stages[name].args[:5] == ["fit", "--config", "configs/shapes/preference.yaml", "--config",
+                                         f"configs/shapes/methods/{name}.yaml"]
+        assert Path(stages[name].args[4]).exists()
+    names = list(stages)
+    assert names.index("clip_dpo-prefs") < names.index("clip_dpo")
+    assert demo.method_configs("sft") == ["--config", "configs/shapes/sft.yaml"]

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from misp.data.world import WorldConfig, WorldObject, generate_scenes
-from misp.data.world.describe import change_kind, difference_kind, scene_difference, split_scenes
-from misp.data.world.scene import ATTRIBUTES, edit
+from misp.world import WorldConfig, WorldObject, generate_scenes
+from misp.world.describe import change_kind, difference_kind, scene_difference, split_scenes
+from misp.world.scene import ATTRIBUTES, edit
 
 
 def obj(color: str, shape: str, position: str, size: str = "small", jitter: float = 0.0) -> WorldObject:

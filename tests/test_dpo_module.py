@@ -11,6 +11,7 @@ import torch
 
 from misp.cli import main
 from misp.data.negative_sampler import NegativeSamplerDataModule
+from misp.demo import method_configs
 from misp.dpo import MISPDPOModule, PreferenceObjective
 from misp.dpo.batching import concatenate_rows
 from misp.models.clip import ClipSpec
@@ -47,7 +48,7 @@ POOL_ARGS = ["--data.mining.n_candidates=8", "--data.mining.pool_size=4", "--dat
 @pytest.mark.parametrize("method", ["dpo", "mdpo", "chip", "random_neg", "misp_dpo", "clip_dpo"])
 def test_every_method_config_fits(method, tiny_world, clip_dir, sae_dir, vlm_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(ROOT / f"configs/shapes/{method}.yaml"), *cli_overrides(tiny_world, clip_dir, sae_dir, vlm_dir)]
+    args = ["fit", *method_configs(method, ROOT), *cli_overrides(tiny_world, clip_dir, sae_dir, vlm_dir)]
     if method in ("random_neg", "misp_dpo"):
         args += [f"--data.pool={tiny_world / 'pool.jsonl'}", f"--data.clip.checkpoint={clip_dir}", *POOL_ARGS]
     if method == "misp_dpo":
@@ -73,10 +74,10 @@ def test_every_method_config_fits(method, tiny_world, clip_dir, sae_dir, vlm_dir
     assert (tmp_path / f"runs/shapes/{method}/export/config.json").exists()
 
 
-def crop_data(tiny_world, tmp_path, processor) -> NegativeSamplerDataModule:
+def crop_data(tiny_world, tmp_path, module) -> NegativeSamplerDataModule:
     dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="crop", k=1, batch_size=4,
                                    cache_dir=str(tmp_path / "cache"), progress=False, preview_records=0)
-    dm.processor = processor
+    dm.attach(module)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -87,7 +88,7 @@ def test_lora_reference_stays_the_base_while_the_policy_moves(tiny_world, vlm_di
     module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0)),
                            objective=PreferenceObjective.preset("mdpo"), cache_reference=False)
     assert module.reference is None  # no second copy: the reference is the policy with adapters off
-    batch = next(iter(crop_data(tiny_world, tmp_path, module.processor).train_dataloader()))
+    batch = next(iter(crop_data(tiny_world, tmp_path, module).train_dataloader()))
     rows = concatenate_rows(batch, module.processor.tokenizer.pad_token_id)
 
     def logps():
@@ -112,7 +113,7 @@ def test_4bit_qlora_trains_on_cpu(tiny_world, vlm64_dir, tmp_path):
     spec = VLMSpec(path=str(vlm64_dir), load_in_4bit=True, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
     module = MISPDPOModule(spec, objective=PreferenceObjective.preset("mdpo"), lr=1e-2, cache_reference=False)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
-    dm = crop_data(tiny_world, tmp_path, module.processor)
+    dm = crop_data(tiny_world, tmp_path, module)
     batch = next(iter(dm.train_dataloader()))
     rows = concatenate_rows(batch, module.processor.tokenizer.pad_token_id)
     base_before = module._reference_logps(batch, rows)
@@ -152,6 +153,7 @@ def _misp_run(root: Path, tiny_world, clip_dir, sae_dir, vlm_dir, crash=False, c
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)]
         + ([_Crash()] if crash else []),
     )
+    dm.attach(module)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     except RuntimeError as e:
@@ -186,7 +188,7 @@ def test_4bit_checkpoint_holds_the_trainable_state_and_restores_it(tiny_world, v
     trained = module()
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(trained, datamodule=crop_data(tiny_world, tmp_path, trained.processor))
+    trainer.fit(trained, datamodule=crop_data(tiny_world, tmp_path, trained))
     ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
     state = torch.load(ckpt, weights_only=False)["state_dict"]
     assert state and all("lora_" in k for k in state)  # neither the 4-bit base nor its quantisation state
@@ -195,7 +197,7 @@ def test_4bit_checkpoint_holds_the_trainable_state_and_restores_it(tiny_world, v
     restored = module()
     again = L.Trainer(max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path / "again",
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    again.fit(restored, datamodule=crop_data(tiny_world, tmp_path / "again", restored.processor), ckpt_path=ckpt)
+    again.fit(restored, datamodule=crop_data(tiny_world, tmp_path / "again", restored), ckpt_path=ckpt)
     for name, param in restored.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(param, trained.state_dict()[name], rtol=0, atol=0)

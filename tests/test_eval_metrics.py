@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from misp.data.eval_data import EvalData
-from misp.data.world.generate import WORLD_VERSION
 from misp.eval import (
     CHAIRMetric,
     CooccurrenceMetric,
@@ -16,6 +15,7 @@ from misp.eval import (
     format_results,
     parse_yes_no,
 )
+from misp.world.generate import WORLD_VERSION
 
 # --- parse_yes_no -------------------------------------------------------------------------------------
 

@@ -24,15 +24,25 @@ import yaml
 
 from misp.checkpoints import read_checkpoint
 from misp.cli import main
+from misp.demo import method_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 4
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base`` as two ``--config`` files compose (mappings merge, the rest replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _config(root: Path, world: Path, clip: Path, sae: Path, vlm: Path, kill_at: int | None = None) -> Path:
-    """misp_dpo.yaml at smoke size, checkpointing every 2 steps, logging every step, under ``root``."""
-    config = yaml.safe_load((ROOT / "configs/shapes/misp_dpo.yaml").read_text())
+    """configs/shapes/preference.yaml + methods/misp_dpo.yaml at smoke size, checkpointing every 2 steps, logging every step, under ``root``."""
+    config = _merged(yaml.safe_load((ROOT / "configs/shapes/preference.yaml").read_text()),
+                     yaml.safe_load((ROOT / "configs/shapes/methods/misp_dpo.yaml").read_text()))
     trainer = config["trainer"] | {
         "max_epochs": 2, "limit_train_batches": STEPS_PER_EPOCH, "limit_val_batches": 0, "log_every_n_steps": 1,
         "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu",
@@ -104,7 +114,7 @@ def test_a_nan_loss_stops_training_naming_step_and_records(tiny_world, vlm_dir, 
     monkeypatch.chdir(tmp_path)
     ckpt_dir = tmp_path / "runs/shapes/dpo/checkpoints"
     args = [
-        "fit", "--config", str(ROOT / "configs/shapes/dpo.yaml"),
+        "fit", *method_configs("dpo", ROOT),
         f"--model.init_args.vlm.path={vlm_dir}", "--model.init_args.export_dir=null",
         f"--data.records_file={tiny_world / 'pref.jsonl'}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",

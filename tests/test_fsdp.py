@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from misp.demo import method_configs
 from misp.models.vlm import VLMSpec, load_vlm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.distributed
 def test_dpo_trains_sharded_over_two_processes(tiny_world, vlm_dir, tmp_path):
     args = [
-        sys.executable, "-m", "misp.cli", "fit", "--config", str(ROOT / "configs/shapes/mdpo.yaml"),
+        sys.executable, "-m", "misp.cli", "fit", *method_configs("mdpo", ROOT),
         f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
         f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",

@@ -12,6 +12,7 @@ import yaml
 from PIL import ImageOps
 
 from misp.cli import main
+from misp.demo import method_configs
 from misp.dpo.method import MethodError, check_method, method_problems
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_loss
 from misp.dpo.terms import LossTerm, PlackettLuce, TermInputs, TextDPO
@@ -53,7 +54,7 @@ def test_every_contradiction_is_reported_once():
 def test_the_cli_refuses_a_contradictory_method_before_loading_anything(tmp_path):
     # A VLM path that does not exist: had the model been loaded first, this would be a FileNotFoundError.
     with pytest.raises(MethodError, match="data.source='crop' draws 2"):
-        main(["fit", "--config", str(ROOT / "configs/shapes/dpo.yaml"), "--data.source=crop", "--data.k=2",
+        main(["fit", *method_configs("dpo", ROOT), "--data.source=crop", "--data.k=2",
               f"--model.init_args.vlm.path={tmp_path / 'missing'}", f"--data.records_file={tmp_path / 'missing.jsonl'}"])
 
 
@@ -96,11 +97,11 @@ def test_presets_reproduce_the_old_objectives(method):
 
 @pytest.mark.parametrize("method", ["dpo", "mdpo", "chip", "random_neg", "misp_dpo", "clip_dpo"])
 def test_each_shipped_config_is_its_preset(method):
-    config = yaml.safe_load((ROOT / f"configs/shapes/{method}.yaml").read_text())
+    config = yaml.safe_load((ROOT / f"configs/shapes/methods/{method}.yaml").read_text())
     from_config = PreferenceObjective.from_config(config["model"]["init_args"]["objective"])
     preset = PreferenceObjective.preset({"misp_dpo": "misp", "clip_dpo": "dpo"}.get(method, method))
     assert from_config.beta == preset.beta and repr(from_config.terms) == repr(preset.terms)
-    check_method(from_config, config["data"]["init_args"]["source"], config["data"]["init_args"]["k"])
+    check_method(from_config, config["data"]["init_args"]["source"], config["data"]["init_args"].get("k", 3))
 
 
 # Extending misp from a test file alone: a negative source and a loss term, registered and configured.
@@ -137,7 +138,7 @@ def test_a_source_and_a_term_added_from_a_test_file_fit_a_step(tiny_world, vlm_d
         ]}}},
         "data": {"init_args": {"source": "mirror", "k": 1}},
     }))
-    main(["fit", "--config", str(ROOT / "configs/shapes/dpo.yaml"), "--config", str(extra),
+    main(["fit", *method_configs("dpo", ROOT), "--config", str(extra),
           f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
           f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
           f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",

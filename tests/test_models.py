@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from misp.data.world.generate import WORLD_VERSION
 from misp.models import (
     IGNORE_INDEX,
     LoraSpec,
@@ -32,6 +31,7 @@ from misp.models import (
     vlm_logits,
 )
 from misp.models.quantized import keep_4bit_trainable
+from misp.world.generate import WORLD_VERSION
 
 WORDS = [
     "a", "an", "small", "large", "red", "blue", "green", "circle", "square", "triangle", "at", "the",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def test_every_source_yields_batches_of_the_right_shape(source, k, tiny_world, c
     if source == "sae":
         extra["sae_path"] = str(sae_dir)
     dm = make(tiny_world, tmp_path, source=source, k=k, **extra)
-    dm.processor = processor
+    dm.attach(SimpleNamespace(processor=processor))
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -128,7 +130,7 @@ def test_given_source_draws_from_each_records_own_negatives(tiny_world, processo
     records = tiny_world / "pref_given.jsonl"
     records.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dm = make(tiny_world, tmp_path, records_file=str(records), source="given", k=3)
-    dm.processor = processor
+    dm.attach(SimpleNamespace(processor=processor))
     dm.prepare_data()
     dm.setup("fit")
     draws = dm.draws_for_epoch(0)

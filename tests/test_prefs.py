@@ -15,6 +15,7 @@ import yaml
 
 from misp.cli import _prefs_parser, main
 from misp.data.records import RecordError, read_preference_records
+from misp.demo import method_configs
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.vlm import VLMSpec
 from misp.negatives.embed import embed_images
@@ -453,7 +454,7 @@ def test_shipped_prefs_config_parses():
 def test_clip_dpo_training_config_loads(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", "configs/shapes/clip_dpo.yaml", "--print_config"])
+        main(["fit", *method_configs("clip_dpo"), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     data, model = printed["data"]["init_args"], printed["model"]["init_args"]

@@ -28,6 +28,7 @@ from misp.models import (
     preprocess_images,
 )
 from misp.models.quantized import keep_4bit_trainable
+from misp.world.generate import WORLD_VERSION
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -48,7 +49,7 @@ TOLERANCE = {"float32": (1e-4, 1e-4), "bfloat16": (0.08, 0.15)}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("world")
-    (d / "world.json").write_text(json.dumps({"vocabulary": WORDS}))
+    (d / "world.json").write_text(json.dumps({"version": WORLD_VERSION, "vocabulary": WORDS}))
     return str(d)
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,11 +27,12 @@ from misp.cli import main
 from misp.data.eval_data import EvalData
 from misp.data.pool import read_pool
 from misp.data.records import RecordError, read_preference_records
-from misp.data.world import WorldConfig
-from misp.data.world.generate import MANIFEST, WORLD_VERSION, load_world, write_world
+from misp.demo import method_configs
 from misp.models.tokenizer import read_vocabulary
 from misp.smoke import SMOKE_WORLD
 from misp.utils.cache import load_cache, save_cache
+from misp.world import WorldConfig
+from misp.world.generate import MANIFEST, WORLD_VERSION, load_world, write_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,10 +254,10 @@ def test_truncated_foreign_and_incomplete_checkpoints_are_one_clear_error(tmp_pa
     torch.save({"w": torch.ones(3)}, foreign)
     sharded = tmp_path / "sharded.ckpt"
     sharded.mkdir()  # a sharded save killed before its meta.pt
-    config = str(ROOT / "configs/shapes/dpo.yaml")
+    config = method_configs("dpo", ROOT)
     for path, reason in [(truncated, "cannot be read .* truncated"), (foreign, "not a Lightning checkpoint"),
                          (sharded, "a folder, but not a complete sharded checkpoint"), (tmp_path / "none.ckpt", "no such file")]:
-        err = _cli_error(["test", "--config", config, "--ckpt_path", str(path)], capsys)
+        err = _cli_error(["test", *config, "--ckpt_path", str(path)], capsys)
         assert re.search(rf"misp: error: checkpoint {re.escape(str(path))}: {reason}", err), err
 
 
@@ -266,7 +268,7 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path, tiny_world, vlm_dir
                 "hyper_parameters": {"_class_path": "misp.dpo.MISPDPOModule", "objective": {"loss": "misp", "beta": 0.5}},
                 "datamodule_hyper_parameters": {"source": "sae", "k": 3}}, ckpt)
     err = _cli_error([
-        "test", "--config", str(ROOT / "configs/shapes/dpo.yaml"), "--ckpt_path", str(ckpt),
+        "test", *method_configs("dpo", ROOT), "--ckpt_path", str(ckpt),
         f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
         f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}", "--data.progress=false",
@@ -359,14 +361,14 @@ def test_encoding_errors_name_file_line_and_record(tmp_path, tiny_world, vlm_dir
         bad[index][field] = text
         path = _write_jsonl(tmp_path / f"pref{index}.jsonl", bad)
         dm = NegativeSamplerDataModule(records_file=str(path), source="none", progress=False, preview_records=0)
-        dm.processor = processor
+        dm.attach(SimpleNamespace(processor=processor))
         dm.prepare_data()
         expected = rf"pref{index}.jsonl:{index + 1}: field '{field}': record '{rows[index]['id']}': .*{re.escape(message)}"
         with pytest.raises(RecordError, match=expected):
             dm.setup("fit")
     dm = NegativeSamplerDataModule(records_file=str(path), source="none", progress=False, preview_records=0,
                                    on_bad_record="skip", batch_size=4)
-    dm.processor = processor
+    dm.attach(SimpleNamespace(processor=processor))
     dm.prepare_data()
     with caplog.at_level(logging.WARNING):
         dm.setup("fit")
@@ -388,11 +390,11 @@ def test_an_sft_prompt_over_max_length_names_file_line_and_record(tmp_path, tiny
     rows[4]["prompt"] = "describe " * 400 + "the image."
     path = _write_jsonl(tmp_path / "sft.jsonl", rows)
     dm = SFTDataModule(train_file=str(path), max_length=64)
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(processor=processor))
+    dm.attach(SimpleNamespace(processor=processor))
     with pytest.raises(RecordError, match=rf"sft.jsonl:5: field 'prompt': record '{rows[4]['id']}': .*max_length"):
         dm.setup("fit")
     dm = SFTDataModule(train_file=str(path), max_length=64, on_bad_record="skip", batch_size=2)
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(processor=processor))
+    dm.attach(SimpleNamespace(processor=processor))
     dm.setup("fit")
     assert [r.id for r in dm.train_set.records] == [r["id"] for i, r in enumerate(rows) if i != 4]
     assert "ids" in next(iter(dm.train_dataloader()))
@@ -401,7 +403,7 @@ def test_an_sft_prompt_over_max_length_names_file_line_and_record(tmp_path, tiny
 # --- item 10: config errors -----------------------------------------------------------------------------
 def test_a_dataclass_refusal_reaches_the_user_as_its_own_message(tmp_path, tiny_world, vlm_dir, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    base = ["fit", "--config", str(ROOT / "configs/shapes/misp_dpo.yaml"), f"--model.init_args.vlm.path={vlm_dir}"]
+    base = ["fit", *method_configs("misp_dpo", ROOT), f"--model.init_args.vlm.path={vlm_dir}"]
     for option in ("n_candidates", "pool_size"):
         err = _cli_error(base + [f"--data.init_args.mining.{option}=0"], capsys)
         assert err.strip().splitlines()[-1] == f"misp: error: mining.{option} must be a positive integer, got 0", err

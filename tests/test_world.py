@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from misp.data.world import (
+from misp.utils.io import sha256_file
+from misp.world import (
     CAPTION_PROMPT,
     WorldConfig,
     caption,
@@ -26,9 +27,8 @@ from misp.data.world import (
     words,
     write_world,
 )
-from misp.data.world.generate import MANIFEST, image_path
-from misp.data.world.scene import ATTRIBUTES, WorldObject, make_scene, missing_partners
-from misp.utils.io import sha256_file
+from misp.world.generate import MANIFEST, image_path
+from misp.world.scene import ATTRIBUTES, WorldObject, make_scene, missing_partners
 
 SMALL = dict(n_clip=12, n_sft=40, n_pref=30, n_pool=10, n_test=40, image_size=40)
 

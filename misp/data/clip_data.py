@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from misp.data.handshake import AttachesToModule
 from misp.data.images import load_rgb
 from misp.data.records import CaptionRecord, read_caption_records
 from misp.models.clip import train_transform
@@ -26,7 +27,7 @@ class _CaptionDataset(Dataset):
         return self.transform(load_rgb(r.image)), r.caption, r.id
 
 
-class ClipDataModule(L.LightningDataModule):
+class ClipDataModule(AttachesToModule, L.LightningDataModule):
     """Serves (image, caption) pairs from a caption JSON Lines file (the world's ``clip.jsonl``).
 
     The transforms and tokenizer come from the module being trained, so a config names the data once.
@@ -63,7 +64,7 @@ class ClipDataModule(L.LightningDataModule):
         ).records
         if len(records) <= h.val_size:
             raise ValueError(f"{h.train_file}: {len(records)} records, need more than val_size={h.val_size}")
-        module = self.trainer.lightning_module
+        module = self.attached_module("CLIP bundle, transforms and tokenizer")
         train, val = records[: len(records) - h.val_size], records[len(records) - h.val_size :]
         self.train_set = _CaptionDataset(train, train_transform(module.bundle))
         self.val_set = _CaptionDataset(val, module.preprocess)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from misp.data.images import load_rgb
 from misp.data.records import read_pope_questions, read_prompt_records
-from misp.data.world.generate import read_manifest
+from misp.world.generate import read_manifest
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from misp.data.encoding import encode_records
 from misp.data.eval_data import EvalData, eval_dataloaders
+from misp.data.handshake import AttachesToModule
 from misp.data.images import load_rgb
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
@@ -39,7 +40,7 @@ from misp.models.prompting import (
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source, materialise, uniform_log_q
 from misp.sae.io import SAEFormatError, load_sae
-from misp.stages.hparams import save_plain_hyperparameters
+from misp.training.hparams import save_plain_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class _PreferenceEpoch(Dataset):
         }
 
 
-class NegativeSamplerDataModule(L.LightningDataModule):
+class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     """Preference records, the candidate pool, mined negatives and per-epoch importance sampling.
 
     Args:
@@ -221,11 +222,8 @@ class NegativeSamplerDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._mine(progress=False)
-        # The VLM module supplies the processor; outside a Trainer (a notebook) set `dm.processor` first.
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        self.processor = getattr(module, "processor", None) or getattr(self, "processor", None)
         if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
-            if self.processor is None:
+            if getattr(self.attached_module("processor"), "processor", None) is None:
                 raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
             h = self.hparams
             # Errors in a record's text name the file, line and record (encode_records); then each kept
@@ -273,7 +271,7 @@ class NegativeSamplerDataModule(L.LightningDataModule):
     def _proposal_log_q(self) -> torch.Tensor:
         """log q over each record's M selected negatives from the module's current q_phi (uniform without one)."""
         sel = self.selection
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        module = self._attached_module
         # The module gathers q_phi when it is sharded; every rank builds its dataloader, so all take part.
         log_q = module.proposal_log_q(sel.features, sel.valid) if hasattr(module, "proposal_log_q") else None
         return uniform_log_q(sel.valid) if log_q is None else log_q

@@ -11,10 +11,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from misp.data.encoding import encode_records, subset
 from misp.data.eval_data import EvalData, eval_dataloaders
+from misp.data.handshake import AttachesToModule
 from misp.data.images import load_rgb
 from misp.data.records import SFTRecord, read_sft_records
 from misp.models.prompting import collate_examples, encode_example, preprocess_images
-from misp.stages.hparams import save_plain_hyperparameters
+from misp.training.hparams import save_plain_hyperparameters
 
 
 class _SFTDataset(Dataset):
@@ -29,7 +30,7 @@ class _SFTDataset(Dataset):
         return self.encoded[i], load_rgb(self.records[i].image), self.records[i].id
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(AttachesToModule, L.LightningDataModule):
     """Tokenised SFT examples (loss on response tokens only) and the POPE/CHAIR evaluation sets.
 
     Args:
@@ -60,7 +61,7 @@ class SFTDataModule(L.LightningDataModule):
         self.train_set: _SFTDataset | None = None
 
     def setup(self, stage: str) -> None:
-        self.processor = self.trainer.lightning_module.processor
+        self.processor = self.attached_module("processor").processor
         if stage == "fit" and self.train_set is None:
             h = self.hparams
             read = read_sft_records(Path(h.train_file), image_root=h.image_root, on_bad_record=h.on_bad_record)

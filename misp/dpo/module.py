@@ -29,9 +29,8 @@ from misp.models.forward import vlm_logits
 from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec
 from misp.negatives.proposal import ProposalNet, gather_log_q
-from misp.stages.hparams import save_plain_hyperparameters
-from misp.stages.optim import adamw_with_warmup_cosine
-from misp.stages.vlm_module import VLMModule
+from misp.training.hparams import save_plain_hyperparameters
+from misp.training.vlm_module import VLMModule
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,7 @@ class MISPDPOModule(VLMModule):
         self.proposal = ProposalNet(eps=proposal_eps) if self.objective.uses_proposal else None
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
         self.reference_cache = ReferenceCache() if cache_reference else None
+        self.data_negatives: tuple[str, int] | None = None  # (source, k), from `datamodule.attach(module)`
         if self.reference_cache is not None:
             # Now, while every weight is whole on this process: sharding wraps and splits them later.
             self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
@@ -101,18 +101,22 @@ class MISPDPOModule(VLMModule):
             param = next(proposal.parameters())
             return proposal.log_probs(features.to(param.device, param.dtype), mask.to(param.device)).double().cpu()
 
+    def attach_data(self, data) -> None:
+        """The handshake's module side: also the data's negative source and K, checked against the objective."""
+        super().attach_data(data)
+        hparams = getattr(data, "hparams", {})
+        if "source" in hparams:
+            self.data_negatives = (hparams["source"], int(getattr(data, "k", 0)))
+            check_method(self.objective, *self.data_negatives)
+
     def on_fit_start(self) -> None:
-        data = self.trainer.datamodule
-        draws_per_epoch = getattr(data, "k", 0) > 0
-        if draws_per_epoch and self.trainer.reload_dataloaders_every_n_epochs != 1:
+        k = self.data_negatives[1] if self.data_negatives is not None else 0
+        if k > 0 and self.trainer.reload_dataloaders_every_n_epochs != 1:
             log.warning(
                 "trainer.reload_dataloaders_every_n_epochs is %s: negatives are drawn once and reused; "
                 "set it to 1 so each epoch draws fresh ones (method.md 4.4)",
                 self.trainer.reload_dataloaders_every_n_epochs,
             )
-        source = getattr(getattr(data, "hparams", None), "source", None)
-        if source is not None:
-            check_method(self.objective, source, data.hparams.get("k", 0))
 
     # log-probs --------------------------------------------------------------------------------------
     @staticmethod
@@ -160,15 +164,11 @@ class MISPDPOModule(VLMModule):
         self.log_dict(metrics, batch_size=b)
         return loss
 
-    def configure_optimizers(self) -> dict:
-        groups = [{"params": self.trainable_parameters(), "weight_decay": self.hparams.weight_decay}]
+    def parameter_groups(self) -> list[dict]:
+        groups = super().parameter_groups()
         if self.proposal is not None:
             groups.append({"params": list(self.proposal.parameters()), "weight_decay": 0.0, "lr": self.hparams.proposal_lr})
-        config = adamw_with_warmup_cosine(
-            groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-            warmup_steps=self.hparams.warmup_steps, total_steps=self.trainer.estimated_stepping_batches,
-        )
-        return config
+        return groups
 
     # checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -84,7 +84,7 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
 
 def read_vocabulary(path: str | os.PathLike) -> list[str]:
     """The ``"vocabulary"`` list of a Shapes world, given its folder or its ``world.json``."""
-    from misp.data.world.generate import read_manifest
+    from misp.world.generate import read_manifest
 
     p = Path(path)
     if p.is_dir():

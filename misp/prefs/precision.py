@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from misp.data.records import read_preference_records
-from misp.data.world.generate import read_manifest
 from misp.eval.parsing import MentionExtractor
+from misp.world.generate import read_manifest
 
 
 def load_vocabulary(objects: str | os.PathLike | Sequence[str]) -> list[str]:

@@ -51,12 +51,20 @@ class SAEModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.sae: SparseAutoencoder | None = None
+        self.data = None  # the NegativeSamplerDataModule in SAE mode, from `datamodule.attach(module)`
+
+    def attach_data(self, data) -> None:
+        """The handshake's module side: the SAE's input width, its initial pre-bias and export metadata
+        come from the data's difference vectors."""
+        self.data = data
 
     def configure_model(self) -> None:
         if self.sae is not None:
             return
         h = self.hparams
-        data = self.trainer.datamodule
+        data = self.data
+        if data is None:
+            raise RuntimeError("SAEModule needs its data's difference vectors: call `datamodule.attach(module)` first")
         config = SAEConfig(
             d_in=data.difference_dim, architecture=h.architecture, n_latents=h.n_latents, k=h.top_k, rho=h.rho,
             gamma=h.gamma, auxk_coef=h.auxk_coef, aux_k=h.aux_k, dead_after=h.dead_after,
@@ -92,5 +100,5 @@ class SAEModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            extra = getattr(self.trainer.datamodule, "sae_metadata", lambda: {})()
+            extra = getattr(self.data, "sae_metadata", lambda: {})()
             save_sae(self.sae, Path(self.hparams.export_dir), extra)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from misp.models.clip import ClipSpec, load_clip, save_clip
-from misp.stages.hparams import save_plain_hyperparameters
-from misp.stages.optim import adamw_with_warmup_cosine
+from misp.training.hparams import save_plain_hyperparameters
+from misp.training.optim import adamw_with_warmup_cosine
 
 
 class ContrastiveCLIPModule(L.LightningModule):

@@ -7,9 +7,8 @@ import torch
 from misp.eval.loop import GenerationEval
 from misp.models.forward import vlm_logits
 from misp.models.vlm import VLMSpec
-from misp.stages.hparams import save_plain_hyperparameters
-from misp.stages.optim import adamw_with_warmup_cosine
-from misp.stages.vlm_module import VLMModule
+from misp.training.hparams import save_plain_hyperparameters
+from misp.training.vlm_module import VLMModule
 
 
 class SFTModule(VLMModule):
@@ -45,12 +44,3 @@ class SFTModule(VLMModule):
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
-
-    def configure_optimizers(self) -> dict:
-        return adamw_with_warmup_cosine(
-            self.trainable_parameters(),
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-            warmup_steps=self.hparams.warmup_steps,
-            total_steps=self.trainer.estimated_stepping_batches,
-        )

@@ -1,5 +1,7 @@
-"""What training a VLM under Lightning needs beyond the model: the FSDP strategy with trainable-state checkpoints."""
+"""Training a VLM under Lightning: the shared module base, its optimiser and hyperparameter helpers, and the
+FSDP strategy whose checkpoints hold the trainable state only."""
 
 from misp.training.fsdp import FSDPStrategy
+from misp.training.vlm_module import VLMModule
 
-__all__ = ["FSDPStrategy"]
+__all__ = ["FSDPStrategy", "VLMModule"]

@@ -12,8 +12,8 @@ import math
 
 from PIL import Image, ImageDraw
 
-from misp.data.world.config import COLOR_RGB, GRID, SIZE_FRACTIONS, WorldConfig, parse_color
-from misp.data.world.scene import Scene, WorldObject
+from misp.world.config import COLOR_RGB, GRID, SIZE_FRACTIONS, WorldConfig, parse_color
+from misp.world.scene import Scene, WorldObject
 
 SUPERSAMPLE = 4
 """Drawing-canvas scale factor before the box-filter downsample."""

@@ -28,9 +28,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from misp.data.world.config import SPLITS, WorldConfig
-from misp.data.world.generate import load_world
-from misp.data.world.scene import Scene, WorldObject, generate_scenes
+from misp.world.config import SPLITS, WorldConfig
+from misp.world.generate import load_world
+from misp.world.scene import Scene, WorldObject, generate_scenes
 
 SceneLike = Scene | Iterable[WorldObject] | Iterable[Mapping]
 """A ``Scene``, a sequence of ``WorldObject``, or the ``Scene.to_dicts`` form (pref ``meta["scene"]``)."""

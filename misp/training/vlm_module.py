@@ -17,6 +17,7 @@ from misp.eval.loop import Evaluator, GenerationEval
 from misp.eval.metrics import format_results
 from misp.models.sharding import gather_full_state_dict, is_sharded, shard_vlm
 from misp.models.vlm import VLMSpec, load_vlm, save_vlm, save_vlm_state, unwrap_peft
+from misp.training.optim import adamw_with_warmup_cosine
 from misp.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,15 @@ class VLMModule(L.LightningModule):
         self.model.train()  # loaders hand models over in eval mode; Lightning keeps each module's mode
         self.generation = generation or GenerationEval()
         self.evaluator: Evaluator | None = None
+        self.eval_data: EvalData | None = None  # handed over by `datamodule.attach(module)`
         # Checkpoints hold the trainable state only (see on_save_checkpoint); the frozen rest comes from
         # the base's path. on_load_checkpoint checks that nothing trainable is missing instead.
         self.strict_loading = False
         self._trainable_keys: set[str] | None = None
+
+    def attach_data(self, data) -> None:
+        """The handshake's module side (``datamodule.attach(self)``): the evaluation sets CHAIR reads."""
+        self.eval_data = getattr(data, "evaluation", None)
 
     def vlms(self) -> list[torch.nn.Module]:
         """Every VLM this module holds (the policy; DPO adds its frozen reference): all are sharded alike."""
@@ -73,7 +79,7 @@ class VLMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.trainable_state_keys()  # before the strategy wraps the model (FSDP renames parameters)
         if self.evaluator is None:
-            data: EvalData | None = getattr(self.trainer.datamodule, "evaluation", None)
+            data: EvalData | None = self.eval_data
             objects = data.chair_objects() if data is not None else []
             synonyms = data.synonyms() if data is not None else {}
             pairs = data.pairs() if data is not None else []
@@ -132,6 +138,17 @@ class VLMModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict]:
+        """AdamW parameter groups: the VLM's trainable weights; subclasses add their own (the proposal)."""
+        return [{"params": self.trainable_parameters(), "weight_decay": self.hparams.weight_decay}]
+
+    def configure_optimizers(self) -> dict:
+        # One recipe for every VLM module: AdamW, linear warm-up, cosine decay over the whole fit.
+        return adamw_with_warmup_cosine(
+            self.parameter_groups(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+            warmup_steps=self.hparams.warmup_steps, total_steps=self.trainer.estimated_stepping_batches,
+        )
 
     # checkpoints: the trainable state only -------------------------------------------------------------
     def trainable_state_keys(self) -> set[str]:

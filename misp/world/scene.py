@@ -12,7 +12,7 @@ import hashlib
 import random
 from dataclasses import dataclass, replace
 
-from misp.data.world.config import BIASED_SPLITS, SPLITS, WorldConfig
+from misp.world.config import BIASED_SPLITS, SPLITS, WorldConfig
 
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position")
 """The attributes of an object; a counterfactual changes exactly one of them."""

@@ -30,10 +30,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from misp.data.world import grammar
-from misp.data.world.config import SPLITS, WorldConfig
-from misp.data.world.render import png_bytes, render_scene
-from misp.data.world.scene import (
+from misp.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, sha256_file
+from misp.world import grammar
+from misp.world.config import SPLITS, WorldConfig
+from misp.world.render import png_bytes, render_scene
+from misp.world.scene import (
     Scene,
     counterfactuals,
     generate_scenes,
@@ -41,7 +42,6 @@ from misp.data.world.scene import (
     missing_partners,
     split_rng,
 )
-from misp.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, sha256_file
 
 WORLD_VERSION = 3
 """Format version of world.json and the files it lists (3: the manifest hashes the images)."""

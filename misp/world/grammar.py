@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from misp.data.world.config import WorldConfig
-from misp.data.world.scene import Scene, WorldObject
+from misp.world.config import WorldConfig
+from misp.world.scene import Scene, WorldObject
 
 CAPTION_PROMPT = "describe the image."
 """The captioning prompt of sft, pref and test."""

@@ -5,9 +5,9 @@ co-occurrence bias in the sft split that teaches a language prior (the mechanism
 hallucination), and writes CLIP, SFT, preference, pool, test and POPE files in the formats real data uses.
 """
 
-from misp.data.world.config import BiasPair, WorldConfig
-from misp.data.world.generate import load_world, read_manifest, write_world
-from misp.data.world.grammar import (
+from misp.world.config import BiasPair, WorldConfig
+from misp.world.generate import load_world, read_manifest, write_world
+from misp.world.grammar import (
     CAPTION_PROMPT,
     caption,
     object_names,
@@ -16,8 +16,8 @@ from misp.data.world.grammar import (
     vocabulary,
     words,
 )
-from misp.data.world.render import png_bytes, render_scene
-from misp.data.world.scene import Scene, WorldObject, generate_scenes, make_scene, scene_from_dicts
+from misp.world.render import png_bytes, render_scene
+from misp.world.scene import Scene, WorldObject, generate_scenes, make_scene, scene_from_dicts
 
 __all__ = [
     "CAPTION_PROMPT",
