@@ -476,3 +476,11 @@ def test_a_cache_build_killed_before_its_commit_mark_is_rebuilt(tmp_path, tiny_w
     fresh = embed_images(clip, images[:8], progress=False)
     torch.testing.assert_close(embed_images(clip, images[:8], cache_path=cache, progress=False), fresh)
     torch.testing.assert_close(embed_images(clip, images[:6], cache_path=cache, progress=False), fresh[:6])
+
+
+# --- item 11: packaging metadata without deprecated forms ----------------------------------------------
+def test_pyproject_license_is_an_spdx_string():
+    text = (ROOT / "pyproject.toml").read_text()
+    # A TOML table here makes setuptools >= 77 print a deprecation warning on every install.
+    assert re.search(r'^license = "Apache-2.0"$', text, re.M)
+    assert re.search(r'^requires = \["setuptools>=77"', text, re.M)  # the first release that reads the string
