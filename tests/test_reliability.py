@@ -224,6 +224,18 @@ def test_degenerate_pools_and_k_are_counted_warnings(tmp_path, tiny_world, clip_
     assert "k=7 negatives are drawn from fewer candidates for 48 of 48 records (fewest: 6" in text
 
 
+def test_k_above_a_records_given_negatives_is_a_counted_warning(tiny_world, caplog):
+    from misp.data.negative_sampler import NegativeSamplerDataModule
+
+    dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="counterfactual", k=6,
+                                   progress=False, preview_records=0)
+    dm.prepare_data()
+    with caplog.at_level(logging.WARNING):
+        draws = dm.draws_for_epoch(0)
+    assert draws.draw_index.shape == (48, 6)
+    assert "source='counterfactual': 48 of 48 records in" in caplog.text and "fewer than k=6 negatives" in caplog.text
+
+
 def test_proposal_eps_zero_is_a_warning(vlm_dir, caplog):
     from misp.callbacks import SettingsCheck
     from misp.dpo import MISPDPOModule, PreferenceObjective
@@ -478,3 +490,11 @@ def test_a_cache_build_killed_before_its_commit_mark_is_rebuilt(tmp_path, tiny_w
     fresh = embed_images(clip, images[:8], progress=False)
     torch.testing.assert_close(embed_images(clip, images[:8], cache_path=cache, progress=False), fresh)
     torch.testing.assert_close(embed_images(clip, images[:6], cache_path=cache, progress=False), fresh[:6])
+
+
+# --- item 11: packaging metadata without deprecated forms ----------------------------------------------
+def test_pyproject_license_is_an_spdx_string():
+    text = (ROOT / "pyproject.toml").read_text()
+    # A TOML table here makes setuptools >= 77 print a deprecation warning on every install.
+    assert re.search(r'^license = "Apache-2.0"$', text, re.M)
+    assert re.search(r'^requires = \["setuptools>=77"', text, re.M)  # the first release that reads the string
