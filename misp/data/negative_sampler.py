@@ -303,8 +303,22 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             candidate_valid=lambda: self.candidates.indices >= 0,
             selected_paths=lambda: paths(self.selection.pool_index),
             proposal_log_q=lambda: self._epoch_proposal_log_q(epoch),
-            record_lists=lambda kind: [self._record_negatives(r, kind) for r in self.records],
+            record_lists=self._record_lists,
         )
+
+    def _record_lists(self, kind: str) -> list[list[str]]:
+        """The image lists records carry (``given`` negatives, counterfactual renders); warns once when some
+        hold fewer than K, since their draws then repeat."""
+        h = self.hparams
+        lists = [self._record_negatives(r, kind) for r in self.records]
+        short = [r.id for r, x in zip(self.records, lists, strict=True) if 0 < len(x) < h.k]
+        if short and not getattr(self, "_warned_short_lists", False):
+            self._warned_short_lists = True
+            log.warning(
+                "source=%r: %d of %d records in %s have fewer than k=%d negatives (e.g. %s): their draws repeat "
+                "negatives", h.source, len(short), len(lists), h.records_file, h.k, short[:3],
+            )
+        return lists
 
     # degenerate settings: the run is correct, but not what the config suggests ----------------------
     def _warn_small_pool(self) -> None:

@@ -20,7 +20,6 @@ cache ask the registry; a new source is one ``register_source(NegativeSource(...
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,8 +31,6 @@ from PIL import Image
 
 from misp.negatives.proposal import draw_negatives, gather_log_q, record_key
 from misp.negatives.transforms import diffusion_noise, random_resized_crop
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,8 +123,6 @@ class NegativeSource:
         return self.draw is not None
 
 
-_WARNED_SHORT: set[str] = set()  # once per source and process: the lists do not change between epochs
-
 REGISTRY: dict[str, NegativeSource] = {}
 """Every known source by name; ``register_source`` adds one."""
 
@@ -182,13 +177,6 @@ def _draw_uniform_from(paths: Callable[[DrawContext], Sequence[list[str]]], what
         empty = [rid for rid, x in zip(c.ids, lists, strict=True) if not x]
         if empty:
             raise ValueError(f"source {what!r}: records without negatives, e.g. {empty[:3]}")
-        short = [rid for rid, x in zip(c.ids, lists, strict=True) if len(x) < c.k]
-        if short and what not in _WARNED_SHORT:
-            _WARNED_SHORT.add(what)
-            log.warning(
-                "source %r: %d of %d records have fewer than k=%d negatives (e.g. %s): their draws repeat negatives",
-                what, len(short), len(lists), c.k, short[:3],
-            )
         padded, valid = padded_lists(lists)
         return draw_from_lists(uniform_log_q(valid), padded, c.k, c.seed, epoch, c.ids)
 
