@@ -84,7 +84,8 @@ class SettingsCheck(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         proposal = getattr(pl_module, "proposal", None)
         objective = getattr(pl_module, "objective", None)
-        if proposal is not None and getattr(proposal, "eps", None) == 0.0 and getattr(objective, "is_correction", False):
+        weighted = any(getattr(t, "importance_sampling", False) for t in getattr(objective, "terms", []))
+        if proposal is not None and getattr(proposal, "eps", None) == 0.0 and weighted:
             log.warning(
                 "model.init_args.proposal_eps is 0: the proposal q_phi has no floor, so the importance weights "
                 "exp(a)/q are unbounded and one negative the proposal neglects can dominate a batch's loss; "

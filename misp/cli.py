@@ -254,7 +254,11 @@ def check_configured_method(config) -> None:
     if objective is None or source is None or getattr(data_args, "mode", "dpo") != "dpo":
         return
     as_dict = objective.as_dict() if hasattr(objective, "as_dict") else vars(objective)
-    check_method(PreferenceObjective.from_config(as_dict), source, int(getattr(data_args, "k", 0)))
+    try:
+        built = PreferenceObjective.from_config(as_dict)
+    except (ValueError, TypeError) as e:  # the objective's own check of a value (objective.beta, ...)
+        raise ConfigError(str(e)) from e
+    check_method(built, source, int(getattr(data_args, "k", 0)))
 
 
 def main(args: Sequence[str] | None = None) -> None:

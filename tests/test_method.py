@@ -51,11 +51,15 @@ def test_every_contradiction_is_reported_once():
     assert sum("importance_sampling" in p for p in problems) == 1
 
 
-def test_the_cli_refuses_a_contradictory_method_before_loading_anything(tmp_path):
+def test_the_cli_refuses_a_contradictory_method_before_loading_anything(tmp_path, capsys):
     # A VLM path that does not exist: had the model been loaded first, this would be a FileNotFoundError.
-    with pytest.raises(MethodError, match="data.source='crop' draws 2"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", *method_configs("dpo", ROOT), "--data.source=crop", "--data.k=2",
               f"--model.init_args.vlm.path={tmp_path / 'missing'}", f"--data.records_file={tmp_path / 'missing.jsonl'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "misp: error: the method contradicts itself" in err and "data.source='crop' draws 2" in err
+    assert "Traceback" not in err
 
 
 def _fixed_batch(b: int = 4, k: int = 3) -> tuple[SequenceLogps, SequenceLogps, torch.Tensor]:

@@ -241,7 +241,7 @@ def test_proposal_eps_zero_is_a_warning(vlm_dir, caplog):
     from misp.dpo import MISPDPOModule, PreferenceObjective
     from misp.models.vlm import VLMSpec
 
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective(loss="misp"), proposal_eps=0.0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"), proposal_eps=0.0)
     with caplog.at_level(logging.WARNING):
         SettingsCheck().on_fit_start(None, module)
     assert "model.init_args.proposal_eps is 0" in caplog.text and "unbounded" in caplog.text
@@ -286,7 +286,7 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path, tiny_world, vlm_dir
         f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}", "--data.progress=false",
     ], capsys)
     assert f"misp: error: checkpoint {ckpt} was trained by another method than this config's" in err
-    assert "model.objective.loss: checkpoint 'misp', config 'dpo'" in err and "data.source: checkpoint 'sae', config 'none'" in err
+    assert "model.objective.beta: checkpoint 0.5, config 0.1" in err and "data.source: checkpoint 'sae', config 'none'" in err
 
 
 # --- item 7: SAE exports --------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ in Python. Every contradiction found is reported, one line each.
 from __future__ import annotations
 
 from misp.dpo.objective import PreferenceObjective
+from misp.errors import ConfigError
 from misp.negatives.sources import get_source
 
 
-class MethodError(ValueError):
-    """The objective and the data's negatives contradict each other."""
+class MethodError(ConfigError):
+    """The objective and the data's negatives contradict each other (``misp`` prints it without a traceback)."""
 
 
 def method_problems(objective: PreferenceObjective, source: str, k: int) -> list[str]:
