@@ -300,6 +300,38 @@ def test_cooccurrence_hand_counted():
     assert out["cooccurrence/partner_share"] == pytest.approx(2 / 4)
 
 
+def test_cooccurrence_partner_present_rate_hand_counted():
+    """A looking model names a present partner; a suppressing one does not: the two rates tell them apart."""
+    gt = [
+        ["red circle", "blue square"],  # pair 1 present
+        ["red circle", "blue square", "green triangle", "yellow circle"],  # both pairs present
+        ["blue square"],  # partner without its trigger: no case
+        ["red circle"],  # partner absent: an absent case, not a present one
+    ]
+    looking = [
+        "a red circle. a blue square.",  # names the present partner (1 of 1)
+        "a red circle. a blue square. a green triangle.",  # names blue square, not yellow circle (1 of 2)
+        "a blue square.",
+        "a red circle.",  # leaves the absent partner out
+    ]
+    suppressing = ["a red circle.", "a red circle. a green triangle.", "a blue square.", "a red circle."]
+    m = CooccurrenceMetric(PAIRS, SHAPES)
+    m.update(looking, gt)
+    out = m.compute()
+    assert out["cooccurrence/present_cases"] == 3
+    assert out["cooccurrence/partner_present_rate"] == pytest.approx(2 / 3)
+    assert out["cooccurrence/cases"] == 1 and out["cooccurrence/partner_rate"] == 0.0
+    m.reset()
+    m.update(suppressing, gt)
+    assert m.compute()["cooccurrence/partner_present_rate"] == 0.0
+    assert m.compute()["cooccurrence/partner_rate"] == 0.0
+    # No present case at all: the rate is 0.0, not a division error.
+    m.reset()
+    m.update(["a red circle."], [["red circle"]])
+    assert m.compute()["cooccurrence/partner_present_rate"] == 0.0
+    assert m.compute()["cooccurrence/present_cases"] == 0
+
+
 def test_cooccurrence_merge_errors_and_pairs_from_a_world(tmp_path):
     rng = random.Random(0)
     responses = [". ".join(rng.sample(SHAPES, rng.randint(0, 3))) for _ in range(40)]
@@ -310,6 +342,7 @@ def test_cooccurrence_merge_errors_and_pairs_from_a_world(tmp_path):
     b.update(responses[17:], gt[17:])
     a.merge_state(b)
     assert a.compute() == whole.compute() and whole.compute()["cooccurrence/cases"] > 0
+    assert whole.compute()["cooccurrence/present_cases"] > 0
     with pytest.raises(ValueError, match="TRIGGER -> PARTNER"):
         CooccurrenceMetric(["red circle blue square"], SHAPES)
     with pytest.raises(ValueError, match="not in the object vocabulary"):

@@ -5,6 +5,9 @@ prior. Given pairs ``trigger -> partner`` (in the Shapes world the biases of its
 pairs such as "dining table -> fork"), every description of an image that holds a trigger but not its
 partner is a chance to hallucinate that partner. The rate at which it does is compared with the rate at
 which the same descriptions name any other absent object, so a prior shows up as a ratio well above 1.
+Beside it stands the rate at which descriptions name the partner when it IS in the image: a model that
+learned to look names it when present and not when absent; one that learned to suppress the word does
+neither, and only the two rates together tell these apart.
 
 Integer counts reduced by sum, like :mod:`misp.eval.metrics`, so results aggregate exactly across ranks.
 """
@@ -30,7 +33,16 @@ def parse_pairs(pairs: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
-_COUNTS = ("cases", "partner_named", "other_cases", "other_named", "hallucinated", "partner_hallucinated")
+_COUNTS = (
+    "cases",
+    "partner_named",
+    "other_cases",
+    "other_named",
+    "hallucinated",
+    "partner_hallucinated",
+    "present_cases",
+    "present_named",
+)
 """The metric's states: integer counts, summed across batches and ranks."""
 
 
@@ -48,6 +60,10 @@ class CooccurrenceMetric(Metric):
     - ``cooccurrence/partner_share``: hallucinated mentions that are missing partners / all hallucinated
       mentions: the part of CHAIR_i's numerator that the prior explains.
     - ``cooccurrence/cases``: the number of (description, missing partner) cases seen.
+    - ``cooccurrence/partner_present_rate``: (description, present partner) cases in which the
+      description names the partner / all such cases. A case is an image holding a trigger AND its
+      partner; the higher the better, unlike ``partner_rate``.
+    - ``cooccurrence/present_cases``: the number of (description, present partner) cases seen.
 
     Args:
         pairs: ``"TRIGGER -> PARTNER"`` strings; every name must be in ``objects``.
@@ -82,9 +98,12 @@ class CooccurrenceMetric(Metric):
             truth = {self.extractor.canonicalise(o) for o in gt}
             mentioned = self.extractor(text)
             missing = {p for t, p in self.pairs if t in truth and p not in truth}
+            present = {p for t, p in self.pairs if t in truth and p in truth}
             hallucinated = [m for m in mentioned if m not in truth]
             c["hallucinated"] += len(hallucinated)
             c["partner_hallucinated"] += sum(m in missing for m in hallucinated)
+            c["present_cases"] += len(present)
+            c["present_named"] += len(present & set(mentioned))
             if missing:
                 named = set(mentioned)
                 others = vocabulary - truth - missing
@@ -96,10 +115,12 @@ class CooccurrenceMetric(Metric):
             setattr(self, name, getattr(self, name) + value)
 
     def compute(self) -> dict[str, float]:
-        """The three rates and the case count; 0/0 rates are 0.0."""
+        """The four rates and the two case counts; 0/0 rates are 0.0."""
         return {
             "cooccurrence/partner_rate": _ratio(self.partner_named.item(), self.cases.item()),
             "cooccurrence/other_rate": _ratio(self.other_named.item(), self.other_cases.item()),
             "cooccurrence/partner_share": _ratio(self.partner_hallucinated.item(), self.hallucinated.item()),
             "cooccurrence/cases": float(self.cases.item()),
+            "cooccurrence/partner_present_rate": _ratio(self.present_named.item(), self.present_cases.item()),
+            "cooccurrence/present_cases": float(self.present_cases.item()),
         }
