@@ -10,6 +10,8 @@ from misp.data.eval_data import EvalData
 from misp.eval import (
     CHAIRMetric,
     CooccurrenceMetric,
+    LikelihoodGroundingMetric,
+    MMVPMetric,
     POPEMetric,
     extract_mentions,
     format_results,
@@ -384,3 +386,108 @@ def test_format_results_aligns_columns():
     assert tables[1].splitlines()[1].split() == ["chair", "0.1000", "0.2500"]
     assert tables[2].splitlines()[1].split() == ["loss", "1.5000"]
     assert format_results({}) == ""
+
+
+# --- Shapes-MMVP ----------------------------------------------------------------------------------------
+
+
+def test_mmvp_pair_accuracy_hand_counted():
+    m = MMVPMetric()
+    m.update(
+        answers_a=["Yes", "yes", "no", "yes", "No."],
+        answers_b=["no", "yes", "yes", "no", "Yes, there is."],
+        labels_a=["yes", "yes", "no", "no", "no"],
+        labels_b=["no", "no", "yes", "yes", "yes"],
+        attributes=["color", "color", "size", "position", "position"],
+    )
+    out = m.compute()
+    # right pairs: 1st (color), 3rd (size), 5th (position); the 2nd answers "yes" to both and the 4th swaps.
+    assert out["mmvp/pair_accuracy"] == pytest.approx(3 / 5)
+    assert out["mmvp/pairs"] == 5
+    # right answers: 2 + 1 + 2 + 0 + 2 = 7 of 10: single questions overstate what pairs show.
+    assert out["mmvp/question_accuracy"] == pytest.approx(7 / 10)
+    assert out["mmvp/color/pair_accuracy"] == pytest.approx(1 / 2)
+    assert out["mmvp/size/pair_accuracy"] == 1.0
+    assert out["mmvp/position/pair_accuracy"] == pytest.approx(1 / 2)
+    assert "mmvp/shape/pair_accuracy" not in out  # no shape pair seen
+    # A model that always says "yes" gets half the questions and no pair.
+    always = MMVPMetric()
+    always.update(["yes"] * 4, ["yes"] * 4, ["yes", "no", "yes", "no"], ["no", "yes", "no", "yes"], ["shape"] * 4)
+    assert always.compute()["mmvp/pair_accuracy"] == 0.0
+    assert always.compute()["mmvp/question_accuracy"] == pytest.approx(0.5)
+
+
+def test_mmvp_merge_and_errors():
+    rng = random.Random(1)
+    attrs = ["color", "shape", "size", "position"]
+    n = 37
+    la = [rng.choice(["yes", "no"]) for _ in range(n)]
+    lb = ["no" if x == "yes" else "yes" for x in la]
+    aa = [rng.choice(["yes", "no", "maybe no"]) for _ in range(n)]
+    ab = [rng.choice(["yes", "no"]) for _ in range(n)]
+    at = [rng.choice(attrs) for _ in range(n)]
+    whole, a, b = MMVPMetric(), MMVPMetric(), MMVPMetric()
+    whole.update(aa, ab, la, lb, at)
+    a.update(aa[:11], ab[:11], la[:11], lb[:11], at[:11])
+    b.update(aa[11:], ab[11:], la[11:], lb[11:], at[11:])
+    a.merge_state(b)
+    assert a.compute() == whole.compute()
+    assert whole.compute()["mmvp/pairs"] == n
+    with pytest.raises(ValueError, match="unknown attribute 'texture'"):
+        MMVPMetric().update(["yes"], ["no"], ["yes"], ["no"], ["texture"])
+    with pytest.raises(ValueError, match="differ in length"):
+        MMVPMetric().update(["yes"], ["no"], ["yes"], ["no"], [])
+    with pytest.raises(ValueError, match="'yes' or 'no'"):
+        MMVPMetric().update(["yes"], ["no"], ["maybe"], ["no"], ["color"])
+    empty = MMVPMetric()
+    empty.update([], [], [], [], [])
+    assert empty.compute()["mmvp/pair_accuracy"] == 0.0  # nothing seen: 0/0 is 0.0
+
+
+# --- likelihood grounding -------------------------------------------------------------------------------
+
+
+def test_likelihood_grounding_hand_counted():
+    m = LikelihoodGroundingMetric()
+    own = torch.tensor([-10.0, -12.0, -8.0])
+    # caption 0: beats color (-11) and size (-10.5); caption 1: beats shape (-13), ties position (-12)
+    # -> loses; caption 2: beats color (-9), loses to position (-7.5).
+    cf = torch.tensor([-11.0, -10.5, -13.0, -12.0, -9.0, -7.5])
+    caption = torch.tensor([0, 0, 1, 1, 2, 2])
+    attrs = ["color", "size", "shape", "position", "color", "position"]
+    m.update(own, cf, caption, attrs)
+    out = m.compute()
+    assert out["grounding/likelihood"] == pytest.approx(1 / 3)
+    assert out["grounding/captions"] == 3
+    assert out["grounding/likelihood_color"] == 1.0
+    assert out["grounding/likelihood_size"] == 1.0
+    assert out["grounding/likelihood_shape"] == 1.0
+    assert out["grounding/likelihood_position"] == 0.0  # a tie and a loss
+    # An image-blind model scores every image alike: every comparison is a tie, so 0.
+    blind = LikelihoodGroundingMetric()
+    blind.update(torch.full((2,), -5.0), torch.full((4,), -5.0), torch.tensor([0, 0, 1, 1]), ["size"] * 4)
+    assert blind.compute()["grounding/likelihood"] == 0.0
+
+
+def test_likelihood_grounding_merge_and_errors():
+    gen = torch.Generator().manual_seed(0)
+    n = 20
+    own = torch.randn(n, generator=gen)
+    caption = torch.arange(n).repeat_interleave(3)
+    cf = torch.randn(3 * n, generator=gen)
+    attrs = [random.Random(i).choice(["color", "shape", "size", "position"]) for i in range(3 * n)]
+    whole, a, b = LikelihoodGroundingMetric(), LikelihoodGroundingMetric(), LikelihoodGroundingMetric()
+    whole.update(own, cf, caption, attrs)
+    a.update(own[:7], cf[:21], caption[:21], attrs[:21])
+    b.update(own[7:], cf[21:], caption[21:] - 7, attrs[21:])
+    a.merge_state(b)
+    assert a.compute() == whole.compute()
+    # The pooled share is the per-caption AND over its counterfactuals, computed here independently.
+    expected = sum(bool((own[i] > cf[3 * i : 3 * i + 3]).all()) for i in range(n)) / n
+    assert whole.compute()["grounding/likelihood"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"captions \[1\] have no counterfactual"):
+        LikelihoodGroundingMetric().update(torch.zeros(2), torch.zeros(1), torch.tensor([0]), ["color"])
+    with pytest.raises(ValueError, match="must lie in"):
+        LikelihoodGroundingMetric().update(torch.zeros(1), torch.zeros(1), torch.tensor([3]), ["color"])
+    with pytest.raises(ValueError, match="unknown attribute"):
+        LikelihoodGroundingMetric().update(torch.zeros(1), torch.zeros(1), torch.tensor([0]), ["texture"])

@@ -1,4 +1,5 @@
-"""Evaluation data shared by every VLM module: POPE questions and captioning prompts for CHAIR."""
+"""Evaluation data shared by every VLM module: POPE questions, captioning prompts for CHAIR, Shapes-MMVP
+pairs and likelihood-grounding captions."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from misp.data.images import load_rgb
-from misp.data.records import read_pope_questions, read_prompt_records
+from misp.data.records import (
+    RecordError,
+    ReadResult,
+    read_grounding_records,
+    read_mmvp_pairs,
+    read_pope_questions,
+    read_prompt_records,
+)
+from misp.eval.grounding import ATTRIBUTES
 from misp.world.generate import read_manifest
 
 
@@ -26,6 +35,14 @@ class EvalData:
     """Split name for a ``pope``-layout file (random, popular or adversarial)."""
     captions_file: str | None = None
     """Captioning prompts with ground-truth objects (``image``, ``prompt``, ``objects``); None skips CHAIR."""
+    mmvp_file: str | None = None
+    """Shapes-MMVP pairs, JSON Lines (``image_a``, ``image_b``, ``question``, ``answer_a``, ``answer_b``,
+    ``attribute``; a world's mmvp.jsonl): pair accuracy, a pair counting only when both answers are right
+    (``misp.eval.grounding``); None skips it."""
+    grounding_file: str | None = None
+    """Captions with one-attribute counterfactual images, JSON Lines (``image``, ``prompt``, ``caption``,
+    ``counterfactuals``, ``attributes``; a world's grounding.jsonl): the share of captions more likely
+    under their own image than under every counterfactual, per attribute; None skips it."""
     image_root: str | None = None
     """Folder image paths are relative to (default: each file's folder)."""
     objects: list[str] = field(default_factory=list)
@@ -37,8 +54,8 @@ class EvalData:
     (``misp.eval.cooccurrence``). None: the bias pairs of a ``world.json`` beside the captions file, if
     there is one; []: off."""
     limit: int | None = None
-    """Evaluate only the first N questions of each POPE split and the first N prompts (quick
-    validation during training)."""
+    """Evaluate only the first N questions of each POPE split, the first N prompts, MMVP pairs and
+    grounding captions (quick validation during training)."""
     batch_size: int = 32
     """Prompts per generation batch."""
 
@@ -87,7 +104,11 @@ class _EvalDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = dict(self.rows[i])
-        row["image"] = load_rgb(row["image"])
+        for key in ("image", "image_b"):
+            if key in row:
+                row[key] = load_rgb(row[key])
+        if "counterfactuals" in row:
+            row["counterfactuals"] = [load_rgb(p) for p in row["counterfactuals"]]
         return row
 
 
@@ -110,8 +131,18 @@ def _first_per_split(questions: list, limit: int | None) -> list:
     return kept
 
 
+def _check_attributes(read: ReadResult, field: str) -> list:
+    """Refuse, at start-up and naming file:line, an attribute the grounding metrics do not count."""
+    for record, line in zip(read.records, read.lines, strict=True):
+        values = getattr(record, field)
+        for value in (values,) if isinstance(values, str) else values:
+            if value not in ATTRIBUTES:
+                raise RecordError(read.path, line, field, f"unknown attribute {value!r}; known: {list(ATTRIBUTES)}")
+    return read.records
+
+
 def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
-    """The POPE and captioning sets named by ``cfg``, validated up front, in that order."""
+    """The POPE, captioning, MMVP and grounding sets named by ``cfg``, validated up front, in that order."""
     sets = []
     if cfg.pope_file:
         questions = _first_per_split(read_pope_questions(
@@ -129,6 +160,28 @@ def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
             for p in prompts
         ]
         sets.append(_EvalDataset("caption", rows))
+    if cfg.mmvp_file:
+        read = read_mmvp_pairs(Path(cfg.mmvp_file), image_root=cfg.image_root)
+        pairs = _check_attributes(read, "attribute")[: cfg.limit]
+        rows = [
+            {
+                "task": "mmvp", "id": p.id, "image": p.image_a, "image_b": p.image_b, "prompt": p.question,
+                "answer_a": p.answer_a, "answer_b": p.answer_b, "attribute": p.attribute,
+            }
+            for p in pairs
+        ]
+        sets.append(_EvalDataset("mmvp", rows))
+    if cfg.grounding_file:
+        read = read_grounding_records(Path(cfg.grounding_file), image_root=cfg.image_root)
+        records = _check_attributes(read, "attributes")[: cfg.limit]
+        rows = [
+            {
+                "task": "likelihood", "id": r.id, "image": r.image, "prompt": r.prompt, "caption": r.caption,
+                "counterfactuals": list(r.counterfactuals), "attributes": list(r.attributes),
+            }
+            for r in records
+        ]
+        sets.append(_EvalDataset("likelihood", rows))
     return sets
 
 

@@ -167,6 +167,44 @@ class PromptRecord:
     """Ground-truth object names present in the image (may be empty)."""
 
 
+@dataclass(frozen=True)
+class MMVPPair:
+    """A Shapes-MMVP pair: two images that differ in one attribute and a question they answer differently."""
+
+    id: str
+    """Unique within the file."""
+    image_a: Path
+    """The first image (a test image), absolute."""
+    image_b: Path
+    """The second image (its one-attribute counterfactual), absolute."""
+    question: str
+    """The question asked about both images."""
+    answer_a: str
+    """The true answer for ``image_a``: "yes" or "no"."""
+    answer_b: str
+    """The true answer for ``image_b``: "yes" or "no", the other one."""
+    attribute: str
+    """What the two images differ in (color, shape, size or position): the per-attribute key."""
+
+
+@dataclass(frozen=True)
+class GroundingRecord:
+    """A caption with its image and one-attribute counterfactual images (likelihood grounding)."""
+
+    id: str
+    """Unique within the file."""
+    image: Path
+    """The image the caption describes, absolute."""
+    prompt: str
+    """The captioning prompt."""
+    caption: str
+    """The image's true caption, scored under the image and under each counterfactual."""
+    counterfactuals: tuple[Path, ...]
+    """Images that each change one attribute of one object, absolute."""
+    attributes: tuple[str, ...]
+    """The attribute each counterfactual changes, one per counterfactual."""
+
+
 @dataclass
 class ReadResult:
     """The valid records of a file, and the errors of the ones skipped."""
@@ -341,6 +379,24 @@ _CAPTION_SCHEMA = (_OPTIONAL_ID, _IMAGE, _text_field("caption"))
 _SFT_SCHEMA = (_OPTIONAL_ID, _IMAGE, _text_field("prompt"), _text_field("response"))
 _PROMPT_SCHEMA = (_OPTIONAL_ID, _IMAGE, _text_field("prompt"), _Field("objects", (list,), _string_list))
 
+_MMVP_SCHEMA = (
+    _OPTIONAL_ID,
+    _Field("image_a", (str,), _image),
+    _Field("image_b", (str,), _image),
+    _text_field("question"),
+    _Field("answer_a", (str,), _label),
+    _Field("answer_b", (str,), _label),
+    _text_field("attribute"),
+)
+_GROUNDING_SCHEMA = (
+    _OPTIONAL_ID,
+    _IMAGE,
+    _text_field("prompt"),
+    _text_field("caption"),
+    _Field("counterfactuals", (list,), _image_list),
+    _Field("attributes", (list,), _string_list),
+)
+
 PREFERENCE_LAYOUTS: dict[str, _Layout] = {
     "misp": _Layout(),
     "mdpo": _Layout(keys={"image": "img_path"}, id_from_index=True),
@@ -468,6 +524,23 @@ def _check_preference(values: dict[str, Any], path: Path, line: int, keys: Mappi
     """A pair whose two responses are the same text has no preference in it: its DPO gradient is zero."""
     if values["chosen"].strip() == values["rejected"].strip():
         raise RecordError(path, line, keys.get("rejected", "rejected"), "identical to 'chosen': the pair prefers nothing")
+
+
+def _check_mmvp(values: dict[str, Any], path: Path, line: int, keys: Mapping[str, str]) -> None:
+    """A pair both of whose images have the same answer tests nothing MMVP measures."""
+    if values["answer_a"] == values["answer_b"]:
+        raise RecordError(path, line, keys.get("answer_b", "answer_b"), "equals 'answer_a': the pair's answers must differ")
+
+
+def _check_grounding(values: dict[str, Any], path: Path, line: int, keys: Mapping[str, str]) -> None:
+    """One attribute per counterfactual, and at least one counterfactual to compare with."""
+    n, m = len(values["counterfactuals"]), len(values["attributes"])
+    if n == 0:
+        raise RecordError(path, line, keys.get("counterfactuals", "counterfactuals"), "empty: nothing to compare with")
+    if n != m:
+        raise RecordError(
+            path, line, keys.get("attributes", "attributes"), f"{m} attributes for {n} counterfactuals (one each)"
+        )
 
 
 def _read(
@@ -681,4 +754,53 @@ def read_prompt_records(
     """
     return _read(
         path, _PROMPT_SCHEMA, PromptRecord, _Layout(), image_root, key_map, on_bad_record, verify_images
+    )
+
+
+def read_mmvp_pairs(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    key_map: Mapping[str, str] | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    verify_images: bool = True,
+) -> ReadResult:
+    """Read and validate Shapes-MMVP pairs ``{id?, image_a, image_b, question, answer_a, answer_b,
+    attribute}`` into :class:`MMVPPair` s (mmvp.jsonl of a world).
+
+    Answers are "yes" or "no" and must differ between the two images.
+
+    Args:
+        path: JSON Lines file, or a file holding one JSON array.
+        image_root: Folder relative image paths start from; default: the file's folder.
+        key_map: misp field -> source key.
+        on_bad_record: "raise" stops at the first bad record; "skip" drops bad records and warns once.
+        verify_images: Open and decode every image now.
+    """
+    return _read(
+        path, _MMVP_SCHEMA, MMVPPair, _Layout(), image_root, key_map, on_bad_record, verify_images, check=_check_mmvp
+    )
+
+
+def read_grounding_records(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    key_map: Mapping[str, str] | None = None,
+    on_bad_record: OnBadRecord = "raise",
+    verify_images: bool = True,
+) -> ReadResult:
+    """Read and validate likelihood-grounding records ``{id?, image, prompt, caption, counterfactuals,
+    attributes}`` into :class:`GroundingRecord` s (grounding.jsonl of a world).
+
+    ``counterfactuals`` is a non-empty list of images and ``attributes`` names what each one changes.
+
+    Args:
+        path: JSON Lines file, or a file holding one JSON array.
+        image_root: Folder relative image paths start from; default: the file's folder.
+        key_map: misp field -> source key.
+        on_bad_record: "raise" stops at the first bad record; "skip" drops bad records and warns once.
+        verify_images: Open and decode every image now.
+    """
+    return _read(
+        path, _GROUNDING_SCHEMA, GroundingRecord, _Layout(), image_root, key_map, on_bad_record, verify_images,
+        check=_check_grounding,
     )

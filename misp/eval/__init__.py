@@ -1,13 +1,16 @@
-"""Evaluation: POPE, CHAIR and co-occurrence hallucination as torchmetrics metrics, and the answer
-parsing they rely on."""
+"""Evaluation: POPE, CHAIR, co-occurrence hallucination, Shapes-MMVP and likelihood grounding as
+torchmetrics metrics, and the answer parsing they rely on."""
 
 from misp.eval.cooccurrence import CooccurrenceMetric
+from misp.eval.grounding import LikelihoodGroundingMetric, MMVPMetric
 from misp.eval.metrics import CHAIRMetric, POPEMetric, format_results
 from misp.eval.parsing import MentionExtractor, extract_mentions, parse_yes_no
 
 __all__ = [
     "CHAIRMetric",
     "CooccurrenceMetric",
+    "LikelihoodGroundingMetric",
+    "MMVPMetric",
     "MentionExtractor",
     "POPEMetric",
     "extract_mentions",

@@ -1,4 +1,5 @@
-"""Generation-based evaluation of a VLM: POPE and CHAIR over batches of images and prompts.
+"""Evaluation of a VLM over batches of images and prompts: POPE, CHAIR, co-occurrence and Shapes-MMVP
+from generated answers, and likelihood grounding from scored captions.
 
 Used by every VLM LightningModule's validation and test steps, and usable on its own from a notebook.
 """
@@ -11,7 +12,9 @@ import torch
 from torch import nn
 
 from misp.eval.cooccurrence import CooccurrenceMetric
+from misp.eval.grounding import LikelihoodGroundingMetric, MMVPMetric
 from misp.eval.metrics import CHAIRMetric, POPEMetric
+from misp.eval.scoring import response_logps_per_image
 from misp.models.generation import generate
 
 
@@ -22,15 +25,20 @@ class GenerationEval:
     max_new_tokens: int = 48
     """Longest caption generated for CHAIR."""
     pope_max_new_tokens: int = 8
-    """Longest answer generated for a POPE yes/no question."""
+    """Longest answer generated for a POPE or Shapes-MMVP yes/no question."""
     pope_prompt_suffix: str = ""
-    """Appended to each POPE question; LLaVA-1.5 uses " Answer the question using a single word or phrase."."""
+    """Appended to each POPE and Shapes-MMVP question; LLaVA-1.5 uses " Answer the question using a single
+    word or phrase."."""
     caption_prompt: str | None = None
     """Replaces the captions file's prompt (e.g. "Please describe this image in detail." for real CHAIR)."""
+    score_rows: int = 16
+    """Most (caption, image) rows per forward when scoring captions for likelihood grounding; a caption
+    and its counterfactuals always share one forward, so each image is encoded once."""
 
 
 class Evaluator(nn.Module):
-    """Holds the POPE and CHAIR metrics and fills them from generated answers.
+    """Holds the evaluation metrics and fills them: POPE, CHAIR, co-occurrence and Shapes-MMVP from
+    generated answers, likelihood grounding from the summed log-probabilities of captions.
 
     An ``nn.Module`` so the metrics follow the LightningModule's device and sync across ranks.
     """
@@ -47,6 +55,8 @@ class Evaluator(nn.Module):
         self.pope = POPEMetric()
         self.chair = CHAIRMetric(objects, synonyms) if objects else None
         self.cooccurrence = CooccurrenceMetric(pairs, objects, synonyms) if objects and pairs else None
+        self.mmvp = MMVPMetric()
+        self.grounding = LikelihoodGroundingMetric()
         self.samples: list[dict] = []
 
     @torch.no_grad()
@@ -64,10 +74,41 @@ class Evaluator(nn.Module):
             self.chair.update(answers, batch["objects"])
             if self.cooccurrence is not None:
                 self.cooccurrence.update(answers, batch["objects"])
+        elif batch["task"] == "mmvp":
+            # Both images of every pair in one generate call: the same question, image a then image b.
+            n = len(batch["prompt"])
+            prompts = [q + c.pope_prompt_suffix for q in batch["prompt"]]
+            both = generate(
+                model, processor, list(batch["image"]) + list(batch["image_b"]), prompts + prompts,
+                max_new_tokens=c.pope_max_new_tokens,
+            )
+            answers = [f"{a[0]} | {b[0]}" for a, b in zip(both[:n], both[n:], strict=True)]
+            self.mmvp.update(
+                [a[0] for a in both[:n]], [b[0] for b in both[n:]], batch["answer_a"], batch["answer_b"],
+                batch["attribute"],
+            )
+        elif batch["task"] == "likelihood":
+            self._score_captions(model, processor, batch)
+            return  # scores, not answers: nothing to keep as a sample
         else:
             raise ValueError(f"unknown evaluation task {batch['task']!r}")
         for i in range(min(len(answers), keep_samples - len(self.samples))):
             self.samples.append({"task": batch["task"], "id": batch["id"][i], "prompt": prompts[i], "answer": answers[i]})
+
+    def _score_captions(self, model, processor, batch: dict) -> None:
+        """Likelihood grounding: each caption under its own image and under each counterfactual."""
+        items = [
+            (prompt, caption, [image, *cfs])
+            for prompt, caption, image, cfs in zip(
+                batch["prompt"], batch["caption"], batch["image"], batch["counterfactuals"], strict=True
+            )
+        ]
+        scores = response_logps_per_image(model, processor, items, max_rows=self.config.score_rows)
+        own = torch.stack([s[0] for s in scores])
+        counterfactual = torch.cat([s[1:] for s in scores])
+        caption = torch.cat([torch.full((len(s) - 1,), i, dtype=torch.long) for i, s in enumerate(scores)])
+        attributes = [a for attrs in batch["attributes"] for a in attrs]
+        self.grounding.update(own, counterfactual, caption, attributes)
 
     def compute(self) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -77,10 +118,14 @@ class Evaluator(nn.Module):
             results.update(self.chair.compute())
         if self.cooccurrence is not None and self.cooccurrence.update_count:
             results.update(self.cooccurrence.compute())
+        for metric in (self.mmvp, self.grounding):
+            if metric.update_count:
+                results.update(metric.compute())
         return results
 
     def reset(self) -> None:
-        self.pope.reset()
+        for metric in (self.pope, self.mmvp, self.grounding):
+            metric.reset()
         for metric in (self.chair, self.cooccurrence):
             if metric is not None:
                 metric.reset()

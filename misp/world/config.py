@@ -149,6 +149,11 @@ class WorldConfig:
     counterfactuals_per_record: int = 4
     """Counterfactual renders per preference record, each with one attribute of one object changed."""
 
+    test_counterfactuals: int = 50
+    """Test scenes (the first N, capped by n_test) that get one counterfactual render per attribute
+    (colour, shape, size, position): the image pairs of Shapes-MMVP (mmvp.jsonl) and of likelihood
+    grounding (grounding.jsonl). Drawn from their own random stream, so every other file stays the same."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -194,6 +199,7 @@ class WorldConfig:
         _int("sft_questions_per_image", self.sft_questions_per_image, lo=0)
         _int("pope_per_image", self.pope_per_image, lo=0)
         _int("counterfactuals_per_record", self.counterfactuals_per_record, lo=0)
+        _int("test_counterfactuals", self.test_counterfactuals, lo=0)
 
     def _vocab(self, name: str, values: list[str], known) -> None:
         _str_list(name, values)

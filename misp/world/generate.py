@@ -9,7 +9,12 @@ Layout under ``out_dir`` (image paths in the JSONL files are relative to ``out_d
     pool.jsonl    {"id", "image", "objects"}: distractor images for negative retrieval
     test.jsonl    {"id", "image", "prompt", "objects"}: captioning prompts with ground-truth objects
     pope.jsonl    {"id", "image", "question", "label", "split", "object"}: POPE over the test images
-    images/{clip,sft,pref,pref_cf,pool,test}/*.png
+    mmvp.jsonl    {"id", "image_a", "image_b", "question", "answer_a", "answer_b", "attribute", "object"}:
+                  Shapes-MMVP, a test image and its one-attribute counterfactual with a question whose
+                  answer differs between the two
+    grounding.jsonl  {"id", "image", "prompt", "caption", "counterfactuals", "attributes"}: test captions
+                  with one counterfactual render per attribute (likelihood grounding)
+    images/{clip,sft,pref,pref_cf,pool,test,test_cf}/*.png
 
 Every file is written atomically and ``world.json`` last: it is the world's commit mark. Regenerating
 over an existing world removes the old mark before writing anything, so a run interrupted half-way leaves
@@ -25,7 +30,7 @@ import json
 import os
 import random
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -35,7 +40,9 @@ from misp.world import grammar
 from misp.world.config import SPLITS, WorldConfig
 from misp.world.render import png_bytes, render_scene
 from misp.world.scene import (
+    ATTRIBUTES,
     Scene,
+    attribute_counterfactual,
     counterfactuals,
     generate_scenes,
     hallucinate,
@@ -43,8 +50,9 @@ from misp.world.scene import (
     split_rng,
 )
 
-WORLD_VERSION = 3
-"""Format version of world.json and the files it lists (3: the manifest hashes the images)."""
+WORLD_VERSION = 4
+"""Format version of world.json and the files it lists (3: the manifest hashes the images; 4: adds
+mmvp.jsonl and grounding.jsonl over test counterfactuals; every other file is byte-identical to 3's)."""
 
 MANIFEST = "world.json"
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -63,6 +71,11 @@ def image_path(split: str, i: int) -> str:
 
 def counterfactual_path(i: int, j: int) -> str:
     return f"images/pref_cf/{record_id('pref', i)}-cf{j}.png"
+
+
+def test_counterfactual_path(i: int, attribute: str) -> str:
+    """Path of test scene ``i``'s counterfactual that changes ``attribute``."""
+    return f"images/test_cf/{record_id('test', i)}-{attribute}.png"
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -259,6 +272,59 @@ def _pope_rows(test: list[Scene], sft: list[Scene], config: WorldConfig) -> list
     return rows
 
 
+def _test_counterfactual_rows(
+    test: list[Scene], config: WorldConfig
+) -> tuple[list[dict], list[dict], list[tuple[str, Scene]]]:
+    """Shapes-MMVP pairs, likelihood-grounding records and the counterfactual renders they reference.
+
+    The first ``config.test_counterfactuals`` test scenes each get one counterfactual per attribute that
+    admits a visible change. Each (scene, counterfactual) is one MMVP pair whose question is about the
+    edited object: a coin decides whether it names the original value (answers yes/no) or the new one
+    (no/yes), so neither "always yes" nor "always no" passes a pair. Everything draws from its own stream
+    ("counterfactual/test"), so no other file of the world depends on these.
+    """
+    rng = split_rng(config.seed, "counterfactual/test")
+    mmvp, grounding, renders = [], [], []
+    for i, scene in enumerate(test[: config.test_counterfactuals]):
+        paths, attributes = [], []
+        for attribute in ATTRIBUTES:
+            drawn = attribute_counterfactual(scene, attribute, rng, config)
+            if drawn is None:
+                continue
+            index, value, cf = drawn
+            path = test_counterfactual_path(i, attribute)
+            renders.append((path, cf))
+            paths.append(path)
+            attributes.append(attribute)
+            before = scene.objects[index]
+            after = replace(before, **{attribute: value})
+            asked = before if rng.random() < 0.5 else after
+            mmvp.append(
+                {
+                    "id": record_id("mmvp", len(mmvp)),
+                    "image_a": image_path("test", i),
+                    "image_b": path,
+                    "question": grammar.attribute_question(asked, attribute),
+                    "answer_a": grammar.answer(asked is before),
+                    "answer_b": grammar.answer(asked is after),
+                    "attribute": attribute,
+                    "object": before.name,
+                }
+            )
+        if paths:
+            grounding.append(
+                {
+                    "id": record_id("test", i),
+                    "image": image_path("test", i),
+                    "prompt": grammar.CAPTION_PROMPT,
+                    "caption": grammar.caption(scene),
+                    "counterfactuals": paths,
+                    "attributes": attributes,
+                }
+            )
+    return mmvp, grounding, renders
+
+
 # ---------------------------------------------------------------------------------------- writing
 def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, progress: bool = True) -> dict:
     """Generate the Shapes world described by ``config`` into ``out_dir``; return the manifest.
@@ -296,9 +362,10 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
         "pope": _pope_rows(scenes["test"], scenes["sft"], config),
     }
     rows["pref"], cf_renders = _pref_rows(scenes["pref"], config)
+    rows["mmvp"], rows["grounding"], test_cf_renders = _test_counterfactual_rows(scenes["test"], config)
 
     renders = [(image_path(split, i), s) for split in SPLITS for i, s in enumerate(scenes[split])]
-    renders += cf_renders
+    renders += cf_renders + test_cf_renders
     image_hashes = {}
     for rel, scene in tqdm(renders, desc="rendering Shapes world", unit="img", disable=not progress):
         data = png_bytes(render_scene(scene, config))
@@ -306,7 +373,7 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
         image_hashes[rel] = hashlib.sha256(data).hexdigest()
 
     files = {}
-    for name in ("clip", "sft", "pref", "pool", "test", "pope"):
+    for name in ("clip", "sft", "pref", "pool", "test", "pope", "mmvp", "grounding"):
         path = out / f"{name}.jsonl"
         atomic_write_jsonl(path, rows[name])
         files[name] = {"path": path.name, "rows": len(rows[name]), "sha256": sha256_file(path)}
@@ -326,6 +393,8 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
             "rows": {name: f["rows"] for name, f in files.items()},
             "images": len(renders),
             "counterfactual_images": len(cf_renders),
+            "test_counterfactual_images": len(test_cf_renders),
+            "mmvp": dict(Counter(r["attribute"] for r in rows["mmvp"])),
             "hallucinations": {"partner": hallucinations["partner"], "swap": hallucinations["swap"]},
             "pope": dict(Counter(r["split"] for r in rows["pope"])),
         },
@@ -345,14 +414,16 @@ def _images_hash(hashes: dict[str, str]) -> str:
 
 
 def _referenced_images(root: Path, manifest: dict) -> set[str]:
-    """Every image path the world's JSON Lines files name (rows' ``image``, preference counterfactuals)."""
+    """Every image path the world's JSON Lines files name: rows' ``image`` (``image_a``/``image_b`` of
+    MMVP pairs), preference counterfactuals and test counterfactuals."""
     rels: set[str] = set()
     for f in manifest["files"].values():
         with open(root / f["path"], encoding="utf-8") as lines:
             for line in lines:
                 row = json.loads(line)
-                rels.add(row["image"])
+                rels.update(row[k] for k in ("image", "image_a", "image_b") if k in row)
                 rels.update(row.get("meta", {}).get("counterfactuals", []))
+                rels.update(row.get("counterfactuals", []))
     return rels
 
 

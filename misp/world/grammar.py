@@ -41,6 +41,22 @@ def question(object_name: str) -> str:
     return f"is there {article(object_name)} {object_name} in the image?"
 
 
+def attribute_question(obj: WorldObject, attribute: str) -> str:
+    """A yes/no question that ``obj``'s ``attribute`` decides (Shapes-MMVP), in the world's own words.
+
+    colour and shape: 'is there a red circle in the image?'; size: 'is there a large red circle in the
+    image?'; position: 'is there a red circle at the top left?'. Every word is already in ``vocabulary``
+    (the question and caption words), so a world's tokenizer reads these questions unchanged.
+    """
+    if attribute in ("color", "shape"):
+        return question(obj.name)
+    if attribute == "size":
+        return f"is there {article(obj.size)} {obj.size} {obj.name} in the image?"
+    if attribute == "position":
+        return f"is there {article(obj.name)} {obj.name} at the {obj.position}?"
+    raise ValueError(f"unknown attribute {attribute!r}; known: color, shape, size, position")
+
+
 def answer(present: bool) -> str:
     return YES if present else NO
 

@@ -242,3 +242,24 @@ def counterfactuals(scene: Scene, rng: random.Random, config: WorldConfig, k: in
         index, value = options[attr].pop(rng.randrange(len(options[attr])))
         out.append(edit(scene, index, attr, value, config))
     return out
+
+
+def attribute_counterfactual(
+    scene: Scene, attribute: str, rng: random.Random, config: WorldConfig
+) -> tuple[int, str, Scene] | None:
+    """One visible object of ``scene`` with ``attribute`` changed: ``(object index, new value, scene)``.
+
+    Only edits that change the pixels of exactly one object are drawn: hidden objects are never edited
+    (their change would not show), and an object with a hidden one behind it is never moved (moving it
+    would reveal a second object). None when the scene admits no such edit of ``attribute``.
+    """
+    covering = {o.position for o in scene.objects if o.hidden}
+    options = [
+        (i, value)
+        for i, value in _edits(scene, config, attribute)
+        if not scene.objects[i].hidden and not (attribute == "position" and scene.objects[i].position in covering)
+    ]
+    if not options:
+        return None
+    index, value = rng.choice(options)
+    return index, value, edit(scene, index, attribute, value, config)
