@@ -66,8 +66,12 @@ def test_same_seed_gives_byte_identical_files(world, tmp_path):
 def test_different_seed_differs(world, tmp_path):
     write_world(tmp_path, small_config(seed=1), progress=False)
     a, b = file_hashes(world), file_hashes(tmp_path)
-    assert a.keys() == b.keys()
-    for name in ("clip.jsonl", "sft.jsonl", "pref.jsonl", "pool.jsonl", "test.jsonl", "pope.jsonl"):
+    # Which attributes of a test scene admit a visible change depends on the scene, so the test
+    # counterfactuals' names may differ between seeds; every other name is fixed by the config.
+    fixed = lambda keys: {k for k in keys if not k.startswith("images/test_cf/")}  # noqa: E731
+    assert fixed(a) == fixed(b)
+    for name in ("clip", "sft", "pref", "pool", "test", "pope", "mmvp", "grounding"):
+        name = f"{name}.jsonl"
         assert a[name] != b[name]
     images = [k for k in a if k.endswith(".png")]
     assert sum(a[k] != b[k] for k in images) > 0.9 * len(images)
@@ -439,3 +443,79 @@ def test_sft_rows_call_a_hidden_partner_present(tmp_path):
             assert answers and set(answers) == {"yes"}
             checked += 1
     assert checked > 10
+
+
+# ------------------------------------------------------------------------------------ test counterfactuals
+def test_test_counterfactuals_leave_every_other_file_byte_identical(world, tmp_path):
+    """mmvp.jsonl, grounding.jsonl and images/test_cf draw from their own stream: turning them off (or
+    changing how many there are) changes no other file of the world but its manifest."""
+    write_world(tmp_path, small_config(test_counterfactuals=0), progress=False)
+    a, b = file_hashes(world), file_hashes(tmp_path)
+    new = {"world.json", "mmvp.jsonl", "grounding.jsonl"}
+    assert any(k.startswith("images/test_cf/") for k in a)
+    assert not any(k.startswith("images/test_cf/") for k in b)
+    assert {k: v for k, v in a.items() if k not in new and not k.startswith("images/test_cf/")} == {
+        k: v for k, v in b.items() if k not in new
+    }
+    assert (tmp_path / "mmvp.jsonl").read_text() == "" and load_world(tmp_path)["counts"]["rows"]["mmvp"] == 0
+    # Fewer scenes with counterfactuals: a prefix of the same pairs.
+    write_world(tmp_path, small_config(test_counterfactuals=5), progress=False)
+    few = read_jsonl(tmp_path / "mmvp.jsonl")
+    assert few == read_jsonl(world / "mmvp.jsonl")[: len(few)]
+    assert {r["image_a"] for r in few} == {image_path("test", i) for i in range(5)}
+
+
+def _answer(objects: list[WorldObject], question_text: str, attribute: str) -> str:
+    """The true answer to an MMVP question about a scene, by asking it of every object."""
+    from misp.world.grammar import attribute_question
+
+    return "yes" if any(attribute_question(o, attribute) == question_text for o in objects) else "no"
+
+
+def test_mmvp_pairs_differ_in_one_attribute_and_answer_differently(world):
+    from misp.world.scene import _edits, edit
+
+    config = small_config()
+    test = generate_scenes(config, "test")
+    vocab = set(vocabulary(config))
+    rows = read_jsonl(world / "mmvp.jsonl")
+    assert Counter(r["attribute"] for r in rows).keys() == set(ATTRIBUTES)
+    assert {r["answer_a"] for r in rows} == {"yes", "no"}  # both orders occur
+    for row in rows[:24]:
+        i = int(row["image_a"].split("-")[-1].removesuffix(".png"))
+        scene = test[i]
+        assert row["image_a"] == image_path("test", i)
+        assert row["answer_a"] != row["answer_b"]
+        assert set(words(row["question"])) <= vocab
+        # image_b is the render of exactly one edit of `attribute` to one visible object of the scene.
+        target = (world / row["image_b"]).read_bytes()
+        matches = [
+            edit(scene, k, row["attribute"], value, config)
+            for k, value in _edits(scene, config, row["attribute"])
+            if png_bytes(render_scene(edit(scene, k, row["attribute"], value, config), config)) == target
+        ]
+        assert len(matches) == 1
+        assert _answer(list(scene.objects), row["question"], row["attribute"]) == row["answer_a"]
+        assert _answer(list(matches[0].objects), row["question"], row["attribute"]) == row["answer_b"]
+
+
+def test_grounding_records_pair_each_test_caption_with_its_counterfactuals(world, tmp_path):
+    config = small_config()
+    test = generate_scenes(config, "test")
+    pairs = read_jsonl(world / "mmvp.jsonl")
+    records = read_jsonl(world / "grounding.jsonl")
+    assert len(records) == min(config.test_counterfactuals, config.n_test)
+    for rec in records:
+        i = int(rec["id"].split("-")[-1])
+        assert rec["image"] == image_path("test", i) and rec["caption"] == caption(test[i])
+        mine = [(p["image_b"], p["attribute"]) for p in pairs if p["image_a"] == rec["image"]]
+        assert list(zip(rec["counterfactuals"], rec["attributes"], strict=True)) == mine
+        assert len(set(rec["attributes"])) == len(rec["attributes"])
+    # The manifest's image hash covers the test counterfactuals too.
+    import shutil
+
+    shutil.copytree(world, tmp_path / "w")
+    cf = tmp_path / "w" / records[0]["counterfactuals"][0]
+    cf.write_bytes((tmp_path / "w" / records[0]["image"]).read_bytes())
+    with pytest.raises(ValueError, match="images under"):
+        load_world(tmp_path / "w")
