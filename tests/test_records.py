@@ -11,12 +11,16 @@ from PIL import Image
 from misp.data.images import ImageReadError, load_rgb, verify_image
 from misp.data.records import (
     CaptionRecord,
+    GroundingRecord,
+    MMVPPair,
     PopeQuestion,
     PreferenceRecord,
     PromptRecord,
     RecordError,
     SFTRecord,
     read_caption_records,
+    read_grounding_records,
+    read_mmvp_pairs,
     read_pope_questions,
     read_preference_records,
     read_prompt_records,
@@ -401,3 +405,62 @@ def test_verify_and_load(tmp_path: Path):
     assert verify_image(tmp_path / "none.png") == "file not found"
     with pytest.raises(FileNotFoundError, match="none.png"):
         load_rgb(tmp_path / "none.png")
+
+
+# --- Shapes-MMVP pairs and likelihood-grounding records ---------------------------------------------------
+
+
+def _pair(**over) -> dict:
+    row = {"id": "p0", "image_a": "img/a.png", "image_b": "img/b.png", "question": "is there a red circle?",
+           "answer_a": "yes", "answer_b": "No", "attribute": "color"}
+    return {k: v for k, v in {**row, **over}.items() if v is not _DROP}
+
+
+def test_mmvp_pairs_read_and_errors_name_file_line_field(world: Path):
+    f = _jsonl(world / "mmvp.jsonl", [_pair(), _pair(id="p1", answer_a="no", answer_b="yes", attribute="size")])
+    pairs = read_mmvp_pairs(f).records
+    assert pairs[0] == MMVPPair("p0", world / "img/a.png", world / "img/b.png", "is there a red circle?",
+                                "yes", "no", "color")
+    assert pairs[1].attribute == "size"
+    bad = _jsonl(world / "bad.jsonl", [_pair(), _pair(id="p1", answer_b="yes")])
+    err = _raises(lambda: read_mmvp_pairs(bad), line=2, field="answer_b", file=bad)
+    assert "must differ" in err.reason
+    bad = _jsonl(world / "bad.jsonl", [_pair(image_b="img/missing.png")])
+    _raises(lambda: read_mmvp_pairs(bad), line=1, field="image_b", file=bad)
+    bad = _jsonl(world / "bad.jsonl", [_pair(answer_a="maybe")])
+    _raises(lambda: read_mmvp_pairs(bad), line=1, field="answer_a", file=bad)
+    bad = _jsonl(world / "bad.jsonl", [_pair(attribute=_DROP)])
+    _raises(lambda: read_mmvp_pairs(bad), line=1, field="attribute", file=bad)
+
+
+def _grounding(**over) -> dict:
+    row = {"id": "g0", "image": "img/a.png", "prompt": "describe the image.", "caption": "a red circle.",
+           "counterfactuals": ["img/b.png"], "attributes": ["color"]}
+    return {k: v for k, v in {**row, **over}.items() if v is not _DROP}
+
+
+def test_grounding_records_read_and_errors_name_file_line_field(world: Path):
+    f = _jsonl(world / "grounding.jsonl", [_grounding()])
+    [rec] = read_grounding_records(f).records
+    assert rec == GroundingRecord("g0", world / "img/a.png", "describe the image.", "a red circle.",
+                                  (world / "img/b.png",), ("color",))
+    bad = _jsonl(world / "bad.jsonl", [_grounding(), _grounding(id="g1", attributes=["color", "size"])])
+    err = _raises(lambda: read_grounding_records(bad), line=2, field="attributes", file=bad)
+    assert "2 attributes for 1 counterfactuals" in err.reason
+    bad = _jsonl(world / "bad.jsonl", [_grounding(counterfactuals=[], attributes=[])])
+    _raises(lambda: read_grounding_records(bad), line=1, field="counterfactuals", file=bad)
+    bad = _jsonl(world / "bad.jsonl", [_grounding(counterfactuals=["img/nope.png"])])
+    err = _raises(lambda: read_grounding_records(bad), line=1, field="counterfactuals", file=bad)
+    assert "item 0" in err.reason
+
+
+def test_eval_data_refuses_an_unknown_attribute_with_its_line(world: Path):
+    from misp.data.eval_data import EvalData, eval_datasets
+
+    f = _jsonl(world / "mmvp.jsonl", [_pair(), _pair(id="p1", attribute="texture")])
+    _raises(lambda: eval_datasets(EvalData(mmvp_file=str(f))), line=2, field="attribute", file=f)
+    g = _jsonl(world / "grounding.jsonl", [_grounding(attributes=["hue"])])
+    _raises(lambda: eval_datasets(EvalData(grounding_file=str(g))), line=1, field="attributes", file=g)
+    [mmvp] = eval_datasets(EvalData(mmvp_file=str(_jsonl(world / "ok.jsonl", [_pair()]))))
+    row = mmvp[0]
+    assert row["task"] == "mmvp" and row["image"].size == row["image_b"].size == (16, 12)
