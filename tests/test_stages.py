@@ -56,8 +56,14 @@ def test_sft_stage_fits_exports_and_tests(tiny_world, tmp_path, monkeypatch):
     results = json.loads((tmp_path / "runs/shapes/sft/test_results.json").read_text())
     assert {"pope/all/accuracy", "pope/all/f1", "chair/chair_i", "chair/chair_s", "chair/recall"} <= set(results)
     # The world's bias pairs are measured beside CHAIR without any configuration.
-    assert {"cooccurrence/partner_rate", "cooccurrence/other_rate", "cooccurrence/partner_share"} <= set(results)
-    assert all(0.0 <= v <= 1.0 for k, v in results.items() if not k.endswith("cases"))
+    assert {"cooccurrence/partner_rate", "cooccurrence/other_rate", "cooccurrence/partner_share",
+            "cooccurrence/partner_present_rate"} <= set(results)
+    # So are the world's Shapes-MMVP pairs and likelihood grounding over its test counterfactuals.
+    assert {"mmvp/pair_accuracy", "mmvp/question_accuracy", "grounding/likelihood"} <= set(results)
+    assert {f"mmvp/{a}/pair_accuracy" for a in ("color", "shape", "size", "position")} <= set(results)
+    assert {f"grounding/likelihood_{a}" for a in ("color", "shape", "size", "position")} <= set(results)
+    assert results["mmvp/pairs"] == 12 and results["grounding/captions"] == 12
+    assert all(0.0 <= v <= 1.0 for k, v in results.items() if not k.endswith(("cases", "pairs", "captions")))
 
 
 def test_sft_vision_tower_starts_from_the_clip_export(tiny_world, clip_dir, tmp_path, monkeypatch):
@@ -75,8 +81,12 @@ def test_sft_vision_tower_starts_from_the_clip_export(tiny_world, clip_dir, tmp_
 def test_eval_limit_takes_the_first_questions_of_every_pope_split(tiny_world):
     from misp.data.eval_data import EvalData, eval_datasets
 
-    pope, captions = eval_datasets(EvalData(pope_file=str(tiny_world / "pope.jsonl"),
-                                            captions_file=str(tiny_world / "test.jsonl"), limit=3))
+    pope, captions, mmvp, grounding = eval_datasets(EvalData(pope_file=str(tiny_world / "pope.jsonl"),
+                                                             captions_file=str(tiny_world / "test.jsonl"), limit=3))
     splits = [row["split"] for row in pope.rows]
     assert {s: splits.count(s) for s in set(splits)} == {"random": 3, "popular": 3, "adversarial": 3}
     assert len(captions) == 3
+    # The world's MMVP pairs and grounding captions come along, limited alike; "" turns them off.
+    assert (mmvp.task, len(mmvp), grounding.task, len(grounding)) == ("mmvp", 3, "likelihood", 3)
+    only = eval_datasets(EvalData(captions_file=str(tiny_world / "test.jsonl"), mmvp_file="", grounding_file="", limit=3))
+    assert [s.task for s in only] == ["caption"]

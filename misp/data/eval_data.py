@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from misp.data.images import load_rgb
 from misp.data.records import (
-    RecordError,
     ReadResult,
+    RecordError,
     read_grounding_records,
     read_mmvp_pairs,
     read_pope_questions,
@@ -37,12 +37,14 @@ class EvalData:
     """Captioning prompts with ground-truth objects (``image``, ``prompt``, ``objects``); None skips CHAIR."""
     mmvp_file: str | None = None
     """Shapes-MMVP pairs, JSON Lines (``image_a``, ``image_b``, ``question``, ``answer_a``, ``answer_b``,
-    ``attribute``; a world's mmvp.jsonl): pair accuracy, a pair counting only when both answers are right
-    (``misp.eval.grounding``); None skips it."""
+    ``attribute``): pair accuracy, a pair counting only when both answers are right
+    (``misp.eval.grounding``). None: the mmvp.jsonl of a ``world.json`` beside the captions file, if
+    there is one and it holds pairs; "": off."""
     grounding_file: str | None = None
     """Captions with one-attribute counterfactual images, JSON Lines (``image``, ``prompt``, ``caption``,
-    ``counterfactuals``, ``attributes``; a world's grounding.jsonl): the share of captions more likely
-    under their own image than under every counterfactual, per attribute; None skips it."""
+    ``counterfactuals``, ``attributes``): the share of captions more likely under their own image than
+    under every counterfactual, per attribute. None: the grounding.jsonl of a ``world.json`` beside the
+    captions file, if there is one and it holds records; "": off."""
     image_root: str | None = None
     """Folder image paths are relative to (default: each file's folder)."""
     objects: list[str] = field(default_factory=list)
@@ -87,6 +89,24 @@ class EvalData:
         if world is None:
             return []
         return [f"{p['trigger']} -> {p['partner']}" for p in world.get("bias_pairs", [])]
+
+    def _world_file(self, explicit: str | None, name: str) -> str | None:
+        """``explicit`` if set ("" is off), else the world's file ``name`` beside the captions file."""
+        if explicit is not None:
+            return explicit or None
+        world = self._world()
+        entry = (world or {}).get("files", {}).get(name)
+        if not entry or not entry.get("rows"):
+            return None
+        return str(Path(self.captions_file).parent / entry["path"])
+
+    def mmvp_path(self) -> str | None:
+        """The Shapes-MMVP pairs to evaluate, or None (see ``mmvp_file``)."""
+        return self._world_file(self.mmvp_file, "mmvp")
+
+    def grounding_path(self) -> str | None:
+        """The likelihood-grounding records to score, or None (see ``grounding_file``)."""
+        return self._world_file(self.grounding_file, "grounding")
 
     def synonyms(self) -> dict[str, str]:
         if self.synonyms_file is None:
@@ -160,8 +180,8 @@ def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
             for p in prompts
         ]
         sets.append(_EvalDataset("caption", rows))
-    if cfg.mmvp_file:
-        read = read_mmvp_pairs(Path(cfg.mmvp_file), image_root=cfg.image_root)
+    if mmvp := cfg.mmvp_path():
+        read = read_mmvp_pairs(Path(mmvp), image_root=cfg.image_root)
         pairs = _check_attributes(read, "attribute")[: cfg.limit]
         rows = [
             {
@@ -171,8 +191,8 @@ def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
             for p in pairs
         ]
         sets.append(_EvalDataset("mmvp", rows))
-    if cfg.grounding_file:
-        read = read_grounding_records(Path(cfg.grounding_file), image_root=cfg.image_root)
+    if grounding := cfg.grounding_path():
+        read = read_grounding_records(Path(grounding), image_root=cfg.image_root)
         records = _check_attributes(read, "attributes")[: cfg.limit]
         rows = [
             {
