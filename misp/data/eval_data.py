@@ -24,7 +24,8 @@ from misp.world.generate import read_manifest
 
 @dataclass
 class EvalData:
-    """Where the evaluation questions and prompts come from."""
+    """Where the evaluation questions and prompts come from: POPE questions, captioning prompts (CHAIR and
+    co-occurrence), Shapes-MMVP pairs and likelihood-grounding captions."""
 
     pope_file: str | None = None
     """POPE questions, JSON Lines (``image``, ``question``, ``label``, ``split``); None skips POPE."""
