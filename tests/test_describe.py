@@ -142,7 +142,8 @@ def test_split_scenes_recovers_the_full_pool_and_pref_scenes(tiny_world, tmp_pat
         split_scenes(tiny_world, "sft")
 
     # An edited pool file no longer matches the generator: refused, not silently described.
-    for name in ["world.json", *(f"{f}.jsonl" for f in ("clip", "sft", "pref", "pool", "test", "pope"))]:
+    listed = json.loads((tiny_world / "world.json").read_text())["files"].values()
+    for name in ["world.json", *(f["path"] for f in listed)]:
         shutil.copy(tiny_world / name, tmp_path / name)
     rows[3]["objects"] = ["green star"]
     (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
