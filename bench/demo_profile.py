@@ -92,6 +92,68 @@ def _function_name(key: tuple[str, int, str]) -> str:
     return f"{short}:{line}({name})" if line else name
 
 
+def sft_step_child(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Child: the SFT training step (loss, backward, AdamW) with the LM head on every position (as before
+    ``response_logits``) and on the response positions only, interleaved; the losses must agree."""
+    import random
+    import statistics
+
+    import torch
+
+    from bench import allocator_steady
+    from bench.forward import WORDS
+    from misp.models.forward import response_logits, vlm_logits
+    from misp.models.prompting import collate_examples, encode_example, preprocess_images
+    from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_llava(WORDS, TinyLlavaConfig())  # the demo's sizes (configs/shapes/sft.yaml)
+    model.train()
+    rng = random.Random(0)
+    vocab = [w for w in WORDS if w not in (".", "?", ",")]
+    examples = [encode_example(processor, "describe the image .", " ".join(rng.choices(vocab, k=rng.randint(3, 16))) + " .")
+                for _ in range(cfg["batch"])]
+    batch = collate_examples(examples, processor.tokenizer.pad_token_id)
+    side = int((processor.image_processor.crop_size or {}).get("height", 64))
+    from PIL import Image
+
+    images = [Image.new("RGB", (side, side), (rng.randrange(256), 0, 0)) for _ in range(cfg["batch"])]
+    pixels = preprocess_images(processor, images)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def loss_of(trim: bool) -> torch.Tensor:
+        if trim:
+            logits, labels = response_logits(model, batch["input_ids"], batch["attention_mask"], pixels, batch["labels"])
+        else:
+            logits, labels = vlm_logits(model, batch["input_ids"], batch["attention_mask"], pixels), batch["labels"]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                 ignore_index=-100)
+
+    with torch.no_grad():
+        full, trimmed = float(loss_of(False)), float(loss_of(True))
+    if abs(full - trimmed) > 1e-5 * max(abs(full), 1.0):
+        raise RuntimeError(f"response_logits changes the SFT loss: {full} vs {trimmed}")
+
+    def step(trim: bool) -> None:
+        loss_of(trim).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    allocator_steady()
+    times: dict[str, list[float]] = {"all": [], "response": []}
+    for _ in range(2):  # warm-up
+        step(False), step(True)
+    for rep in range(cfg["repeat"]):
+        for name in ("all", "response") if rep % 2 == 0 else ("response", "all"):
+            t0 = time.perf_counter()
+            step(name == "response")
+            times[name].append(time.perf_counter() - t0)
+    ratios = [a / r for a, r in zip(times["all"], times["response"], strict=True)]
+    return {"all_s": statistics.median(times["all"]), "response_s": statistics.median(times["response"]),
+            "ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)], "loss": full,
+            "seq_len": int(batch["input_ids"].shape[1]), "times": times}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Profile one bounded SFT run; tables of Lightning actions and of functions by own time."""
     batches = 3 if args.quick else args.profile_batches
@@ -116,6 +178,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reports = sorted(tmp.glob("*simple*.txt"))
         actions = parse_simple_profiler(reports[-1].read_text()) if reports else []
         stats = pstats.Stats(str(tmp / "sft.prof"))
+    from bench import run_child
+
+    side = run_child("bench.demo_profile:sft_step_child", {"batch": 32, "repeat": 3 if args.quick else 15}, args.threads)
     total = sum(v[2] for v in stats.stats.values())  # own times add up to the profiled total
     by_own = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.profile_top]
     function_rows = [{"function": _function_name(key), "calls": v[1], "own_s": v[2], "own_pct": 100 * v[2] / total,
@@ -131,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": {"batches": batches, "command": " ".join(cmd[5:])},
         "wall_s": wall,
+        "sft_step": side,
         "tables": [
             {"title": f"SFT stage, bounded ({batches} training batches, one validation, export): Lightning "
                       f"SimpleProfiler actions by total time; whole run {wall:.0f} s wall (cProfile on)",
@@ -141,6 +207,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              "columns": [("function", "function"), ("calls", "calls"), ("own_s", "own (s)"), ("own_pct", "own %"),
                          ("cum_s", "cumulative (s)")],
              "rows": function_rows},
+            {"title": f"The fix, side by side: one SFT step (loss, backward, AdamW) of the demo's tiny LLaVA, batch 32, "
+                      f"{side['seq_len']} tokens, LM head on every position vs from the first response position "
+                      f"(response_logits); median of {len(side['times']['all'])} interleaved steps",
+             "columns": [("all_s", "all positions (s)"), ("response_s", "response positions (s)"),
+                         ("ratio", "speed-up"), ("range", "range")],
+             "rows": [{**side, "range": f"{side['ratio_range'][0]:.2f}-{side['ratio_range'][1]:.2f}"}]},
             {"title": "cProfile: cumulative time of selected functions",
              "columns": [("function", "function"), ("calls", "calls"), ("cum_s", "cumulative (s)"),
                          ("cum_pct", "% of profiled")],

@@ -53,8 +53,9 @@ from bench.forward import WORDS
 
 NAME = "trl_dpo"
 
-CONTENDERS = ("misp-cold", "misp-warm", "trl", "trl-defaults")
-"""misp with its reference cache empty / full; TRL with gradient checkpointing off / at its default (on)."""
+CONTENDERS = ("misp-cold", "misp-warm", "trl", "trl-defaults", "misp-cold-all-logits")
+"""misp with its reference cache empty / full; TRL with gradient checkpointing off / at its default (on);
+misp cold with the LM head on every position (misp before ``response_logits``), for the record."""
 
 MODELS: dict[str, dict[str, Any]] = {
     # The Shapes demo's tiny LLaVA (configs/shapes: TinyLlavaConfig defaults): 64 px, 64 image tokens.
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--trl-steps", type=int, default=3, help="steps per contender per repeat (distinct batches)")
     g.add_argument("--trl-repeats", type=int, default=3, help="alternating repeats; ratios are their median")
     g.add_argument("--trl-words", type=int, default=24, help="words in each chosen/rejected response")
-    g.add_argument("--trl-contenders", default=",".join(CONTENDERS), help=f"from {', '.join(CONTENDERS)}")
+    g.add_argument("--trl-contenders", default=",".join(CONTENDERS[:4]), help=f"from {', '.join(CONTENDERS)}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def _image_side(processor) -> int:
 class MispContender:
     """misp's DPO step: ``_dpo_collate`` then ``MISPDPOModule.training_step``, backward, AdamW."""
 
-    def __init__(self, model_dir: str, records: list[dict[str, Any]], warm: bool) -> None:
+    def __init__(self, model_dir: str, records: list[dict[str, Any]], warm: bool, all_logits: bool = False) -> None:
         from misp.data.negative_sampler import NegativeSamplerDataModule
         from misp.dpo.module import MISPDPOModule
         from misp.dpo.objective import PreferenceObjective
@@ -141,6 +142,8 @@ class MispContender:
         self.module.train()
         self.processor = self.module.processor
         self.warm = warm
+        if all_logits:
+            self.module._logps = _all_position_logps  # an instance attribute shadows the staticmethod
         # Tokenised once, as NegativeSamplerDataModule.setup does with encode_preference_records.
         self.items = [{
             "id": r["id"], "chosen": encode_example(self.processor, r["prompt"], r["chosen"]),
@@ -268,9 +271,18 @@ class TrlContender:
         return chosen, rejected, tokens
 
 
+def _all_position_logps(model, rows, pixel_values: torch.Tensor) -> torch.Tensor:
+    """misp's log-probs as before ``response_logits``: the LM head on every position, image tokens included."""
+    from misp.logprobs import sequence_logps
+    from misp.models.forward import vlm_logits
+
+    logits = vlm_logits(model, rows.input_ids, rows.attention_mask, pixel_values, rows.image_index)
+    return sequence_logps(logits, rows.labels)
+
+
 def make_contender(name: str, model_dir: str, records: list[dict[str, Any]], tmp: str):
     if name.startswith("misp"):
-        return MispContender(model_dir, records, warm=name == "misp-warm")
+        return MispContender(model_dir, records, warm=name == "misp-warm", all_logits=name.endswith("all-logits"))
     return TrlContender(model_dir, records, gradient_checkpointing=name == "trl-defaults", out_dir=tmp)
 
 
