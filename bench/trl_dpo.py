@@ -53,9 +53,11 @@ from bench.forward import WORDS
 
 NAME = "trl_dpo"
 
-CONTENDERS = ("misp-cold", "misp-warm", "trl", "trl-defaults", "misp-cold-all-logits")
+CONTENDERS = ("misp-cold", "misp-warm", "trl", "trl-defaults", "misp-cold-all-logits", "misp-cold-ckpt",
+              "misp-warm-ckpt")
 """misp with its reference cache empty / full; TRL with gradient checkpointing off / at its default (on);
-misp cold with the LM head on every position (misp before ``response_logits``), for the record."""
+misp cold with the LM head on every position (misp before ``response_logits``), for the record; misp
+with gradient checkpointing (``VLMSpec.gradient_checkpointing``), to compare with TRL's default."""
 
 MODELS: dict[str, dict[str, Any]] = {
     # The Shapes demo's tiny LLaVA (configs/shapes: TinyLlavaConfig defaults): 64 px, 64 image tokens.
@@ -130,16 +132,20 @@ def _image_side(processor) -> int:
 class MispContender:
     """misp's DPO step: ``_dpo_collate`` then ``MISPDPOModule.training_step``, backward, AdamW."""
 
-    def __init__(self, model_dir: str, records: list[dict[str, Any]], warm: bool, all_logits: bool = False) -> None:
+    def __init__(self, model_dir: str, records: list[dict[str, Any]], warm: bool, all_logits: bool = False,
+                 checkpointing: bool = False) -> None:
         from misp.data.negative_sampler import NegativeSamplerDataModule
         from misp.dpo.module import MISPDPOModule
         from misp.dpo.objective import PreferenceObjective
         from misp.models.prompting import encode_example
         from misp.models.vlm import VLMSpec
 
-        self.module = MISPDPOModule(VLMSpec(path=model_dir), objective=PreferenceObjective(loss="dpo", beta=BETA),
+        self.module = MISPDPOModule(VLMSpec(path=model_dir, gradient_checkpointing=checkpointing),
+                                    objective=PreferenceObjective(loss="dpo", beta=BETA),
                                     cache_reference=True)
         self.module.train()
+        if checkpointing and not getattr(self.module.model, "is_gradient_checkpointing", False):
+            raise RuntimeError("VLMSpec.gradient_checkpointing did not switch checkpointing on")
         self.processor = self.module.processor
         self.warm = warm
         if all_logits:
@@ -282,7 +288,8 @@ def _all_position_logps(model, rows, pixel_values: torch.Tensor) -> torch.Tensor
 
 def make_contender(name: str, model_dir: str, records: list[dict[str, Any]], tmp: str):
     if name.startswith("misp"):
-        return MispContender(model_dir, records, warm=name == "misp-warm", all_logits=name.endswith("all-logits"))
+        return MispContender(model_dir, records, warm=name.startswith("misp-warm"), all_logits=name.endswith("all-logits"),
+                             checkpointing=name.endswith("-ckpt"))
     return TrlContender(model_dir, records, gradient_checkpointing=name == "trl-defaults", out_dir=tmp)
 
 
