@@ -29,8 +29,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check misp tests bench
 
-bench: $(STAMP)
-	$(BIN)/python -m bench
+# The bench extra (TRL, for bench/trl_dpo.py) is installed on demand, never by `make install`.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+# e.g. make bench BENCH_ARGS="trl_dpo negatives --threads 1", or BENCH_ARGS=--quick for a smoke run.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf runs worlds cache lightning_logs wandb

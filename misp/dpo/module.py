@@ -25,7 +25,7 @@ from misp.dpo.reference import (
 )
 from misp.eval.loop import GenerationEval
 from misp.logprobs import sequence_logps
-from misp.models.forward import vlm_logits
+from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec
 from misp.negatives.proposal import ProposalNet, gather_log_q
@@ -121,8 +121,9 @@ class MISPDPOModule(VLMModule):
     # log-probs --------------------------------------------------------------------------------------
     @staticmethod
     def _logps(model, rows: ConcatenatedRows, pixel_values: torch.Tensor) -> torch.Tensor:
-        logits = vlm_logits(model, rows.input_ids, rows.attention_mask, pixel_values, rows.image_index)
-        return sequence_logps(logits, rows.labels)
+        # Logits only from the first response position on: the image and prompt logits carry no log-prob.
+        logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, pixel_values, rows.labels, rows.image_index)
+        return sequence_logps(logits, labels)
 
     def _reference_logps(self, batch: dict, rows: ConcatenatedRows) -> torch.Tensor:
         keys = row_keys(batch)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from misp.logprobs import IGNORE_INDEX
+
 _PROJECTOR_NAME = "multi_modal_projector"
 
 
@@ -44,6 +46,7 @@ def vlm_logits(
     attention_mask: torch.Tensor,
     pixel_values: torch.Tensor,
     image_index: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
 ) -> torch.Tensor:
     """Next-token logits ``[N, T, V]`` of a LLaVA model; each distinct image is encoded once.
 
@@ -55,6 +58,8 @@ def vlm_logits(
         pixel_values: ``[U, 3, H, W]``, the distinct images.
         image_index: ``[N]`` long, row i uses image ``image_index[i]``; ``None`` means row i uses image i
             (then U must equal N).
+        logits_to_keep: compute the LM head on the last this many positions only (0: all), as
+            transformers' ``logits_to_keep``; see :func:`response_logits`.
     """
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -96,8 +101,44 @@ def vlm_logits(
             pixel_values=pixel_values,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
+            **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
         )
     finally:
         if handle is not None:
             handle.remove()
     return out.logits
+
+
+def positions_to_keep(labels: torch.Tensor) -> int:
+    """The trailing positions whose logits a causal loss on ``labels`` reads; 0 when that is all of them.
+
+    The logit at position t predicts the label at t + 1, so every logit the loss reads lies at or after
+    the position before the earliest scored label of any row. In a VLM batch everything before it is image
+    and prompt (576 image tokens per LLaVA-1.5 row), whose logits would be computed and thrown away.
+    """
+    scored = labels[:, 1:] != IGNORE_INDEX
+    rows = scored.any(dim=1)
+    if not bool(rows.any()):
+        return 1  # nothing is scored: one position keeps the shapes valid
+    first = int(scored[rows].float().argmax(dim=1).min())
+    keep = labels.shape[1] - first
+    return 0 if keep >= labels.shape[1] else keep
+
+
+def response_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    image_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`vlm_logits` on the positions a loss on ``labels`` reads, with ``labels`` cut to match.
+
+    Returns ``(logits [N, T', V], labels [N, T'])``, T' <= T: the same log-probs as the full logits and
+    labels give (``sequence_logps``, shifted cross-entropy), without the LM head and the logits of the
+    image and prompt positions before the first response token of the batch.
+    """
+    keep = positions_to_keep(labels)
+    logits = vlm_logits(model, input_ids, attention_mask, pixel_values, image_index, logits_to_keep=keep)
+    return logits, labels[:, -logits.shape[1] :]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from misp.eval.loop import GenerationEval
-from misp.models.forward import vlm_logits
+from misp.models.forward import response_logits
 from misp.models.vlm import VLMSpec
 from misp.training.hparams import save_plain_hyperparameters
 from misp.training.vlm_module import VLMModule
@@ -36,8 +36,10 @@ class SFTModule(VLMModule):
         save_plain_hyperparameters(self)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = vlm_logits(self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        labels = batch["labels"]
+        # Logits only from the first response position on: the image and prompt logits carry no loss.
+        logits, labels = response_logits(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+        )
         # Shifted token-level mean: every supervised token weighs the same, whatever its sequence.
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
