@@ -9,7 +9,7 @@ needs, so a method is checked before anything loads (``misp.dpo.method.check_met
 | ``TextDPO``       | L_text                                        | -                                            |
 | ``PlackettLuce``  | L_img(S), or L_img^IS with importance sampling | negatives; IS: draws with a proposal log q   |
 | ``Anchor``        | L_anc (mDPO's AncPO)                          | -                                            |
-| ``ProposalFit``   | KL(p_theta or q_phi), trains q_phi            | negatives drawn from the learnable q_phi     |
+| ``ProposalFit``   | KL(p_theta ‖ q_phi), trains q_phi             | negatives drawn from the learnable q_phi     |
 
 A new term is a subclass with ``name``, its needs and ``__call__``; a config names it by ``class_path``.
 """
