@@ -226,13 +226,14 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             if getattr(self.attached_module("processor"), "processor", None) is None:
                 raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
             h = self.hparams
-            # Errors in a record's text name the file, line and record (encode_records); then each kept
-            # pair is judged against max_length as one (truncation). A record left out by either stays in
-            # the mined arrays (indexed by position) but is encoded as None, which the epoch leaves out.
-            kept, _ = encode_records(self._read, ("chosen", "rejected"), partial(encode_example, self.processor),
-                                     h.on_bad_record)
+            # Errors in a record's text name the file, line and record (encode_records, which encodes each
+            # pair once); then each kept pair is judged against max_length as one (truncation). A record
+            # left out by either stays in the mined arrays (indexed by position) but is encoded as None,
+            # which the epoch leaves out.
+            kept, full = encode_records(self._read, ("chosen", "rejected"), partial(encode_example, self.processor),
+                                        h.on_bad_record)
             pairs = encode_preference_records(
-                self.processor, [self.records[i] for i in kept], h.max_length, h.truncation, h.records_file
+                self.processor, [self.records[i] for i in kept], h.max_length, h.truncation, h.records_file, full
             )
             self.encoded = [None] * len(self.records)
             for i, pair in zip(kept, pairs, strict=True):

@@ -16,6 +16,7 @@ A new term is a subclass with ``name``, its needs and ``__call__``; a config nam
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,8 +53,8 @@ class TermInputs:
     """[B, K] log-probability of each draw under the current, trainable q_phi (when a term trains it)."""
 
 
-class LossTerm:
-    """One weighted term of a preference objective.
+class LossTerm(ABC):
+    """One weighted term of a preference objective (abstract: a term is a subclass with ``__call__``).
 
     Args:
         weight: the term's multiplier in the sum.
@@ -73,9 +74,9 @@ class LossTerm:
             raise ValueError(f"{type(self).__name__}.weight must be > 0, got {weight}")
         self.weight = float(weight)
 
+    @abstractmethod
     def __call__(self, x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-example losses ``[B]`` (unweighted) and the term's metrics."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

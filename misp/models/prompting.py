@@ -119,7 +119,12 @@ def encode_example(
 
 
 def encode_preference_records(
-    processor: ProcessorMixin, records, max_length: int, truncation: str = "skip", source: str | None = None
+    processor: ProcessorMixin,
+    records,
+    max_length: int,
+    truncation: str = "skip",
+    source: str | None = None,
+    encoded: list[tuple[dict, dict]] | None = None,
 ) -> list[tuple[dict, dict] | None]:
     """Encode each record's (chosen, rejected) examples; None for a record left out by ``truncation``.
 
@@ -127,13 +132,17 @@ def encode_preference_records(
     out (with one warning that counts them), ``truncate`` cuts both responses to fit (cut responses keep
     no EOS: they are unfinished), and ``raise`` stops with the record's id. Cutting only the longer one
     silently, as a per-example limit would, trains on a pair whose rejected answer merely ends early.
+    ``encoded`` holds the records' pairs already encoded without a limit (the datamodule's validation
+    pass made them); only pairs that must be cut are tokenised again.
     """
     if truncation not in ("skip", "truncate", "raise"):
         raise ValueError(f"truncation must be skip, truncate or raise, got {truncation!r}")
     out: list[tuple[dict, dict] | None] = []
     over: list[str] = []
-    for r in records:
-        pair = (encode_example(processor, r.prompt, r.chosen), encode_example(processor, r.prompt, r.rejected))
+    for i, r in enumerate(records):
+        pair = encoded[i] if encoded is not None else (
+            encode_example(processor, r.prompt, r.chosen), encode_example(processor, r.prompt, r.rejected)
+        )
         longest = max(len(e["input_ids"]) for e in pair)
         if longest <= max_length:
             out.append(pair)
