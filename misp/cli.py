@@ -5,6 +5,7 @@
     misp test --config ... --ckpt_path ...             POPE and CHAIR on the test split
     misp world --out DIR [--seed S] [...]              writes a Shapes world dataset to DIR
     misp prefs --config configs/shapes/clip_dpo_prefs.yaml   CLIP-DPO pairs sampled from a VLM
+    misp experiment --config configs/experiments/shapes.yaml  every method x seeds, tuned on validation
 
 Tool subcommands (``world``, ``prefs``) are not Trainer methods, so ``main`` dispatches them to their own
 jsonargparse parser before LightningCLI runs; ``misp --help`` still lists them beside fit/test.
@@ -110,9 +111,23 @@ def _run_prefs(argv: Sequence[str]) -> None:
     print(f"wrote {summary['pairs']} preference records to {config.output_file}")
 
 
+def _run_experiment(argv: Sequence[str]) -> None:
+    from misp.experiment.cli import run_experiment
+
+    run_experiment(argv)
+
+
+def _experiment_parser() -> ArgumentParser:
+    from misp.experiment.cli import experiment_parser
+
+    return experiment_parser()
+
+
 TOOLS: dict[str, tuple[Callable[[Sequence[str]], None], Callable[[], ArgumentParser], str]] = {
     "world": (_run_world, _world_parser, "Write a seeded Shapes world dataset to a folder."),
     "prefs": (_run_prefs, _prefs_parser, "CLIP-DPO preference data from the VLM's own samples, ranked by CLIP."),
+    "experiment": (_run_experiment, _experiment_parser,
+                   "Every method over seeds, tuned on the validation split: results.jsonl and a report."),
 }
 
 

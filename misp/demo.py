@@ -11,15 +11,11 @@ CHiP-style, random multi-negative, CLIP-DPO), trained from the same base.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from misp.utils.io import atomic_write_text
+from misp.pipeline import Stage, StageRunner
 
 WORLD = Path("worlds/shapes")
 RUNS = Path("runs/shapes")
@@ -31,13 +27,6 @@ METHODS = Path("configs/shapes/methods")
 MAIN_METHOD = "misp_dpo"
 LABELS = {"sft": "base (SFT)", "misp_dpo": "MISP-DPO", "dpo": "DPO", "mdpo": "mDPO", "chip": "CHiP-style",
           "random_neg": "random multi-neg", "clip_dpo": "CLIP-DPO"}
-
-
-@dataclass
-class Stage:
-    name: str
-    args: list[str]
-    done_when: Path
 
 
 def method_configs(name: str, root: Path = Path(".")) -> list[str]:
@@ -82,33 +71,17 @@ def pipeline(all_methods: bool) -> list[Stage]:
     return stages
 
 
-def fingerprint(stage: Stage) -> str:
-    """sha256 of the stage's command line and of the config file it names."""
-    h = hashlib.sha256(json.dumps(stage.args).encode())
-    for flag, value in zip(stage.args, stage.args[1:], strict=False):
-        if flag == "--config":
-            h.update(Path(value).read_bytes())
-    return h.hexdigest()
+RUNNER = StageRunner(stamps=STAMPS)
 
 
 def is_done(stage: Stage) -> bool:
     """Its output exists and was made by the same command and config as now."""
-    stamp = STAMPS / f"{stage.name}.sha256"
-    return stage.done_when.exists() and stamp.exists() and stamp.read_text().strip() == fingerprint(stage)
+    return RUNNER.is_done(stage)
 
 
 def run_stage(stage: Stage, force: bool) -> bool:
     """Run the stage unless it is done (see ``is_done``) and not forced; True when it ran."""
-    if not force and is_done(stage):
-        print(f"[demo] {stage.name}: done already ({stage.done_when}); skipping", flush=True)
-        return False
-    cmd = [sys.executable, "-m", "misp.cli", *stage.args]
-    print(f"[demo] {stage.name}: {' '.join(['misp', *stage.args])}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    atomic_write_text(STAMPS / f"{stage.name}.sha256", fingerprint(stage) + "\n")
-    print(f"[demo] {stage.name}: finished in {time.perf_counter() - start:.0f} s", flush=True)
-    return True
+    return RUNNER.run(stage, force)
 
 
 def summary_table(names: list[str]) -> str:

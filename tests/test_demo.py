@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from misp import demo
+from misp import demo, pipeline
 from misp.world.generate import MANIFEST, WORLD_VERSION
 
 
@@ -32,13 +32,13 @@ def _fake_pipeline(tmp_path):
 def _run(stages, monkeypatch) -> list[str]:
     ran = []
 
-    def fake_run(cmd, check):
+    def fake_run(cmd, check, **kwargs):
         config = cmd[cmd.index("--config") + 1]
         stage = next(s for s in stages if config in s.args)
         stage.done_when.write_text("done")
         ran.append(stage.name)
 
-    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
     force = False
     for stage in stages:
         force = demo.run_stage(stage, force) or force

@@ -228,12 +228,15 @@ def test_chair_hand_counted():
     assert out["chair/chair_s"] == pytest.approx(2 / 4)
     # gt objects (distinct) 3 + 2 + 1 + 1 = 7; covered: dog, hot dog | person, dining table | - | - = 4
     assert out["chair/recall"] == pytest.approx(4 / 7)
+    # precision of the mentions 5/9, recall 4/7: F1 = 2 * (5/9) * (4/7) / (5/9 + 4/7) = 40/71
+    assert out["chair/object_f1"] == pytest.approx(40 / 71)
 
 
 def test_chair_empty_denominators_and_errors():
     m = CHAIRMetric(VOCAB)
     m.update(["Nothing here."], [[]])
-    assert m.compute() == {"chair/chair_i": 0.0, "chair/chair_s": 0.0, "chair/recall": 0.0}
+    # No mentions: CHAIR_i is 0/0 (0.0), but the empty answer names nothing right: its precision counts as 0.
+    assert m.compute() == {"chair/chair_i": 0.0, "chair/chair_s": 0.0, "chair/recall": 0.0, "chair/object_f1": 0.0}
     with pytest.raises(ValueError, match="not in the object vocabulary"):
         m.update(["a dog"], [["unicorn"]])
     with pytest.raises(ValueError, match="responses"):

@@ -168,11 +168,20 @@ class CHAIRMetric(Metric):
             setattr(self, name, getattr(self, name) + value)
 
     def compute(self) -> dict[str, float]:
-        """``chair/chair_i``, ``chair/chair_s`` and ``chair/recall``; 0/0 rates are 0.0."""
+        """``chair/chair_i``, ``chair/chair_s``, ``chair/recall`` and ``chair/object_f1``; 0/0 rates are 0.0.
+
+        ``object_f1`` is the harmonic mean of the mentions' precision (1 - CHAIR_i) and the recall of the
+        present objects: a model cannot raise it by naming fewer objects, which lowers CHAIR_i alone.
+        """
+        mentions = self.mentions.item()
+        chair_i = _ratio(self.hallucinated_mentions.item(), mentions)
+        recall = _ratio(self.gt_covered.item(), self.gt_objects.item())
+        precision = 1.0 - chair_i if mentions else 0.0
         return {
-            "chair/chair_i": _ratio(self.hallucinated_mentions.item(), self.mentions.item()),
+            "chair/chair_i": chair_i,
             "chair/chair_s": _ratio(self.hallucinated_responses.item(), self.responses.item()),
-            "chair/recall": _ratio(self.gt_covered.item(), self.gt_objects.item()),
+            "chair/recall": recall,
+            "chair/object_f1": _ratio(2 * precision * recall, precision + recall),
         }
 
 

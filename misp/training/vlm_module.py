@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from misp.data.eval_data import EvalData
 from misp.eval.loop import Evaluator, GenerationEval
@@ -106,7 +107,10 @@ class VLMModule(L.LightningModule):
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        results = self._eval_epoch_end("val")
+        if results and self.trainer.state.fn == TrainerFn.VALIDATING and self.trainer.is_global_zero:
+            # `misp validate` (not the validation inside fit): the copy an experiment chooses settings by.
+            atomic_write_json(Path(self.trainer.default_root_dir) / "validation_results.json", results)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch)

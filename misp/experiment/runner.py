@@ -1,0 +1,283 @@
+"""``misp experiment``: every method over seeds, tuned on the validation split, from one shared chain.
+
+Order of work (each step resumable; a finished step is never redone):
+
+1. the chain, once: world -> CLIP -> SFT (the base every method starts from) -> SAE, plus the data of any
+   method that makes its own (``<name>_prefs.yaml``, CLIP-DPO), and the base model's validation and test
+   results;
+2. tuning: each method's grid on the first seed, each point judged by ``misp validate`` on the
+   validation split;
+3. the chosen point of each method on every seed, and each ablation with its method's chosen point on
+   every seed, each judged by ``misp test`` on the test split;
+4. the report (``misp.experiment.report``).
+
+Every stage is a ``misp`` command run in the experiment's workspace (``misp.pipeline``), the same command
+a user would type. A run whose fit died resumes from its last checkpoint. A changed config, grid value
+or chain output makes exactly the affected runs run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from misp.errors import ConfigError
+from misp.experiment.config import ExperimentConfig, Variant
+from misp.experiment.results import ResultsLog, training_curve_summary
+from misp.pipeline import Stage, StageRunner, fingerprint
+from misp.utils.io import atomic_write_json
+
+RUNS = Path("runs/shapes/exp")
+"""Where the preference runs go, inside the workspace (beside the chain's ``runs/shapes/<stage>``)."""
+STAMPS = Path(".stamps")
+
+
+def cli_value(value: Any) -> str:
+    """A config value as the command line spells it (``true``, ``null``, ``[1, 2]``, ``5e-05``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def short_key(key: str) -> str:
+    """``model.init_args.objective.beta`` -> ``beta``: the name a grid value goes by in run ids and tables."""
+    return key.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One preference training run: a variant, its grid values and a seed."""
+
+    variant: Variant
+    values: tuple[tuple[str, Any], ...]
+    seed: int
+    phase: str
+    """``tune`` (a grid point, judged on validation) or ``final`` (a chosen point or an ablation, on test)."""
+
+    @property
+    def id(self) -> str:
+        slug = "_".join(f"{short_key(k)}{v}" for k, v in self.values)
+        return f"{self.variant.name}/{slug}-s{self.seed}"
+
+    @property
+    def dir(self) -> Path:
+        return RUNS / self.id
+
+
+class Experiment:
+    """Plans and runs an ``ExperimentConfig`` (see the module docstring)."""
+
+    def __init__(self, config: ExperimentConfig, repo: Path = Path("."), command: str = "", quick: bool = False) -> None:
+        """``config`` as ``resolved()`` or ``quick_version()`` made it; ``quick`` also shrinks the chain."""
+        config.validate()
+        self.config = config
+        self._quick = config.quick_mode if quick else None
+        self.repo = repo.resolve()
+        self.command = command
+        self.workspace = (self.repo / config.workspace).resolve()
+        self.configs = (self.repo / config.configs).resolve()
+        self.results = ResultsLog(self.workspace / "results.jsonl")
+        self.runner = StageRunner(stamps=STAMPS, cwd=self.workspace, label="experiment")
+        self.chain_hash = ""
+        self._check_files()
+
+    # configuration ----------------------------------------------------------------------------------
+    def _check_files(self) -> None:
+        """Every config file the experiment names exists: an error now, not after an hour of runs."""
+        needed = [self.configs / f"{name}.yaml" for name in ("clip", "sft", "sae", "preference")]
+        for v in self.config.methods + self.config.ablations:
+            needed.append(self.method_file(v))
+        needed += [self.repo / extra for v in self.config.methods + self.config.ablations for extra in v.extra]
+        if self.config.world:
+            needed.append(self.repo / self.config.world)
+        missing = [str(p) for p in needed if not p.is_file()]
+        if missing:
+            raise ConfigError(f"experiment {self.config.name!r}: config file(s) not found: {missing}")
+
+    def method_file(self, variant: Variant) -> Path:
+        return self.configs / "methods" / f"{variant.method}.yaml"
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.config.methods + self.config.ablations if v.name == name)
+
+    def grid_points(self) -> list[tuple[tuple[str, Any], ...]]:
+        keys = list(self.config.grid)
+        return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*self.config.grid.values())]
+
+    # the chain -----------------------------------------------------------------------------------------
+    def _quick_flags(self, stage: str) -> list[str]:
+        epochs = self._quick.chain_epochs.get(stage) if self._quick else None
+        return ["--trainer.max_epochs", str(epochs)] if epochs else []
+
+    def chain(self) -> list[Stage]:
+        world = ["world", "--out", "worlds/shapes", "--quiet", "true"]
+        if self.config.world:
+            world += ["--config", str(self.repo / self.config.world)]
+        if self._quick:
+            world += [f"--{k}={v}" for k, v in self._quick.world.items()]
+        sft = ["--config", str(self.configs / "sft.yaml")]
+        sft_ckpt = "runs/shapes/sft/checkpoints/last.ckpt"
+        stages = [
+            Stage("world", world, Path("worlds/shapes/world.json")),
+            Stage("clip", ["fit", "--config", str(self.configs / "clip.yaml"), *self._quick_flags("clip")],
+                  Path("runs/shapes/clip/export")),
+            Stage("sft", ["fit", *sft, *self._quick_flags("sft")], Path("runs/shapes/sft/export")),
+            Stage("sft-val", ["validate", *sft, "--ckpt_path", sft_ckpt, "--data.init_args.val_limit", "null"],
+                  Path("runs/shapes/sft/validation_results.json")),
+            Stage("sft-test", ["test", *sft, "--ckpt_path", sft_ckpt], Path("runs/shapes/sft/test_results.json")),
+            Stage("sae", ["fit", "--config", str(self.configs / "sae.yaml"), *self._quick_flags("sae")],
+                  Path("runs/shapes/sae/export/sae.json")),
+        ]
+        for method in sorted({v.method for v in self.config.methods + self.config.ablations}):
+            prefs = self.configs / f"{method}_prefs.yaml"
+            if prefs.exists():  # a method that makes its own pairs (CLIP-DPO) does so once, for every seed
+                out = f"runs/shapes/{method}/prefs.jsonl"
+                stages.append(Stage(f"{method}-prefs", ["prefs", "--config", str(prefs)], Path(out)))
+        return stages
+
+    def run_chain(self) -> None:
+        force = False
+        stamps = []
+        for stage in self.chain():
+            # A stage that ran changed what every later one reads, so none of their outputs may be reused.
+            force = self.runner.run(stage, force) or force
+            stamp = self.runner.stamp_path(stage)
+            stamps.append(f"{stage.name}:{stamp.read_text().strip()}:{stamp.stat().st_mtime_ns}")
+        # Every run's fingerprint includes this: a rerun chain stage (a new base model) reruns every run.
+        self.chain_hash = hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+        for split, name in (("val", "validation_results.json"), ("test", "test_results.json")):
+            metrics = json.loads((self.workspace / "runs/shapes/sft" / name).read_text())
+            self.results.put({"run": "base", "variant": "base", "method": "sft", "phase": "base", "seed": None,
+                              "values": {}, "split": split, "metrics": metrics, "fingerprint": self.chain_hash})
+
+    # preference runs -----------------------------------------------------------------------------------
+    def run_args(self, run: Run, root: Path) -> list[str]:
+        v = run.variant
+        args = ["--config", str(self.configs / "preference.yaml"), "--config", str(self.method_file(v))]
+        for extra in v.extra:
+            args += ["--config", str(self.repo / extra)]
+        args += ["--seed_everything", str(run.seed), "--data.init_args.seed", str(run.seed),
+                 "--trainer.max_epochs", str(self.config.max_epochs), "--trainer.default_root_dir", str(root),
+                 "--model.init_args.export_dir", ""]  # evaluated from its checkpoint; no export needed
+        for key, value in list(run.values) + sorted(v.set.items()):
+            args += [f"--{key}", cli_value(value)]
+        return args
+
+    def _env(self, run: Run, job: str) -> dict[str, str]:
+        if not self.config.wandb:
+            return {}
+        config_file = self.workspace / run.dir / "wandb_config.json"  # written by `run`, before the fit
+        # wandb.init reads these: runs are grouped by experiment, named by run, and carry their settings.
+        return {"WANDB_RUN_GROUP": self.config.name, "WANDB_NAME": f"{run.id}:{job}", "WANDB_JOB_TYPE": job,
+                "WANDB_PROJECT": self.config.wandb_project, "WANDB_CONFIG_PATHS": str(config_file)}
+
+    def _logger_args(self, root: Path) -> list[str]:
+        if not self.config.wandb:
+            return []
+        return ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(root),
+                "--trainer.logger.project", self.config.wandb_project]
+
+    def stages(self, run: Run) -> tuple[Stage, Stage]:
+        """The run's fit and its evaluation (``validate`` for a tuning run, ``test`` otherwise)."""
+        fit = Stage(f"{run.id}/fit", ["fit", *self.run_args(run, run.dir), *self._logger_args(run.dir)],
+                    run.dir / "checkpoints/last.ckpt", env=self._env(run, "fit"),
+                    resume_from=run.dir / "checkpoints/last.ckpt")
+        split = "val" if run.phase == "tune" else "test"
+        root = run.dir / split
+        sub, out = ("validate", "validation_results.json") if split == "val" else ("test", "test_results.json")
+        extra = ["--data.init_args.val_limit", "null"] if split == "val" else []
+        evaluate = Stage(f"{run.id}/{split}",
+                         [sub, *self.run_args(run, root), "--ckpt_path", str(run.dir / "checkpoints/last.ckpt"), *extra],
+                         root / out, env=self._env(run, split))
+        return fit, evaluate
+
+    def run_fingerprint(self, run: Run) -> str:
+        fit, evaluate = self.stages(run)
+        payload = [fingerprint(fit, self.workspace), fingerprint(evaluate, self.workspace), self.chain_hash]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+    def run(self, run: Run, position: str) -> dict:
+        """Fit and evaluate ``run`` unless results.jsonl already holds it; its row."""
+        split = "val" if run.phase == "tune" else "test"
+        fp = self.run_fingerprint(run)
+        if (row := self.results.find(run.id, split, fp)) is not None:
+            return row
+        fit, evaluate = self.stages(run)
+        print(f"[experiment] {position} {run.id} ({run.phase}, {split})", flush=True)
+        start = time.perf_counter()
+        if not self.runner.is_done(fit) and not self.runner.can_resume(fit):
+            # A fresh start: no logs or checkpoints of an attempt with other settings may mix into this one.
+            shutil.rmtree(self.workspace / run.dir, ignore_errors=True)
+        if self.config.wandb:
+            atomic_write_json(self.workspace / run.dir / "wandb_config.json", {
+                "experiment": self.config.name, "variant": run.variant.name, "method": run.variant.method,
+                "seed": run.seed, "phase": run.phase, **{short_key(k): v for k, v in run.values}})
+        self.runner.run(fit)
+        fit_s = time.perf_counter() - start
+        self.runner.run(evaluate, force=True)
+        row = {
+            "run": run.id, "variant": run.variant.name, "method": run.variant.method, "phase": run.phase,
+            "seed": run.seed, "values": {short_key(k): v for k, v in run.values}, "split": split,
+            "metrics": json.loads((self.workspace / evaluate.done_when).read_text()),
+            "training": training_curve_summary(self.workspace / run.dir / "logs"),
+            "fit_s": round(fit_s, 1), "eval_s": round(time.perf_counter() - start - fit_s, 1),
+            "command": "misp " + " ".join(fit.args), "fingerprint": fp,
+        }
+        self.results.put(row)
+        return row
+
+    def _prune(self, run: Run) -> None:
+        if not self.config.keep_checkpoints:
+            shutil.rmtree(self.workspace / run.dir / "checkpoints", ignore_errors=True)
+
+    def choose(self, variant: Variant, rows: list[dict]) -> tuple[tuple[str, Any], ...]:
+        """The grid point whose validation ``select_metric`` is best (ties: the first in grid order)."""
+        metric, sign = self.config.select_metric, 1 if self.config.select_mode == "max" else -1
+        missing = [r["run"] for r in rows if metric not in r["metrics"]]
+        if missing:
+            raise ConfigError(f"select_metric {metric!r} is not among the validation results of {missing[0]} "
+                              f"(it has {sorted(rows[0]['metrics'])[:12]}...)")
+        best = max(range(len(rows)), key=lambda i: (sign * rows[i]["metrics"][metric], -i))
+        return self.grid_points()[best]
+
+    # everything ---------------------------------------------------------------------------------------
+    def plan_finals(self, chosen: dict[str, tuple]) -> list[Run]:
+        runs = [Run(v, chosen[v.name], s, "final") for v in self.config.methods for s in self.config.seeds]
+        runs += [Run(v, chosen[v.like or self.config.main], s, "final") for v in self.config.ablations
+                 for s in self.config.seeds]
+        return runs
+
+    def execute(self) -> dict:
+        start = time.perf_counter()
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.workspace / "experiment.json", {"command": self.command, "config": asdict(self.config)})
+        self.run_chain()
+        chain_s = time.perf_counter() - start
+        points = self.grid_points()
+        n_total = len(self.config.methods) * len(points) + len(self.plan_finals(
+            {v.name: points[0] for v in self.config.methods}))
+        done = 0
+        chosen = {}
+        for variant in self.config.methods:
+            tuning = [Run(variant, p, self.config.seeds[0], "tune") for p in points]
+            rows = []
+            for run in tuning:
+                done += 1
+                rows.append(self.run(run, f"[{done}/{n_total}]"))
+            chosen[variant.name] = self.choose(variant, rows)
+            for run in tuning:
+                if run.values != chosen[variant.name]:
+                    self._prune(run)
+        for run in self.plan_finals(chosen):
+            done += 1
+            self.run(run, f"[{done}/{n_total}]")
+            self._prune(run)
+        timing = {"total_s": round(time.perf_counter() - start, 1), "chain_s": round(chain_s, 1)}
+        summary = {"chosen": {k: {short_key(a): b for a, b in v} for k, v in chosen.items()}, "timing": timing,
+                   "command": self.command}
+        atomic_write_json(self.workspace / "summary.json", summary)
+        return summary

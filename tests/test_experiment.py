@@ -1,0 +1,243 @@
+"""``misp experiment``: planning, choosing on the validation split, resuming, the report; and a real quick run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from misp import pipeline
+from misp.errors import ConfigError
+from misp.experiment import Experiment, ExperimentConfig, Variant
+from misp.experiment.cli import run_experiment
+from misp.experiment.config import BETA, LR
+from misp.experiment.report import compare, verdict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _arg(cmd: list[str], flag: str) -> str | None:
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+class FakeMisp:
+    """Stands in for the ``misp`` subprocesses: writes what each command would leave, records the calls.
+
+    Validation results make beta 0.5 with lr 1e-4 the best point of every method; test results depend
+    on the seed, so the report has a spread to show.
+    """
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, cmd, check, cwd, env=None):
+        args = cmd[3:]  # after python -m misp.cli
+        self.calls.append(args)
+        cwd = Path(cwd)
+        sub, root = args[0], _arg(args, "--trainer.default_root_dir")
+        if self.fail_on and self.fail_on in " ".join(args) and "--ckpt_path" not in args:
+            (cwd / root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (cwd / root / "checkpoints/last.ckpt").write_text("half")
+            raise subprocess.CalledProcessError(1, cmd)
+        if sub == "world":
+            out = cwd / _arg(args, "--out")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "world.json").write_text(json.dumps({"config": {"seed": 0, "n_test": 200, "n_val": 200}}))
+        elif sub == "prefs":
+            target = cwd / "runs/shapes/clip_dpo/prefs.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("{}\n")
+        elif sub == "fit" and root is None:
+            stage = Path(_arg(args, "--config")).stem
+            target = cwd / f"runs/shapes/{stage}/export"
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "sae.json").write_text("{}")
+        elif sub == "fit":
+            (cwd / root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (cwd / root / "checkpoints/last.ckpt").write_text("done")
+            logs = cwd / root / "logs/version_0"
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / "metrics.csv").write_text("step,img/accuracies,train/loss\n0,0.5,1.0\n1,1.0,0.5\n")
+        elif sub in ("validate", "test"):
+            base = cwd / (root or "runs/shapes/sft")
+            base.mkdir(parents=True, exist_ok=True)
+            beta, lr = float(_arg(args, f"--{BETA}") or 0.1), float(_arg(args, f"--{LR}") or 1e-4)
+            seed = int(_arg(args, "--seed_everything") or 0)
+            f1 = 0.5 + beta * lr * 1000 + (0.01 * seed if sub == "test" else 0.0)
+            name = "validation_results.json" if sub == "validate" else "test_results.json"
+            (base / name).write_text(json.dumps({"chair/object_f1": f1, "chair/chair_i": 0.3 - 0.01 * seed}))
+
+
+def _config(tmp_path: Path, **kw) -> ExperimentConfig:
+    settings = dict(
+        name="t", workspace=str(tmp_path / "ws"), configs=str(REPO / "configs/shapes"), seeds=[0, 1],
+        grid={BETA: [0.1, 0.5], LR: [5e-5, 1e-4]},
+        methods=[Variant("dpo", "dpo"), Variant("misp_dpo", "misp_dpo")],
+        ablations=[Variant("misp_k1", "misp_dpo", set={"data.init_args.k": 1})],
+        report=str(tmp_path / "report/results.md"),
+    )
+    return ExperimentConfig(**(settings | kw)).resolved()
+
+
+def _runs(fake: FakeMisp, sub: str) -> list[list[str]]:
+    return [c for c in fake.calls if c[0] == sub and "--trainer.default_root_dir" in c]
+
+
+def test_tunes_on_validation_then_trains_the_chosen_values_on_every_seed(tmp_path, monkeypatch):
+    fake = FakeMisp()
+    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    summary = Experiment(_config(tmp_path)).execute()
+    assert summary["chosen"] == {"dpo": {"beta": 0.5, "lr": 1e-4}, "misp_dpo": {"beta": 0.5, "lr": 1e-4}}
+    validated = _runs(fake, "validate")
+    tested = _runs(fake, "test")
+    assert len(validated) == 2 * 4  # every grid point of both methods, on the first seed only
+    assert {_arg(c, "--seed_everything") for c in validated} == {"0"}
+    # every method and ablation on every seed, on test, with the chosen values; nothing else is tested
+    assert len(tested) == 3 * 2
+    assert all(_arg(c, f"--{BETA}") == "0.5" and _arg(c, f"--{LR}") == "0.0001" for c in tested)
+    assert sorted(_arg(c, "--data.init_args.seed") for c in tested) == ["0", "0", "0", "1", "1", "1"]
+    # the ablation changes one setting, on its method's chosen values
+    k1 = [c for c in tested if "misp_k1" in _arg(c, "--trainer.default_root_dir")]
+    assert len(k1) == 2 and all(_arg(c, "--data.init_args.k") == "1" for c in k1)
+    # the chosen point's seed-0 fit is the tuning fit itself (fits: 8 tuning + 1 more seed x 2 + ablation x 2)
+    assert len(_runs(fake, "fit")) == 8 + 2 + 2
+    rows = [json.loads(x) for x in (tmp_path / "ws/results.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows if r["phase"] == "tune"} == {"val"}
+    assert all(r["training"]["img/accuracies"] == {"first": 0.5, "last": 1.0, "mean": 0.75} for r in rows if r["phase"] != "base")
+
+
+def test_resumes_without_redoing_finished_runs_and_reruns_what_a_change_touches(tmp_path, monkeypatch):
+    fake = FakeMisp()
+    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    Experiment(_config(tmp_path)).execute()
+    fake.calls.clear()
+    Experiment(_config(tmp_path)).execute()
+    assert fake.calls == []  # everything was done
+    # one more seed: only its runs (2 methods + 1 ablation), nothing of the chain or of tuning
+    Experiment(_config(tmp_path, seeds=[0, 1, 2])).execute()
+    assert {c[0] for c in fake.calls} == {"fit", "test"}
+    assert {_arg(c, "--seed_everything") for c in fake.calls} == {"2"}
+    assert len(_runs(fake, "fit")) == 3
+    # a changed ablation setting reruns that ablation only
+    fake.calls.clear()
+    config = _config(tmp_path, seeds=[0, 1, 2])
+    config.ablations[0].set["data.init_args.k"] = 2
+    Experiment(config).execute()
+    assert {"misp_k1" in _arg(c, "--trainer.default_root_dir") for c in fake.calls} == {True}
+
+
+def test_a_fit_that_died_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    fake = FakeMisp(fail_on="misp_k1/beta0.5_lr0.0001-s1")
+    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    with pytest.raises(subprocess.CalledProcessError):
+        Experiment(_config(tmp_path)).execute()
+    fake.fail_on = None
+    fake.calls.clear()
+    Experiment(_config(tmp_path)).execute()
+    fits = _runs(fake, "fit")
+    assert len(fits) == 1 and _arg(fits[0], "--ckpt_path") == "runs/shapes/exp/misp_k1/beta0.5_lr0.0001-s1/checkpoints/last.ckpt"
+    # a checkpoint left by an attempt with other settings is never resumed from
+    config = _config(tmp_path)
+    config.ablations[0].set["data.init_args.k"] = 2
+    fake.fail_on = "misp_k1/beta0.5_lr0.0001-s0"
+    with pytest.raises(subprocess.CalledProcessError):
+        Experiment(config).execute()
+    fake.fail_on = None
+    config.ablations[0].set["data.init_args.k"] = 3
+    fake.calls.clear()
+    Experiment(config).execute()
+    assert all("--ckpt_path" not in c for c in _runs(fake, "fit"))
+
+
+def test_the_report_shows_mean_and_spread_and_the_protocol(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.subprocess, "run", FakeMisp())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text(json.dumps({
+        "name": "t", "workspace": "ws", "configs": str(REPO / "configs/shapes"), "seeds": [0, 1],
+        "grid": {BETA: [0.1, 0.5]}, "methods": [{"name": "dpo", "method": "dpo"}, {"name": "misp_dpo", "method": "misp_dpo"}],
+        "metrics": ["chair/object_f1", "chair/chair_i"], "report": "out/results.md",
+    }))
+    run_experiment(["--config", "exp.yaml"])
+    report = (tmp_path / "out/results.md").read_text()
+    # test f1 = 0.5 + 0.5 * 1e-4 * 1000 + 0.01 * seed over seeds 0, 1: mean 0.555, std 0.00707
+    assert "| DPO | 0.555 ± 0.007 | 0.295 ± 0.007 | beta 0.5 |" in report
+    assert "validation split" in report and "misp experiment --config exp.yaml" in report
+    assert (tmp_path / "out/results.png").stat().st_size > 1000
+    assert (tmp_path / "out/results.jsonl").read_text() == (tmp_path / "ws/results.jsonl").read_text()
+    # the report can be remade from the raw rows alone
+    (tmp_path / "out/results.md").unlink()
+    run_experiment(["--config", "exp.yaml", "--report_only", "true"])
+    assert "| DPO | 0.555 ± 0.007" in (tmp_path / "out/results.md").read_text()
+
+
+def test_comparison_is_a_difference_of_means_with_its_standard_error():
+    rows = [{"variant": v, "split": "test", "metrics": {"chair/chair_i": x}}
+            for v, xs in (("a", [0.1, 0.2, 0.3]), ("b", [0.4, 0.5, 0.6])) for x in xs]
+    diff, se = compare(rows, "a", "b", "chair/chair_i")
+    assert diff == pytest.approx(-0.3) and se == pytest.approx((2 * 0.01 / 3) ** 0.5)
+    assert verdict(diff, se, "chair/chair_i") == "main better"  # lower CHAIR_i is better
+    assert verdict(diff, se, "chair/recall") == "main worse"
+    assert verdict(0.01, se, "chair/recall") == "within spread"
+
+
+def test_contradictory_experiments_are_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match="main method 'misp_dpo' is not among"):
+        Experiment(_config(tmp_path, main="misp_dpo").__class__(
+            name="t", configs=str(REPO / "configs/shapes"), methods=[Variant("dpo", "dpo")]).resolved())
+    with pytest.raises(ConfigError, match="not found"):
+        Experiment(ExperimentConfig(configs=str(REPO / "configs/shapes"),
+                                    methods=[Variant("misp_dpo", "misp_dpo"), Variant("x", "no_such_method")]).resolved())
+    with pytest.raises(ConfigError, match="unique"):
+        Experiment(ExperimentConfig(configs=str(REPO / "configs/shapes"),
+                                    methods=[Variant("misp_dpo", "misp_dpo"), Variant("misp_dpo", "dpo")]).resolved())
+
+
+def test_the_shipped_experiment_config_loads_and_names_real_files(monkeypatch):
+    monkeypatch.chdir(REPO)
+    from misp.experiment.cli import experiment_parser
+
+    parser = experiment_parser()
+    cfg = parser.parse_args(["--config", "configs/experiments/shapes.yaml"])
+    config = ExperimentConfig(**{k: getattr(parser.instantiate_classes(cfg), k) for k in ExperimentConfig.__dataclass_fields__})
+    experiment = Experiment(config.resolved())  # checks every method, ablation and extra config file exists
+    assert experiment.config.report == "docs/results.md"
+    assert {v.name for v in config.methods} >= {"dpo", "mdpo", "chip", "random_neg", "clip_dpo", "misp_dpo"}
+    quick = config.quick_version()
+    assert quick.workspace.endswith("-quick") and quick.report.startswith(quick.workspace) and quick.seeds == [0]
+    other = ExperimentConfig(**{**vars(config), "world": "configs/worlds/dense.yaml"}).resolved()
+    assert other.workspace.endswith("shapes-dense") and other.report == "docs/results-dense.md"
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_the_real_chain_and_methods_end_to_end(tmp_path):
+    """The shipped experiment config in quick mode, cut to two methods and one ablation, through real
+    ``misp`` subprocesses: every stage runs, the report is written, and a second call redoes nothing."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text((REPO / "configs/experiments/shapes.yaml").read_text())
+    args = ["--config", str(exp), "--quick", "true", "--workspace", str(tmp_path / "ws"),
+            "--configs", str(REPO / "configs/shapes"), "--methods",
+            json.dumps([{"name": "dpo", "method": "dpo"}, {"name": "misp_dpo", "method": "misp_dpo"}]),
+            "--ablations", json.dumps([{"name": "misp_k1", "method": "misp_dpo", "set": {"data.init_args.k": 1}}]),
+            "--quick_mode.grid", json.dumps({BETA: [0.1, 0.5], LR: [1e-4]})]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    first = subprocess.run([sys.executable, "-m", "misp.cli", "experiment", *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ws-quick/results.jsonl").read_text().splitlines()]
+    assert sorted((r["variant"], r["split"]) for r in rows) == sorted(
+        [("base", "val"), ("base", "test"), ("dpo", "val"), ("dpo", "val"), ("dpo", "test"),
+         ("misp_dpo", "val"), ("misp_dpo", "val"), ("misp_dpo", "test"), ("misp_k1", "test")])
+    assert all("mmvp/pair_accuracy" in r["metrics"] and "chair/object_f1" in r["metrics"] for r in rows)
+    misp = next(r for r in rows if r["variant"] == "misp_dpo" and r["split"] == "test")
+    assert "img/accuracies" in misp["training"] and "is/ess" in misp["training"]
+    report = (tmp_path / "ws-quick/results.md").read_text()
+    assert "MISP-DPO" in report and "± " not in report.split("## Methods")[1].split("##")[0]  # one seed: no spread
+    second = subprocess.run([sys.executable, "-m", "misp.cli", "experiment", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "misp fit" not in second.stdout and "misp test" not in second.stdout
