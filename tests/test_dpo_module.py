@@ -207,3 +207,102 @@ def test_a_checkpoint_without_the_models_adapters_is_refused(vlm_dir):
     module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8)), objective=PreferenceObjective.preset("dpo"))
     with pytest.raises(ValueError, match="lacks .* trainable weights"):
         module.on_load_checkpoint({"state_dict": {"proposal.w": torch.zeros(4)}})
+
+
+# gradient diagnostics (diagnostics_every_n_steps) ---------------------------------------------------------
+
+
+def test_gradient_diagnostics_are_logged_on_the_configured_steps_only(tiny_world, vlm_dir, tmp_path):
+    torch.manual_seed(0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("mdpo"),
+                           diagnostics_every_n_steps=2, lr=1e-3)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", log_every_n_steps=1, limit_val_batches=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"))
+    trainer.fit(module, datamodule=crop_data(tiny_world, tmp_path, module))
+    rows = read_metrics(tmp_path / "logs")
+    terms = ["text", "image", "anchor"]
+    keys = {f"diag/grad_{kind}/{t}" for kind in ("norm", "share") for t in terms}
+    keys |= {"diag/grad_cos/text_image", "diag/grad_cos/text_anchor", "diag/grad_cos/image_anchor"}
+    assert [r["step"] for r in rows if r.get("train/loss")] == ["0", "1", "2", "3"]
+    diagnosed = [r for r in rows if r.get("diag/grad_share/text")]
+    assert [r["step"] for r in diagnosed] == ["0", "2"]  # and not repeated at the steps between
+    for r in diagnosed:
+        assert all(r.get(k) for k in keys), keys - {k for k, v in r.items() if v}
+        assert abs(sum(float(r[f"diag/grad_share/{t}"]) for t in terms) - 1) < 1e-4
+        assert all(float(r[f"diag/grad_norm/{t}"]) > 0 for t in terms)
+    assert not any(r.get(k) for r in rows if r not in diagnosed for k in keys)
+    assert {"img/advantage_std", "img/advantage_p10", "img/advantage_p90"} <= {k for r in rows for k, v in r.items() if v}
+
+
+def test_gradient_diagnostics_leave_the_steps_gradients_unchanged(tiny_world, vlm_dir, tmp_path, monkeypatch):
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0)),
+                           objective=PreferenceObjective.preset("mdpo"), cache_reference=False)
+    with torch.no_grad():  # LoRA B starts at zero: move off it, or the image and anchor gradients start degenerate
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    batch = next(iter(crop_data(tiny_world, tmp_path, module).train_dataloader()))
+    measured: list[dict] = []
+    diagnose = module._gradient_diagnostics
+
+    def spy(term_losses: dict) -> dict:
+        measured.append(diagnose(term_losses))
+        return measured[-1]
+
+    monkeypatch.setattr(module, "_gradient_diagnostics", spy)
+
+    def step_grads(every: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        module.hparams.diagnostics_every_n_steps = every
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss = module.training_step(batch, 0)  # no trainer attached: self.log is a no-op, global_step is 0
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in module.trainable_parameters()]
+
+    loss_off, grads_off = step_grads(0)
+    assert not measured
+    loss_on, grads_on = step_grads(1)
+    assert len(measured) == 1
+    torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=0)
+    for on, off in zip(grads_on, grads_off, strict=True):
+        torch.testing.assert_close(on, off, rtol=1e-6, atol=1e-8)
+    # The terms measured add up to this very step's gradient g (.grad):
+    # ||g||^2 = sum_i ||g_i||^2 + 2 sum_{i<j} cos_ij ||g_i|| ||g_j||, and the shares sum to 1.
+    d = {k: float(v) for k, v in measured[0].items()}
+    terms = ("text", "image", "anchor")
+    norm = {t: d[f"diag/grad_norm/{t}"] for t in terms}
+    assert all(n > 0 for n in norm.values())
+    squared = sum(n**2 for n in norm.values()) + 2 * sum(
+        d[f"diag/grad_cos/{a}_{b}"] * norm[a] * norm[b] for a, b in [("text", "image"), ("text", "anchor"), ("image", "anchor")]
+    )
+    g = torch.cat([x.reshape(-1) for x in grads_on]).double()
+    assert squared == pytest.approx(float(g @ g), rel=1e-4)
+    assert sum(d[f"diag/grad_share/{t}"] for t in terms) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_gradient_diagnostics_leave_the_proposal_term_out(vlm_dir):
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"),
+                           diagnostics_every_n_steps=1)
+    w = module.trainable_parameters()[0]
+    q = next(module.proposal.parameters())
+    term_losses = {"image": (w**2).sum().expand(2), "text": w.sum().expand(2), "proposal": q.sum().expand(2)}
+    metrics = module._gradient_diagnostics(term_losses)
+    assert set(metrics) == {"diag/grad_norm/image", "diag/grad_norm/text", "diag/grad_share/image",
+                            "diag/grad_share/text", "diag/grad_cos/image_text"}
+
+
+def test_gradient_diagnostics_are_refused_under_fsdp(vlm_dir):
+    from misp.errors import ConfigError
+    from misp.training.fsdp import FSDPStrategy
+
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("dpo"),
+                           diagnostics_every_n_steps=5)
+    module.trainer = L.Trainer(strategy=FSDPStrategy(), accelerator="cpu", devices=1, logger=False,
+                               enable_progress_bar=False)
+    with pytest.raises(ConfigError, match="diagnostics_every_n_steps=5 needs whole gradients.*FSDPStrategy"):
+        module.on_fit_start()
+    module.hparams.diagnostics_every_n_steps = 0
+    module.on_fit_start()  # off: FSDP runs as before
+    with pytest.raises(ConfigError, match=">= 0"):
+        MISPDPOModule(VLMSpec(path=str(vlm_dir)), diagnostics_every_n_steps=-1)

@@ -4,6 +4,10 @@ Per step: one forward of the policy over the concatenated rows (chosen and rejec
 chosen on each of the K negatives; each image encoded once), the reference log-probs (cached across
 epochs where the image recurs), the objective of misp.dpo.objective, and for MISP-DPO the proposal
 q_phi's own loss, which moves it toward the model's preference distribution over negatives.
+
+Opt-in diagnostic (``diagnostics_every_n_steps``): on those steps, each term's share of the policy's
+gradient (``misp.dpo.diagnostics.gradient_shares``), logged as ``diag/grad_norm/<term>``,
+``diag/grad_share/<term>`` and ``diag/grad_cos/<a>_<b>``.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
+from misp.dpo.diagnostics import gradient_shares
 from misp.dpo.method import check_method
-from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_loss
+from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_terms, sum_terms
 from misp.dpo.reference import (
     ReferenceCache,
     frozen_copy,
@@ -23,6 +28,7 @@ from misp.dpo.reference import (
     reference_mode,
     uses_adapters,
 )
+from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
 from misp.logprobs import sequence_logps
 from misp.models.forward import response_logits
@@ -49,6 +55,15 @@ class MISPDPOModule(VLMModule):
         weight_decay: AdamW weight decay of the policy.
         warmup_steps: linear warm-up steps before cosine decay.
         export_dir: where the trained policy is saved at the end of fit (LoRA merged into the base).
+        diagnostics_every_n_steps: every this many optimiser steps (0: never), measure how much of the
+            policy's gradient each objective term supplies and log ``diag/grad_norm/<term>``,
+            ``diag/grad_share/<term>`` (``<g_term, g> / ||g||^2``, the shares sum to 1, negative when the
+            term is undone by the others) and ``diag/grad_cos/<a>_<b>`` for each pair of terms. Measured
+            over the policy's trainable weights, so the proposal term (it trains q_phi only; its
+            advantages are detached) is left out. Costs one extra backward per term on those steps and
+            holds one gradient per term; it does not change the step's gradients. Logged to the loggers on
+            exactly those steps (regardless of ``log_every_n_steps``). Single device or DDP (gradients
+            averaged across ranks first); refused under FSDP, where a rank holds a shard.
     """
 
     def __init__(
@@ -63,7 +78,10 @@ class MISPDPOModule(VLMModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         export_dir: str | None = None,
+        diagnostics_every_n_steps: int = 0,
     ) -> None:
+        if diagnostics_every_n_steps < 0:
+            raise ConfigError(f"model.diagnostics_every_n_steps must be >= 0 (0: off), got {diagnostics_every_n_steps}")
         super().__init__(vlm, generation, lr, weight_decay, warmup_steps, export_dir)
         save_plain_hyperparameters(self)
         self.objective = objective or PreferenceObjective()
@@ -110,6 +128,14 @@ class MISPDPOModule(VLMModule):
             check_method(self.objective, *self.data_negatives)
 
     def on_fit_start(self) -> None:
+        if self.hparams.diagnostics_every_n_steps and self._sharded_training():
+            # Under FSDP a rank's gradient is a shard (and taking one outside the step's backward would run
+            # FSDP's gather/reshard hooks out of turn): per-shard shares would be wrong numbers, not no numbers.
+            raise ConfigError(
+                f"model.diagnostics_every_n_steps={self.hparams.diagnostics_every_n_steps} needs whole gradients, "
+                f"but the policy is sharded ({type(self.trainer.strategy).__name__}): measure gradient shares on one "
+                "device or under DDP, or set it to 0"
+            )
         k = self.data_negatives[1] if self.data_negatives is not None else 0
         if k > 0 and self.trainer.reload_dataloaders_every_n_epochs != 1:
             log.warning(
@@ -155,7 +181,11 @@ class MISPDPOModule(VLMModule):
         if self.proposal is not None:
             # Through forward, so that FSDP gathers q_phi's parameters.
             log_q_phi = gather_log_q(self.proposal(batch["features"], batch["feature_mask"]), batch["draw_index"])
-        loss, metrics = preference_loss(self.objective, policy, reference, log_q, log_q_phi)
+        term_losses, metrics = preference_terms(self.objective, policy, reference, log_q, log_q_phi)
+        loss = sum_terms(term_losses).mean()
+        every = self.hparams.diagnostics_every_n_steps
+        if every and self.global_step % every == 0:
+            self._log_on_this_step_only(self._gradient_diagnostics(term_losses))
         if self.proposal is not None:
             metrics["proposal/temperature"] = self.proposal.last_temperature
         if self.reference_cache is not None:
@@ -164,6 +194,37 @@ class MISPDPOModule(VLMModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log_dict(metrics, batch_size=b)
         return loss
+
+    def _sharded_training(self) -> bool:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        return isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)) or is_sharded(self.model)
+
+    def _gradient_diagnostics(self, term_losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The ``diag/*`` metrics of this step: each policy-training term's gradient norm, share and cosines."""
+        trains_policy = [t.name for t in self.objective.terms if not t.trains_proposal]
+        losses = {name: term_losses[name].mean() for name in trains_policy}
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+
+        def rank_mean(g: torch.Tensor) -> torch.Tensor:
+            # DDP averages the ranks' gradients before the step: measure that gradient, not this rank's.
+            return self.trainer.strategy.reduce(g, reduce_op="mean")
+
+        stats = gradient_shares(losses, self.trainable_parameters(), reduce=rank_mean if distributed else None)
+        metrics: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(trains_policy):
+            metrics[f"diag/grad_norm/{name}"] = stats[name]["norm"].float()
+            metrics[f"diag/grad_share/{name}"] = stats[name]["share"].float()
+            for other in trains_policy[i + 1:]:
+                metrics[f"diag/grad_cos/{name}_{other}"] = stats[name]["cos"][other].float()
+        return metrics
+
+    def _log_on_this_step_only(self, metrics: dict[str, torch.Tensor]) -> None:
+        # Straight to the loggers, not through self.log: Lightning re-logs an on-step value at every later
+        # step of the epoch until it is logged again, which would plot stale shares as if measured.
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
 
     def parameter_groups(self) -> list[dict]:
         groups = super().parameter_groups()

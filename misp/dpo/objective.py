@@ -27,8 +27,9 @@ from misp.dpo.terms import (
     SequenceLogps,
     TermInputs,
     TextDPO,
-    term_losses,
+    sum_terms,
     uses_negatives,
+    weighted_term_losses,
 )
 from misp.losses import image_advantages
 
@@ -96,6 +97,27 @@ class PreferenceObjective:
         return any(t.trains_proposal for t in self.terms)
 
 
+def preference_terms(
+    objective: PreferenceObjective,
+    policy: SequenceLogps,
+    reference: SequenceLogps,
+    log_q: Tensor | None = None,
+    log_q_phi: Tensor | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Each term's weighted per-example losses ``[B]`` by term name, and the metrics of the terms that ran.
+
+    ``sum_terms(losses).mean()`` is :func:`preference_loss`; the terms apart serve diagnostics that need
+    each one's gradient (``MISPDPOModule(diagnostics_every_n_steps=...)``).
+    """
+    if objective.uses_negatives and policy.negatives.shape[-1] == 0:
+        raise ValueError(f"objective terms {[t.name for t in objective.terms]} need negatives; the data gave none")
+    advantages = None
+    if policy.negatives.shape[-1]:
+        advantages = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, objective.beta)
+    inputs = TermInputs(policy, reference, objective.beta, advantages, log_q, log_q_phi)
+    return weighted_term_losses(objective.terms, inputs)
+
+
 def preference_loss(
     objective: PreferenceObjective,
     policy: SequenceLogps,
@@ -104,14 +126,8 @@ def preference_loss(
     log_q_phi: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean loss over the batch and the metrics of the terms that ran (TRL's names where TRL has them)."""
-    if objective.uses_negatives and policy.negatives.shape[-1] == 0:
-        raise ValueError(f"objective terms {[t.name for t in objective.terms]} need negatives; the data gave none")
-    advantages = None
-    if policy.negatives.shape[-1]:
-        advantages = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, objective.beta)
-    inputs = TermInputs(policy, reference, objective.beta, advantages, log_q, log_q_phi)
-    total, metrics = term_losses(objective.terms, inputs)
-    return total.mean(), metrics
+    losses, metrics = preference_terms(objective, policy, reference, log_q, log_q_phi)
+    return sum_terms(losses).mean(), metrics
 
 
-__all__ = ["PRESETS", "PreferenceObjective", "SequenceLogps", "preference_loss"]
+__all__ = ["PRESETS", "PreferenceObjective", "SequenceLogps", "preference_loss", "preference_terms", "sum_terms"]

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from misp.losses import anchor_loss, dpo_loss, importance_weight_stats, plackett_luce_loss, proposal_loss
@@ -135,6 +136,11 @@ class PlackettLuce(LossTerm):
             "img/accuracies": (a < 0).all(dim=1).float().mean(),
             "img/advantage_mean": a.mean(),
             "img/advantage_max": a.max(dim=1).values.mean(),
+            # The spread over every draw of the batch: whether the a_i are all far below 0 (the term is
+            # satisfied and its softplus gradient vanishes) or a tail of hard negatives remains.
+            "img/advantage_std": a.float().std(correction=0),
+            "img/advantage_p10": torch.quantile(a.float().flatten(), 0.1),
+            "img/advantage_p90": torch.quantile(a.float().flatten(), 0.9),
             "logps/negatives": p.negatives.detach().mean(),
         }
         if self.importance_sampling:
@@ -178,18 +184,36 @@ class ProposalFit(LossTerm):
         return losses, {}
 
 
-def term_losses(terms: list[LossTerm], x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of every term's per-example losses ``[B]`` and all their metrics."""
-    total: Tensor | None = None
+def weighted_term_losses(terms: list[LossTerm], x: TermInputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Each term's weighted per-example losses ``[B]`` by name (in the terms' order) and all their metrics.
+
+    Kept apart from their sum so that a diagnostic can take each term's gradient on its own
+    (``misp.dpo.diagnostics.gradient_shares``).
+    """
+    weighted: dict[str, Tensor] = {}
     metrics: dict[str, Tensor] = {}
     for term in terms:
         losses, own = term(x)
         metrics[f"loss/{term.name}"] = losses.detach().mean()
         metrics |= own
-        total = term.weight * losses if total is None else total + term.weight * losses
+        weighted[term.name] = term.weight * losses
+    return weighted, metrics
+
+
+def sum_terms(weighted: dict[str, Tensor]) -> Tensor:
+    """The per-example total ``[B]`` of weighted term losses, summed in the terms' order."""
+    total: Tensor | None = None
+    for losses in weighted.values():
+        total = losses if total is None else total + losses
     if total is None:
         raise ValueError("a preference objective needs at least one term")
-    return total, metrics
+    return total
+
+
+def term_losses(terms: list[LossTerm], x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted sum of every term's per-example losses ``[B]`` and all their metrics."""
+    weighted, metrics = weighted_term_losses(terms, x)
+    return sum_terms(weighted), metrics
 
 
 def uses_negatives(terms: list[LossTerm]) -> bool:
@@ -204,6 +228,8 @@ __all__ = [
     "SequenceLogps",
     "TermInputs",
     "TextDPO",
+    "sum_terms",
     "term_losses",
     "uses_negatives",
+    "weighted_term_losses",
 ]
