@@ -26,7 +26,8 @@ PREFERENCE_BASE = Path("configs/shapes/preference.yaml")
 METHODS = Path("configs/shapes/methods")
 MAIN_METHOD = "misp_dpo"
 LABELS = {"sft": "base (SFT)", "misp_dpo": "MISP-DPO", "dpo": "DPO", "mdpo": "mDPO", "chip": "CHiP-style",
-          "random_neg": "random multi-neg", "clip_dpo": "CLIP-DPO"}
+          "random_neg": "random multi-neg", "clip_dpo": "CLIP-DPO",
+          "misp_mixed": "MISP-DPO (mixed pool)"}
 
 
 def method_configs(name: str, root: Path = Path(".")) -> list[str]:

@@ -21,7 +21,8 @@ METHODS = sorted((ROOT / "configs/shapes/methods").glob("*.yaml"))
 def test_there_are_configs():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
     stages = {f"shapes/{n}.yaml" for n in ("clip", "sft", "sae", "preference")}
-    methods = {f"shapes/methods/{n}.yaml" for n in ("dpo", "mdpo", "chip", "random_neg", "misp_dpo", "clip_dpo")}
+    methods = {f"shapes/methods/{n}.yaml" for n in ("dpo", "mdpo", "chip", "random_neg", "misp_dpo", "misp_mixed",
+                                                           "clip_dpo")}
     assert stages | {"llava.yaml", "llava_sae.yaml"} <= names
     tools = {p.relative_to(ROOT / "configs").as_posix() for p in ALL_CONFIGS} - names
     # Method files add to the preference base (loaded together below); prefs configs belong to `misp prefs`.

@@ -45,13 +45,14 @@ POOL_ARGS = ["--data.mining.n_candidates=8", "--data.mining.pool_size=4", "--dat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dpo", "mdpo", "chip", "random_neg", "misp_dpo", "clip_dpo"])
+@pytest.mark.parametrize("method", ["dpo", "mdpo", "chip", "random_neg", "misp_dpo", "misp_mixed", "clip_dpo"])
 def test_every_method_config_fits(method, tiny_world, clip_dir, sae_dir, vlm_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["fit", *method_configs(method, ROOT), *cli_overrides(tiny_world, clip_dir, sae_dir, vlm_dir)]
-    if method in ("random_neg", "misp_dpo"):
+    misp = method in ("misp_dpo", "misp_mixed")
+    if method == "random_neg" or misp:
         args += [f"--data.pool={tiny_world / 'pool.jsonl'}", f"--data.clip.checkpoint={clip_dir}", *POOL_ARGS]
-    if method == "misp_dpo":
+    if misp:
         args += [f"--data.sae_path={sae_dir}"]
     main(args)
     rows = read_metrics(tmp_path / "runs")
@@ -63,9 +64,9 @@ def test_every_method_config_fits(method, tiny_world, clip_dir, sae_dir, vlm_dir
     # Each term logs its own metrics, and only the terms that run log anything.
     assert (image <= names) == (method not in ("dpo", "clip_dpo")) and (not image & names) == (method in ("dpo", "clip_dpo"))
     assert ("loss/anchor" in names) == (method == "mdpo")
-    assert ({"is/ess", "is/max_weight"} <= names) == (method == "misp_dpo")
-    assert not ({"is/ess", "is/max_weight"} & names) or method == "misp_dpo"
-    if method == "misp_dpo":
+    assert ({"is/ess", "is/max_weight"} <= names) == misp
+    assert not ({"is/ess", "is/max_weight"} & names) or misp
+    if misp:
         assert {"loss/proposal", "proposal/temperature"} <= names
         ckpt = torch.load(tmp_path / f"runs/shapes/{method}/checkpoints/last.ckpt", weights_only=False)
         assert ckpt["state_dict"]["proposal.w"].abs().sum() > 0  # q_phi was trained

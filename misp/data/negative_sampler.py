@@ -97,7 +97,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         pool: the candidate pool: a JSON Lines file with ``image`` rows, or a folder of images.
         clip: the CLIP that embeds records and pool (needed by the sae and random sources and SAE mode).
         sae_path: a directory written by SAEModule's export (needed by the sae source).
-        mining: retrieval and selection settings.
+        mining: retrieval and selection settings; ``mining.record_candidates`` adds each record's own images
+            (counterfactual renders or its ``negatives``) to its retrieved candidates (the mixed pool).
         evaluation: the POPE and captioning sets used by ``validate`` and ``test``.
         val_limit: during fit, validate on only the first N questions and prompts.
         image_root: folder image paths are relative to (default: the records file's folder).
@@ -183,14 +184,18 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         h = self.hparams
         if self.records is None:
             self.records = self._read_records()
-        if not (h.mode == "sae" or get_source(h.source).needs_pool) or self.candidates is not None:
+        if not (h.mode == "sae" or get_source(h.source).needs_pool):
+            self._warn_unused_record_candidates()
             return
+        if self.candidates is not None:
+            return
+        own = self._own_candidates()
         self.pool_paths = read_pool(h.pool, verify=True)
         self._warn_small_pool()
         clip = load_clip(self.clip, device=self.mining.device)
         self.candidates = mine_candidates(
             [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
-            self.mining, self._cache_dir(), progress=progress,
+            self.mining, self._cache_dir(), progress=progress, own_images=own,
         )
         if h.mode == "dpo" and get_source(h.source).needs_sae:
             sae, meta = load_sae(h.sae_path)
@@ -215,6 +220,40 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                 self.candidates, sae, meta["identity"], self.mining, self._cache_dir(), progress=progress
             )
         self._warn_repeats()
+
+    def _own_candidates(self) -> list[list[Path]] | None:
+        """Per record, the images ``mining.record_candidates`` adds to its candidates (None for ``none``).
+
+        Raises when no record carries that list: the run would otherwise mine the pool alone while its
+        config says it mixes. Warns, with the count, when only some do (those keep their retrieved ones).
+        """
+        kind = self.mining.record_candidates
+        if kind == "none":
+            return None
+        lists = [[Path(p) for p in self._record_negatives(r, kind)] for r in self.records]
+        missing = [r.id for r, x in zip(self.records, lists, strict=True) if not x]
+        what = "meta.counterfactuals" if kind == "counterfactual" else "negatives"
+        if lists and len(missing) == len(lists):
+            raise ValueError(
+                f"mining.record_candidates={kind!r}: no record in {self.hparams.records_file} carries a `{what}` "
+                f"list (e.g. record {missing[0]!r}); set mining.record_candidates to the list the records carry, "
+                "or to 'none'"
+            )
+        if missing:
+            log.warning(
+                "mining.record_candidates=%r: %d of %d records in %s carry no `%s` (e.g. %s): their candidates are "
+                "the retrieved pool images alone", kind, len(missing), len(lists), self.hparams.records_file, what,
+                missing[:3],
+            )
+        return lists
+
+    def _warn_unused_record_candidates(self) -> None:
+        if self.mining.record_candidates != "none" and not getattr(self, "_warned_unused_own", False):
+            self._warned_unused_own = True
+            log.warning(
+                "mining.record_candidates=%r has no effect with source=%r, which mines no candidates (it applies "
+                "to the sae and random sources and to SAE mode)", self.mining.record_candidates, self.hparams.source,
+            )
 
     def prepare_data(self) -> None:
         # One process per node mines and writes the caches; setup() on every rank then reads them.
@@ -296,7 +335,9 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         h = self.hparams
 
         def paths(index: torch.Tensor) -> list[list[str]]:
-            return [[str(self.pool_paths[i]) if i >= 0 else "" for i in row.tolist()] for row in index]
+            # Candidate indices name the pool's images and then the records' own (mining.record_candidates).
+            files = self.candidates.paths
+            return [[str(files[i]) if i >= 0 else "" for i in row.tolist()] for row in index]
 
         return DrawContext(
             ids=[r.id for r in self.records], k=h.k, seed=h.seed,
@@ -328,8 +369,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         for option, value in (("mining.n_candidates", m.n_candidates), ("mining.pool_size", m.pool_size)):
             if n_pool < value:
                 log.warning(
-                    "the pool %s holds %d images, fewer than %s=%d: every record gets at most %d", self.hparams.pool,
-                    n_pool, option, value, n_pool,
+                    "the pool %s holds %d images, fewer than %s=%d: every record gets at most %d retrieved",
+                    self.hparams.pool, n_pool, option, value, n_pool,
                 )
 
     def _warn_repeats(self) -> None:

@@ -34,6 +34,9 @@ def negatives_statistics(datamodule, draws) -> dict[str, float]:
         later[:, 0] = False  # the first pick's gain is 1 by convention, not a measured distance
         if bool(later.any()):
             stats["negatives/diversity"] = float(sel.gains[later].mean())
+        if datamodule.candidates.own is not None:
+            # The mixed pool (mining.record_candidates): how much of the selection the records' own images take.
+            stats["negatives/selected_own"] = float(datamodule.candidates.is_own(sel.pool_index)[valid].float().mean())
     if bool((draws.log_q != 0).any()):
         stats["negatives/draw_ess"] = float(draw_ess(draws.log_q).mean())
     return stats

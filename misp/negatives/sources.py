@@ -16,6 +16,9 @@ cache ask the registry; a new source is one ``register_source(NegativeSource(...
 | crop           | K random resized crops of the positive (mDPO, 1%-20% of the area) | 0 (no proposal) |
 | noise          | K forward-diffusion noisings of the positive at t (CHiP-style)    | 0 (no proposal) |
 | none           | no negatives (plain DPO)                                          | -              |
+
+With ``mining.record_candidates`` set (the mixed pool), the candidates of ``sae`` and ``random`` also hold
+each record's own images (counterfactual renders or its ``negatives``) beside the retrieved pool images.
 """
 
 from __future__ import annotations
