@@ -44,15 +44,26 @@ def baselines() -> list[str]:
     return sorted(p.stem for p in METHODS.glob("*.yaml") if p.stem != MAIN_METHOD)
 
 
+def own_data_stages(name: str, configs: Path) -> list[Stage]:
+    """What a method makes for itself before it trains, by convention beside the stage configs:
+    ``<name>_prefs.yaml`` (its own preference pairs, CLIP-DPO) and ``<name>_sae.yaml`` (its own SAE,
+    layered on ``sae.yaml``: the mixed-pool MISP-DPO). Their outputs land under ``runs/shapes/``."""
+    stages = []
+    prefs = configs / f"{name}_prefs.yaml"
+    if prefs.exists():
+        stages.append(Stage(f"{name}-prefs", ["prefs", "--config", str(prefs)], RUNS / name / "prefs.jsonl"))
+    sae = configs / f"{name}_sae.yaml"
+    if sae.exists():
+        stages.append(Stage(f"{name}-sae", ["fit", "--config", str(configs / "sae.yaml"), "--config", str(sae)],
+                            RUNS / f"{name}_sae/export/sae.json"))
+    return stages
+
+
 def method_stages(name: str) -> list[Stage]:
     """Fit a VLM stage, then evaluate its last checkpoint on the test split (after its own data, if any)."""
     root = RUNS / name
-    stages = []
-    prefs = Path(f"configs/shapes/{name}_prefs.yaml")
-    if prefs.exists():  # a method that generates its own preference pairs first (CLIP-DPO)
-        stages.append(Stage(f"{name}-prefs", ["prefs", "--config", str(prefs)], root / "prefs.jsonl"))
     configs = method_configs(name)
-    return stages + [
+    return own_data_stages(name, Path("configs/shapes")) + [
         Stage(name, ["fit", *configs], root / "export"),
         Stage(f"{name}-test", ["test", *configs, "--ckpt_path", str(root / "checkpoints/last.ckpt")],
               root / "test_results.json"),

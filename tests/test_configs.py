@@ -25,8 +25,42 @@ def test_there_are_configs():
                                                            "clip_dpo")}
     assert stages | {"llava.yaml", "llava_sae.yaml"} <= names
     tools = {p.relative_to(ROOT / "configs").as_posix() for p in ALL_CONFIGS} - names
-    # Method files add to the preference base (loaded together below); prefs configs belong to `misp prefs`.
-    assert tools == methods | {"shapes/clip_dpo_prefs.yaml"}
+    # Method files add to the preference base (loaded together below); prefs configs belong to `misp prefs`;
+    # a method's own SAE layers on sae.yaml; experiments belong to `misp experiment`, their ablation files
+    # layer on a method.
+    experiments = {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs/experiments").rglob("*.yaml")}
+    assert "experiments/shapes.yaml" in experiments
+    assert tools == methods | experiments | {"shapes/clip_dpo_prefs.yaml", "shapes/misp_mixed_sae.yaml"}
+
+
+def _shipped_experiment() -> dict:
+    return yaml.safe_load((ROOT / "configs/experiments/shapes.yaml").read_text())
+
+
+@pytest.mark.parametrize("variant", _shipped_experiment()["methods"] + _shipped_experiment()["ablations"],
+                         ids=lambda v: v["name"])
+def test_every_variant_of_the_shipped_experiment_is_a_consistent_method(variant, capsys, monkeypatch):
+    """Each method and ablation `misp experiment` trains composes (base + method + its extra files + its
+    settings) and passes the method check, as the runner will build it."""
+    from misp.dpo.method import check_method
+    from misp.dpo.objective import PreferenceObjective
+
+    monkeypatch.chdir(ROOT)
+    args = ["fit", "--config", "configs/shapes/preference.yaml", "--config", f"configs/shapes/methods/{variant['method']}.yaml"]
+    for extra in variant.get("extra", []):
+        args += ["--config", extra]
+    for key, value in variant.get("set", {}).items():
+        args += [f"--{key}", str(value)]
+    with pytest.raises(SystemExit):
+        main([*args, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    objective = PreferenceObjective.from_config(printed["model"]["init_args"]["objective"])
+    check_method(objective, printed["data"]["init_args"]["source"], printed["data"]["init_args"]["k"])
+    for key, value in variant.get("set", {}).items():
+        node = printed
+        for part in key.split("."):
+            node = node[part]
+        assert node == value
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())

@@ -78,6 +78,8 @@ class ExperimentConfig:
     """Epochs of every preference run: the same training budget for every method."""
     grid: dict[str, list] = field(default_factory=lambda: {BETA: [0.1, 0.5], LR: [5.0e-5, 1.0e-4]})
     """Values searched per method, as command-line keys; every combination is one tuning run."""
+    set: dict[str, Any] = field(default_factory=dict)
+    """Settings changed in every preference run, as command-line keys (e.g. the gradient diagnostics)."""
     select_metric: str = "chair/object_f1"
     """The validation metric a method's grid point is chosen by."""
     select_mode: Literal["max", "min"] = "max"

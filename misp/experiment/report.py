@@ -16,8 +16,8 @@ DEFAULT_METRICS = [
     "cooccurrence/partner_present_rate", "pope/adversarial/f1", "mmvp/pair_accuracy", "grounding/likelihood",
 ]
 LOWER_IS_BETTER = {"chair/chair_i", "chair/chair_s", "cooccurrence/partner_rate", "cooccurrence/other_rate"}
-TRAINING_KEYS = ["img/accuracies", "img/advantage_mean", "img/advantage_std", "is/ess", "diag/grad_share/plackett_luce",
-                 "diag/grad_share/text_dpo", "loss/plackett_luce", "loss/text_dpo"]
+TRAINING_KEYS = ["img/accuracies", "loss/image", "img/advantage_mean", "img/advantage_std", "is/ess", "loss/text",
+                 "diag/grad_share/image", "diag/grad_share/text", "diag/grad_cos/image_text"]
 """Training diagnostics reported per variant (first logged value -> last), when a run logged them."""
 
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from misp.demo import own_data_stages
 from misp.errors import ConfigError
 from misp.experiment.config import ExperimentConfig, Variant
 from misp.experiment.results import ResultsLog, training_curve_summary
@@ -133,10 +134,11 @@ class Experiment:
                   Path("runs/shapes/sae/export/sae.json")),
         ]
         for method in sorted({v.method for v in self.config.methods + self.config.ablations}):
-            prefs = self.configs / f"{method}_prefs.yaml"
-            if prefs.exists():  # a method that makes its own pairs (CLIP-DPO) does so once, for every seed
-                out = f"runs/shapes/{method}/prefs.jsonl"
-                stages.append(Stage(f"{method}-prefs", ["prefs", "--config", str(prefs)], Path(out)))
+            # A method's own pairs (CLIP-DPO) or SAE (mixed pool) are made once, for every seed and grid point.
+            for stage in own_data_stages(method, self.configs):
+                if stage.args[0] == "fit":
+                    stage.args += self._quick_flags("sae")
+                stages.append(stage)
         return stages
 
     def run_chain(self) -> None:
@@ -163,7 +165,7 @@ class Experiment:
         args += ["--seed_everything", str(run.seed), "--data.init_args.seed", str(run.seed),
                  "--trainer.max_epochs", str(self.config.max_epochs), "--trainer.default_root_dir", str(root),
                  "--model.init_args.export_dir", ""]  # evaluated from its checkpoint; no export needed
-        for key, value in list(run.values) + sorted(v.set.items()):
+        for key, value in sorted(self.config.set.items()) + list(run.values) + sorted(v.set.items()):
             args += [f"--{key}", cli_value(value)]
         return args
 
