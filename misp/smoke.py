@@ -28,7 +28,7 @@ from misp.sae.io import save_sae
 from misp.sae.model import SAEConfig, SparseAutoencoder
 from misp.world import WorldConfig, write_world
 
-SMOKE_WORLD = dict(seed=0, n_clip=320, n_sft=160, n_pref=48, n_pool=120, n_test=24)
+SMOKE_WORLD = dict(seed=0, n_clip=320, n_sft=160, n_pref=48, n_pool=120, n_test=24, n_val=24)
 SMOKE_CLIP = dict(vision_width=32, text_width=32, embed_dim=16, image_size=32)
 SMOKE_LLAVA = dict(image_size=32, patch_size=8, vision_hidden_size=32, vision_heads=2, text_hidden_size=64,
                    text_heads=2, text_intermediate_size=128, max_position_embeddings=256)

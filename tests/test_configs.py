@@ -144,3 +144,12 @@ def test_llava_fsdp_strategy_wraps_and_checkpoints_decoder_layers():
     assert vlm["load_in_4bit"] and vlm["bnb_4bit_quant_type"] == "nf4"
     assert vlm["bnb_4bit_quant_storage"] == vlm["dtype"] == "bfloat16"  # FSDP shards 4-bit weights as bf16
     assert vlm["lora"] == {"r": 64, "alpha": 128, "dropout": 0.05}
+
+
+@pytest.mark.parametrize("stage", ["sft", "preference"])
+def test_shapes_stages_validate_on_val_and_report_test(stage):
+    """Fit validates on the world's val split (what hyperparameters may be chosen on); `misp test` reports
+    the test split."""
+    data = yaml.safe_load((ROOT / f"configs/shapes/{stage}.yaml").read_text())["data"]["init_args"]
+    assert data["evaluation"] == {"pope_file": "worlds/shapes/pope.jsonl", "captions_file": "worlds/shapes/test.jsonl"}
+    assert data["validation"] == {"pope_file": "worlds/shapes/val_pope.jsonl", "captions_file": "worlds/shapes/val.jsonl"}

@@ -140,6 +140,8 @@ def test_split_scenes_recovers_the_full_pool_and_pref_scenes(tiny_world, tmp_pat
     assert [s.to_dicts() for s in pref] == [r["meta"]["scene"] for r in records]
     with pytest.raises(ValueError, match="reads pref, pool, test"):
         split_scenes(tiny_world, "sft")
+    val = split_scenes(tiny_world, "val")
+    assert [s.names for s in val] == [json.loads(line)["objects"] for line in (tiny_world / "val.jsonl").read_text().splitlines()]
 
     # An edited pool file no longer matches the generator: refused, not silently described.
     listed = json.loads((tiny_world / "world.json").read_text())["files"].values()

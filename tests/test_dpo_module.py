@@ -35,6 +35,8 @@ def cli_overrides(tiny_world, clip_dir, sae_dir, vlm_dir) -> list[str]:
         f"--data.records_file={tiny_world / 'pref.jsonl'}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
         f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
+        f"--data.validation.pope_file={tiny_world / 'val_pope.jsonl'}",
+        f"--data.validation.captions_file={tiny_world / 'val.jsonl'}",
         "--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.batch_size=4",
         "--data.progress=false",

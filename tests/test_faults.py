@@ -61,6 +61,7 @@ def _config(root: Path, world: Path, clip: Path, sae: Path, vlm: Path, kill_at: 
         "sae_path": str(sae), "cache_dir": str(root.parent / "cache"), "batch_size": 4, "progress": False,
         "preview_records": 0, "mining": {"n_candidates": 8, "pool_size": 4, "dup_threshold": 0.99999},
         "evaluation": {"pope_file": str(world / "pope.jsonl"), "captions_file": str(world / "test.jsonl")},
+        "validation": {"pope_file": str(world / "val_pope.jsonl"), "captions_file": str(world / "val.jsonl")},
     }
     path = root.parent / f"{root.name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -119,6 +120,8 @@ def test_a_nan_loss_stops_training_naming_step_and_records(tiny_world, vlm_dir, 
         f"--data.records_file={tiny_world / 'pref.jsonl'}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
         f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
+        f"--data.validation.pope_file={tiny_world / 'val_pope.jsonl'}",
+        f"--data.validation.captions_file={tiny_world / 'val.jsonl'}",
         "--trainer.max_steps=6", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--data.batch_size=4", "--data.progress=false",
         "--data.preview_records=0",

@@ -24,6 +24,8 @@ def test_dpo_trains_sharded_over_two_processes(tiny_world, vlm_dir, tmp_path):
         f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
         f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
+        f"--data.validation.pope_file={tiny_world / 'val_pope.jsonl'}",
+        f"--data.validation.captions_file={tiny_world / 'val.jsonl'}",
         "--trainer.accelerator=cpu", "--trainer.devices=2",
         "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
         "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",

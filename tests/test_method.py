@@ -146,6 +146,8 @@ def test_a_source_and_a_term_added_from_a_test_file_fit_a_step(tiny_world, vlm_d
           f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
           f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
           f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
+          f"--data.validation.pope_file={tiny_world / 'val_pope.jsonl'}",
+          f"--data.validation.captions_file={tiny_world / 'val.jsonl'}",
           "--trainer.max_steps=1", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
           "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.batch_size=4",
           "--data.progress=false", "--data.preview_records=0"])

@@ -139,3 +139,22 @@ def test_given_source_draws_from_each_records_own_negatives(tiny_world, processo
     torch.testing.assert_close(draws.log_q, torch.full_like(draws.log_q, -torch.log(torch.tensor(2.0)).item()))
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixel_values"].shape[0] == len(batch["ids"]) * 4
+
+
+def test_preference_data_validates_on_validation_and_tests_on_evaluation(tiny_world, tmp_path):
+    from misp.data.eval_data import EvalData
+
+    evaluation = EvalData(pope_file=str(tiny_world / "pope.jsonl"), captions_file=str(tiny_world / "test.jsonl"))
+    validation = EvalData(pope_file=str(tiny_world / "val_pope.jsonl"), captions_file=str(tiny_world / "val.jsonl"))
+    dm = make(tiny_world, tmp_path, source="none", evaluation=evaluation, validation=validation, val_limit=4)
+
+    def ids(loaders):
+        return {loader.dataset.task: {row["id"].split("-")[0] for row in loader.dataset.rows} for loader in loaders}
+
+    val, test = dm.val_dataloader(), dm.test_dataloader()
+    assert ids(val) == {"pope": {"val_pope"}, "caption": {"val"}, "mmvp": {"val_mmvp"}, "likelihood": {"val"}}
+    assert ids(test) == {"pope": {"pope"}, "caption": {"test"}, "mmvp": {"mmvp"}, "likelihood": {"test"}}
+    assert [len(loader.dataset) for loader in val] == [12, 4, 4, 4]  # val_limit: per POPE split, then each set
+    assert len(test[1].dataset) == 24
+    # Without `validation`, fit validates on `evaluation`, as before.
+    assert ids(make(tiny_world, tmp_path, source="none", evaluation=evaluation).val_dataloader()) == ids(test)

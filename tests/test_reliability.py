@@ -52,7 +52,7 @@ def umask_002():
 def test_world_and_cache_files_follow_the_umask(tmp_path, umask_002):
     world = tmp_path / "world"
     main(["world", "--out", str(world), "--quiet", "true", "--n_clip", "4", "--n_sft", "4", "--n_pref", "4",
-          "--n_pool", "4", "--n_test", "4"])
+          "--n_pool", "4", "--n_test", "4", "--n_val", "4"])
     for path in [world / MANIFEST, world / "pref.jsonl", next((world / "images/pool").iterdir())]:
         assert _mode(path) == 0o664, path  # group-readable and -writable, as `open()` would make it
     save_cache(tmp_path / "c", {"x": torch.zeros(2)}, {"k": 1})
@@ -283,7 +283,9 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path, tiny_world, vlm_dir
         "test", *method_configs("dpo", ROOT), "--ckpt_path", str(ckpt),
         f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
-        f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}", "--data.progress=false",
+        f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
+        f"--data.validation.pope_file={tiny_world / 'val_pope.jsonl'}",
+        f"--data.validation.captions_file={tiny_world / 'val.jsonl'}", "--data.progress=false",
     ], capsys)
     assert f"misp: error: checkpoint {ckpt} was trained by another method than this config's" in err
     assert "model.objective.beta: checkpoint 0.5, config 0.1" in err and "data.source: checkpoint 'sae', config 'none'" in err

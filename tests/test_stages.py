@@ -43,7 +43,9 @@ def test_sft_stage_fits_exports_and_tests(tiny_world, tmp_path, monkeypatch):
     data = [
         f"--data.train_file={tiny_world / 'sft.jsonl'}", f"--model.init_args.vlm.vocabulary={tiny_world}",
         f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
-        f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}", "--data.batch_size=8", "--data.val_limit=8",
+        f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
+        f"--data.validation.pope_file={tiny_world / 'val_pope.jsonl'}",
+        f"--data.validation.captions_file={tiny_world / 'val.jsonl'}", "--data.batch_size=8", "--data.val_limit=8",
     ]
     main(["fit", "--config", str(tmp_path / "sft.yaml"), *FAST, *data,
           "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1"])
@@ -90,3 +92,62 @@ def test_eval_limit_takes_the_first_questions_of_every_pope_split(tiny_world):
     assert (mmvp.task, len(mmvp), grounding.task, len(grounding)) == ("mmvp", 3, "likelihood", 3)
     only = eval_datasets(EvalData(captions_file=str(tiny_world / "test.jsonl"), mmvp_file="", grounding_file="", limit=3))
     assert [s.task for s in only] == ["caption"]
+
+
+def test_mmvp_and_grounding_files_follow_the_captions_files_split(tiny_world, tmp_path):
+    """EvalData finds the MMVP and grounding files of the captions file's own split: test.jsonl's are
+    mmvp.jsonl and grounding.jsonl, val.jsonl's val_mmvp.jsonl and val_grounding.jsonl."""
+    import shutil
+
+    from misp.data.eval_data import EvalData
+
+    test = EvalData(captions_file=str(tiny_world / "test.jsonl"))
+    val = EvalData(captions_file=str(tiny_world / "val.jsonl"))
+    assert (test.mmvp_path(), test.grounding_path()) == (str(tiny_world / "mmvp.jsonl"), str(tiny_world / "grounding.jsonl"))
+    assert (val.mmvp_path(), val.grounding_path()) == (str(tiny_world / "val_mmvp.jsonl"), str(tiny_world / "val_grounding.jsonl"))
+    # Explicit files win; "" is off.
+    assert EvalData(captions_file=str(tiny_world / "val.jsonl"), mmvp_file="x.jsonl", grounding_file="").mmvp_path() == "x.jsonl"
+    assert EvalData(captions_file=str(tiny_world / "val.jsonl"), grounding_file="").grounding_path() is None
+    # A captions file that is no split's of the world gets no companions (never test's by default).
+    shutil.copy(tiny_world / "world.json", tmp_path / "world.json")
+    shutil.copy(tiny_world / "val.jsonl", tmp_path / "subset.jsonl")
+    other = EvalData(captions_file=str(tmp_path / "subset.jsonl"))
+    assert other.mmvp_path() is None and other.grounding_path() is None
+    assert other.chair_objects() == val.chair_objects()  # the world's vocabulary still applies
+
+
+def _ids(loaders) -> dict[str, set[str]]:
+    return {loader.dataset.task: {row["id"].split("-")[0] for row in loader.dataset.rows} for loader in loaders}
+
+
+def test_sft_data_validates_on_validation_and_tests_on_evaluation(tiny_world):
+    from misp.data.eval_data import EvalData
+    from misp.data.sft_data import SFTDataModule
+
+    evaluation = EvalData(pope_file=str(tiny_world / "pope.jsonl"), captions_file=str(tiny_world / "test.jsonl"))
+    validation = EvalData(pope_file=str(tiny_world / "val_pope.jsonl"), captions_file=str(tiny_world / "val.jsonl"))
+    dm = SFTDataModule(train_file=str(tiny_world / "sft.jsonl"), evaluation=evaluation, validation=validation, val_limit=5)
+    val, test = dm.val_dataloader(), dm.test_dataloader()
+    assert _ids(val) == {"pope": {"val_pope"}, "caption": {"val"}, "mmvp": {"val_mmvp"}, "likelihood": {"val"}}
+    assert _ids(test) == {"pope": {"pope"}, "caption": {"test"}, "mmvp": {"mmvp"}, "likelihood": {"test"}}
+    assert len(val[1].dataset) == 5 and len(test[1].dataset) == 24  # val_limit limits validation only
+    # Without `validation`, fit validates on `evaluation` (limited), as before.
+    alone = SFTDataModule(train_file=str(tiny_world / "sft.jsonl"), evaluation=evaluation, val_limit=5)
+    assert _ids(alone.val_dataloader()) == _ids(test) and len(alone.val_dataloader()[1].dataset) == 5
+
+
+def test_the_modules_metrics_follow_the_stages_sets(vlm_dir, tiny_world):
+    """fit scores the validation sets and test the evaluation sets, each with its own CHAIR vocabulary."""
+    from misp.data.eval_data import EvalData
+    from misp.data.sft_data import SFTDataModule
+    from misp.stages import SFTModule
+
+    module = SFTModule(VLMSpec(path=str(vlm_dir)))
+    dm = SFTDataModule(train_file=str(tiny_world / "sft.jsonl"),
+                       evaluation=EvalData(objects=["red circle", "blue square"]),
+                       validation=EvalData(objects=["green triangle"]))
+    dm.attach(module)
+    module.setup("fit")
+    assert module.evaluator.chair.extractor.objects == ("green triangle",)
+    module.setup("test")
+    assert module.evaluator.chair.extractor.objects == ("red circle", "blue square")

@@ -27,10 +27,23 @@ from misp.world import (
     words,
     write_world,
 )
-from misp.world.generate import MANIFEST, image_path
+from misp.world.generate import EVAL_KINDS, MANIFEST, eval_file_key, image_path
 from misp.world.scene import ATTRIBUTES, WorldObject, make_scene, missing_partners
 
-SMALL = dict(n_clip=12, n_sft=40, n_pref=30, n_pool=10, n_test=40, image_size=40)
+SMALL = dict(n_clip=12, n_sft=40, n_pref=30, n_pool=10, n_test=40, n_val=24, image_size=40)
+
+V4_FILES = {
+    "clip.jsonl": "975317c07eb0e59df83eb40abefad9013a5e8774d93b50c3bbe7232c3e844bdf",
+    "sft.jsonl": "c7a73e8d39a6fcbd6f7310fbfe5e9f1697442dd002ec60ef66b80641ab037cd4",
+    "pref.jsonl": "204652e6b6c150e662ffb0ce5ba01a476ace5a9626facdec24177169a2db0426",
+    "pool.jsonl": "a7182914dfbc2086a2ba8ba13d5f2dfd8fc06a984049fe5552c8ad247f862f46",
+    "test.jsonl": "de2f019a2dd8f600a2af1f2d1fa6a906eae363a794e83257e6fe03127acc75e1",
+    "pope.jsonl": "73f00e203f074c441dfa30cb67350435306f21b82ec40b8c9bc17dd7dcd7ed76",
+    "mmvp.jsonl": "d441bb7d37d6ebd66a30cb9139623048e893beadb84cf8ee388e918e48c8fa27",
+    "grounding.jsonl": "1dd923b153cb5c62eb89fd5bac2814b94a372fee6759fd31eabda57986adc5ab",
+}
+"""SHA-256 of the JSON Lines files WORLD_VERSION 4's code (commit 3b4dc1f) wrote for SMALL (without n_val, which
+it did not know): version 5 adds the val split and must leave every one of them byte for byte."""
 
 
 def small_config(**overrides) -> WorldConfig:
@@ -66,11 +79,11 @@ def test_same_seed_gives_byte_identical_files(world, tmp_path):
 def test_different_seed_differs(world, tmp_path):
     write_world(tmp_path, small_config(seed=1), progress=False)
     a, b = file_hashes(world), file_hashes(tmp_path)
-    # Which attributes of a test scene admit a visible change depends on the scene, so the test
+    # Which attributes of a test or val scene admit a visible change depends on the scene, so their
     # counterfactuals' names may differ between seeds; every other name is fixed by the config.
-    fixed = lambda keys: {k for k in keys if not k.startswith("images/test_cf/")}  # noqa: E731
+    fixed = lambda keys: {k for k in keys if not k.startswith(("images/test_cf/", "images/val_cf/"))}  # noqa: E731
     assert fixed(a) == fixed(b)
-    for name in ("clip", "sft", "pref", "pool", "test", "pope", "mmvp", "grounding"):
+    for name in ["clip", "sft", "pref", "pool"] + [eval_file_key(s, k) for s in ("test", "val") for k in EVAL_KINDS]:
         name = f"{name}.jsonl"
         assert a[name] != b[name]
     images = [k for k in a if k.endswith(".png")]
@@ -124,7 +137,7 @@ def test_sft_partner_follows_trigger_at_bias_strength():
         assert abs(p - 0.3) < 4 * math.sqrt(0.21 / n)
 
 
-@pytest.mark.parametrize("split", ["test", "pref", "clip", "pool"])
+@pytest.mark.parametrize("split", ["test", "val", "pref", "clip", "pool"])
 def test_other_splits_break_the_bias(split):
     config = WorldConfig()
     scenes = generate_scenes(config, split, n=4000)
@@ -244,13 +257,16 @@ def test_sft_rows_are_a_caption_balanced_questions_and_partner_questions(world):
 
 
 # ------------------------------------------------------------------------------------ POPE
-def test_pope_labels_and_splits(world):
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_pope_labels_and_splits(world, split):
     config = small_config()
     names = config.object_names()
-    truth = {r["image"]: set(r["objects"]) for r in read_jsonl(world / "test.jsonl")}
+    truth = {r["image"]: set(r["objects"]) for r in read_jsonl(world / f"{split}.jsonl")}
+    # Both splits' negatives follow the sft split's frequencies: the prior the model learnt.
     sft_caps = [r["response"] for r in read_jsonl(world / "sft.jsonl") if r["prompt"] == CAPTION_PROMPT]
     freq = Counter(n for c in sft_caps for n in set(parse_objects(c, names)))
-    rows = read_jsonl(world / "pope.jsonl")
+    rows = read_jsonl(world / f"{eval_file_key(split, 'pope')}.jsonl")
+    assert {r["image"] for r in rows} == set(truth) and all(r["image"].startswith(f"images/{split}/") for r in rows)
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         assert r["label"] == ("yes" if r["object"] in truth[r["image"]] else "no")
@@ -272,7 +288,7 @@ def test_pope_labels_and_splits(world):
                 if pair.trigger in truth[img] and pair.partner not in truth[img]:
                     assert pair.partner in no
                     partner_checks += 1
-    assert partner_checks >= 3  # the fixture's test split has trigger images without their partner
+    assert partner_checks >= 3  # the fixture's test and val splits have trigger images without their partner
 
 
 # ------------------------------------------------------------------------------------ preference records
@@ -360,6 +376,8 @@ def test_counterfactuals_change_exactly_one_attribute(world):
         ({"trigger_rate": 1.5}, "trigger_rate"),
         ({"positions": ["top", "bottom"]}, "9 distinct"),
         ({"n_sft": -1}, "n_sft"),
+        ({"n_val": -1}, "n_val"),
+        ({"val_counterfactuals": -2}, "val_counterfactuals"),
         ({"max_objects": 1}, "max_objects >= 2"),
     ],
 )
@@ -472,19 +490,20 @@ def _answer(objects: list[WorldObject], question_text: str, attribute: str) -> s
     return "yes" if any(attribute_question(o, attribute) == question_text for o in objects) else "no"
 
 
-def test_mmvp_pairs_differ_in_one_attribute_and_answer_differently(world):
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_mmvp_pairs_differ_in_one_attribute_and_answer_differently(world, split):
     from misp.world.scene import _edits, edit
 
     config = small_config()
-    test = generate_scenes(config, "test")
+    test = generate_scenes(config, split)
     vocab = set(vocabulary(config))
-    rows = read_jsonl(world / "mmvp.jsonl")
+    rows = read_jsonl(world / f"{eval_file_key(split, 'mmvp')}.jsonl")
     assert Counter(r["attribute"] for r in rows).keys() == set(ATTRIBUTES)
     assert {r["answer_a"] for r in rows} == {"yes", "no"}  # both orders occur
     for row in rows[:24]:
         i = int(row["image_a"].split("-")[-1].removesuffix(".png"))
         scene = test[i]
-        assert row["image_a"] == image_path("test", i)
+        assert row["image_a"] == image_path(split, i) and row["image_b"].startswith(f"images/{split}_cf/")
         assert row["answer_a"] != row["answer_b"]
         assert set(words(row["question"])) <= vocab
         # image_b is the render of exactly one edit of `attribute` to one visible object of the scene.
@@ -499,19 +518,21 @@ def test_mmvp_pairs_differ_in_one_attribute_and_answer_differently(world):
         assert _answer(list(matches[0].objects), row["question"], row["attribute"]) == row["answer_b"]
 
 
-def test_grounding_records_pair_each_test_caption_with_its_counterfactuals(world, tmp_path):
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_grounding_records_pair_each_test_caption_with_its_counterfactuals(world, tmp_path, split):
     config = small_config()
-    test = generate_scenes(config, "test")
-    pairs = read_jsonl(world / "mmvp.jsonl")
-    records = read_jsonl(world / "grounding.jsonl")
-    assert len(records) == min(config.test_counterfactuals, config.n_test)
+    test = generate_scenes(config, split)
+    pairs = read_jsonl(world / f"{eval_file_key(split, 'mmvp')}.jsonl")
+    records = read_jsonl(world / f"{eval_file_key(split, 'grounding')}.jsonl")
+    assert len(records) == min(getattr(config, f"{split}_counterfactuals"), getattr(config, f"n_{split}"))
     for rec in records:
         i = int(rec["id"].split("-")[-1])
-        assert rec["image"] == image_path("test", i) and rec["caption"] == caption(test[i])
+        assert rec["id"] == f"{split}-{i:06d}"
+        assert rec["image"] == image_path(split, i) and rec["caption"] == caption(test[i])
         mine = [(p["image_b"], p["attribute"]) for p in pairs if p["image_a"] == rec["image"]]
         assert list(zip(rec["counterfactuals"], rec["attributes"], strict=True)) == mine
         assert len(set(rec["attributes"])) == len(rec["attributes"])
-    # The manifest's image hash covers the test counterfactuals too.
+    # The manifest's image hash covers the test and val counterfactuals too.
     import shutil
 
     shutil.copytree(world, tmp_path / "w")
@@ -519,3 +540,67 @@ def test_grounding_records_pair_each_test_caption_with_its_counterfactuals(world
     cf.write_bytes((tmp_path / "w" / records[0]["image"]).read_bytes())
     with pytest.raises(ValueError, match="images under"):
         load_world(tmp_path / "w")
+
+
+# ------------------------------------------------------------------------------------ the val split
+def test_val_files_have_test_layouts_and_share_no_id_or_image_with_test(world):
+    manifest = load_world(world)
+    config = small_config()
+    files = manifest["files"]
+    assert {"val", "val_pope", "val_mmvp", "val_grounding"} <= files.keys()
+    for split in ("test", "val"):
+        for kind in EVAL_KINDS:
+            key = eval_file_key(split, kind)
+            assert files[key]["path"] == f"{key}.jsonl"
+        assert manifest["counts"]["scenes"][split] == getattr(config, f"n_{split}")
+    # The same row layouts as test's, over the val images.
+    val, test = read_jsonl(world / "val.jsonl"), read_jsonl(world / "test.jsonl")
+    assert len(val) == files["val"]["rows"] == config.n_val
+    assert [r["id"] for r in val] == [f"val-{i:06d}" for i in range(config.n_val)]
+    assert all(r["image"] == image_path("val", i) and r["prompt"] == CAPTION_PROMPT for i, r in enumerate(val))
+    for kind in EVAL_KINDS:
+        a = read_jsonl(world / f"{eval_file_key('test', kind)}.jsonl")
+        b = read_jsonl(world / f"{eval_file_key('val', kind)}.jsonl")
+        assert a and b and {tuple(sorted(r)) for r in a} == {tuple(sorted(r)) for r in b}, kind
+    assert len(read_jsonl(world / "val_pope.jsonl")) == 3 * 2 * sum(
+        min(config.pope_per_image, len(r["objects"])) for r in val
+    )
+    assert manifest["counts"]["val_pope"] == {s: files["val_pope"]["rows"] // 3 for s in ("random", "popular", "adversarial")}
+    assert manifest["counts"]["val_counterfactual_images"] == files["val_mmvp"]["rows"]
+    # No id and no image is shared between the two splits' files, nor any image between their folders.
+    def ids_and_images(split):
+        ids, images = set(), set()
+        for kind in EVAL_KINDS:
+            for r in read_jsonl(world / f"{eval_file_key(split, kind)}.jsonl"):
+                ids.add(r["id"])
+                images.update(r[k] for k in ("image", "image_a", "image_b") if k in r)
+                images.update(r.get("counterfactuals", []))
+        return ids, images
+
+    (test_ids, test_images), (val_ids, val_images) = ids_and_images("test"), ids_and_images("val")
+    assert not test_ids & val_ids and not test_images & val_images
+    assert all(p.startswith(("images/val/", "images/val_cf/")) for p in val_images)
+    assert val_images == {str(p.relative_to(world)) for d in ("val", "val_cf") for p in (world / "images" / d).iterdir()}
+    # Other scenes, not copies of test's.
+    assert [r["objects"] for r in val] != [r["objects"] for r in test[: len(val)]]
+
+
+def test_the_val_split_leaves_every_version_4_file_byte_identical(world, tmp_path):
+    """val draws from its own streams: its size changes no other file, and the files version 4 wrote for
+    this config (hashes computed with version 4's code) come out byte for byte."""
+    a = file_hashes(world)
+    assert {name: a[name] for name in V4_FILES} == V4_FILES
+    write_world(tmp_path, small_config(n_val=3, val_counterfactuals=1), progress=False)
+    b = file_hashes(tmp_path)
+
+    def others(hashes):
+        return {k: v for k, v in hashes.items() if k != "world.json" and not k.startswith(("val", "images/val"))}
+
+    assert others(a) == others(b) and len(others(a)) > len(V4_FILES) + 100
+    assert len(read_jsonl(tmp_path / "val.jsonl")) == 3 and len(read_jsonl(tmp_path / "val_grounding.jsonl")) == 1
+    # Fewer val scenes: a prefix of the same ones.
+    assert read_jsonl(tmp_path / "val.jsonl") == read_jsonl(world / "val.jsonl")[:3]
+    write_world(tmp_path, small_config(n_val=0), progress=False)
+    manifest = load_world(tmp_path)
+    assert all(manifest["files"][eval_file_key("val", k)]["rows"] == 0 for k in EVAL_KINDS)
+    assert others(file_hashes(tmp_path)) == others(a)

@@ -19,7 +19,8 @@ from misp.data.records import (
     read_prompt_records,
 )
 from misp.eval.grounding import ATTRIBUTES
-from misp.world.generate import read_manifest
+from misp.world.config import EVAL_SPLITS
+from misp.world.generate import eval_file_key, read_manifest
 
 
 @dataclass
@@ -39,13 +40,15 @@ class EvalData:
     mmvp_file: str | None = None
     """Shapes-MMVP pairs, JSON Lines (``image_a``, ``image_b``, ``question``, ``answer_a``, ``answer_b``,
     ``attribute``): pair accuracy, a pair counting only when both answers are right
-    (``misp.eval.grounding``). None: the mmvp.jsonl of a ``world.json`` beside the captions file, if
-    there is one and it holds pairs; "": off."""
+    (``misp.eval.grounding``). None: the MMVP file of the captions file's split in a ``world.json`` beside
+    it (mmvp.jsonl for test.jsonl, val_mmvp.jsonl for val.jsonl), if there is one and it holds pairs;
+    "": off."""
     grounding_file: str | None = None
     """Captions with one-attribute counterfactual images, JSON Lines (``image``, ``prompt``, ``caption``,
     ``counterfactuals``, ``attributes``): the share of captions more likely under their own image than
-    under every counterfactual, per attribute. None: the grounding.jsonl of a ``world.json`` beside the
-    captions file, if there is one and it holds records; "": off."""
+    under every counterfactual, per attribute. None: the grounding file of the captions file's split in a
+    ``world.json`` beside it (grounding.jsonl for test.jsonl, val_grounding.jsonl for val.jsonl), if there
+    is one and it holds records; "": off."""
     image_root: str | None = None
     """Folder image paths are relative to (default: each file's folder)."""
     objects: list[str] = field(default_factory=list)
@@ -91,12 +94,21 @@ class EvalData:
             return []
         return [f"{p['trigger']} -> {p['partner']}" for p in world.get("bias_pairs", [])]
 
-    def _world_file(self, explicit: str | None, name: str) -> str | None:
-        """``explicit`` if set ("" is off), else the world's file ``name`` beside the captions file."""
+    def _world_file(self, explicit: str | None, kind: str) -> str | None:
+        """``explicit`` if set ("" is off), else the world's ``kind`` file (mmvp or grounding) of the split
+        the captions file belongs to, or None.
+
+        The split is the manifest entry whose ``path`` is the captions file's name (test.jsonl: test,
+        val.jsonl: val); its companion is that split's ``kind`` file (``eval_file_key``). A captions file
+        that is no evaluation split's of the world gets none: guessing test's would let validation on val
+        score test's pairs.
+        """
         if explicit is not None:
             return explicit or None
-        world = self._world()
-        entry = (world or {}).get("files", {}).get(name)
+        files = (self._world() or {}).get("files", {})
+        name = Path(self.captions_file).name
+        split = next((key for key in EVAL_SPLITS if files.get(key, {}).get("path") == name), None)
+        entry = files.get(eval_file_key(split, kind)) if split is not None else None
         if not entry or not entry.get("rows"):
             return None
         return str(Path(self.captions_file).parent / entry["path"])

@@ -99,7 +99,10 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         sae_path: a directory written by SAEModule's export (needed by the sae source).
         mining: retrieval and selection settings; ``mining.record_candidates`` adds each record's own images
             (counterfactual renders or its ``negatives``) to its retrieved candidates (the mixed pool).
-        evaluation: the POPE and captioning sets used by ``validate`` and ``test``.
+        evaluation: the POPE, captioning, MMVP and grounding sets ``test`` reports (the test split).
+        validation: the sets validated on during fit (and by ``validate``); None = ``evaluation``, as
+            before. On the Shapes world: the val split's files, so that no choice made on validation
+            metrics (checkpoint, hyperparameters) ever sees the test split.
         val_limit: during fit, validate on only the first N questions and prompts.
         image_root: folder image paths are relative to (default: the records file's folder).
         layout: record layout: misp, mdpo or rlhfv (see misp.data.records).
@@ -129,6 +132,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         sae_path: str | None = None,
         mining: MiningConfig | None = None,
         evaluation: EvalData | None = None,
+        validation: EvalData | None = None,
         val_limit: int | None = 64,
         image_root: str | None = None,
         layout: str = "misp",
@@ -158,6 +162,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.clip = clip
         self.mining = mining or MiningConfig()
         self.evaluation = evaluation or EvalData()
+        self.validation = validation or self.evaluation
         self.records: list[PreferenceRecord] | None = None
         self.candidates: Candidates | None = None
         self.selection: Selection | None = None
@@ -472,7 +477,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             _, val = self._sae_split()
             return DataLoader(_DifferenceVectors(val), batch_size=h.sae_batch_size, num_workers=h.num_workers,
                               collate_fn=self._pairs_collate)
-        return eval_dataloaders(replace(self.evaluation, limit=h.val_limit), h.num_workers)
+        return eval_dataloaders(replace(self.validation, limit=h.val_limit), h.num_workers)
 
     def test_dataloader(self):
         return eval_dataloaders(self.evaluation, self.hparams.num_workers)

@@ -35,7 +35,10 @@ class SFTDataModule(AttachesToModule, L.LightningDataModule):
 
     Args:
         train_file: JSON Lines with ``id``, ``image``, ``prompt``, ``response``.
-        evaluation: the POPE and captioning sets used by ``validate`` and ``test``.
+        evaluation: the POPE, captioning, MMVP and grounding sets ``test`` reports (the test split).
+        validation: the sets validated on during fit (and by ``validate``); None = ``evaluation``, as
+            before. On the Shapes world: the val split's files, so that no choice made on validation
+            metrics (checkpoint, hyperparameters) ever sees the test split.
         val_limit: during fit, validate on only the first N questions and prompts (None = all).
         image_root: folder image paths are relative to (default: the file's folder).
         batch_size: examples per batch.
@@ -48,6 +51,7 @@ class SFTDataModule(AttachesToModule, L.LightningDataModule):
         self,
         train_file: str,
         evaluation: EvalData | None = None,
+        validation: EvalData | None = None,
         val_limit: int | None = 64,
         image_root: str | None = None,
         batch_size: int = 32,
@@ -58,6 +62,7 @@ class SFTDataModule(AttachesToModule, L.LightningDataModule):
         super().__init__()
         save_plain_hyperparameters(self)
         self.evaluation = evaluation or EvalData()
+        self.validation = validation or self.evaluation
         self.train_set: _SFTDataset | None = None
 
     def setup(self, stage: str) -> None:
@@ -88,7 +93,7 @@ class SFTDataModule(AttachesToModule, L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        return eval_dataloaders(replace(self.evaluation, limit=self.hparams.val_limit), self.hparams.num_workers)
+        return eval_dataloaders(replace(self.validation, limit=self.hparams.val_limit), self.hparams.num_workers)
 
     def test_dataloader(self) -> list[DataLoader]:
         return eval_dataloaders(self.evaluation, self.hparams.num_workers)

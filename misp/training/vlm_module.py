@@ -52,15 +52,20 @@ class VLMModule(L.LightningModule):
         self.model.train()  # loaders hand models over in eval mode; Lightning keeps each module's mode
         self.generation = generation or GenerationEval()
         self.evaluator: Evaluator | None = None
-        self.eval_data: EvalData | None = None  # handed over by `datamodule.attach(module)`
+        self._evaluator_key: tuple | None = None  # the (objects, synonyms, pairs) self.evaluator was built with
+        # Handed over by `datamodule.attach(module)`: the sets `test` reports and those validated on during fit.
+        self.eval_data: EvalData | None = None
+        self.val_data: EvalData | None = None
         # Checkpoints hold the trainable state only (see on_save_checkpoint); the frozen rest comes from
         # the base's path. on_load_checkpoint checks that nothing trainable is missing instead.
         self.strict_loading = False
         self._trainable_keys: set[str] | None = None
 
     def attach_data(self, data) -> None:
-        """The handshake's module side (``datamodule.attach(self)``): the evaluation sets CHAIR reads."""
+        """The handshake's module side (``datamodule.attach(self)``): the evaluation and validation sets
+        whose vocabulary, synonyms and pairs CHAIR and co-occurrence read."""
         self.eval_data = getattr(data, "evaluation", None)
+        self.val_data = getattr(data, "validation", None) or self.eval_data
 
     def vlms(self) -> list[torch.nn.Module]:
         """Every VLM this module holds (the policy; DPO adds its frozen reference): all are sharded alike."""
@@ -79,12 +84,16 @@ class VLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.trainable_state_keys()  # before the strategy wraps the model (FSDP renames parameters)
-        if self.evaluator is None:
-            data: EvalData | None = self.eval_data
-            objects = data.chair_objects() if data is not None else []
-            synonyms = data.synonyms() if data is not None else {}
-            pairs = data.pairs() if data is not None else []
+        # fit and validate score the validation sets, test the evaluation sets: their vocabularies may differ
+        # (sets from another world or with their own synonyms), so the metrics follow the stage's sets.
+        data: EvalData | None = self.eval_data if stage == "test" else self.val_data
+        objects = data.chair_objects() if data is not None else []
+        synonyms = data.synonyms() if data is not None else {}
+        pairs = data.pairs() if data is not None else []
+        key = (objects, sorted(synonyms.items()), pairs)
+        if self.evaluator is None or key != self._evaluator_key:
             self.evaluator = Evaluator(self.generation, objects, synonyms, pairs)
+            self._evaluator_key = key
 
     # evaluation -------------------------------------------------------------------------------------
     def _eval_step(self, batch: dict) -> None:

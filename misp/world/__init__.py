@@ -2,7 +2,8 @@
 
 ``write_world(out_dir, WorldConfig(...))`` renders scenes of coloured shapes on a 3x3 grid, with a
 co-occurrence bias in the sft split that teaches a language prior (the mechanism behind VLM
-hallucination), and writes CLIP, SFT, preference, pool, test and POPE files in the formats real data uses.
+hallucination), and writes CLIP, SFT, preference, pool, test and val (captions, POPE, Shapes-MMVP, grounding)
+files in the formats real data uses.
 """
 
 from misp.world.config import BiasPair, WorldConfig

@@ -42,8 +42,12 @@ DEFAULT_POSITIONS: tuple[str, ...] = (
 GRID = 3
 """The scene grid is GRID x GRID cells."""
 
-SPLITS: tuple[str, ...] = ("clip", "sft", "pref", "pool", "test")
+SPLITS: tuple[str, ...] = ("clip", "sft", "pref", "pool", "test", "val")
 """Scene splits, each drawn from its own random stream."""
+
+EVAL_SPLITS: tuple[str, ...] = ("test", "val")
+"""Splits with evaluation files (captions, POPE, Shapes-MMVP, grounding), both drawn from the same unbiased
+distribution: hyperparameters are chosen on val, results are reported on test."""
 
 BIASED_SPLITS: frozenset[str] = frozenset({"sft"})
 """Splits in which the co-occurrence bias holds; every other split breaks it."""
@@ -135,6 +139,12 @@ class WorldConfig:
     n_test: int = 200
     """Scenes in the test split (captioning prompts for CHAIR, and the images of POPE)."""
 
+    n_val: int = 200
+    """Scenes in the val split: test's evaluation files over scenes of the same distribution
+    (val.jsonl, val_pope.jsonl, val_mmvp.jsonl, val_grounding.jsonl), for validation during fit and
+    choosing hyperparameters, so the test split is only ever reported. Drawn from their own random streams,
+    so every other file stays the same whatever n_val is."""
+
     sft_questions_per_image: int = 2
     """Yes/no questions per sft scene besides the caption, balanced between yes and no."""
 
@@ -153,6 +163,10 @@ class WorldConfig:
     """Test scenes (the first N, capped by n_test) that get one counterfactual render per attribute
     (colour, shape, size, position): the image pairs of Shapes-MMVP (mmvp.jsonl) and of likelihood
     grounding (grounding.jsonl). Drawn from their own random stream, so every other file stays the same."""
+
+    val_counterfactuals: int = 50
+    """Val scenes (the first N, capped by n_val) that get one counterfactual render per attribute: the
+    val split's val_mmvp.jsonl and val_grounding.jsonl, as test_counterfactuals does for test."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -194,12 +208,13 @@ class WorldConfig:
         pairs = self.bias()
         if pairs and self.max_objects < 2:
             raise ValueError("bias_pairs need max_objects >= 2 (a trigger and its partner)")
-        for name in ("n_clip", "n_sft", "n_pref", "n_pool", "n_test"):
+        for name in ("n_clip", "n_sft", "n_pref", "n_pool", "n_test", "n_val"):
             _int(name, getattr(self, name), lo=0)
         _int("sft_questions_per_image", self.sft_questions_per_image, lo=0)
         _int("pope_per_image", self.pope_per_image, lo=0)
         _int("counterfactuals_per_record", self.counterfactuals_per_record, lo=0)
         _int("test_counterfactuals", self.test_counterfactuals, lo=0)
+        _int("val_counterfactuals", self.val_counterfactuals, lo=0)
 
     def _vocab(self, name: str, values: list[str], known) -> None:
         _str_list(name, values)

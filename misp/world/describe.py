@@ -16,8 +16,8 @@ have nothing of. Whatever is left is removed (in ``a`` only) or added (in ``b`` 
 
 ``difference_kind(a, b)`` reduces the list to one coarse label: the kind of most of its changes.
 
-``split_scenes(world_dir, split)`` recovers the full scenes of a written world's split (pool.jsonl and
-test.jsonl store object names only; positions and sizes come from re-running the seeded generator on
+``split_scenes(world_dir, split)`` recovers the full scenes of a written world's split (pool.jsonl,
+test.jsonl and val.jsonl store object names only; positions and sizes come from re-running the seeded generator on
 the manifest's config, checked against the names on disk).
 """
 
@@ -141,14 +141,14 @@ def split_scenes(world_dir: str | Path, split: str) -> list[Scene]:
     """The scenes of one split of a world written by ``write_world``, with every attribute.
 
     The seeded generator is re-run on the manifest's config; the result is checked against what the
-    split's file stores (pref: ``meta["scene"]``; pool and test: ``objects`` names), so a world edited
+    split's file stores (pref: ``meta["scene"]``; pool, test and val: ``objects`` names), so a world edited
     or written by another misp version fails loudly instead of being described wrongly.
 
     Args:
         world_dir: the world's folder (holding world.json).
-        split: pref, pool or test (clip and sft files keep no per-scene objects to check against).
+        split: pref, pool, test or val (clip and sft files keep no per-scene objects to check against).
     """
-    checked = {"pref": "pref.jsonl", "pool": "pool.jsonl", "test": "test.jsonl"}
+    checked = {"pref": "pref.jsonl", "pool": "pool.jsonl", "test": "test.jsonl", "val": "val.jsonl"}
     if split not in checked:
         known = ", ".join(checked) if split in SPLITS else f"{', '.join(checked)} (splits: {SPLITS})"
         raise ValueError(f"split_scenes reads {known}; got {split!r}")

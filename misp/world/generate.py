@@ -14,7 +14,11 @@ Layout under ``out_dir`` (image paths in the JSONL files are relative to ``out_d
                   answer differs between the two
     grounding.jsonl  {"id", "image", "prompt", "caption", "counterfactuals", "attributes"}: test captions
                   with one counterfactual render per attribute (likelihood grounding)
-    images/{clip,sft,pref,pref_cf,pool,test,test_cf}/*.png
+    val.jsonl, val_pope.jsonl, val_mmvp.jsonl, val_grounding.jsonl
+                  the same four evaluation files over the val split (same distribution as test, own
+                  random streams, ids prefixed val-, val_pope-, val_mmvp-): for validation during fit
+                  and choosing hyperparameters, so that test is only reported
+    images/{clip,sft,pref,pref_cf,pool,test,test_cf,val,val_cf}/*.png
 
 Every file is written atomically and ``world.json`` last: it is the world's commit mark. Regenerating
 over an existing world removes the old mark before writing anything, so a run interrupted half-way leaves
@@ -31,13 +35,14 @@ import os
 import random
 from collections import Counter
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from misp.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, sha256_file
 from misp.world import grammar
-from misp.world.config import SPLITS, WorldConfig
+from misp.world.config import EVAL_SPLITS, SPLITS, WorldConfig
 from misp.world.render import png_bytes, render_scene
 from misp.world.scene import (
     ATTRIBUTES,
@@ -50,9 +55,11 @@ from misp.world.scene import (
     split_rng,
 )
 
-WORLD_VERSION = 4
+WORLD_VERSION = 5
 """Format version of world.json and the files it lists (3: the manifest hashes the images; 4: adds
-mmvp.jsonl and grounding.jsonl over test counterfactuals; every other file is byte-identical to 3's)."""
+mmvp.jsonl and grounding.jsonl over test counterfactuals; every other file is byte-identical to 3's;
+5: adds the val split's val.jsonl, val_pope.jsonl, val_mmvp.jsonl and val_grounding.jsonl; every other
+file and image is byte-identical to 4's)."""
 
 MANIFEST = "world.json"
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -73,9 +80,29 @@ def counterfactual_path(i: int, j: int) -> str:
     return f"images/pref_cf/{record_id('pref', i)}-cf{j}.png"
 
 
-def test_counterfactual_path(i: int, attribute: str) -> str:
-    """Path of test scene ``i``'s counterfactual that changes ``attribute``."""
-    return f"images/test_cf/{record_id('test', i)}-{attribute}.png"
+EVAL_KINDS: tuple[str, ...] = ("captions", "pope", "mmvp", "grounding")
+"""The evaluation files every split of ``EVAL_SPLITS`` has."""
+
+
+def eval_file_key(split: str, kind: str) -> str:
+    """Manifest ``files`` key (and file stem) of one evaluation file of ``split``.
+
+    test's files keep the names version 4 gave them (test, pope, mmvp, grounding); every other split's
+    are prefixed with the split (val, val_pope, val_mmvp, val_grounding). The key also prefixes the file's
+    row ids, so no two evaluation files share an id.
+    """
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split {split!r} has no evaluation files; those that do: {EVAL_SPLITS}")
+    if kind not in EVAL_KINDS:
+        raise ValueError(f"unknown evaluation file kind {kind!r}; known: {EVAL_KINDS}")
+    if kind == "captions":
+        return split
+    return kind if split == "test" else f"{split}_{kind}"
+
+
+def eval_counterfactual_path(split: str, i: int, attribute: str) -> str:
+    """Path of evaluation scene ``i``'s counterfactual that changes ``attribute`` (``split``: test or val)."""
+    return f"images/{split}_cf/{record_id(split, i)}-{attribute}.png"
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -248,51 +275,69 @@ def pope_negatives(
     raise ValueError(f"unknown POPE split {split!r}; known: {POPE_SPLITS}")
 
 
-def _pope_rows(test: list[Scene], sft: list[Scene], config: WorldConfig) -> list[dict]:
-    rng = split_rng(config.seed, "pope")
+def _eval_stream(kind: str, split: str) -> str:
+    # test keeps the stream names of version 4 (so its files stay byte-identical); other splits get their own.
+    return kind if split == "test" else f"{kind}/{split}"
+
+
+def _caption_rows(scenes: list[Scene], split: str) -> list[dict]:
+    """Captioning prompts with the ground-truth objects of each scene of an evaluation split (CHAIR)."""
+    return [
+        {"id": record_id(split, i), "image": image_path(split, i), "prompt": grammar.CAPTION_PROMPT, "objects": s.names}
+        for i, s in enumerate(scenes)
+    ]
+
+
+def _pope_rows(scenes: list[Scene], sft: list[Scene], config: WorldConfig, split: str) -> list[dict]:
+    """POPE questions over the images of evaluation split ``split``; negatives follow the sft split's
+    frequencies and co-occurrences (the prior the model learnt), whatever split is asked about."""
+    rng = split_rng(config.seed, _eval_stream("pope", split))
+    key = eval_file_key(split, "pope")
     freq, cooc = object_frequency(sft), cooccurrence(sft)
-    positives = [rng.sample(s.names, min(config.pope_per_image, len(s.names))) for s in test]
+    positives = [rng.sample(s.names, min(config.pope_per_image, len(s.names))) for s in scenes]
     rows = []
-    for split in POPE_SPLITS:
-        for i, (scene, yes) in enumerate(zip(test, positives, strict=True)):
-            no = pope_negatives(scene, len(yes), split, rng, config, freq, cooc)
+    for pope_split in POPE_SPLITS:
+        for i, (scene, yes) in enumerate(zip(scenes, positives, strict=True)):
+            no = pope_negatives(scene, len(yes), pope_split, rng, config, freq, cooc)
             qs = [(n, grammar.YES) for n in yes] + [(n, grammar.NO) for n in no]
             rng.shuffle(qs)
             for name, label in qs:
                 rows.append(
                     {
-                        "id": record_id("pope", len(rows)),
-                        "image": image_path("test", i),
+                        "id": record_id(key, len(rows)),
+                        "image": image_path(split, i),
                         "question": grammar.question(name),
                         "label": label,
-                        "split": split,
+                        "split": pope_split,
                         "object": name,
                     }
                 )
     return rows
 
 
-def _test_counterfactual_rows(
-    test: list[Scene], config: WorldConfig
+def _eval_counterfactual_rows(
+    scenes: list[Scene], config: WorldConfig, split: str
 ) -> tuple[list[dict], list[dict], list[tuple[str, Scene]]]:
-    """Shapes-MMVP pairs, likelihood-grounding records and the counterfactual renders they reference.
+    """Shapes-MMVP pairs, likelihood-grounding records and the counterfactual renders they reference, over
+    the scenes of evaluation split ``split`` (test or val).
 
-    The first ``config.test_counterfactuals`` test scenes each get one counterfactual per attribute that
+    The first ``config.{split}_counterfactuals`` scenes each get one counterfactual per attribute that
     admits a visible change. Each (scene, counterfactual) is one MMVP pair whose question is about the
     edited object: a coin decides whether it names the original value (answers yes/no) or the new one
-    (no/yes), so neither "always yes" nor "always no" passes a pair. Everything draws from its own stream
-    ("counterfactual/test"), so no other file of the world depends on these.
+    (no/yes), so neither "always yes" nor "always no" passes a pair. Everything draws from the split's own
+    stream ("counterfactual/test", "counterfactual/val"), so no other file of the world depends on these.
     """
-    rng = split_rng(config.seed, "counterfactual/test")
+    rng = split_rng(config.seed, f"counterfactual/{split}")
+    mmvp_key = eval_file_key(split, "mmvp")
     mmvp, grounding, renders = [], [], []
-    for i, scene in enumerate(test[: config.test_counterfactuals]):
+    for i, scene in enumerate(scenes[: getattr(config, f"{split}_counterfactuals")]):
         paths, attributes = [], []
         for attribute in ATTRIBUTES:
             drawn = attribute_counterfactual(scene, attribute, rng, config)
             if drawn is None:
                 continue
             index, value, cf = drawn
-            path = test_counterfactual_path(i, attribute)
+            path = eval_counterfactual_path(split, i, attribute)
             renders.append((path, cf))
             paths.append(path)
             attributes.append(attribute)
@@ -301,8 +346,8 @@ def _test_counterfactual_rows(
             asked = before if rng.random() < 0.5 else after
             mmvp.append(
                 {
-                    "id": record_id("mmvp", len(mmvp)),
-                    "image_a": image_path("test", i),
+                    "id": record_id(mmvp_key, len(mmvp)),
+                    "image_a": image_path(split, i),
                     "image_b": path,
                     "question": grammar.attribute_question(asked, attribute),
                     "answer_a": grammar.answer(asked is before),
@@ -314,8 +359,8 @@ def _test_counterfactual_rows(
         if paths:
             grounding.append(
                 {
-                    "id": record_id("test", i),
-                    "image": image_path("test", i),
+                    "id": record_id(split, i),
+                    "image": image_path(split, i),
                     "prompt": grammar.CAPTION_PROMPT,
                     "caption": grammar.caption(scene),
                     "counterfactuals": paths,
@@ -350,22 +395,19 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
             {"id": record_id("pool", i), "image": image_path("pool", i), "objects": s.names}
             for i, s in enumerate(scenes["pool"])
         ],
-        "test": [
-            {
-                "id": record_id("test", i),
-                "image": image_path("test", i),
-                "prompt": grammar.CAPTION_PROMPT,
-                "objects": s.names,
-            }
-            for i, s in enumerate(scenes["test"])
-        ],
-        "pope": _pope_rows(scenes["test"], scenes["sft"], config),
     }
     rows["pref"], cf_renders = _pref_rows(scenes["pref"], config)
-    rows["mmvp"], rows["grounding"], test_cf_renders = _test_counterfactual_rows(scenes["test"], config)
+    eval_cf_renders: dict[str, list[tuple[str, Scene]]] = {}
+    for split in EVAL_SPLITS:
+        key = partial(eval_file_key, split)
+        rows[key("captions")] = _caption_rows(scenes[split], split)
+        rows[key("pope")] = _pope_rows(scenes[split], scenes["sft"], config, split)
+        rows[key("mmvp")], rows[key("grounding")], eval_cf_renders[split] = _eval_counterfactual_rows(
+            scenes[split], config, split
+        )
 
     renders = [(image_path(split, i), s) for split in SPLITS for i, s in enumerate(scenes[split])]
-    renders += cf_renders + test_cf_renders
+    renders += cf_renders + [r for split in EVAL_SPLITS for r in eval_cf_renders[split]]
     image_hashes = {}
     for rel, scene in tqdm(renders, desc="rendering Shapes world", unit="img", disable=not progress):
         data = png_bytes(render_scene(scene, config))
@@ -373,7 +415,8 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
         image_hashes[rel] = hashlib.sha256(data).hexdigest()
 
     files = {}
-    for name in ("clip", "sft", "pref", "pool", "test", "pope", "mmvp", "grounding"):
+    names = ["clip", "sft", "pref", "pool"] + [eval_file_key(s, k) for s in EVAL_SPLITS for k in EVAL_KINDS]
+    for name in names:
         path = out / f"{name}.jsonl"
         atomic_write_jsonl(path, rows[name])
         files[name] = {"path": path.name, "rows": len(rows[name]), "sha256": sha256_file(path)}
@@ -393,10 +436,13 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
             "rows": {name: f["rows"] for name, f in files.items()},
             "images": len(renders),
             "counterfactual_images": len(cf_renders),
-            "test_counterfactual_images": len(test_cf_renders),
+            "test_counterfactual_images": len(eval_cf_renders["test"]),
+            "val_counterfactual_images": len(eval_cf_renders["val"]),
             "mmvp": dict(Counter(r["attribute"] for r in rows["mmvp"])),
+            "val_mmvp": dict(Counter(r["attribute"] for r in rows["val_mmvp"])),
             "hallucinations": {"partner": hallucinations["partner"], "swap": hallucinations["swap"]},
             "pope": dict(Counter(r["split"] for r in rows["pope"])),
+            "val_pope": dict(Counter(r["split"] for r in rows["val_pope"])),
         },
         "statistics": {split: _split_statistics(scenes[split], config) for split in SPLITS},
         "cooccurrence": _top_partners(scenes["sft"], config),
@@ -415,7 +461,7 @@ def _images_hash(hashes: dict[str, str]) -> str:
 
 def _referenced_images(root: Path, manifest: dict) -> set[str]:
     """Every image path the world's JSON Lines files name: rows' ``image`` (``image_a``/``image_b`` of
-    MMVP pairs), preference counterfactuals and test counterfactuals."""
+    MMVP pairs), preference counterfactuals and test and val counterfactuals."""
     rels: set[str] = set()
     for f in manifest["files"].values():
         with open(root / f["path"], encoding="utf-8") as lines:
