@@ -35,12 +35,13 @@ class QuickMode:
     """What ``--quick`` shrinks: a smoke run of the whole experiment in a few minutes (numbers mean nothing)."""
 
     world: dict[str, int] = field(default_factory=lambda: dict(
-        n_clip=320, n_sft=160, n_pref=48, n_pool=120, n_test=24, n_val=24, test_counterfactuals=8,
+        n_clip=1280, n_sft=160, n_pref=48, n_pool=120, n_test=24, n_val=24, test_counterfactuals=8,
         val_counterfactuals=8,
     ))
     """World settings replaced (smaller splits)."""
-    chain_epochs: dict[str, int] = field(default_factory=lambda: {"clip": 1, "sft": 2, "sae": 1})
-    """Epochs of the shared stages (CLIP, SFT, SAE)."""
+    chain_epochs: dict[str, int] = field(default_factory=lambda: {"clip": 4, "sft": 2, "sae": 1})
+    """Epochs of the shared stages (CLIP, SFT, SAE). The CLIP needs past its 30 warm-up steps (4 epochs of
+    8 batches): an untrained one embeds every image alike, and mining then finds no negative."""
     max_epochs: int = 1
     """Epochs of every preference run."""
     seeds: list[int] = field(default_factory=lambda: [0])

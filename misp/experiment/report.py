@@ -44,7 +44,9 @@ def compare(rows: list[dict], main: str, other: str, metric: str) -> tuple[float
 
 def verdict(diff: float, se: float, metric: str) -> str:
     """Whether ``diff`` (main - other) is beyond twice its standard error, and in whose favour."""
-    if se == 0 or abs(diff) <= 2 * se:
+    if se == 0:
+        return "no spread to judge by" if diff else "equal"
+    if abs(diff) <= 2 * se:
         return "within spread"
     better = (diff < 0) if metric in LOWER_IS_BETTER else (diff > 0)
     return "main better" if better else "main worse"
