@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from misp.utils.io import atomic_write_text
@@ -30,8 +28,6 @@ class Stage:
     """The ``misp`` arguments (``["fit", "--config", ...]``)."""
     done_when: Path
     """The file the stage leaves when it has finished (relative to the chain's working directory)."""
-    env: dict[str, str] = field(default_factory=dict)
-    """Extra environment variables (e.g. W&B run names); not part of the fingerprint."""
     resume_from: Path | None = None
     """A checkpoint the stage writes as it goes: when an earlier attempt of the same fingerprint left it,
     the stage continues from it (``--ckpt_path``) instead of starting over."""
@@ -54,8 +50,6 @@ class StageRunner:
     cwd: Path = Path(".")
     label: str = "demo"
     """Prefix of the progress lines."""
-    env: Mapping[str, str] = field(default_factory=dict)
-    """Environment variables every stage gets."""
 
     def stamp_path(self, stage: Stage) -> Path:
         """The file holding the fingerprint the stage last finished with."""
@@ -92,10 +86,9 @@ class StageRunner:
         cmd = [sys.executable, "-m", "misp.cli", *args]
         print(f"[{self.label}] {stage.name}: {' '.join(['misp', *args])}", flush=True)
         start = time.perf_counter()
-        env = {**os.environ, **self.env, **stage.env} if (self.env or stage.env) else None
         stamp = fingerprint(stage, self.cwd)
         atomic_write_text(self._started_path(stage), stamp + "\n")
-        subprocess.run(cmd, check=True, cwd=self.cwd, env=env)
+        subprocess.run(cmd, check=True, cwd=self.cwd)
         atomic_write_text(self.stamp_path(stage), stamp + "\n")
         print(f"[{self.label}] {stage.name}: finished in {time.perf_counter() - start:.0f} s", flush=True)
         return True

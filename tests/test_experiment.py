@@ -35,7 +35,7 @@ class FakeMisp:
         self.calls: list[list[str]] = []
         self.fail_on = fail_on
 
-    def __call__(self, cmd, check, cwd, env=None):
+    def __call__(self, cmd, check, cwd):
         args = cmd[3:]  # after python -m misp.cli
         self.calls.append(args)
         cwd = Path(cwd)
@@ -223,7 +223,7 @@ def test_quick_mode_runs_the_real_chain_and_methods_end_to_end(tmp_path):
             "--configs", str(REPO / "configs/shapes"), "--methods",
             json.dumps([{"name": "dpo", "method": "dpo"}, {"name": "misp_dpo", "method": "misp_dpo"}]),
             "--ablations", json.dumps([{"name": "misp_k1", "method": "misp_dpo", "set": {"data.init_args.k": 1}}]),
-            "--quick_mode.grid", json.dumps({BETA: [0.1, 0.5], LR: [1e-4]})]
+            "--quick_mode.grid", json.dumps({BETA: [0.1, 0.5], LR: [1e-4]}), "--wandb", "true"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     first = subprocess.run([sys.executable, "-m", "misp.cli", "experiment", *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True)
@@ -235,6 +235,10 @@ def test_quick_mode_runs_the_real_chain_and_methods_end_to_end(tmp_path):
     assert all("mmvp/pair_accuracy" in r["metrics"] and "chair/object_f1" in r["metrics"] for r in rows)
     misp = next(r for r in rows if r["variant"] == "misp_dpo" and r["split"] == "test")
     assert "img/accuracies" in misp["training"] and "is/ess" in misp["training"]
+    # every fit and evaluation logged to W&B (offline here), grouped by experiment, with its variant and seed
+    (debug_log,) = (tmp_path / "ws-quick/runs/shapes/exp/misp_k1").glob("*-s0/wandb/latest-run/logs/debug.log")
+    debug = debug_log.read_text()
+    assert "'experiment': 'shapes', 'variant': 'misp_k1', 'method': 'misp_dpo', 'seed': 0" in debug
     report = (tmp_path / "ws-quick/results.md").read_text()
     assert "MISP-DPO" in report and "± " not in report.split("## Methods")[1].split("##")[0]  # one seed: no spread
     second = subprocess.run([sys.executable, "-m", "misp.cli", "experiment", *args], cwd=tmp_path, env=env,

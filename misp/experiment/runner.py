@@ -169,32 +169,31 @@ class Experiment:
             args += [f"--{key}", cli_value(value)]
         return args
 
-    def _env(self, run: Run, job: str) -> dict[str, str]:
-        if not self.config.wandb:
-            return {}
-        config_file = self.workspace / run.dir / "wandb_config.json"  # written by `run`, before the fit
-        # wandb.init reads these: runs are grouped by experiment, named by run, and carry their settings.
-        return {"WANDB_RUN_GROUP": self.config.name, "WANDB_NAME": f"{run.id}:{job}", "WANDB_JOB_TYPE": job,
-                "WANDB_PROJECT": self.config.wandb_project, "WANDB_CONFIG_PATHS": str(config_file)}
-
-    def _logger_args(self, root: Path) -> list[str]:
+    def _logger_args(self, run: Run, root: Path, job: str) -> list[str]:
+        """W&B instead of the CSV logger, when asked: runs grouped by experiment, named by run and job, with
+        variant, seed and grid values in the run's config beside the hyperparameters Lightning logs."""
         if not self.config.wandb:
             return []
+        config = {"experiment": self.config.name, "variant": run.variant.name, "method": run.variant.method,
+                  "seed": run.seed, "phase": run.phase, **{short_key(k): v for k, v in run.values}}
         return ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(root),
-                "--trainer.logger.project", self.config.wandb_project]
+                "--trainer.logger.project", self.config.wandb_project, "--trainer.logger.name", f"{run.id}:{job}",
+                # WandbLogger hands its **kwargs to wandb.init
+                "--trainer.logger.dict_kwargs.group", self.config.name, "--trainer.logger.dict_kwargs.job_type", job,
+                "--trainer.logger.dict_kwargs.config", json.dumps(config)]
 
     def stages(self, run: Run) -> tuple[Stage, Stage]:
         """The run's fit and its evaluation (``validate`` for a tuning run, ``test`` otherwise)."""
-        fit = Stage(f"{run.id}/fit", ["fit", *self.run_args(run, run.dir), *self._logger_args(run.dir)],
-                    run.dir / "checkpoints/last.ckpt", env=self._env(run, "fit"),
-                    resume_from=run.dir / "checkpoints/last.ckpt")
+        fit = Stage(f"{run.id}/fit", ["fit", *self.run_args(run, run.dir), *self._logger_args(run, run.dir, "fit")],
+                    run.dir / "checkpoints/last.ckpt", resume_from=run.dir / "checkpoints/last.ckpt")
         split = "val" if run.phase == "tune" else "test"
         root = run.dir / split
         sub, out = ("validate", "validation_results.json") if split == "val" else ("test", "test_results.json")
         extra = ["--data.init_args.val_limit", "null"] if split == "val" else []
         evaluate = Stage(f"{run.id}/{split}",
-                         [sub, *self.run_args(run, root), "--ckpt_path", str(run.dir / "checkpoints/last.ckpt"), *extra],
-                         root / out, env=self._env(run, split))
+                         [sub, *self.run_args(run, root), "--ckpt_path", str(run.dir / "checkpoints/last.ckpt"), *extra,
+                          *self._logger_args(run, root, split)],
+                         root / out)
         return fit, evaluate
 
     def run_fingerprint(self, run: Run) -> str:
@@ -214,10 +213,6 @@ class Experiment:
         if not self.runner.is_done(fit) and not self.runner.can_resume(fit):
             # A fresh start: no logs or checkpoints of an attempt with other settings may mix into this one.
             shutil.rmtree(self.workspace / run.dir, ignore_errors=True)
-        if self.config.wandb:
-            atomic_write_json(self.workspace / run.dir / "wandb_config.json", {
-                "experiment": self.config.name, "variant": run.variant.name, "method": run.variant.method,
-                "seed": run.seed, "phase": run.phase, **{short_key(k): v for k, v in run.values}})
         self.runner.run(fit)
         fit_s = time.perf_counter() - start
         self.runner.run(evaluate, force=True)
