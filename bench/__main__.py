@@ -24,7 +24,7 @@ import torch
 from bench import RESULTS_DIR, allocator_measure, default_device, describe_machine, format_table, machine_info
 from misp.utils.io import atomic_write_json
 
-BENCHMARKS = ("mining", "logprobs", "forward", "trl_dpo", "negatives", "mining_scale", "demo_profile")
+BENCHMARKS = ("mining", "logprobs", "forward", "trl_dpo", "negatives", "mining_scale", "demo_profile", "sft_cache")
 
 
 def _child(argv: list[str]) -> None:
@@ -55,7 +55,7 @@ def _parser(modules: dict[str, Any]) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the <name>.json results")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test sizes (seconds per benchmark; the numbers mean nothing): trl_dpo, "
-                             "negatives, mining_scale and demo_profile")
+                             "negatives, mining_scale, demo_profile and sft_cache")
     for module in modules.values():
         module.add_arguments(parser)
     return parser

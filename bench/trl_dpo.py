@@ -158,7 +158,7 @@ class MispContender:
             "draw_index": torch.zeros(0, dtype=torch.long), "features": None, "feature_mask": None,
         } for r in records]
         self._collate = NegativeSamplerDataModule._dpo_collate
-        self._owner = SimpleNamespace(processor=self.processor)  # all _dpo_collate reads of its module
+        self._owner = SimpleNamespace(processor=self.processor, pixel_cache=None)  # all _dpo_collate reads
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 

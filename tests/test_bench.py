@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmarks added for issue 14 (trl_dpo, negatives, mining_scale, demo_profile).
+"""Smoke tests of the benchmarks added for issue 14 (trl_dpo, negatives, mining_scale, demo_profile, sft_cache).
 
 Each runs a benchmark child at the smallest sizes in a fresh process (as ``python -m bench`` does, so the
 allocator settings stay out of the test process) and checks what it reports, never how fast it was.
@@ -82,3 +82,18 @@ def test_quick_flag_is_accepted():
     modules = {name: __import__(f"bench.{name}", fromlist=["x"]) for name in BENCHMARKS}
     args = _parser(modules).parse_args(["trl_dpo", "--quick"])
     assert isinstance(args, argparse.Namespace) and args.quick
+
+
+def test_sft_cache_quick_compares_every_variant_on_a_world(tiny_world):
+    from bench import sft_cache
+
+    args = _parser({"sft_cache": sft_cache}).parse_args(
+        ["sft_cache", "--quick", "--threads", "1", "--sft-world", str(tiny_world)])
+    result = sft_cache.run(args)
+    (table,) = result["tables"]
+    assert len(table["rows"]) == 4
+    assert all(r["before_s"] > 0 and r["after_s"] > 0 and r["ratio"] > 0 for r in table["rows"])
+    res = result["result"]
+    assert res["batches_per_pass"] == 3 and 0 < res["cold_hit_rate"] < 1 and res["cache_mib"] > 0
+    with pytest.raises(FileNotFoundError, match="no sft.jsonl"):
+        sft_cache.run(_parser({"sft_cache": sft_cache}).parse_args(["sft_cache", "--sft-world", "/nonexistent"]))

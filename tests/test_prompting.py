@@ -56,3 +56,39 @@ def test_truncate_cuts_both_responses_and_raise_names_the_record(vlm_dir):
     assert chosen["input_ids"][-1] == eos  # the chosen answer fits whole
     with pytest.raises(ValueError, match="record 'long'.*max_length"):
         encode_preference_records(processor, _pair_records(), max_length, "raise", "pairs.jsonl")
+
+
+def test_prompt_cache_leaves_every_encoding_of_the_tiny_worlds_sft_records_unchanged(vlm_dir, tiny_world, monkeypatch):
+    from misp.data.records import read_sft_records
+    from misp.models import prompting
+
+    _, processor = load_vlm(VLMSpec(path=str(vlm_dir)))
+    records = read_sft_records(tiny_world / "sft.jsonl").records
+    prompting.clear_prompt_cache()
+    cached = [encode_example(processor, r.prompt, r.response, max_length=256) for r in records]
+    again = [encode_example(processor, r.prompt, r.response, max_length=256) for r in records]  # all hits
+    prompts_only = [encode_example(processor, r.prompt) for r in records[:20]]
+    monkeypatch.setattr(prompting, "PROMPT_CACHE_SIZE", 0)
+    prompting.clear_prompt_cache()
+    plain = [encode_example(processor, r.prompt, r.response, max_length=256) for r in records]
+    assert len({r.prompt for r in records}) < len(records)  # prompts repeat, so the cache is exercised
+    assert cached == plain and again == plain
+    assert prompts_only == [encode_example(processor, r.prompt) for r in records[:20]]
+
+
+def test_prompt_cache_is_bounded_and_sees_tokens_added_later(vlm_dir, monkeypatch):
+    from misp.models import prompting
+
+    _, processor = load_vlm(VLMSpec(path=str(vlm_dir)))
+    tokenizer = processor.tokenizer
+    monkeypatch.setattr(prompting, "PROMPT_CACHE_SIZE", 2)
+    prompting.clear_prompt_cache()
+    for prompt in ("describe the image.", "is there a red circle?", "is there a blue square?"):
+        encode_example(processor, prompt, "yes.")
+    assert len(prompting._PROMPT_IDS[tokenizer]) == 2
+    before = encode_example(processor, "describe the zorblax.")
+    tokenizer.add_tokens(["zorblax"])  # changes the prompt's ids: the cached ones must not be served
+    after = encode_example(processor, "describe the zorblax.")
+    assert after["input_ids"] == list(tokenizer(prompting.format_prompt("describe the zorblax.").replace(
+        "<image>", processor.image_token * prompting.num_image_tokens(processor)))["input_ids"])
+    assert after != before

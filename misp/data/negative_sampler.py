@@ -26,6 +26,7 @@ from misp.data.encoding import encode_records
 from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.handshake import AttachesToModule
 from misp.data.images import load_rgb
+from misp.data.pixel_cache import PixelCache, pixel_values
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
@@ -35,10 +36,16 @@ from misp.models.prompting import (
     collate_examples,
     encode_example,
     encode_preference_records,
-    preprocess_images,
 )
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
-from misp.negatives.sources import DrawContext, NegativeDraws, get_source, materialise, uniform_log_q
+from misp.negatives.sources import (
+    DrawContext,
+    NegativeDraws,
+    get_source,
+    materialise,
+    names_file,
+    uniform_log_q,
+)
 from misp.sae.io import SAEFormatError, load_sae
 from misp.training.hparams import save_plain_hyperparameters
 
@@ -57,7 +64,11 @@ class _DifferenceVectors(Dataset):
 
 
 class _PreferenceEpoch(Dataset):
-    """One epoch of preference examples, each with its K drawn negatives (records encoded as None are left out)."""
+    """One epoch of preference examples, each with its K drawn negatives (records encoded as None are left out).
+
+    The positive and the negatives that are files come as paths, decoded by the collate only when its pixel
+    cache misses; negatives a source makes from the positive (crop, noise) come as images, made afresh.
+    """
 
     def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, extra_keys) -> None:
         self.records, self.encoded, self.draws = records, encoded, draws
@@ -75,8 +86,8 @@ class _PreferenceEpoch(Dataset):
             "id": r.id,
             "chosen": self.encoded[i][0],
             "rejected": self.encoded[i][1],
-            "positive": load_rgb(r.image),
-            "negatives": [materialise(s, r.image, load_rgb) for s in specs],
+            "positive": Path(r.image),
+            "negatives": [Path(s) if names_file(s) else materialise(s, r.image, load_rgb) for s in specs],
             "negative_keys": list(specs),
             "log_q": self.draws.log_q[i] if self.draws is not None else torch.zeros(0),
             "draw_index": self.draws.draw_index[i] if self.draws is not None else torch.zeros(0, dtype=torch.long),
@@ -116,6 +127,13 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             (counted in a warning), ``truncate`` both responses to fit (a cut response keeps no EOS: it is
             unfinished), or ``raise``.
         num_workers: DataLoader worker processes.
+        image_cache_mb: the memory bound, in MiB, of the cache of preprocessed image files (positives and
+            file negatives, ``misp.data.pixel_cache``), so that an image seen before is neither decoded nor
+            preprocessed again; 0 turns it off. Bounded because the pixels are float32 (1.3 MB per
+            LLaVA-1.5 image: 100k would not fit). It lives where batches are collated: in this process
+            with ``num_workers=0``, where it lasts the whole run; with workers, in each worker, which this
+            datamodule starts afresh every epoch (new draws, new loader), so there it only reuses images
+            within an epoch. Crops and noisings are never cached. The pixels are bitwise those without it.
         seed: seeds the per-epoch draws (with the epoch and record id) and the SAE data split.
         preview_records: records shown each epoch in the logger's negatives preview (0: none).
         progress: progress bars during mining.
@@ -144,6 +162,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         max_length: int = 256,
         truncation: Literal["skip", "truncate", "raise"] = "skip",
         num_workers: int = 0,
+        image_cache_mb: int = 512,
         seed: int = 0,
         preview_records: int = 4,
         progress: bool = True,
@@ -169,6 +188,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.pool_paths: list[Path] = []
         self._epoch_log_q: dict[int, torch.Tensor] = {}
         self._resume: tuple[int, int] | None = None
+        self.pixel_cache = PixelCache.from_mb(image_cache_mb)
 
     # mining ---------------------------------------------------------------------------------------
     @property
@@ -406,7 +426,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         batch = {f"chosen_{k}": v for k, v in collate_examples([it["chosen"] for it in items], pad).items()}
         batch |= {f"rejected_{k}": v for k, v in collate_examples([it["rejected"] for it in items], pad).items()}
         images = [it["positive"] for it in items] + [img for it in items for img in it["negatives"]]
-        batch["pixel_values"] = preprocess_images(self.processor, images)
+        batch["pixel_values"] = pixel_values(self.processor, images, self.pixel_cache)
         batch["log_q"] = torch.stack([it["log_q"] for it in items]).float()
         batch["draw_index"] = torch.stack([it["draw_index"] for it in items])
         if items[0]["features"] is not None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from misp.data.images import load_rgb
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +55,10 @@ def _grid(rows: list[list[Image.Image]], captions: list[list[str]], cell: int = 
     return grid
 
 
+def _image(ref: Image.Image | str | Path) -> Image.Image:
+    return ref if isinstance(ref, Image.Image) else load_rgb(ref)
+
+
 def log_negatives_preview(trainer, datamodule, dataset, draws, epoch: int, n: int) -> None:
     """Log statistics of this epoch's draws and a preview of the first ``n`` records."""
     stats = negatives_statistics(datamodule, draws)
@@ -65,9 +71,11 @@ def log_negatives_preview(trainer, datamodule, dataset, draws, epoch: int, n: in
         i = dataset.kept[i]  # the record's position in the file: draws and selection are indexed by it
         q = draws.log_q[i].exp().tolist()
         scores = [float(sel.scores[i, j]) if sel is not None else math.nan for j in draws.draw_index[i].tolist()]
-        rows.append([item["positive"], *item["negatives"]])
+        # The epoch's items name image files by path (decoded only on a pixel-cache miss); show the images.
+        positive, negatives = _image(item["positive"]), [_image(x) for x in item["negatives"]]
+        rows.append([positive, *negatives])
         captions.append(["positive"] + [f"q={qi:.2f} s={si:.2f}" for qi, si in zip(q, scores, strict=True)])
-        table.append((item["id"], datamodule.records[i].prompt, item["positive"], item["negatives"], q, scores))
+        table.append((item["id"], datamodule.records[i].prompt, positive, negatives, q, scores))
     if not rows:
         return
     grid = _grid(rows, captions)

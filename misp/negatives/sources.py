@@ -154,6 +154,15 @@ def reference_cacheable(spec: str) -> bool:
     return source.reference_cacheable if source is not None else True  # a file path: the same image again
 
 
+def names_file(spec: str) -> bool:
+    """Whether ``spec`` is an image file's path, not ``<source>:<seed>`` that a source makes from the positive.
+
+    Only a file may be cached by its name (``misp.data.pixel_cache``): a materialised spec is made in
+    memory from the record's positive, and a user's source may give the same spec to different records.
+    """
+    return _spec_source(spec) is None
+
+
 def materialise(spec: str, positive: Path, loader) -> Image.Image:
     """The PIL image a spec names: a file, or what its source makes of the positive image."""
     source = _spec_source(spec)
