@@ -83,7 +83,8 @@ def write_report(workspace: Path, out: Path, config: dict, summary_json: dict, c
         "",
         f"Made by `{command}` on {platform.machine()} / {platform.python_version()} ({_cpu_line()}); wall time "
         f"{timing['total_s'] / 60:.1f} min (the shared chain {timing['chain_s'] / 60:.1f} min; {len(fits)} "
-        f"preference runs, {statistics.fmean(r['fit_s'] for r in fits) if fits else 0:.0f} s per fit on average). "
+        f"preference fits, {statistics.fmean(r['fit_s'] for r in fits) if fits else 0:.0f} s each on average"
+        + (f"; summed over the {timing['calls']} calls that built it" if timing.get("calls", 1) > 1 else "") + "). "
         f"Raw rows (one per evaluated run): [`{out.with_suffix('.jsonl').name}`]({out.with_suffix('.jsonl').name}); "
         "remake this report from them with the same command plus `--report_only true`.",
         "",

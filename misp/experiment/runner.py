@@ -248,6 +248,10 @@ class Experiment:
                  for s in self.config.seeds]
         return runs
 
+    def _previous_timing(self) -> dict:
+        path = self.workspace / "summary.json"
+        return json.loads(path.read_text()).get("timing", {}) if path.exists() else {}
+
     def execute(self) -> dict:
         start = time.perf_counter()
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -273,7 +277,10 @@ class Experiment:
             done += 1
             self.run(run, f"[{done}/{n_total}]")
             self._prune(run)
-        timing = {"total_s": round(time.perf_counter() - start, 1), "chain_s": round(chain_s, 1)}
+        # Summed over every call that built this workspace: a resumed experiment reports all the time it took.
+        before = self._previous_timing()
+        timing = {"total_s": round(before.get("total_s", 0.0) + time.perf_counter() - start, 1),
+                  "chain_s": round(before.get("chain_s", 0.0) + chain_s, 1), "calls": before.get("calls", 0) + 1}
         summary = {"chosen": {k: {short_key(a): b for a, b in v} for k, v in chosen.items()}, "timing": timing,
                    "command": self.command}
         atomic_write_json(self.workspace / "summary.json", summary)
