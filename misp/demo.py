@@ -27,7 +27,8 @@ METHODS = Path("configs/shapes/methods")
 MAIN_METHOD = "misp_dpo"
 LABELS = {"sft": "base (SFT)", "misp_dpo": "MISP-DPO", "dpo": "DPO", "mdpo": "mDPO", "chip": "CHiP-style",
           "random_neg": "random multi-neg", "clip_dpo": "CLIP-DPO",
-          "misp_mixed": "MISP-DPO (mixed pool)"}
+          "misp_mixed": "MISP-DPO (mixed pool)",
+          "misp_anchor": "MISP-DPO + anchor", "misp_mixed_anchor": "MISP-DPO (mixed) + anchor"}
 
 
 def method_configs(name: str, root: Path = Path(".")) -> list[str]:
