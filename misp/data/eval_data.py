@@ -105,6 +105,8 @@ class EvalData:
         """
         if explicit is not None:
             return explicit or None
+        if self.captions_file is None:  # no captions (POPE only, as on real data): no world to look in
+            return None
         files = (self._world() or {}).get("files", {})
         name = Path(self.captions_file).name
         split = next((key for key in EVAL_SPLITS if files.get(key, {}).get("path") == name), None)

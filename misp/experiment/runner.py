@@ -170,17 +170,21 @@ class Experiment:
         return args
 
     def _logger_args(self, run: Run, root: Path, job: str) -> list[str]:
-        """W&B instead of the CSV logger, when asked: runs grouped by experiment, named by run and job, with
-        variant, seed and grid values in the run's config beside the hyperparameters Lightning logs."""
+        """W&B beside the CSV logger, when asked: runs grouped by experiment, named by run and job, with
+        variant, seed and grid values in the run's config beside the hyperparameters Lightning logs. The CSV
+        logs stay, since the report's training diagnostics are read from them."""
         if not self.config.wandb:
             return []
         config = {"experiment": self.config.name, "variant": run.variant.name, "method": run.variant.method,
                   "seed": run.seed, "phase": run.phase, **{short_key(k): v for k, v in run.values}}
-        return ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", str(root),
-                "--trainer.logger.project", self.config.wandb_project, "--trainer.logger.name", f"{run.id}:{job}",
-                # WandbLogger hands its **kwargs to wandb.init
-                "--trainer.logger.dict_kwargs.group", self.config.name, "--trainer.logger.dict_kwargs.job_type", job,
-                "--trainer.logger.dict_kwargs.config", json.dumps(config)]
+        loggers = [
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "logs"}},
+            {"class_path": "lightning.pytorch.loggers.WandbLogger",
+             "init_args": {"save_dir": str(root), "project": self.config.wandb_project, "name": f"{run.id}:{job}"},
+             # WandbLogger hands its **kwargs to wandb.init
+             "dict_kwargs": {"group": self.config.name, "job_type": job, "config": config}},
+        ]
+        return ["--trainer.logger", json.dumps(loggers)]
 
     def stages(self, run: Run) -> tuple[Stage, Stage]:
         """The run's fit and its evaluation (``validate`` for a tuning run, ``test`` otherwise)."""
