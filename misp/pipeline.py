@@ -58,17 +58,20 @@ class StageRunner:
     def _started_path(self, stage: Stage) -> Path:
         return self.stamp_path(stage).with_suffix(".started")
 
-    def is_done(self, stage: Stage) -> bool:
-        """Its output exists and was made by the same command and config as now."""
-        stamp = self.stamp_path(stage)
-        return ((self.cwd / stage.done_when).exists() and stamp.exists()
-                and stamp.read_text().strip() == fingerprint(stage, self.cwd))
+    def _holds(self, path: Path, stamp: str) -> bool:
+        return path.exists() and path.read_text().strip() == stamp
 
-    def can_resume(self, stage: Stage) -> bool:
+    def is_done(self, stage: Stage, stamp: str | None = None) -> bool:
+        """Its output exists and was made by the same command and config as now (``stamp``: its
+        fingerprint, when the caller has it already)."""
+        stamp = stamp or fingerprint(stage, self.cwd)
+        return (self.cwd / stage.done_when).exists() and self._holds(self.stamp_path(stage), stamp)
+
+    def can_resume(self, stage: Stage, stamp: str | None = None) -> bool:
         """An unfinished attempt with the same fingerprint left the stage's ``resume_from`` checkpoint."""
-        started = self._started_path(stage)
-        return (stage.resume_from is not None and (self.cwd / stage.resume_from).exists() and started.exists()
-                and started.read_text().strip() == fingerprint(stage, self.cwd))
+        stamp = stamp or fingerprint(stage, self.cwd)
+        return (stage.resume_from is not None and (self.cwd / stage.resume_from).exists()
+                and self._holds(self._started_path(stage), stamp))
 
     def run(self, stage: Stage, force: bool = False) -> bool:
         """Run the stage unless it is done (see ``is_done``) and not forced; True when it ran.
@@ -76,17 +79,17 @@ class StageRunner:
         Raises:
             subprocess.CalledProcessError: the command failed (its output went to this process's).
         """
-        if not force and self.is_done(stage):
+        stamp = fingerprint(stage, self.cwd)  # reads every config file once per call
+        if not force and self.is_done(stage, stamp):
             print(f"[{self.label}] {stage.name}: done already ({stage.done_when}); skipping", flush=True)
             return False
         args = list(stage.args)
-        if self.can_resume(stage):
+        if self.can_resume(stage, stamp):
             # Never from a checkpoint of another config: can_resume compares the fingerprints.
             args += ["--ckpt_path", str(stage.resume_from)]
         cmd = [sys.executable, "-m", "misp.cli", *args]
         print(f"[{self.label}] {stage.name}: {' '.join(['misp', *args])}", flush=True)
         start = time.perf_counter()
-        stamp = fingerprint(stage, self.cwd)
         atomic_write_text(self._started_path(stage), stamp + "\n")
         subprocess.run(cmd, check=True, cwd=self.cwd)
         atomic_write_text(self.stamp_path(stage), stamp + "\n")

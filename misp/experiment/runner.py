@@ -200,18 +200,18 @@ class Experiment:
                          root / out)
         return fit, evaluate
 
-    def run_fingerprint(self, run: Run) -> str:
-        fit, evaluate = self.stages(run)
+    def run_fingerprint(self, fit: Stage, evaluate: Stage) -> str:
+        """One hash of a run's fit and evaluation commands, their configs' contents and the chain."""
         payload = [fingerprint(fit, self.workspace), fingerprint(evaluate, self.workspace), self.chain_hash]
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
     def run(self, run: Run, position: str) -> dict:
         """Fit and evaluate ``run`` unless results.jsonl already holds it; its row."""
         split = "val" if run.phase == "tune" else "test"
-        fp = self.run_fingerprint(run)
+        fit, evaluate = self.stages(run)
+        fp = self.run_fingerprint(fit, evaluate)
         if (row := self.results.find(run.id, split, fp)) is not None:
             return row
-        fit, evaluate = self.stages(run)
         print(f"[experiment] {position} {run.id} ({run.phase}, {split})", flush=True)
         start = time.perf_counter()
         if not self.runner.is_done(fit) and not self.runner.can_resume(fit):
