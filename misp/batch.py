@@ -1,0 +1,74 @@
+"""Typed contracts between the data room and the model room: images, negative references.
+
+This module imports nothing from ``misp.data``, ``misp.dpo``, ``misp.negatives`` or ``misp.models``:
+both sides import it, and neither has to import the other.
+
+- :class:`ImageInputs` holds the U distinct images of a batch as the model family's processor prepared
+  them (LLaVA: ``pixel_values [U, 3, H, W]``; Qwen2.5-VL: ``pixel_values [patches, D]`` and
+  ``image_grid_thw [U, 3]``) with how many image tokens each one expands to in the text. Images of
+  different sizes in one batch differ in that count, so rows are expanded against it.
+- :class:`NegativeRef` names one negative image of one record: what made it (its registered source),
+  and the pool index, file or seed it was made from. It is a ``NamedTuple`` so that it is hashable (a
+  cache key) and Lightning moves batches holding it between devices (frozen dataclasses it refuses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+
+class NegativeRef(NamedTuple):
+    """One negative image of a record, as the data drew it.
+
+    Sources whose negatives are files set ``path``; pool sources also set ``index`` (the position in
+    the candidate pool); sources that make the negative from the positive (a crop, diffusion noise)
+    set ``seed``. Two refs are the same negative exactly when they are equal.
+    """
+
+    source: str
+    """The registered negative source that made it (``misp.negatives.sources``)."""
+    path: str | None = None
+    """The image file, for sources whose negatives are files."""
+    index: int | None = None
+    """The index in the candidate pool, for pool sources."""
+    seed: int | None = None
+    """The seed of the transform of the positive, for sources that generate the negative."""
+
+    @property
+    def names_file(self) -> bool:
+        """Whether the image is a file (cacheable by its name), not made in memory from the positive."""
+        return self.path is not None and self.seed is None
+
+    def key(self) -> str:
+        """A stable string for caches and logs."""
+        if self.seed is not None:
+            return f"{self.source}:{self.seed}"
+        return f"{self.source}:{self.path if self.index is None else self.index}"
+
+
+@dataclass
+class ImageInputs:
+    """The U distinct images of a batch, in the tensors the model family's processor makes.
+
+    ``tensors`` is passed to the model's forward as keyword arguments (``pixel_values``, and
+    ``image_grid_thw`` or ``image_sizes`` where the family takes them). ``tokens_per_image[u]`` is the
+    number of image tokens image u occupies in a text row.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    tokens_per_image: torch.Tensor
+    """``[U]`` long."""
+
+    def __len__(self) -> int:
+        return int(self.tokens_per_image.shape[0])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ImageInputs:
+        """On ``device``; floating tensors cast to ``dtype`` when given (integer ones never are)."""
+        moved = {
+            name: t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+            for name, t in self.tensors.items()
+        }
+        return ImageInputs(moved, self.tokens_per_image.to(device))
