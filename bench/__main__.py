@@ -24,7 +24,9 @@ import torch
 from bench import RESULTS_DIR, allocator_measure, default_device, describe_machine, format_table, machine_info
 from misp.utils.io import atomic_write_json
 
-BENCHMARKS = ("mining", "logprobs", "forward", "trl_dpo", "negatives", "mining_scale", "demo_profile", "sft_cache")
+BENCHMARKS = (
+    "mining", "logprobs", "forward", "trl_dpo", "negatives", "mining_scale", "demo_profile", "sft_cache", "estimators",
+)
 
 
 def _child(argv: list[str]) -> None:
