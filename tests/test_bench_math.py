@@ -1,4 +1,5 @@
-"""The estimator benchmark measures misp's own loss, with gradients that autograd agrees with."""
+"""Benchmarks whose numbers are mathematics: the estimator bench measures misp's own loss with gradients autograd
+agrees with, and the prefix-sharing mechanisms give the unshared log-probs and gradients."""
 
 from __future__ import annotations
 
@@ -67,3 +68,17 @@ def test_bias_ordering_the_report_rests_on():
     assert result["plugin"]["loss_rel_bias"] < -0.1
     assert abs(result["jackknife"]["loss_rel_bias"]) < 0.6 * abs(result["plugin"]["loss_rel_bias"])
     assert abs(result["sum form"]["loss_rel_bias"]) < 0.05
+
+
+def test_prefix_sharing_mechanisms_give_the_unshared_logps_and_gradients():
+    from bench.prefix_sharing import prefix_child
+
+    cfg = {"seed": 0, "batch": 2, "prompt": 5, "response": 10, "width": 64, "layers": 1, "repeat": 1,
+           "image_size": 56}
+    res = prefix_child(cfg)
+    for name in ("mask", "kv"):
+        check = res["checks"][name]
+        assert check["same_params"], name
+        assert check["logps_max_abs_diff"] < 1e-5 * max(check["logps_scale"], 1.0), (name, check)
+        assert check["grad_max_rel_diff"] < 1e-4, (name, check)
+    assert set(res["times"]) == {"unshared", "mask", "kv"}
