@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# transformers >= 5.2x requires `kernels`, which makes bitsandbytes' CPU 4-bit path fetch a kernel from
+	# the hub at run time (a network call, and another code path than the one tested): never keep it.
+	$(BIN)/python -m pip uninstall --yes --quiet kernels 2>/dev/null || true
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -33,6 +36,7 @@ lint: $(STAMP)
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+	$(BIN)/python -m pip uninstall --yes --quiet kernels 2>/dev/null || true
 	touch $(BENCH_STAMP)
 
 # e.g. make bench BENCH_ARGS="trl_dpo negatives --threads 1", or BENCH_ARGS=--quick for a smoke run.
