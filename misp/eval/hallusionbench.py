@@ -20,7 +20,6 @@ ground truth; an unreadable answer is "uncertain" (the official correctness "2")
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from misp.data.records import RecordError, read_utf8
 from misp.eval.answers import read_yes_no

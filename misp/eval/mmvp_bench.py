@@ -15,7 +15,6 @@ and wrong.
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 from misp.data.records import RecordError, read_utf8
 from misp.eval.answers import parse_options, read_option
