@@ -350,9 +350,10 @@ def test_object_halbench_without_coco_annotations_is_refused(tmp_path):
 class _ChatServer:
     """An OpenAI chat-completions endpoint on 127.0.0.1 whose replies depend on the graded answer."""
 
-    def __init__(self, replies: dict[str, str], fail_first: int = 0) -> None:
+    def __init__(self, replies: dict[str, str], fail_first: int = 0, refuse: int | None = None) -> None:
         self.requests: list[tuple[dict, dict]] = []
-        self.fail_first = fail_first
+        self.fail_first = fail_first  # answer the first N requests with HTTP 503 (transient)
+        self.refuse = refuse  # answer request number N (1-based) with HTTP 400 (not retried)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -363,10 +364,10 @@ class _ChatServer:
                     self.send_response(404)
                     self.end_headers()
                     return
-                if outer.fail_first > 0:
-                    outer.fail_first -= 1
-                    self.send_response(503)
+                if outer.fail_first > 0 or len(outer.requests) == outer.refuse:
+                    self.send_response(503 if outer.fail_first > 0 else 400)
                     self.end_headers()
+                    outer.fail_first = max(0, outer.fail_first - 1)
                     return
                 graded = body["messages"][0]["content"].rsplit("### LMM Response to Evaluate\n", 1)[1].strip()
                 reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": replies[graded]}}]}
@@ -472,3 +473,39 @@ def test_paper_table_puts_runs_side_by_side_in_percent():
     assert table[0].split() == ["model", "MMHal", "score", "POPE", "F1"]
     assert table[1].split() == ["base", "2.0", "85.1"]
     assert table[2].split() == ["misp", "87.3"]
+
+
+def test_a_failing_judge_costs_no_answer_and_resume_judges_what_was_kept(tmp_path, monkeypatch):
+    """The judge endpoint goes down after one answer: the generated answers are kept (judgement null),
+    and the rerun judges them without generating anything again."""
+    import misp.eval.run as run
+
+    root = tmp_path / "mmhal"
+    _mmhal_files(root)
+    generated: list[str] = []
+
+    def fake_generate(model, processor, images, prompts, max_new_tokens, batch_size):
+        generated.extend(prompts)
+        return [{"What colour is the cat?": "A black cat.", "How many dogs?": "Three dogs.",
+                 "What is the bird doing?": "It sings."}[p] for p in prompts]
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    processor = type("P", (), {"tokenizer": Tok()})()
+    monkeypatch.setattr(run, "generate_answers", fake_generate)
+    replies = {"A black cat.": "Rating: 5", "Three dogs.": "Rating: 1", "It sings.": "Rating: 3"}
+    with _ChatServer(replies, refuse=2) as server:  # the second judge request fails outright
+        bench = MMHalBench(root, judge=ChatJudge(JudgeConfig(url=server.url, retries=0)))
+        questions = bench.questions()
+        with pytest.raises(JudgeError, match="HTTP 400"):
+            run.evaluate_benchmark(bench, questions, None, processor, tmp_path / "out", batch_size=3)
+        store = GenerationsFile(tmp_path / "out" / "generations" / "mmhal.jsonl")
+        assert len(store.records) == 3 and len(generated) == 3  # all three answers kept
+        assert sum(r["judgement"] is None for r in store.records.values()) == 2
+        results = run.evaluate_benchmark(bench, questions, None, processor, tmp_path / "out", batch_size=3)
+    assert len(generated) == 3  # nothing generated again
+    assert results["mmhal/score"] == pytest.approx((5 + 1 + 3) / 3)
+    lines = (tmp_path / "out" / "generations" / "mmhal.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["judgement"] is not None for line in lines)

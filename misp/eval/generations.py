@@ -3,7 +3,8 @@
 One JSON object per line: ``id``, ``prompt``, ``answer`` and ``judgement`` (what the metric counts).
 Lines are appended and flushed to disk (fsync) after each batch, so a killed run loses at most the
 batch in flight; a line cut short by the kill is dropped when the file is opened again, and the ids
-already present are never asked again.
+already present are never asked again. An answer whose judge failed (``judgement`` null) is kept
+and judged when the run resumes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from misp.utils.io import atomic_write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,10 @@ class GenerationsFile:
 
     def __contains__(self, question_id: str) -> bool:
         return question_id in self.records
+
+    def rewrite(self) -> None:
+        """Replace the file by the records held now (one line per id), atomically."""
+        atomic_write_jsonl(self.path, self.records.values())
 
     def append(self, records: Iterable[dict]) -> None:
         """Write ``records`` at the end of the file and make them durable before returning."""

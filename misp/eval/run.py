@@ -94,6 +94,13 @@ def evaluate_benchmark(
         progress: Show a progress bar.
     """
     store = GenerationsFile(Path(out_dir) / "generations" / f"{benchmark.name}.jsonl")
+    unjudged = [q for q in questions if q.id in store and store.records[q.id]["judgement"] is None]
+    if unjudged:
+        # Answers kept when the judge failed last time: judged now, never generated again.
+        log.info("%s: judging %d answers kept from an interrupted run", benchmark.name, len(unjudged))
+        for q in unjudged:
+            store.records[q.id]["judgement"] = benchmark.judge(q, store.records[q.id]["answer"])
+        store.rewrite()
     todo = [q for q in questions if q.id not in store]
     done = len(questions) - len(todo)
     if done:
@@ -110,10 +117,15 @@ def evaluate_benchmark(
                 batch = group[start : start + batch_size]
                 answers = generate_answers(model, processor, [q.image for q in batch], [q.prompt for q in batch],
                                            max_new_tokens=tokens, batch_size=batch_size)
-                store.append(
-                    {"id": q.id, "prompt": q.prompt, "answer": a, "judgement": benchmark.judge(q, a)}
-                    for q, a in zip(batch, answers, strict=True)
-                )
+                records = [{"id": q.id, "prompt": q.prompt, "answer": a, "judgement": None}
+                           for q, a in zip(batch, answers, strict=True)]
+                try:
+                    for q, r in zip(batch, records, strict=True):
+                        r["judgement"] = benchmark.judge(q, r["answer"])
+                finally:
+                    # A judge that fails (an HTTP endpoint down) costs no generated answer: those not yet
+                    # judged are kept with judgement null and judged when the run resumes.
+                    store.append(records)
                 bar.update(len(batch))
     metric = benchmark.metric()
     metric.update([store.records[q.id]["judgement"] for q in questions])
