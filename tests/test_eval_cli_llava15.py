@@ -143,6 +143,22 @@ def test_export_merge_gives_the_log_probs_of_adapter_plus_base(workspace, tmp_pa
     assert not (tmp_path / "merged" / "adapter").exists()
 
 
+def test_eval_puts_the_base_and_its_exported_adapter_side_by_side(workspace, tmp_path, capsys):
+    ckpt = tmp_path / "last.ckpt"
+    _checkpoint(workspace, ckpt)
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "adapter")])
+    common = ["--benchmarks", "pope", "--data_root", str(workspace / "data"), "--limit", "2",
+              "--max_new_tokens", "2", "--dtype", "float32", "--device", "cpu", "--quiet", "true"]
+    main(["eval", "--model", str(workspace / "base"), "--out", str(tmp_path / "base"), *common])
+    capsys.readouterr()
+    main(["eval", "--model", str(workspace / "base"), "--adapter", str(tmp_path / "adapter"),
+          "--out", str(tmp_path / "misp"), "--compare", str(tmp_path / "base"), *common])
+    table = capsys.readouterr().out.split("model ", 1)[1].splitlines()
+    assert table[1].split()[0] == "base" and table[2].split()[0] == "misp"
+    saved = json.loads((tmp_path / "misp" / "results.json").read_text())
+    assert saved["adapter"] == str(tmp_path / "adapter") and saved["results"]["pope/random/questions"] == 2
+
+
 def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path):
     from misp.export import push_to_hub
 

@@ -163,7 +163,8 @@ def eval_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str, required=True,
                         help="Run folder: results.json and generations/; rerunning with it resumes.")
     parser.add_argument("--name", type=str | None, default=None, help="The run's row name in the table (default: --out's name).")
-    parser.add_argument("--compare", type=list[str], default=[], help="Earlier runs' folders to show beside this one.")
+    parser.add_argument("--compare", type=str | None, default=None,
+                        help="Earlier runs' folders (comma-separated) to show beside this one in the table.")
     parser.add_argument("--batch_size", type=int, default=8, help="Prompts per generate call.")
     parser.add_argument("--max_new_tokens", type=int | None, default=None,
                         help="Cap on every answer's length; None: each benchmark's own (as published).")
@@ -187,7 +188,7 @@ def run_eval(argv: Sequence[str]) -> dict[str, float]:
         raise ConfigError("--batch_size and --max_new_tokens must be positive")
     judge = JudgeConfig(**vars(cfg.judge)) if cfg.judge is not None else None
     benchmarks = build_benchmarks(names, cfg.data_root, cfg.limit, judge)
-    compare = {Path(p).name: read_results(p) for p in cfg.compare}
+    compare = {Path(p).name: read_results(p) for p in (cfg.compare or "").split(",") if p.strip()}
     questions = {b.name: b.questions() for b in benchmarks}  # every file checked before the model loads
     model, processor = load_model(cfg.model, cfg.adapter, cfg.dtype, cfg.device)
     out = Path(cfg.out)
