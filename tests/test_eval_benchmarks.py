@@ -173,6 +173,7 @@ def test_hallusionbench_aacc_facc_qacc(tmp_path):
     (root / "HallusionBench.json").write_text(json.dumps(rows))
     bench = HallusionBench(root)
     assert len(bench.questions()) == 4  # the text-only question is left out
+    assert bench.questions()[0].prompt == "Question 0? Please answer yes or no."
     answers = {
         "VD_illusion_0_0_0": "Yes, it is.",  # right
         "VD_illusion_0_0_1": "No.",  # right

@@ -32,6 +32,9 @@ from misp.eval.benchmark import (
     warn_unreadable,
 )
 
+PROMPT_SUFFIX = " Please answer yes or no."
+"""Appended to each question, as VLMEvalKit's yes/no benchmarks do (the questions carry no instruction)."""
+
 _FIELDS = ("category", "subcategory", "set_id", "figure_id", "question_id", "visual_input", "question", "gt_answer")
 
 
@@ -67,7 +70,7 @@ class HallusionBench(Benchmark):
             name = row.get("filename") or f"{c}/{s}/{st}_{f}.png"
             image = self.root / "hallusion_bench" / str(name)
             out.append(Question(
-                f"{c}_{s}_{st}_{f}_{q}", image, str(row["question"]),
+                f"{c}_{s}_{st}_{f}_{q}", image, str(row["question"]) + PROMPT_SUFFIX,
                 {"truth": truth, "figure": f"{c}_{s}_{st}_{f}", "pair": f"{c}_{s}_{st}_{q}"},
             ))
         out = self._limited(out)
