@@ -6,6 +6,8 @@
     misp world --out DIR [--seed S] [...]              writes a Shapes world dataset to DIR
     misp prefs --config configs/shapes/clip_dpo_prefs.yaml   CLIP-DPO pairs sampled from a VLM
     misp experiment --config configs/experiments/shapes.yaml  every method x seeds, tuned on validation
+    misp eval --model M [--adapter A] --benchmarks pope,mmvp --data_root D --out O   published benchmarks
+    misp export --ckpt_path C --out O [--merge] [--push_to_hub REPO]          adapter or merged folder
 
 Tool subcommands (``world``, ``prefs``) are not Trainer methods, so ``main`` dispatches them to their own
 jsonargparse parser before LightningCLI runs; ``misp --help`` still lists them beside fit/test.
@@ -123,11 +125,37 @@ def _experiment_parser() -> ArgumentParser:
     return experiment_parser()
 
 
+def _run_eval(argv: Sequence[str]) -> None:
+    from misp.eval.run import run_eval
+
+    run_eval(argv)
+
+
+def _eval_parser() -> ArgumentParser:
+    from misp.eval.run import eval_parser
+
+    return eval_parser()
+
+
+def _run_export(argv: Sequence[str]) -> None:
+    from misp.export import run_export
+
+    run_export(argv)
+
+
+def _export_parser() -> ArgumentParser:
+    from misp.export import export_parser
+
+    return export_parser()
+
+
 TOOLS: dict[str, tuple[Callable[[Sequence[str]], None], Callable[[], ArgumentParser], str]] = {
     "world": (_run_world, _world_parser, "Write a seeded Shapes world dataset to a folder."),
     "prefs": (_run_prefs, _prefs_parser, "CLIP-DPO preference data from the VLM's own samples, ranked by CLIP."),
     "experiment": (_run_experiment, _experiment_parser,
                    "Every method over seeds, tuned on the validation split: results.jsonl and a report."),
+    "eval": (_run_eval, _eval_parser, "A model on POPE, HallusionBench, MMVP, AMBER, Object HalBench, MMHal-Bench."),
+    "export": (_run_export, _export_parser, "A checkpoint as a LoRA adapter or merged model folder (+ model card)."),
 }
 
 

@@ -66,6 +66,14 @@ def test_sft_stage_fits_exports_and_tests(tiny_world, tmp_path, monkeypatch):
     assert {f"grounding/likelihood_{a}" for a in ("color", "shape", "size", "position")} <= set(results)
     assert results["mmvp/pairs"] == 12 and results["grounding/captions"] == 12
     assert all(0.0 <= v <= 1.0 for k, v in results.items() if not k.endswith(("cases", "pairs", "captions")))
+    # Every answer is on disk as `misp eval` writes it, and re-scores to the reported numbers.
+    generations = tmp_path / "runs/shapes/sft/generations"
+    pope = [json.loads(line) for line in (generations / "pope.jsonl").read_text().splitlines()]
+    assert all(set(r) == {"id", "prompt", "answer", "judgement"} for r in pope)
+    right = sum(r["judgement"]["pred"] == r["judgement"]["truth"] for r in pope)
+    assert results["pope/all/accuracy"] == pytest.approx(right / len(pope))
+    assert len((generations / "mmvp.jsonl").read_text().splitlines()) == 12
+    assert len((generations / "caption.jsonl").read_text().splitlines()) == 12
 
 
 def test_sft_vision_tower_starts_from_the_clip_export(tiny_world, clip_dir, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from torch import nn
 from misp.eval.cooccurrence import CooccurrenceMetric
 from misp.eval.grounding import LikelihoodGroundingMetric, MMVPMetric
 from misp.eval.metrics import CHAIRMetric, POPEMetric
+from misp.eval.parsing import parse_yes_no
 from misp.eval.scoring import response_logps_per_image
 from misp.models.generation import generate
 
@@ -58,6 +59,8 @@ class Evaluator(nn.Module):
         self.mmvp = MMVPMetric()
         self.grounding = LikelihoodGroundingMetric()
         self.samples: list[dict] = []
+        # Every answer with what it was scored on: ``misp test`` writes them to generations/<task>.jsonl.
+        self.generations: list[dict] = []
 
     @torch.no_grad()
     def update(self, model, processor, batch: dict, keep_samples: int = 8) -> None:
@@ -66,12 +69,16 @@ class Evaluator(nn.Module):
             prompts = [q + c.pope_prompt_suffix for q in batch["prompt"]]
             answers = [a[0] for a in generate(model, processor, batch["image"], prompts, max_new_tokens=c.pope_max_new_tokens)]
             self.pope.update(answers, batch["label"], batch["split"])
+            judgements = [{"split": s, "truth": t, "pred": parse_yes_no(a)}
+                          for a, t, s in zip(answers, batch["label"], batch["split"], strict=True)]
         elif batch["task"] == "caption":
             if self.chair is None:
                 raise ValueError("captioning evaluation needs an object vocabulary for CHAIR (EvalData.objects)")
             prompts = [c.caption_prompt or p for p in batch["prompt"]]
             answers = [a[0] for a in generate(model, processor, batch["image"], prompts, max_new_tokens=c.max_new_tokens)]
             self.chair.update(answers, batch["objects"])
+            judgements = [{"objects": list(gt), "mentions": self.chair.extractor(a)}
+                          for a, gt in zip(answers, batch["objects"], strict=True)]
             if self.cooccurrence is not None:
                 self.cooccurrence.update(answers, batch["objects"])
         elif batch["task"] == "mmvp":
@@ -83,6 +90,12 @@ class Evaluator(nn.Module):
                 max_new_tokens=c.pope_max_new_tokens,
             )
             answers = [f"{a[0]} | {b[0]}" for a, b in zip(both[:n], both[n:], strict=True)]
+            judgements = [
+                {"truth_a": ta, "truth_b": tb, "pred_a": parse_yes_no(a[0]), "pred_b": parse_yes_no(b[0]),
+                 "attribute": attr}
+                for a, b, ta, tb, attr in zip(both[:n], both[n:], batch["answer_a"], batch["answer_b"],
+                                              batch["attribute"], strict=True)
+            ]
             self.mmvp.update(
                 [a[0] for a in both[:n]], [b[0] for b in both[n:]], batch["answer_a"], batch["answer_b"],
                 batch["attribute"],
@@ -92,6 +105,11 @@ class Evaluator(nn.Module):
             return  # scores, not answers: nothing to keep as a sample
         else:
             raise ValueError(f"unknown evaluation task {batch['task']!r}")
+        self.generations.extend(
+            {"task": batch["task"], "id": batch["id"][i], "prompt": prompts[i], "answer": answers[i],
+             "judgement": judgements[i]}
+            for i in range(len(answers))
+        )
         for i in range(min(len(answers), keep_samples - len(self.samples))):
             self.samples.append({"task": batch["task"], "id": batch["id"][i], "prompt": prompts[i], "answer": answers[i]})
 
@@ -130,3 +148,4 @@ class Evaluator(nn.Module):
             if metric is not None:
                 metric.reset()
         self.samples = []
+        self.generations = []

@@ -29,6 +29,7 @@ def generate(
     seed: int | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    stop_token_ids: list[int] | None = None,
 ) -> list[list[str]]:
     """Answers to ``prompts`` about ``images``: one list of ``num_return_sequences`` strings per input.
 
@@ -51,6 +52,7 @@ def generate(
             same answers; the caller's global random state is left untouched.
         batch_size: inputs per ``generate`` call.
         progress: show a tqdm bar over batches.
+        stop_token_ids: tokens that end an answer (a family's end-of-turn tokens); None: the tokenizer's EOS.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one image per prompt")
@@ -68,7 +70,7 @@ def generate(
         do_sample=do_sample,
         num_return_sequences=num_return_sequences,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids or tokenizer.eos_token_id,
     )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)

@@ -19,7 +19,7 @@ from misp.eval.metrics import format_results
 from misp.models.sharding import gather_full_state_dict, is_sharded, shard_vlm
 from misp.models.vlm import VLMSpec, load_vlm, save_vlm, save_vlm_state, unwrap_peft
 from misp.training.optim import adamw_with_warmup_cosine
-from misp.utils.io import atomic_write_json
+from misp.utils.io import atomic_write_json, atomic_write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class VLMModule(L.LightningModule):
     def _eval_epoch_end(self, prefix: str) -> dict[str, float]:
         results = self.evaluator.compute()
         samples = self.evaluator.samples
+        if prefix == "test":
+            self._write_generations(self.evaluator.generations)
         self.evaluator.reset()
         if not results:
             return results
@@ -111,6 +113,21 @@ class VLMModule(L.LightningModule):
         for s in samples[:4]:
             self.print(f"  [{s['task']}] {s['prompt']!r} -> {s['answer']!r}")
         return results
+
+    def _write_generations(self, records: list[dict]) -> None:
+        """Every test answer, from every rank, to ``<default_root_dir>/generations/<task>.jsonl`` (as
+        ``misp eval`` writes them: id, prompt, answer, judgement)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        if not self.trainer.is_global_zero or not records:
+            return
+        by_task: dict[str, list[dict]] = {}
+        for r in records:
+            by_task.setdefault(r["task"], []).append({k: v for k, v in r.items() if k != "task"})
+        for task, rows in by_task.items():
+            atomic_write_jsonl(Path(self.trainer.default_root_dir) / "generations" / f"{task}.jsonl", rows)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch)
