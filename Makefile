@@ -7,6 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE := offline
 export TOKENIZERS_PARALLELISM := false
+export USE_HUB_KERNELS := NO
 
 .PHONY: install test demo lint bench clean
 
