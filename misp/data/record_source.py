@@ -105,7 +105,7 @@ def open_dataset(
     Args:
         source: a ``.parquet`` or ``.arrow`` file, a folder (``save_to_disk`` output or data files), or a
             hub id.
-        split: the split to read (a single data file is split ``train``).
+        split: the split to read (a single data file holds one split, ``train``).
         revision: the hub revision (branch, tag or commit); ignored for local files.
         streaming: read row groups as they are needed instead of memory-mapping a prepared Arrow copy.
 
@@ -120,7 +120,7 @@ def open_dataset(
     try:
         if p.is_file():
             kind = "parquet" if p.suffix.lower() == ".parquet" else "arrow"
-            ds = datasets.load_dataset(kind, data_files={split: str(p)}, split=split, streaming=streaming)
+            ds = datasets.load_dataset(kind, data_files={"train": str(p)}, split=split, streaming=streaming)
             base = p.parent
         elif p.is_dir():
             if (p / "dataset_info.json").exists() and (p / "state.json").exists():
