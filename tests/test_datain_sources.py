@@ -261,3 +261,77 @@ def test_a_100k_row_parquet_reads_within_a_memory_bound(tiny_world, tmp_path):
     tracemalloc.stop()
     assert len(read) == n and len({r.image for r in read}) == 8
     assert peak < 2048 * n, f"peak Python heap {peak / 2**20:.0f} MiB for {n} rows"
+
+
+def _override(tmp: Path, world: Path, vlm: Path) -> Path:
+    import yaml
+
+    config = {
+        "trainer": {
+            "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 0, "accelerator": "cpu", "log_every_n_steps": 1,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp / "run"),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp / "run"), "name": "logs"}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(tmp / "run" / "checkpoints"), "save_last": True}}],
+        },
+        "model": {"init_args": {"vlm": {"path": str(vlm)}, "export_dir": str(tmp / "run" / "export")}},
+        "data": {"init_args": {
+            "cache_dir": str(tmp / "cache"), "batch_size": 2, "progress": False, "preview_records": 0, "val_limit": 4,
+            "evaluation": {"pope_file": str(world / "pope.jsonl"), "captions_file": str(world / "test.jsonl")},
+            "validation": {"pope_file": str(world / "val_pope.jsonl"), "captions_file": str(world / "val.jsonl")},
+        }},
+    }
+    path = tmp / "override.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _rlaifv_parquet(tmp: Path, world: Path, n: int) -> Path:
+    build, images = LAYOUTS["rlaifv"]
+    return _parquet(tmp, "rlaifv-train", [build(r) for r in _world_rows(world, n)], images)
+
+
+BASE = ["--config", "configs/shapes/preference.yaml", "--config", "configs/shapes/methods/dpo.yaml"]
+
+
+def test_misp_data_inspect_tells_what_the_fit_will_see(tiny_world, vlm_dir, processor, tmp_path, monkeypatch, capsys):
+    from misp.cli import main
+    from misp.models.prompting import num_image_tokens
+
+    build, images = LAYOUTS["rlaifv"]
+    rows = [build(r) for r in _world_rows(tiny_world, 8)]
+    rows[3]["image"] = {"bytes": b"not an image", "path": None}
+    rows[5]["rejected"] = rows[5]["chosen"]
+    path = _parquet(tmp_path, "inspect", rows, images)
+    monkeypatch.chdir(ROOT)
+    main(["data", "inspect", *BASE, "--config", str(_override(tmp_path, tiny_world, vlm_dir)),
+          "--data.init_args.records_file", str(path), "--data.init_args.layout", "rlaifv",
+          "--data.init_args.max_length", "20"])
+    out = capsys.readouterr().out
+    assert f"records: {path} [split train]  (layout rlaifv)" in out
+    assert "rows read 8, valid 6, skipped 2, cannot be encoded 0" in out
+    assert f"{path} [split train] row 3: field 'image': cannot decode" in out
+    assert f"{path} [split train] row 5: field 'rejected': identical to 'chosen'" in out
+    assert "a fit with on_bad_record=raise stops at the first" in out
+    assert f"image tokens per image: {num_image_tokens(processor)}" in out
+    # Every pair is longer than 20 tokens (the image alone is more), so truncation=skip skips them all.
+    assert "max_length 20: 6 pairs are longer, so skipped (truncation: skip); 0 pairs train" in out
+    assert not (tmp_path / "run").exists()  # no Trainer, no model
+
+
+def test_fit_trains_straight_from_an_rlaifv_parquet(tiny_world, vlm_dir, tmp_path, monkeypatch):
+    import csv
+    import math
+
+    from misp.checkpoints import read_checkpoint
+    from misp.cli import main
+
+    path = _rlaifv_parquet(tmp_path, tiny_world, 8)
+    monkeypatch.chdir(ROOT)
+    main(["fit", *BASE, "--config", str(_override(tmp_path, tiny_world, vlm_dir)),
+          "--data.init_args.records_file", str(path), "--data.init_args.layout", "rlaifv"])
+    losses = [float(r["train/loss"]) for p in (tmp_path / "run" / "logs").rglob("metrics.csv")
+              for r in csv.DictReader(open(p)) if r.get("train/loss")]
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert len(list((tmp_path / "cache" / "images").iterdir())) == 8  # the embedded images, once each
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

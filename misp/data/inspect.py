@@ -89,8 +89,10 @@ def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dic
     from misp.models.prompting import IGNORE_INDEX, encode_example, num_image_tokens
 
     h = dm.hparams
-    configured = h.on_bad_record
-    h.on_bad_record = "skip"  # list every bad record, not only the first
+    configured, truncation, max_length = h.on_bad_record, h.truncation, h.max_length
+    # List every bad record, not only the first; pass every pair through so that the long ones are counted
+    # here against the configured max_length (the fit's encoding would stop or cut them).
+    h.on_bad_record, h.truncation, h.max_length = "skip", "skip", 2**62
     try:
         records = dm._read_records()
         read = dm._read
@@ -100,7 +102,7 @@ def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dic
         dm.records = records
         encoded, unlimited = dm.encode_pairs(processor)
     finally:
-        h.on_bad_record = configured
+        h.on_bad_record, h.truncation, h.max_length = configured, truncation, max_length
 
     unencodable = []
     for i, (r, line) in enumerate(zip(records, read.lines, strict=True)):
@@ -126,6 +128,9 @@ def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dic
             response_lengths.append(len(e["input_ids"]) - n_prompt)
         longest.append(max(len(e["input_ids"]) for e in whole))
     over = sum(1 for n in longest if n > h.max_length)
+    # truncate cuts responses only: a prompt (with its image tokens) longer than max_length stops the fit.
+    prompt_over = sum(1 for n in prompt_lengths if n >= h.max_length)
+    trained = {"skip": len(longest) - over, "truncate": len(longest), "raise": 0 if over else len(longest)}[truncation]
     sizes: dict[Path, tuple[int, int] | None] = {}
     widths, heights = [], []
     for r in records:
@@ -149,10 +154,11 @@ def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dic
         "skip_reasons": dict(reasons.most_common()),
         "unencodable": unencodable,
         "conversations": sum(1 for r in records if r.history),
-        "trained": sum(1 for e in encoded if e is not None),
+        "trained": trained,
         "max_length": h.max_length,
         "truncation": h.truncation,
         "over_max_length": over,
+        "prompts_over_max_length": prompt_over,
         "prompt_tokens": _percentiles(prompt_lengths),
         "response_tokens": _percentiles(response_lengths),
         "pair_tokens": _percentiles(longest),
@@ -198,8 +204,11 @@ def format_report(s: dict[str, Any]) -> str:
     action = {"skip": "skipped", "truncate": "truncated", "raise": "an error (the fit stops)"}[s["truncation"]]
     lines.append(
         f"max_length {s['max_length']}: {s['over_max_length']} pairs are longer, so {action} (truncation: "
-        f"{s['truncation']}); {s['trained']} pairs train"
+        f"{s['truncation']}); {s['trained']} pairs train" + (" (the fit stops: nothing to train)" if not s["trained"] else "")
     )
+    if s["prompts_over_max_length"] and s["truncation"] == "truncate":
+        lines.append(f"  {s['prompts_over_max_length']} prompts leave no room for a response: truncate cannot fit them "
+                     "(the fit stops); raise max_length")
     return "\n".join(lines)
 
 

@@ -74,9 +74,14 @@ class DatasetRows:
     def columns(self) -> list[str]:
         return list(self.dataset.column_names or [])
 
-    def rows(self) -> Iterator[tuple[int, dict]]:
-        for number, row in enumerate(self.dataset):
-            yield number, row
+    def rows(self, batch_size: int = 1024) -> Iterator[tuple[int, dict]]:
+        """``(row, values)`` in order; read a batch at a time (formatting row by row costs twice as much)."""
+        number = 0
+        for batch in self.dataset.iter(batch_size=batch_size):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns), strict=True):
+                yield number, dict(zip(columns, values, strict=True))
+                number += 1
 
 
 def _undecoded(features: Any) -> Any:
