@@ -121,6 +121,9 @@ def test_each_published_layout_gives_the_pairs_of_its_misp_jsonl(layout, tiny_wo
     # The same pixels: embedded bytes were stored as they were, under their content's name.
     assert [Path(r.image).read_bytes() for r in got] == [Path(r.image).read_bytes() for r in want]
     assert [[Path(p).read_bytes() for p in r.negatives] for r in got] == [[Path(p).read_bytes() for p in r.negatives] for r in want]
+    if layout == "rlaifv":  # streamed row groups give the same records as the memory-mapped table
+        streamed = read_preference_records(path, layout="rlaifv", image_store=store, streaming=True)
+        assert streamed.records == got.records and streamed.lines == got.lines
     if layout == "vlfeedback":
         assert got.records[0].meta == {"chosen_model": "m0", "chosen_score": 5.0, "rejected_model": "m1", "rejected_score": 1.0}
 

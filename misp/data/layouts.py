@@ -183,7 +183,7 @@ class RatingRule:
     """The smallest score difference between chosen and rejected; pairs closer than this carry little signal."""
     rejected: Literal["lowest", "random"] = "lowest"
     """Which completion below the gap is rejected: the lowest-scored (the first on a tie), or one drawn
-    uniformly, seeded by the row's id (as Silkie and mDPO sample it), so that every run draws the same."""
+    uniformly, seeded by the row's id, so that every run draws the same."""
 
     def __post_init__(self) -> None:
         if not self.aspects:

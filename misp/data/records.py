@@ -305,6 +305,8 @@ class _Layout:
     prepare: Callable[[Mapping[str, Any], Mapping[str, str], int, LayoutOptions], dict] | None = None
     """Builds the misp fields from a row whose columns are not one field each (a conversation that holds
     the answer, rated completions); ``keys`` still names the columns, in errors too."""
+    required: tuple[str, ...] = ()
+    """With ``prepare``: the names (resolved through ``keys``) of the columns every row needs."""
 
 
 _MISSING = object()
@@ -502,8 +504,12 @@ PREFERENCE_LAYOUTS: dict[str, _Layout] = {
         keys={"messages": "messages", "rejected": "rejected_response", "image": "images", "negatives": "rejected_images"},
         id_from_index=True,
         prepare=prepare_swift,
+        required=("messages", "rejected", "image"),
     ),
-    "vlfeedback": _Layout(keys={"image": "img_path", "completions": "completions"}, prepare=prepare_vlfeedback),
+    "vlfeedback": _Layout(
+        keys={"image": "img_path", "completions": "completions"}, prepare=prepare_vlfeedback,
+        required=("id", "image", "prompt", "completions"),
+    ),
 }
 POPE_LAYOUTS: dict[str, _Layout] = {
     "misp": _Layout(),
@@ -823,7 +829,7 @@ def _check_columns(dataset: DatasetRows, keys: Mapping[str, str], schema: tuple[
         return
     wanted = [keys.get(f.name, f.name) for f in schema if f.required and not (f.name == "id" and layout.id_from_index)]
     if layout.prepare is not None:
-        wanted = [keys[name] for name in layout.keys if name not in ("id", "negatives")]
+        wanted = [keys.get(name, name) for name in layout.required]
     for key in wanted:
         head = key.split(".", 1)[0]
         if head not in columns:
