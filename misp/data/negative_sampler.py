@@ -27,10 +27,10 @@ from misp.data.encoding import encode_records
 from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.handshake import AttachesToModule
 from misp.data.images import load_rgb
+from misp.data.layouts import RatingRule
 from misp.data.pixel_cache import PixelCache, pixel_values
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
-from misp.data.layouts import RatingRule
 from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from misp.models.clip import ClipSpec, load_clip

@@ -59,12 +59,8 @@ def read_pool(
     ``image_store``. With ``verify`` every image is opened once up front, so a bad file fails now and
     not mid-run.
     """
-    dataset_split = None
     if Path(source).suffix.lower() in DATASET_SUFFIXES or (not Path(source).exists() and is_dataset_source(source)):
-        lines = _dataset_images(source, column, split, image_store)
-        root, dataset_split = None, split
-        source = Path(source)
-        return _checked(source, lines, root, verify, dataset_split)
+        return _checked(Path(source), _dataset_images(source, column, split, image_store), None, verify, split)
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"image pool {source} does not exist")

@@ -1,9 +1,15 @@
-"""Record files: reading and validating every example misp trains or evaluates on.
+"""Record files and datasets: reading and validating every example misp trains or evaluates on.
 
-Each reader takes a JSON Lines file (one object a line; blank lines are ignored) or a ``.json``-style
-file holding one JSON array of objects (mDPO ships that); the two are told apart by the first
-non-blank character, not by the suffix, because the official POPE files are JSON Lines named ``.json``.
-In error messages LINE is the 1-based line for JSON Lines and the 1-based item index for an array.
+One table-driven reader, :func:`read_records`, reads every kind of record (:data:`RECORD_KINDS`: a
+schema, a record class, its layouts and a whole-record check); ``read_preference_records`` and the
+other ``read_*`` names are that reader for one kind. It takes a JSON Lines file (one object a line,
+split on ``"\n"`` only; blank lines are ignored) or a ``.json``-style file holding one JSON array of
+objects (mDPO ships that); the two are told apart by the first non-blank character, not by the suffix,
+because the official POPE files are JSON Lines named ``.json``. In error messages LINE is the 1-based
+line for JSON Lines and the 1-based item index for an array. It also takes a dataset as published (a
+parquet or arrow file, a dataset folder, a hub id; ``misp.data.record_source``), whose errors name the
+dataset, split and 0-based row, and whose embedded images are stored once each by content
+(``misp.data.image_store``).
 
 Everything is validated up front, images included (opened and decoded once each), so a bad record fails
 the run at start-up with ``FILE:LINE: field 'FIELD': REASON`` instead of hours later inside a worker.
@@ -33,6 +39,10 @@ rlhfv   idx        image_path  text.question  text.chosen  text.rejected  (none)
 - ``rlhfv``: rows of openbmb/RLHF-V-Dataset exported to JSON Lines: ``idx`` (an integer), ``image_path``,
   and ``text``, a JSON string holding ``question``, ``chosen`` and ``rejected``. An unparsable ``text``
   is reported as field ``text``.
+- ``rlaifv``, ``trl``, ``sharegpt``, ``povid``, ``swift``, ``vlfeedback``: the published sets of
+  docs/data.md (its table lists their columns). A prompt may be a conversation and a response a message
+  or messages (``misp.data.layouts``); a record with a conversation keeps its earlier turns in
+  ``PreferenceRecord.history``.
 
 POPE question files have the layouts ``misp`` (``id`` optional, ``image``, ``question``, ``label``,
 ``split``) and ``pope``, the official RUCAIBox/POPE files (``question_id`` -> id, ``text`` -> question;
