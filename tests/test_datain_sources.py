@@ -305,17 +305,19 @@ def test_misp_data_inspect_tells_what_the_fit_will_see(tiny_world, vlm_dir, proc
     rows = [build(r) for r in _world_rows(tiny_world, 8)]
     rows[3]["image"] = {"bytes": b"not an image", "path": None}
     rows[5]["rejected"] = rows[5]["chosen"]
+    rows = [{("query" if k == "question" else k): v for k, v in row.items()} for row in rows]  # key_map names it
     path = _parquet(tmp_path, "inspect", rows, images)
     monkeypatch.chdir(ROOT)
     main(["data", "inspect", *BASE, "--config", str(_override(tmp_path, tiny_world, vlm_dir)),
           "--data.init_args.records_file", str(path), "--data.init_args.layout", "rlaifv",
-          "--data.init_args.max_length", "20"])
+          "--data.init_args.key_map", '{"prompt": "query"}', "--data.init_args.max_length", "20"])
     out = capsys.readouterr().out
     assert f"records: {path} [split train]  (layout rlaifv)" in out
     assert "rows read 8, valid 6, skipped 2, cannot be encoded 0" in out
     assert f"{path} [split train] row 3: field 'image': cannot decode" in out
     assert f"{path} [split train] row 5: field 'rejected': identical to 'chosen'" in out
     assert "a fit with on_bad_record=raise stops at the first" in out
+    assert "by reason: cannot decode image x1, identical to 'chosen' x1" in out
     assert f"image tokens per image: {num_image_tokens(processor)}" in out
     # Every pair is longer than 20 tokens (the image alone is more), so truncation=skip skips them all.
     assert "max_length 20: 6 pairs are longer, so skipped (truncation: skip); 0 pairs train" in out

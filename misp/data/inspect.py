@@ -14,6 +14,7 @@ give, and how many pairs ``max_length`` truncates or skips.
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dic
     except ValueError as e:
         image_tokens = f"unknown ({e})"
     skipped = [str(e) for e in read.skipped]
-    reasons = Counter(e.reason.split(":")[0] for e in read.skipped)
+    reasons = Counter(re.split(r"[:(]", e.reason, maxsplit=1)[0].strip() for e in read.skipped)
     return {
         "source": str(read.path),
         "split": read.split,
