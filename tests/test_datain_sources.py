@@ -81,6 +81,10 @@ LAYOUTS = {
                               "completions": _rated(r)}, {}),
     "mdpo": (lambda r: {"img_path": _embedded(r["image"]), "prompt": r["prompt"], "chosen": r["chosen"],
                         "rejected": r["rejected"]}, {"img_path": Image()}),
+    # The hub rows embed the image; their image_path names the authors' disk.
+    "rlhfv-hub": (lambda r: {"idx": int(r["id"]), "image": _embedded(r["image"]), "image_path": "RLHF-V/img/x.jpg",
+                             "text": json.dumps({"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})},
+                  {"image": Image()}),
     "rlhfv": (lambda r: {"idx": int(r["id"]), "image_path": r["image"], "ds_name": "RLHF-V",
                          "text": json.dumps({"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})}, {}),
 }

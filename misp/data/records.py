@@ -28,7 +28,7 @@ layout  id         image       prompt         chosen       rejected       negati
 ======  =========  ==========  =============  ===========  =============  =========  ======
 misp    id         image       prompt         chosen       rejected       negatives  meta
 mdpo    (index)    img_path    prompt         chosen       rejected       (none)     (none)
-rlhfv   idx        image_path  text.question  text.chosen  text.rejected  (none)     (none)
+rlhfv   idx        image (*)   text.question  text.chosen  text.rejected  (none)     (none)
 ======  =========  ==========  =============  ===========  =============  =========  ======
 
 - ``misp``: the native format of architecture.md ("Files").
@@ -36,9 +36,9 @@ rlhfv   idx        image_path  text.question  text.chosen  text.rejected  (none)
   a JSON array of ``{"img_path", "prompt", "chosen", "rejected"}`` with no id, so the id is the 0-based
   position of the record in the file. Its prompts carry the chat template and ``<image>`` token
   verbatim.
-- ``rlhfv``: rows of openbmb/RLHF-V-Dataset exported to JSON Lines: ``idx`` (an integer), ``image_path``,
-  and ``text``, a JSON string holding ``question``, ``chosen`` and ``rejected``. An unparsable ``text``
-  is reported as field ``text``.
+- ``rlhfv``: rows of openbmb/RLHF-V-Dataset, or exported to JSON Lines: ``idx`` (an integer), the
+  embedded ``image`` (*: else ``image_path``, which exports carry alone), and ``text``, a JSON string
+  holding ``question``, ``chosen`` and ``rejected``. An unparsable ``text`` is reported as field ``text``.
 - ``rlaifv``, ``trl``, ``sharegpt``, ``povid``, ``swift``, ``vlfeedback``: the published sets of
   docs/data.md (its table lists their columns). A prompt may be a conversation and a response a message
   or messages (``misp.data.layouts``); a record with a conversation keeps its earlier turns in
@@ -317,6 +317,9 @@ class _Layout:
     the answer, rated completions); ``keys`` still names the columns, in errors too."""
     required: tuple[str, ...] = ()
     """With ``prepare``: the names (resolved through ``keys``) of the columns every row needs."""
+    alternatives: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """misp field -> source keys tried in order when the row lacks the field's key (RLHF-V's hub rows embed
+    ``image``, its JSON Lines exports name ``image_path``); a ``key_map`` entry for the field drops them."""
 
 
 _MISSING = object()
@@ -493,14 +496,17 @@ _GROUNDING_SCHEMA = (
 PREFERENCE_LAYOUTS: dict[str, _Layout] = {
     "misp": _Layout(),
     "mdpo": _Layout(keys={"image": "img_path"}, id_from_index=True),
+    # openbmb/RLHF-V-Dataset: the hub rows embed `image` (their `image_path` names the authors' disk); JSON
+    # Lines exports carry `image_path` alone.
     "rlhfv": _Layout(
         keys={
             "id": "idx",
-            "image": "image_path",
+            "image": "image",
             "prompt": "text.question",
             "chosen": "text.chosen",
             "rejected": "text.rejected",
-        }
+        },
+        alternatives={"image": ("image_path",)},
     ),
     # openbmb/RLAIF-V-Dataset: its `idx` is not unique across its source sets, so the row is the id.
     "rlaifv": _Layout(keys={"prompt": "question"}, id_from_index=True),
@@ -573,10 +579,17 @@ def _validate(
             value, where = prepared.get(f.name, _MISSING), src
         else:
             value, where = _lookup(row, src, nested)
+            for other in layout.alternatives.get(f.name, ()) if src == layout.keys.get(f.name) else ():
+                if value is not _MISSING:
+                    break
+                value, where = _lookup(row, other, nested)
+                where = src if value is _MISSING else where
         if value is _MISSING or value is None:
             if f.required:
+                tried = layout.alternatives.get(f.name, ()) if src == layout.keys.get(f.name) else ()
+                also = f" (nor {', '.join(repr(t) for t in tried)})" if tried and value is _MISSING else ""
                 raise _FieldError(
-                    where, "missing required field" if value is _MISSING else "required field is null"
+                    where, f"missing required field{also}" if value is _MISSING else "required field is null"
                 )
             if f.default is not None:
                 out[f.name] = f.default(ctx)
@@ -842,7 +855,9 @@ def _check_columns(dataset: DatasetRows, keys: Mapping[str, str], schema: tuple[
         wanted = [keys.get(name, name) for name in layout.required]
     for key in wanted:
         head = key.split(".", 1)[0]
-        if head not in columns:
+        name = next((f.name for f in schema if keys.get(f.name, f.name) == key), None)
+        others = layout.alternatives.get(name, ()) if name is not None and key == layout.keys.get(name) else ()
+        if head not in columns and not any(o.split(".", 1)[0] in columns for o in others):
             raise RecordError(
                 dataset.name, None, head, f"missing column (the dataset has {sorted(columns)}); set it with key_map",
                 split=dataset.split,
