@@ -511,9 +511,12 @@ PREFERENCE_LAYOUTS: dict[str, _Layout] = {
     # openbmb/RLAIF-V-Dataset: its `idx` is not unique across its source sets, so the row is the id.
     "rlaifv": _Layout(keys={"prompt": "question"}, id_from_index=True),
     # TRL's preference format, standard (strings) or conversational (messages); the values say which.
-    "trl": _Layout(keys={"image": "images"}, id_from_index=True),
+    "trl": _Layout(keys={"image": "images"}, id_from_index=True, alternatives={"image": ("image",)}),
     # LLaMA-Factory's sharegpt preference format (`ranking: true`): the prompt turns, then one message each.
-    "sharegpt": _Layout(keys={"prompt": "conversations", "image": "images"}, id_from_index=True),
+    "sharegpt": _Layout(
+        keys={"prompt": "conversations", "image": "images"}, id_from_index=True,
+        alternatives={"prompt": ("messages",), "image": ("image",)},
+    ),
     # POVID's release (LLaVA's training-data layout): a LLaVA `conversations` prompt and two strings.
     "povid": _Layout(keys={"prompt": "conversations"}),
     "swift": _Layout(
