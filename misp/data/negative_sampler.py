@@ -16,7 +16,7 @@ import logging
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -323,7 +323,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             # None, which the epoch leaves out.
             self.encoded = self.encode_pairs(self.processor)[0]
 
-    def encode_pairs(self, processor) -> tuple[list[tuple[dict, dict] | None], list[tuple[dict, dict] | None]]:
+    def encode_pairs(self, processor: Any) -> tuple[list[tuple[dict, dict] | None], list[tuple[dict, dict] | None]]:
         """Each record's (chosen, rejected) encoding as training uses it, and as encoded before ``max_length``.
 
         Errors in a record's text name the file, line and record (``encode_records``, which encodes each pair
