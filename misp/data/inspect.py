@@ -56,7 +56,8 @@ def load_processor(vlm: Any) -> Any:
     if spec.path is not None:
         options = {k: v for k, v in spec.extra.items() if k in ("revision", "cache_dir")}
         return AutoProcessor.from_pretrained(spec.path, **options)
-    # A tiny random-weight stand-in (tests, smoke runs) is built whole; it has no weights to load.
+    # A tiny random-weight stand-in (tests, smoke runs) is built whole: it has no weights of its own to load
+    # (only its tiny CLIP tower when `tiny.vision_init` names one, which also sets the image geometry).
     from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
     from misp.models.tokenizer import read_vocabulary
 
