@@ -211,7 +211,9 @@ def test_bad_rows_name_the_dataset_split_and_row(tiny_world, tmp_path):
     assert err.split == "validation" and err.line is None
 
 
-def test_embedded_images_are_stored_once_by_content(tiny_world, tmp_path):
+def test_embedded_images_are_stored_once_by_content(tiny_world, tmp_path, processor):
+    from misp.data.pixel_cache import PixelCache, pixel_values
+
     rows = _world_rows(tiny_world, 3)
     rlaifv, images = LAYOUTS["rlaifv"]
     doubled = [rlaifv(r) for r in rows + rows]  # every image twice, under other rows' ids
@@ -223,6 +225,10 @@ def test_embedded_images_are_stored_once_by_content(tiny_world, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in paths}
     again = read_preference_records(path, layout="rlaifv", image_store=tmp_path / "store")
     assert [r.image for r in again] == paths and {p: p.stat().st_mtime_ns for p in paths} == stamps  # not rewritten
+    # The pixel cache (and the CLIP cache, which fingerprints the same files) hold each content once.
+    cache = PixelCache.from_mb(16)
+    pixels = pixel_values(processor, paths, cache)
+    assert len(cache) == 3 and pixels.shape[0] == 6 and (pixels[:3] == pixels[3:]).all()
 
 
 def test_a_dataset_column_is_a_pool(tiny_world, tmp_path):
