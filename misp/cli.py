@@ -8,6 +8,7 @@
     misp experiment --config configs/experiments/shapes.yaml  every method x seeds, tuned on validation
     misp eval --model M [--adapter A] --benchmarks pope,mmvp --data_root D --out O   published benchmarks
     misp export --ckpt_path C --out O [--merge] [--push_to_hub REPO]          adapter or merged folder
+    misp data inspect --config ...                      what a fit will see of its records (no weights)
 
 Tool subcommands (``world``, ``prefs``) are not Trainer methods, so ``main`` dispatches them to their own
 jsonargparse parser before LightningCLI runs; ``misp --help`` still lists them beside fit/test.
@@ -119,6 +120,20 @@ def _run_experiment(argv: Sequence[str]) -> None:
     run_experiment(argv)
 
 
+def _data_parser() -> ArgumentParser:
+    from misp.data.inspect import inspect_parser
+
+    return inspect_parser()
+
+
+def _run_data(argv: Sequence[str]) -> None:
+    from misp.data.inspect import run_inspect
+
+    if not argv or argv[0] != "inspect":
+        raise ConfigError("usage: misp data inspect --config FIT_CONFIG [--config ...] [--data.init_args.X VALUE ...]")
+    run_inspect(list(argv[1:]))
+
+
 def _experiment_parser() -> ArgumentParser:
     from misp.experiment.cli import experiment_parser
 
@@ -152,6 +167,7 @@ def _export_parser() -> ArgumentParser:
 TOOLS: dict[str, tuple[Callable[[Sequence[str]], None], Callable[[], ArgumentParser], str]] = {
     "world": (_run_world, _world_parser, "Write a seeded Shapes world dataset to a folder."),
     "prefs": (_run_prefs, _prefs_parser, "CLIP-DPO preference data from the VLM's own samples, ranked by CLIP."),
+    "data": (_run_data, _data_parser, "`misp data inspect --config ...`: what a fit will see of its records (no weights)."),
     "experiment": (_run_experiment, _experiment_parser,
                    "Every method over seeds, tuned on the validation split: results.jsonl and a report."),
     "eval": (_run_eval, _eval_parser, "A model on POPE, HallusionBench, MMVP, AMBER, Object HalBench, MMHal-Bench."),

@@ -258,7 +258,7 @@ def test_rlhfv_inner_json_errors(world: Path):
 def test_bad_configuration_is_a_value_error(world: Path):
     f = _jsonl(world / "p.jsonl", [_pref(0)])
     with pytest.raises(ValueError, match="unknown preference layout"):
-        read_preference_records(f, layout="vlfeedback")
+        read_preference_records(f, layout="nonesuch")
     with pytest.raises(ValueError, match="unknown field 'answer'"):
         read_preference_records(f, key_map={"answer": "x"})
     with pytest.raises(ValueError, match="on_bad_record"):

@@ -63,7 +63,8 @@ def encode_records(
                 except ValueError as e:
                     message = str(e)
                     raise RecordError(
-                        Path(read.path), line, _blamed_field(message, name), f"record {record.id!r}: {message}"
+                        Path(read.path), line, _blamed_field(message, name), f"record {record.id!r}: {message}",
+                        split=getattr(read, "split", None),
                     ) from None
         except RecordError as e:
             if on_bad_record == "raise":
@@ -74,7 +75,8 @@ def encode_records(
         encoded.append(tuple(row))
     if skipped:
         if not kept:
-            raise RecordError(read.path, None, None, f"no record can be encoded; first: {skipped[0]}")
+            raise RecordError(read.path, None, None, f"no record can be encoded; first: {skipped[0]}",
+                              split=getattr(read, "split", None))
         log.warning(
             "skipped %d of %d records in %s that cannot be encoded: first: %s",
             len(skipped), len(read.records), read.path, skipped[0],

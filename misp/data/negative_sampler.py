@@ -16,16 +16,18 @@ import logging
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from misp.data.conversation import rendered
 from misp.data.encoding import encode_records
 from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.handshake import AttachesToModule
 from misp.data.images import load_rgb
+from misp.data.layouts import RatingRule
 from misp.data.pixel_cache import PixelCache, pixel_values
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
@@ -96,16 +98,25 @@ class _PreferenceEpoch(Dataset):
         }
 
 
+def _rating_rule(value: RatingRule | dict | None) -> RatingRule | None:
+    # Under LightningCLI a dataclass argument may arrive as its dict form.
+    if value is None or isinstance(value, RatingRule):
+        return value
+    return RatingRule(**{k: tuple(v) if k == "aspects" else v for k, v in dict(value).items()})
+
+
 class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     """Preference records, the candidate pool, mined negatives and per-epoch importance sampling.
 
     Args:
-        records_file: preference records (JSON Lines or a JSON array; see ``layout``).
+        records_file: preference records: a JSON Lines file or a JSON array, or a dataset as published (a
+            ``.parquet`` or ``.arrow`` file, a dataset folder or a hub id; docs/data.md); see ``layout``.
         mode: ``dpo`` serves VLM batches; ``sae`` serves difference vectors for SAEModule.
         source: where negatives come from, a name in ``misp.negatives.sources.REGISTRY``: sae, random,
             counterfactual, given, crop, noise or none (or one registered by the user).
         k: negatives drawn per record per epoch (with replacement for the pool sources).
-        pool: the candidate pool: a JSON Lines file with ``image`` rows, or a folder of images.
+        pool: the candidate pool: a JSON Lines file with ``image`` rows, a folder of images, or a dataset
+            whose ``pool_column`` holds the images (embedded or paths).
         clip: the CLIP that embeds records and pool (needed by the sae and random sources and SAE mode).
         sae_path: a directory written by SAEModule's export (needed by the sae source).
         mining: retrieval and selection settings; ``mining.record_candidates`` adds each record's own images
@@ -116,7 +127,15 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             metrics (checkpoint, hyperparameters) ever sees the test split.
         val_limit: during fit, validate on only the first N questions and prompts.
         image_root: folder image paths are relative to (default: the records file's folder).
-        layout: record layout: misp, mdpo or rlhfv (see misp.data.records).
+        layout: record layout: misp, mdpo, rlhfv, rlaifv, trl, sharegpt, povid, swift or vlfeedback
+            (docs/data.md).
+        key_map: misp field -> source key (column), overriding the layout's, e.g.
+            ``--data.init_args.key_map '{prompt: question}'``.
+        split: the split of a dataset ``records_file`` (and ``pool``) to read.
+        revision: the revision (branch, tag, commit) of a hub dataset.
+        streaming: stream a dataset's rows rather than memory-map a prepared Arrow copy.
+        ratings: how VLFeedback's rated completions become a pair (layout ``vlfeedback``).
+        pool_column: the image column of a dataset ``pool``.
         on_bad_record: ``raise`` on the first bad record, or ``skip`` and report the count.
         cache_dir: where embeddings, retrieval and selection are cached.
         batch_size: records per DPO batch (each expands to 2 + K sequences).
@@ -154,6 +173,12 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         val_limit: int | None = 64,
         image_root: str | None = None,
         layout: str = "misp",
+        key_map: dict[str, str] | None = None,
+        split: str = "train",
+        revision: str | None = None,
+        streaming: bool = False,
+        ratings: RatingRule | None = None,
+        pool_column: str = "image",
         on_bad_record: Literal["raise", "skip"] = "raise",
         cache_dir: str = "cache",
         batch_size: int = 8,
@@ -180,6 +205,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         # Dataclass arguments are kept as given: under LightningCLI `hparams` holds their raw dict form.
         self.clip = clip
         self.mining = mining or MiningConfig()
+        self.ratings = ratings
         self.evaluation = evaluation or EvalData()
         self.validation = validation or self.evaluation
         self.records: list[PreferenceRecord] | None = None
@@ -198,7 +224,9 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def _read_records(self) -> list[PreferenceRecord]:
         h = self.hparams
         self._read = read_preference_records(
-            Path(h.records_file), image_root=h.image_root, layout=h.layout, on_bad_record=h.on_bad_record
+            h.records_file, image_root=h.image_root, layout=h.layout, key_map=h.key_map,
+            on_bad_record=h.on_bad_record, dataset_split=h.split, dataset_revision=h.revision,
+            streaming=h.streaming, image_store=self._cache_dir() / "images", ratings=_rating_rule(self.ratings),
         )
         return self._read.records
 
@@ -215,7 +243,9 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         if self.candidates is not None:
             return
         own = self._own_candidates()
-        self.pool_paths = read_pool(h.pool, verify=True)
+        self.pool_paths = read_pool(
+            h.pool, verify=True, column=h.pool_column, split=h.split, image_store=self._cache_dir() / "images"
+        )
         self._warn_small_pool()
         clip = load_clip(self.clip, device=self.mining.device)
         self.candidates = mine_candidates(
@@ -289,19 +319,31 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
             if getattr(self.attached_module("processor"), "processor", None) is None:
                 raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
-            h = self.hparams
-            # Errors in a record's text name the file, line and record (encode_records, which encodes each
-            # pair once); then each kept pair is judged against max_length as one (truncation). A record
-            # left out by either stays in the mined arrays (indexed by position) but is encoded as None,
-            # which the epoch leaves out.
-            kept, full = encode_records(self._read, ("chosen", "rejected"), partial(encode_example, self.processor),
-                                        h.on_bad_record)
-            pairs = encode_preference_records(
-                self.processor, [self.records[i] for i in kept], h.max_length, h.truncation, h.records_file, full
-            )
-            self.encoded = [None] * len(self.records)
-            for i, pair in zip(kept, pairs, strict=True):
-                self.encoded[i] = pair
+            # A record left out by encoding stays in the mined arrays (indexed by position) but is encoded as
+            # None, which the epoch leaves out.
+            self.encoded = self.encode_pairs(self.processor)[0]
+
+    def encode_pairs(self, processor: Any) -> tuple[list[tuple[dict, dict] | None], list[tuple[dict, dict] | None]]:
+        """Each record's (chosen, rejected) encoding as training uses it, and as encoded before ``max_length``.
+
+        Errors in a record's text name the file, line and record (``encode_records``, which encodes each pair
+        once); then each kept pair is judged against ``max_length`` as one (``truncation``). Both lists hold
+        None for a record left out (the first also for a pair ``truncation`` skips). ``misp data inspect``
+        calls this too, so that it reports what a fit will see.
+        """
+        if self.records is None:
+            self.records = self._read_records()
+        h = self.hparams
+        read = rendered(processor, self._read)  # conversations through the chat template
+        kept, full = encode_records(read, ("chosen", "rejected"), partial(encode_example, processor), h.on_bad_record)
+        pairs = encode_preference_records(
+            processor, [read.records[i] for i in kept], h.max_length, h.truncation, h.records_file, full
+        )
+        encoded: list = [None] * len(self.records)
+        unlimited: list = [None] * len(self.records)
+        for i, pair, whole in zip(kept, pairs, full, strict=True):
+            encoded[i], unlimited[i] = pair, whole
+        return encoded, unlimited
 
     # SAE mode -------------------------------------------------------------------------------------
     @property
