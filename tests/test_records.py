@@ -396,6 +396,13 @@ def test_verify_and_load(tmp_path: Path):
     Image.effect_noise((128, 96), 64).convert("RGB").save(jpg, quality=90)
     data = jpg.read_bytes()
     assert verify_image(jpg) is None
+    # A small JPEG is judged by its own size, not by the 1/8-scale decode that checks it (16 px -> 2 px).
+    small = tmp_path / "s.jpg"
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(small)
+    assert verify_image(small) is None
+    tiny = tmp_path / "tiny.jpg"
+    Image.new("RGB", (3, 16), (9, 9, 9)).save(tiny)
+    assert "3x16 pixels" in verify_image(tiny)
     # A truncated JPEG passes PIL's verify() but must still be caught.
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(data[: len(data) * 2 // 3])

@@ -49,12 +49,13 @@ def verify_image(path: str | os.PathLike) -> str | None:
             im.verify()
         # verify() leaves the image unusable, so decoding needs a fresh handle.
         with Image.open(p) as im:
+            width, height = im.size  # before draft(), which shrinks the decoded size, not the image's
             if im.format == "JPEG":
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             im.load()
-            if min(im.size) < MIN_IMAGE_SIDE:
+            if min(width, height) < MIN_IMAGE_SIDE:
                 return (
-                    f"image is {im.width}x{im.height} pixels, under the {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} minimum "
+                    f"image is {width}x{height} pixels, under the {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} minimum "
                     "(a placeholder or a failed download?)"
                 )
     # Pillow signals corrupt data with many unrelated types (OSError, SyntaxError, struct.error,
