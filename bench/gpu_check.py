@@ -5,7 +5,7 @@
 
 Steps, each timed:
 
-1. build: ``misp.models.llava15.build_llava15`` at LLaVA-1.5-7B's widths (4096 hidden, 32 heads, 11008 MLP,
+1. build: ``misp.testing.llava15.build_llava15`` at LLaVA-1.5-7B's widths (4096 hidden, 32 heads, 11008 MLP,
    32064 embedding rows; ViT-L/14 at 336 px, 1024 wide) with ``--text-layers`` / ``--vision-layers``
    layers, random weights, in bf16 on the device;
 2. save: ``write_hub_cache`` into a scratch hub cache as ``llava-hf/llava-1.5-7b-hf`` (sharded safetensors);
@@ -267,8 +267,8 @@ def run(args: argparse.Namespace) -> dict:
     import lightning as L
 
     from misp.dpo import MISPDPOModule, PreferenceObjective
-    from misp.models.hub_cache import use_hub_cache
-    from misp.models.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
+    from misp.testing.hub_cache import use_hub_cache
+    from misp.testing.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
     from misp.models.vlm import LoraSpec, VLMSpec, unwrap_peft
     from misp.utils.io import atomic_write_json
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from misp.models.clip import ClipSpec, TinyClipConfig, build_tiny_clip, load_clip, save_clip
-from misp.models.hub_cache import publish_snapshot
-from misp.models.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
-from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
+from misp.testing.hub_cache import publish_snapshot
+from misp.testing.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
+from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.vlm import save_vlm
 from misp.negatives.projection import make_joint_embedding
 from misp.sae.io import save_sae
@@ -98,7 +98,7 @@ def smoke_llava15_hub(
 
     Sharded safetensors (several shards) and the hub repo's processor, tokenizer and chat-template files.
     A run then loads it by its hub id, e.g. ``misp fit --config configs/llava.yaml`` unchanged in
-    ``model.init_args.vlm.path``, with the environment ``misp.models.hub_cache.hub_cache_env(cache_dir)``::
+    ``model.init_args.vlm.path``, with the environment ``misp.testing.hub_cache.hub_cache_env(cache_dir)``::
 
         HF_HUB_CACHE=<cache_dir> HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration, ProcessorMixin
 
 from misp.models.quantized import keep_4bit_trainable
-from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
+from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.tokenizer import read_vocabulary
 
 log = logging.getLogger(__name__)
