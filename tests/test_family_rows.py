@@ -1,0 +1,112 @@
+"""Per model family: each row's response log-probs and their gradients, computed by misp in one mixed batch
+(images of different sizes, negatives of another size than the positive, images shared between rows),
+equal a plain transformers forward of that row alone.
+
+This is the test that catches position (M-RoPE), mask, image-token expansion and image-sharing errors:
+the reference is the processor's own ``__call__`` on the row's text and image and the model's own forward,
+with nothing of misp in between. Both models are loaded from hub-layout folders by ``load_vlm``, so the
+family is found from ``config.json`` as for a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from misp.logprobs import sequence_logps
+from misp.models.families import UnsupportedModelError, family_for_processor, family_of
+from misp.models.forward import response_logits
+from misp.models.prompting import collate_examples, encode_example, prepare_images
+from misp.models.vlm import VLMSpec, load_vlm
+from misp.testing.llava15 import build_llava15, save_hub_files
+from misp.testing.qwen25vl import build_qwen25vl, save_qwen25vl_hub_files
+
+PROMPTS = ["What is in the image?", "Is there a red circle in the image?"]
+# (prompt, response, image): chosen and rejected on the positive, the chosen on two negatives of other
+# sizes, and a second prompt on a negative.
+ROWS = [(0, "The image shows a red circle at the top left.", 0), (0, "There is a blue square.", 0),
+        (0, "The image shows a red circle at the top left.", 1), (0, "The image shows a red circle at the top left.", 2),
+        (1, "Yes, there is.", 1)]
+WEIGHTS = torch.tensor([1.0, -0.5, 0.7, 0.3, -1.2])
+
+
+def _images() -> list[Image.Image]:
+    g = torch.Generator().manual_seed(0)
+    sizes = [(56, 56), (84, 56), (112, 84)]  # Qwen2.5-VL: 4, 6 and 12 image tokens
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()) for w, h in sizes]
+
+
+def _hub_folder(family: str, tmp_path):
+    if family == "llava-1.5":
+        model, processor = build_llava15()
+        save_hub_files(model, processor, tmp_path)
+    else:
+        model, processor = build_qwen25vl()
+        save_qwen25vl_hub_files(model, processor, tmp_path, max_shard_size="200KB")
+    return tmp_path
+
+
+def _plain_row_logp(model, processor, prompt: str, response: str, image: Image.Image) -> torch.Tensor:
+    """The row's response log-prob from the processor's own call and the model's own forward."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    prompt_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    sep = family_for_processor(processor).response_separator
+    full_text = prompt_text + sep + response + processor.tokenizer.eos_token
+    n_prompt = processor(text=[prompt_text], images=[image], return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(text=[full_text], images=[image], return_tensors="pt")
+    logits = model(**inputs, use_cache=False).logits[0, :-1]
+    targets = inputs["input_ids"][0, 1:]
+    logps = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+    return logps[n_prompt - 1 :].sum()
+
+
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2.5-vl"])
+def test_each_rows_logp_and_gradient_in_a_mixed_batch_equal_its_plain_forward(family, tmp_path):
+    model, processor = load_vlm(VLMSpec(path=str(_hub_folder(family, tmp_path))))
+    assert family_of(model).name == family
+    model.eval()
+    images = _images()
+
+    # misp: one right-padded batch of the five rows, the three distinct images encoded once.
+    examples = [encode_example(processor, PROMPTS[p], r) for p, r, _ in ROWS]
+    batch = collate_examples(examples, processor.tokenizer.pad_token_id)
+    prepared = prepare_images(processor, images)
+    if family == "qwen2.5-vl":
+        assert prepared.tokens_per_image.tolist() == [4, 6, 12]  # dynamic resolution: one count per image
+    index = torch.tensor([i for _, _, i in ROWS])
+    model.zero_grad(set_to_none=True)
+    logits, labels = response_logits(model, batch["input_ids"], batch["attention_mask"], prepared, batch["labels"], index)
+    misp_logps = sequence_logps(logits, labels)
+    (WEIGHTS * misp_logps).sum().backward()
+    misp_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    # plain transformers, one row at a time, its own image alone.
+    model.zero_grad(set_to_none=True)
+    plain = []
+    for (p, r, i), w in zip(ROWS, WEIGHTS, strict=True):
+        logp = _plain_row_logp(model, processor, PROMPTS[p], r, images[i])
+        (w * logp).backward()
+        plain.append(logp.detach())
+    plain_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.testing.assert_close(misp_logps.detach(), torch.stack(plain), rtol=1e-4, atol=1e-4)
+    assert misp_grads.keys() == plain_grads.keys()
+    assert any("visual" in n or "vision_tower" in n for n in misp_grads)  # the shared images' gradients too
+    for name, grad in misp_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_unsupported_or_mistyped_folders_are_refused_in_one_line_before_any_weight_loads(tmp_path):
+    # A LLaVA-NeXT folder must not load as LLaVA-1.5 (it would with a layer dropped): its config alone decides.
+    (tmp_path / "next").mkdir()
+    (tmp_path / "next" / "config.json").write_text(json.dumps({"model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"]}))
+    with pytest.raises(UnsupportedModelError) as e:
+        load_vlm(VLMSpec(path=str(tmp_path / "next")))
+    message = str(e.value)
+    assert "\n" not in message and "'llava_next'" in message and "llava-1.5" in message and "qwen2.5-vl" in message
+    (tmp_path / "weights-only").mkdir()
+    with pytest.raises(UnsupportedModelError, match="no config.json"):
+        load_vlm(VLMSpec(path=str(tmp_path / "weights-only")))
