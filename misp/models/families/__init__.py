@@ -88,6 +88,13 @@ def family_for_processor(processor: ProcessorMixin) -> ModelFamily:
     raise UnsupportedModelError(f"processor {name} belongs to no supported VLM family; supported: {supported()}")
 
 
+def takes_any_image_size(processor) -> bool:
+    """Whether ``processor`` is of a dynamic-resolution family (its images differ in token count); False
+    for fixed-size processors, including stand-ins of no registered family (test doubles)."""
+    name = type(processor).__name__
+    return any(f.dynamic_resolution and name in f.processor_classes for f in FAMILIES.values())
+
+
 def family_of(model: nn.Module) -> ModelFamily:
     """The family of a loaded model (plain, peft-wrapped, quantised or FSDP-wrapped)."""
     config = getattr(model, "config", None)
@@ -112,4 +119,5 @@ __all__ = [
     "family_of",
     "register_family",
     "supported",
+    "takes_any_image_size",
 ]

@@ -48,7 +48,9 @@ def bare_question(prompt: str) -> str:
         m = pattern.match(prompt)
         if m:
             return m.group("q").strip()
-    return prompt.replace("<image>", "").strip()
+    if "<image>" not in prompt:
+        return prompt
+    return prompt.replace("<image>\n", "").replace("<image>", "").strip()
 
 
 class ModelFamily(ABC):

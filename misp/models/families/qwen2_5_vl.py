@@ -57,7 +57,8 @@ class Qwen25VLFamily(ModelFamily):
         out = processor.image_processor(images=rgb(images), return_tensors="pt")
         grid = out["image_grid_thw"]
         merge = int(processor.image_processor.merge_size)
-        return ImageInputs({"pixel_values": out["pixel_values"], "image_grid_thw": grid}, grid.prod(-1) // merge**2)
+        return ImageInputs({"pixel_values": out["pixel_values"], "image_grid_thw": grid}, grid.prod(-1) // merge**2,
+                           rows_per_image=grid.prod(-1))
 
     def forward_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        images: ImageInputs, image_index: torch.Tensor | None) -> dict[str, torch.Tensor]:
