@@ -110,3 +110,21 @@ def test_unsupported_or_mistyped_folders_are_refused_in_one_line_before_any_weig
     (tmp_path / "weights-only").mkdir()
     with pytest.raises(UnsupportedModelError, match="no config.json"):
         load_vlm(VLMSpec(path=str(tmp_path / "weights-only")))
+
+
+def test_qwen25vl_generation_is_the_plain_processor_and_generate_per_row(tmp_path):
+    """misp's batched, left-padded generation (images of different sizes in one batch) answers as the
+    processor's own call and ``model.generate`` do for each row alone."""
+    from misp.models.generation import generate
+
+    model, processor = load_vlm(VLMSpec(path=str(_hub_folder("qwen2.5-vl", tmp_path))))
+    images = _images()
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    answers = generate(model, processor, images, prompts, max_new_tokens=5, batch_size=3)
+    assert any(a[0] for a in answers)  # random weights still answer something
+    for image, prompt, (answer,) in zip(images, prompts, answers, strict=True):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        assert answer == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
