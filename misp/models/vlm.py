@@ -177,7 +177,9 @@ class VLMSpec:
             return None
         kwargs = {}
         if family is not None:
-            kwargs["llm_int8_skip_modules"] = list(family.unquantized_modules)
+            # Each name as itself (older transformers match a substring) and as a regex anywhere in the tree
+            # (newer ones match from the start of the full name, so "visual" alone misses "model.visual...").
+            kwargs["llm_int8_skip_modules"] = [p for n in family.unquantized_modules for p in (n, rf".*\.{n}")]
         if self.bnb_4bit_quant_storage is not None:
             kwargs["bnb_4bit_quant_storage"] = _DTYPES[self.bnb_4bit_quant_storage]
         return BitsAndBytesConfig(
