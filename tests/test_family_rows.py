@@ -128,3 +128,22 @@ def test_qwen25vl_generation_is_the_plain_processor_and_generate_per_row(tmp_pat
         inputs = processor(text=[text], images=[image], return_tensors="pt")
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
         assert answer == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_prompts_templated_for_another_family_are_retemplated_for_the_model_trained():
+    """mDPO's prompts carry LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:``: Qwen2.5-VL trains on its own
+    chat template, and a ChatML prompt given to LLaVA gets LLaVA's; the same-family prompt is kept."""
+    from misp.models.prompting import format_prompt
+    from misp.testing.llava15 import build_llava15_processor
+    from misp.testing.qwen25vl import build_qwen25vl_processor
+
+    qwen, llava = build_qwen25vl_processor(), build_llava15_processor()
+    question = "Is there a red circle in the image?"
+    llava_templated = f"USER: <image>\n{question} ASSISTANT:"
+    qwen_templated = format_prompt(question, qwen)
+    assert qwen_templated.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
+    assert format_prompt(llava_templated, qwen) == qwen_templated
+    assert encode_example(qwen, llava_templated, "Yes.") == encode_example(qwen, question, "Yes.")
+    assert format_prompt(qwen_templated, llava) == llava_templated == format_prompt(question, llava)
+    assert format_prompt(llava_templated, llava) == llava_templated  # kept verbatim, as before
+    assert format_prompt(qwen_templated, qwen) == qwen_templated

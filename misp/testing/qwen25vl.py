@@ -29,6 +29,9 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+import tempfile
+
+from misp.testing.hub_cache import publish_snapshot
 from misp.testing.llava15 import _corpus, _default_dtype
 
 HUB_REPO_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -213,3 +216,18 @@ def save_qwen25vl_hub_files(
         cfg["processor_class"] = "Qwen2_5_VLProcessor"
         (out / name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def write_qwen25vl_hub_cache(
+    cache_dir: str | os.PathLike, sizes: Qwen25VLSizes | None = None, seed: int = 0, repo_id: str = HUB_REPO_ID,
+    max_shard_size: int | str = "300KB",
+) -> Path:
+    """A tiny random Qwen2.5-VL stored in the hub cache ``cache_dir`` as the ``main`` snapshot of ``repo_id``,
+    so that with ``misp.testing.hub_cache.hub_cache_env(cache_dir)`` a config naming
+    ``Qwen/Qwen2.5-VL-7B-Instruct`` (or the 3B, with ``repo_id`` set so) loads it unchanged. Its widths are
+    multiples of 64, so 4-bit nf4 loading works on the CPU too. Returns the snapshot folder."""
+    model, processor = build_qwen25vl(sizes, seed=seed)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".staging-", dir=cache_dir) as tmp:
+        save_qwen25vl_hub_files(model, processor, tmp, max_shard_size=max_shard_size)
+        return publish_snapshot(tmp, cache_dir, repo_id)
