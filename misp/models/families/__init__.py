@@ -17,7 +17,7 @@ from transformers import ProcessorMixin
 from misp.errors import UserError
 from misp.models.families.base import LANGUAGE_MODEL_PROJECTIONS, ModelFamily, bare_question
 from misp.models.families.llava import Llava15Family
-from misp.models.families.qwen2_5_vl import Qwen25VLFamily
+from misp.models.families.qwen2_5_vl import Qwen3VLFamily, Qwen25VLFamily
 
 FAMILIES: dict[str, ModelFamily] = {}
 """Registered families by name, in registration order."""
@@ -33,7 +33,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-for _family in (Llava15Family(), Qwen25VLFamily()):
+for _family in (Llava15Family(), Qwen25VLFamily(), Qwen3VLFamily()):
     register_family(_family)
 
 
@@ -110,6 +110,7 @@ __all__ = [
     "LANGUAGE_MODEL_PROJECTIONS",
     "Llava15Family",
     "ModelFamily",
+    "Qwen3VLFamily",
     "Qwen25VLFamily",
     "UnsupportedModelError",
     "bare_question",

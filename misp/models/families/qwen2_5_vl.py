@@ -1,4 +1,4 @@
-"""Qwen2.5-VL (``Qwen/Qwen2.5-VL-3B-Instruct``, ``-7B-Instruct``, ``-32B``, ``-72B``): a windowed ViT with a
+"""Qwen2.5-VL and Qwen3-VL (``Qwen/Qwen2.5-VL-3B-Instruct``, ``-7B-Instruct``, ``-32B``, ``-72B``): a windowed ViT with a
 2x2 patch merger, dynamic resolution (each image's token count follows its size, bounded by the
 processor's ``min_pixels`` / ``max_pixels``), and M-RoPE: 3-D positions the model computes from the
 image grids, which misp therefore never passes."""
@@ -99,8 +99,15 @@ class Qwen25VLFamily(ModelFamily):
                     f"the vision model gave {merged.shape[0]} merged tokens, expected {sum(counts)} for the "
                     f"{len(counts)} distinct images"
                 )
-            per_image = torch.split(merged, counts)
-            output.pooler_output = torch.cat([per_image[i] for i in image_index.tolist()])
+            rows = image_index.tolist()
+
+            def repeat(features: torch.Tensor) -> torch.Tensor:
+                per_image = torch.split(features, counts)
+                return torch.cat([per_image[i] for i in rows])
+
+            output.pooler_output = repeat(merged)
+            if getattr(output, "deepstack_features", None) is not None:  # Qwen3-VL: intermediate layers' too
+                output.deepstack_features = [repeat(f) for f in output.deepstack_features]
             return output
 
         handles = [vision.register_forward_pre_hook(distinct_grid, with_kwargs=True),
@@ -110,3 +117,13 @@ class Qwen25VLFamily(ModelFamily):
         finally:
             for h in handles:
                 h.remove()
+
+
+class Qwen3VLFamily(Qwen25VLFamily):
+    """Qwen3-VL: Qwen2.5-VL's processing and M-RoPE inputs (interleaved M-RoPE, 16 px patches), plus DeepStack
+    features of intermediate vision layers, repeated per row with the merged ones."""
+
+    name = "qwen3-vl"
+    model_types = ("qwen3_vl",)
+    processor_classes = ("Qwen3VLProcessor",)
+    examples = "Qwen/Qwen3-VL-2B-Instruct, Qwen/Qwen3-VL-4B-Instruct, Qwen/Qwen3-VL-8B-Instruct"
