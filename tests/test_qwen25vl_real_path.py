@@ -4,11 +4,12 @@ tiny Qwen2.5-VL stored in an offline hub cache as ``Qwen/Qwen2.5-VL-7B-Instruct`
 As tests/test_llava_real_path.py does for LLaVA (its data, strategy and size helpers are reused): only
 sizes, devices (CPU, 2 gloo processes) and the strategy's CPU subclass differ from a GPU run. The mDPO
 records carry LLaVA-1.5's template in their prompts, so this also runs their re-templating into Qwen's.
+POPE generation is left to tests/test_family_rows.py (Qwen's generation against ``model.generate``) and to
+the LLaVA path (``misp test`` under FSDP), to keep this test's processes few.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -44,7 +45,7 @@ def test_qwen25vl_configs_run_as_shipped_under_fsdp(workspace):
     pixels = ["--model.init_args.vlm.min_pixels=3136", "--model.init_args.vlm.max_pixels=12544"]
 
     _misp(root, env, "fit", "--config", str(ROOT / "configs/qwen25vl_sae.yaml"), *_sizes(clip_name),
-          "--trainer.devices=1", "--trainer.max_epochs=2", "--model.init_args.n_latents=64",
+          "--trainer.devices=1", "--trainer.max_epochs=1", "--model.init_args.n_latents=64",
           "--model.init_args.top_k=8", "--data.sae_batch_size=16")
     assert (root / "runs/qwen25vl/sae/export/sae.json").is_file()
 
@@ -80,8 +81,3 @@ def test_qwen25vl_configs_run_as_shipped_under_fsdp(workspace):
     assert exported and len(exported) == sum(1 for k in trained if "lora_" in k)
     for name, value in exported.items():
         torch.testing.assert_close(value.float(), trained[f"model.{name}"].float(), rtol=0, atol=0)
-
-    # `misp test` from the checkpoint under the same FSDP strategy: POPE through Qwen's generation.
-    _misp(root, env, "test", "--config", config, *_dpo_sizes(clip_name), *pixels, f"--ckpt_path={last}")
-    results = json.loads((root / RUN / "test_results.json").read_text())
-    assert 0.0 <= results["pope/adversarial/accuracy"] <= 1.0
