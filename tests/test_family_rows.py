@@ -21,6 +21,7 @@ from misp.models.families import UnsupportedModelError, family_for_processor, fa
 from misp.models.forward import response_logits
 from misp.models.prompting import collate_examples, encode_example, prepare_images
 from misp.models.vlm import VLMSpec, load_vlm
+from misp.testing.gemma3 import build_gemma3, save_gemma3_hub_files
 from misp.testing.llava15 import build_llava15, save_hub_files
 from misp.testing.qwen3vl import build_qwen3vl, save_qwen3vl_hub_files
 from misp.testing.qwen25vl import build_qwen25vl, save_qwen25vl_hub_files
@@ -47,9 +48,12 @@ def _hub_folder(family: str, tmp_path):
     elif family == "qwen2.5-vl":
         model, processor = build_qwen25vl()
         save_qwen25vl_hub_files(model, processor, tmp_path, max_shard_size="200KB")
-    else:
+    elif family == "qwen3-vl":
         model, processor = build_qwen3vl()
         save_qwen3vl_hub_files(model, processor, tmp_path, max_shard_size="200KB")
+    else:
+        model, processor = build_gemma3()
+        save_gemma3_hub_files(model, processor, tmp_path, max_shard_size="200KB")
     return tmp_path
 
 
@@ -59,15 +63,15 @@ def _plain_row_logp(model, processor, prompt: str, response: str, image: Image.I
     prompt_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     sep = family_for_processor(processor).response_separator
     full_text = prompt_text + sep + response + processor.tokenizer.eos_token
-    n_prompt = processor(text=[prompt_text], images=[image], return_tensors="pt")["input_ids"].shape[1]
-    inputs = processor(text=[full_text], images=[image], return_tensors="pt")
+    n_prompt = processor(text=[prompt_text], images=[[image]], return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(text=[full_text], images=[[image]], return_tensors="pt")
     logits = model(**inputs, use_cache=False).logits[0, :-1]
     targets = inputs["input_ids"][0, 1:]
     logps = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
     return logps[n_prompt - 1 :].sum()
 
 
-@pytest.mark.parametrize("family", ["llava-1.5", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("family", ["llava-1.5", "qwen2.5-vl", "qwen3-vl", "gemma-3"])
 def test_each_rows_logp_and_gradient_in_a_mixed_batch_equal_its_plain_forward(family, tmp_path):
     model, processor = load_vlm(VLMSpec(path=str(_hub_folder(family, tmp_path))))
     assert family_of(model).name == family
@@ -78,7 +82,7 @@ def test_each_rows_logp_and_gradient_in_a_mixed_batch_equal_its_plain_forward(fa
     examples = [encode_example(processor, PROMPTS[p], r) for p, r, _ in ROWS]
     batch = collate_examples(examples, processor.tokenizer.pad_token_id)
     prepared = prepare_images(processor, images)
-    if family != "llava-1.5":
+    if family.startswith("qwen"):
         assert len(set(prepared.tokens_per_image.tolist())) == 3  # dynamic resolution: one count per image
     index = torch.tensor([i for _, _, i in ROWS])
     model.zero_grad(set_to_none=True)
@@ -100,7 +104,12 @@ def test_each_rows_logp_and_gradient_in_a_mixed_batch_equal_its_plain_forward(fa
     assert misp_grads.keys() == plain_grads.keys()
     assert any("visual" in n or "vision_tower" in n for n in misp_grads)  # the shared images' gradients too
     for name, grad in misp_grads.items():
-        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        # Per tensor, relative to its size (float32 sums over rows and image tokens round differently when
+        # batched: Gemma 3's projector gradient sums 5 rows x 16 tokens of large activations), with a floor
+        # for gradients that are zero in exact arithmetic (attention key biases). A position, mask or
+        # image-sharing error moves gradients by their own size.
+        err, size = (grad - plain_grads[name]).norm(), plain_grads[name].norm()
+        assert err <= 1e-4 * size + 1e-6, f"{name}: gradient error {err:.2e} of a gradient of size {size:.2e}"
 
 
 def test_unsupported_or_mistyped_folders_are_refused_in_one_line_before_any_weight_loads(tmp_path):

@@ -139,7 +139,7 @@ def encode_example(
     text = family.format_prompt(processor, prompt)
     fixed = family.fixed_image_tokens(processor)
     if fixed is not None:
-        text = text.replace("<image>", image_token * fixed)
+        text = family.expand_image_text(processor, text)
     prompt_ids = _prompt_ids(tokenizer, text)
     ids = prompt_ids
     labels = [IGNORE_INDEX] * len(prompt_ids)

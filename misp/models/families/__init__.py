@@ -16,6 +16,7 @@ from transformers import ProcessorMixin
 
 from misp.errors import UserError
 from misp.models.families.base import LANGUAGE_MODEL_PROJECTIONS, ModelFamily, bare_question
+from misp.models.families.gemma3 import Gemma3Family
 from misp.models.families.llava import Llava15Family
 from misp.models.families.qwen2_5_vl import Qwen3VLFamily, Qwen25VLFamily
 
@@ -33,7 +34,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-for _family in (Llava15Family(), Qwen25VLFamily(), Qwen3VLFamily()):
+for _family in (Llava15Family(), Qwen25VLFamily(), Qwen3VLFamily(), Gemma3Family()):
     register_family(_family)
 
 
@@ -107,6 +108,7 @@ def family_of(model: nn.Module) -> ModelFamily:
 
 __all__ = [
     "FAMILIES",
+    "Gemma3Family",
     "LANGUAGE_MODEL_PROJECTIONS",
     "Llava15Family",
     "ModelFamily",

@@ -34,6 +34,8 @@ _FOREIGN_TEMPLATES = (
     # Qwen / ChatML: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n".
     re.compile(r"^.*<\|im_start\|>user\n(?:<\|vision_start\|><\|image_pad\|><\|vision_end\|>)?(?P<q>.*?)<\|im_end\|>\s*"
                r"<\|im_start\|>assistant\n?$", re.S),
+    # Gemma 3: "<bos><start_of_turn>user\n<start_of_image>{q}<end_of_turn>\n<start_of_turn>model\n".
+    re.compile(r"^.*<start_of_turn>user\n(?:<start_of_image>)?(?P<q>.*?)<end_of_turn>\s*<start_of_turn>model\n?$", re.S),
 )
 
 
@@ -110,6 +112,11 @@ class ModelFamily(ABC):
         encoded); None when it depends on the image (then rows keep one placeholder until the batch's
         images are known, and the forward expands them against ``ImageInputs.tokens_per_image``)."""
         return None
+
+    def expand_image_text(self, processor: ProcessorMixin, text: str) -> str:
+        """The templated ``text`` with its image placeholder expanded as the processor's ``__call__`` does,
+        for a fixed-count family: the image token repeated :meth:`fixed_image_tokens` times."""
+        return text.replace(self.image_token(processor), self.image_token(processor) * self.fixed_image_tokens(processor))
 
     # --- images -----------------------------------------------------------------------------------------
     @abstractmethod

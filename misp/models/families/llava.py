@@ -56,9 +56,13 @@ class Llava15Family(ModelFamily):
         """``"USER: <image>\\n{prompt} ASSISTANT:"``. A prompt already holding ``<image>`` is LLaVA-templated
         (mDPO's files store the full conversation prompt) and kept verbatim; one templated for another
         family is re-templated."""
-        if "<image>" in prompt and "<|im_start|>" not in prompt:
+        if "<image>" in prompt and "<|im_start|>" not in prompt and "<start_of_turn>" not in prompt:
             return prompt
         return PROMPT_TEMPLATE.format(prompt=bare_question(prompt))
+
+    def expand_image_text(self, processor: ProcessorMixin, text: str) -> str:
+        """``<image>`` (the template's marker) repeated as the processor's image token."""
+        return text.replace("<image>", self.image_token(processor) * self.fixed_image_tokens(processor))
 
     def fixed_image_tokens(self, processor: ProcessorMixin) -> int:
         """As ``LlavaProcessor`` counts them: patches of the crop, plus the backbone's extra tokens (CLS),
