@@ -1,4 +1,4 @@
-"""Qwen2.5-VL (and Qwen3-VL's export) loading as misp does it: 4-bit reaches the language model only (the vision tower and merger
+"""Qwen2.5-VL (and the export of Qwen3-VL and Gemma 3) loading as misp does it: 4-bit reaches the language model only (the vision tower and merger
 stay in the compute dtype), LoRA reaches the language model's projections only (the vision MLP shares
 their names), FSDP's units are the family's blocks, and an exported adapter loads with plain
 transformers + peft to the same logits."""
@@ -13,6 +13,8 @@ from misp.models.forward import vlm_logits
 from misp.models.prompting import collate_examples, encode_example, prepare_images
 from misp.models.sharding import decoder_layers
 from misp.models.vlm import LoraSpec, VLMSpec, load_vlm, save_vlm
+from misp.models.families import family_for_processor
+from misp.testing.gemma3 import build_gemma3, save_gemma3_hub_files
 from misp.testing.qwen3vl import build_qwen3vl, save_qwen3vl_hub_files
 from misp.testing.qwen25vl import build_qwen25vl, save_qwen25vl_hub_files
 
@@ -54,7 +56,8 @@ def test_fsdp_units_are_the_decoder_layers_and_vision_blocks(qwen_dir):
     assert len(decoder_layers(model)) == 2 + 2
 
 
-@pytest.mark.parametrize(("family", "merge"), [("qwen2.5-vl", False), ("qwen2.5-vl", True), ("qwen3-vl", False)])
+@pytest.mark.parametrize(("family", "merge"), [("qwen2.5-vl", False), ("qwen2.5-vl", True), ("qwen3-vl", False),
+                                               ("gemma-3", False)])
 def test_an_exported_adapter_loads_with_plain_transformers_and_peft(qwen_dir, tmp_path, family, merge):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -62,6 +65,9 @@ def test_an_exported_adapter_loads_with_plain_transformers_and_peft(qwen_dir, tm
     if family == "qwen3-vl":
         qwen_dir = tmp_path / "qwen3vl"
         save_qwen3vl_hub_files(*build_qwen3vl(), qwen_dir)
+    elif family == "gemma-3":
+        qwen_dir = tmp_path / "gemma3"
+        save_gemma3_hub_files(*build_gemma3(), qwen_dir)
     model, processor = load_vlm(VLMSpec(path=str(qwen_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0)))
     with torch.no_grad():  # a trained adapter: B is zero at init
         for n, p in model.named_parameters():
@@ -78,8 +84,10 @@ def test_an_exported_adapter_loads_with_plain_transformers_and_peft(qwen_dir, tm
     plain.eval()
     plain_processor = AutoProcessor.from_pretrained(out)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
-    text = plain_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + "A red circle.<|im_end|>"
-    inputs = plain_processor(text=[text], images=[Image.new("RGB", (96, 64), "blue")], return_tensors="pt")
+    sep = family_for_processor(plain_processor).response_separator
+    text = (plain_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + sep
+            + "A red circle." + plain_processor.tokenizer.eos_token)
+    inputs = plain_processor(text=[text], images=[[Image.new("RGB", (96, 64), "blue")]], return_tensors="pt")
     with torch.no_grad():
         got = plain(**inputs).logits[0]
     torch.testing.assert_close(got, want[1, : got.shape[0]], rtol=1e-4, atol=1e-4)
