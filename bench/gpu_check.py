@@ -267,9 +267,9 @@ def run(args: argparse.Namespace) -> dict:
     import lightning as L
 
     from misp.dpo import MISPDPOModule, PreferenceObjective
+    from misp.models.vlm import LoraSpec, VLMSpec, unwrap_peft
     from misp.testing.hub_cache import use_hub_cache
     from misp.testing.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
-    from misp.models.vlm import LoraSpec, VLMSpec, unwrap_peft
     from misp.utils.io import atomic_write_json
 
     if args.warmup >= args.steps:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from misp.models.families import family_for_processor
 from misp.models.forward import vlm_logits
 from misp.models.prompting import collate_examples, encode_example, prepare_images
 from misp.models.sharding import decoder_layers
 from misp.models.vlm import LoraSpec, VLMSpec, load_vlm, save_vlm
-from misp.models.families import family_for_processor
 from misp.testing.gemma3 import build_gemma3, save_gemma3_hub_files
 from misp.testing.qwen3vl import build_qwen3vl, save_qwen3vl_hub_files
 from misp.testing.qwen25vl import build_qwen25vl, save_qwen25vl_hub_files

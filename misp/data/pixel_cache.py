@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from misp.data.images import load_rgb
 from misp.batch import ImageInputs
+from misp.data.images import load_rgb
 from misp.models.families import family_for_processor, takes_any_image_size
 from misp.models.prompting import preprocess_images
 

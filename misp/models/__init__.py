@@ -20,9 +20,9 @@ from misp.models.prompting import (
     num_image_tokens,
     preprocess_images,
 )
-from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.tokenizer import build_word_tokenizer, read_vocabulary
 from misp.models.vlm import LoraSpec, VLMSpec, load_vlm, merged_state_dict, save_vlm
+from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
 __all__ = [
     "IGNORE_INDEX",

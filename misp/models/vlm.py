@@ -34,8 +34,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndByte
 
 from misp.models.families import LANGUAGE_MODEL_PROJECTIONS, ModelFamily, family_for_path
 from misp.models.quantized import keep_4bit_trainable
-from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.tokenizer import read_vocabulary
+from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
 log = logging.getLogger(__name__)
 

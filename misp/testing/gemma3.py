@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor, GemmaTokenizer
+from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    GemmaTokenizer,
+)
 from transformers.image_utils import PILImageResampling
 
 from misp.testing.llava15 import _corpus, _default_dtype

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,6 @@ from transformers import (
     Qwen2VLImageProcessor,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-import tempfile
 
 from misp.testing.hub_cache import publish_snapshot
 from misp.testing.llava15 import _corpus, _default_dtype

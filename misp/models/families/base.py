@@ -10,8 +10,8 @@ and how a forward encodes each distinct image once when several rows share it.
 from __future__ import annotations
 
 import inspect
-from abc import ABC, abstractmethod
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import ClassVar
