@@ -90,6 +90,19 @@ class Qwen25VLSizes:
     """Smallest image area after resizing (the hub's 3136)."""
     max_pixels: int = 28 * 28 * 64
     """Largest image area after resizing (the hub's 12845056; tiny here so that tests stay small)."""
+    vocab_size: int | None = None
+    """Embedding rows; None rounds the tokenizer's size up to a multiple of 64. 152064 gives the embedding
+    and LM head the 7B's size."""
+
+    @classmethod
+    def real_width(cls, text_layers: int = 2, vision_layers: int = 2) -> Qwen25VLSizes:
+        """Qwen2.5-VL-7B's widths (3584-wide decoder with 28 heads and 4 key/value heads, 18944 MLP, 152064
+        embedding rows; 1280-wide vision tower, 16 heads, 3420 MLP) with few layers, and configs/qwen25vl.yaml's
+        pixel bounds (256 to 1280 image tokens)."""
+        return cls(vision_hidden_size=1280, vision_intermediate_size=3420, vision_layers=vision_layers,
+                   vision_heads=16, text_hidden_size=3584, text_intermediate_size=18944, text_layers=text_layers,
+                   text_heads=28, text_kv_heads=4, vocab_size=152064, min_pixels=256 * 28 * 28,
+                   max_pixels=1280 * 28 * 28)
 
     @property
     def head_dim(self) -> int:
@@ -153,7 +166,7 @@ def build_qwen25vl_processor(sizes: Qwen25VLSizes | None = None) -> Qwen2_5_VLPr
 def qwen25vl_config(sizes: Qwen25VLSizes, tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
     """The ``Qwen2_5_VLConfig`` of Qwen/Qwen2.5-VL-7B-Instruct with ``sizes`` and the tokenizer's ids."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = -(-len(tokenizer) // 64) * 64  # the hub pads the embedding rows (151665 tokens -> 152064)
+    vocab = sizes.vocab_size or -(-len(tokenizer) // 64) * 64  # the hub pads the rows (151665 tokens -> 152064)
     text = dict(
         vocab_size=vocab, hidden_size=sizes.text_hidden_size, intermediate_size=sizes.text_intermediate_size,
         num_hidden_layers=sizes.text_layers, num_attention_heads=sizes.text_heads,
