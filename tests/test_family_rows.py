@@ -160,3 +160,19 @@ def test_prompts_templated_for_another_family_are_retemplated_for_the_model_trai
     assert format_prompt(qwen_templated, llava) == llava_templated == format_prompt(question, llava)
     assert format_prompt(llava_templated, llava) == llava_templated  # kept verbatim, as before
     assert format_prompt(qwen_templated, qwen) == qwen_templated
+
+
+def test_qwen25vl_evaluation_scores_are_the_plain_forward_per_row(tmp_path):
+    """The evaluation's per-image response log-probs (the grounding scores) on Qwen2.5-VL, images of three
+    sizes in one forward, are each row's plain transformers log-prob: one templating path for training
+    and evaluation."""
+    from misp.eval.scoring import response_logps_per_image
+
+    model, processor = load_vlm(VLMSpec(path=str(_hub_folder("qwen2.5-vl", tmp_path))))
+    images = _images()
+    items = [(PROMPTS[0], ROWS[0][1], images), (PROMPTS[1], ROWS[4][1], images[1:])]
+    scores = response_logps_per_image(model, processor, items)
+    with torch.no_grad():
+        for (prompt, response, imgs), got in zip(items, scores, strict=True):
+            want = torch.stack([_plain_row_logp(model, processor, prompt, response, im) for im in imgs])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
