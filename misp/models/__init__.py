@@ -1,5 +1,5 @@
-"""VLM and CLIP construction: pretrained paths, 4-bit, LoRA, the tiny offline builders, prompting,
-the shared-image forward and generation."""
+"""VLM and CLIP construction: pretrained paths of every supported family (``misp.models.families``), 4-bit,
+LoRA, the tiny offline builders, prompting, the shared-image forward and generation."""
 
 from misp.models.clip import (
     ClipBundle,
@@ -18,6 +18,7 @@ from misp.models.prompting import (
     encode_example,
     format_prompt,
     num_image_tokens,
+    prepare_images,
     preprocess_images,
 )
 from misp.models.tokenizer import build_word_tokenizer, read_vocabulary
@@ -43,6 +44,7 @@ __all__ = [
     "load_vlm",
     "merged_state_dict",
     "num_image_tokens",
+    "prepare_images",
     "preprocess_images",
     "read_vocabulary",
     "save_clip",
