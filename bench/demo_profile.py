@@ -104,7 +104,7 @@ def sft_step_child(cfg: dict[str, Any]) -> dict[str, Any]:
     from bench.forward import WORDS
     from misp.models.forward import response_logits, vlm_logits
     from misp.models.prompting import collate_examples, encode_example, preprocess_images
-    from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
+    from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
     torch.manual_seed(0)
     model, processor = build_tiny_llava(WORDS, TinyLlavaConfig())  # the demo's sizes (configs/shapes/sft.yaml)

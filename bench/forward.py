@@ -28,7 +28,7 @@ from misp.dpo.batching import ConcatenatedRows, concatenate_rows
 from misp.logprobs import sequence_logps
 from misp.models.forward import position_ids_from_mask, vlm_logits
 from misp.models.prompting import collate_examples, encode_example
-from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
+from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
 NAME = "forward"
 

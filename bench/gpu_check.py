@@ -1,11 +1,19 @@
-"""One-command GPU check of the real-model path: LLaVA-1.5 at 7B width, 4-bit nf4 + LoRA, MISP-DPO under FSDP.
+"""One-command GPU check of the real-model path: LLaVA-1.5 or Qwen2.5-VL at 7B width, 4-bit nf4 + LoRA,
+MISP-DPO under FSDP.
 
     python -m bench.gpu_check                  # one GPU (H100/H200): about 3-5 minutes
+    python -m bench.gpu_check --family qwen2.5-vl   # the same at Qwen2.5-VL-7B's width, configs/qwen25vl.yaml
     python -m bench.gpu_check --dry-run        # CPU, tiny widths, seconds: checks the script end to end
+
+With ``--family qwen2.5-vl`` the model is ``misp.testing.qwen25vl`` at Qwen2.5-VL-7B's widths (3584-wide
+decoder, 28 heads, 4 key/value heads, 18944 MLP, 152064 rows; 1280-wide windowed ViT) and everything the
+LLaVA steps below take from configs/llava.yaml comes from configs/qwen25vl.yaml (its pixel bounds too: the
+400x500 synthetic images become 252 image tokens each). Its vision FLOPs count each image's patches
+through the windowed and full-attention blocks and the merger (``qwen_vision_flops``).
 
 Steps, each timed:
 
-1. build: ``misp.models.llava15.build_llava15`` at LLaVA-1.5-7B's widths (4096 hidden, 32 heads, 11008 MLP,
+1. build: ``misp.testing.llava15.build_llava15`` at LLaVA-1.5-7B's widths (4096 hidden, 32 heads, 11008 MLP,
    32064 embedding rows; ViT-L/14 at 336 px, 1024 wide) with ``--text-layers`` / ``--vision-layers``
    layers, random weights, in bf16 on the device;
 2. save: ``write_hub_cache`` into a scratch hub cache as ``llava-hf/llava-1.5-7b-hf`` (sharded safetensors);
@@ -63,6 +71,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAVA_CONFIG = ROOT / "configs" / "llava.yaml"
+FAMILY_CONFIGS = {"llava-1.5": LLAVA_CONFIG, "qwen2.5-vl": ROOT / "configs" / "qwen25vl.yaml"}
+"""The shipped config each ``--family`` follows."""
 DEFAULT_OUT = ROOT / "bench" / "results" / "gpu_check.json"
 
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.0))
@@ -77,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny widths (Llava15Sizes defaults; still 576 image tokens), 1 record, 2 steps")
+    p.add_argument("--family", choices=sorted(FAMILY_CONFIGS), default="llava-1.5",
+                   help="the architecture at 7B width, and the shipped config it follows")
     p.add_argument("--text-layers", type=int, default=4, help="Llama decoder layers at 7B width")
     p.add_argument("--vision-layers", type=int, default=4, help="CLIP ViT-L/14-336 layers")
     p.add_argument("--batch", type=int, default=2, help="B: preference records per step (configs/llava.yaml: 2)")
@@ -103,9 +115,10 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def llava_config() -> dict:
-    """configs/llava.yaml as a dict (the check follows it rather than restating it)."""
-    return yaml.safe_load(LLAVA_CONFIG.read_text())
+def llava_config(family: str = "llava-1.5") -> dict:
+    """The family's shipped config (configs/llava.yaml, configs/qwen25vl.yaml) as a dict (the check follows
+    it rather than restating it)."""
+    return yaml.safe_load(FAMILY_CONFIGS[family].read_text())
 
 
 def config_strategy(config: dict):
@@ -131,7 +144,8 @@ class _Batches(torch.utils.data.Dataset):
         return self.steps
 
     def __getitem__(self, i: int) -> dict:
-        from misp.models.prompting import collate_examples, encode_example, preprocess_images
+        from misp.models.families import takes_any_image_size
+        from misp.models.prompting import collate_examples, encode_example, prepare_images, preprocess_images
 
         rng = random.Random(self.seed * 1_000_003 + i)
         np_rng = np.random.default_rng(self.seed * 1_000_003 + i)
@@ -149,7 +163,8 @@ class _Batches(torch.utils.data.Dataset):
         batch |= {f"rejected_{k}": v for k, v in collate_examples(rejected, pad).items()}
         images = [Image.fromarray(np_rng.integers(0, 256, (400, 500, 3), dtype=np.uint8))
                   for _ in range(self.b * (1 + self.k))]
-        batch["pixel_values"] = preprocess_images(self.processor, images)
+        dynamic = takes_any_image_size(self.processor)
+        batch["pixel_values"] = prepare_images(self.processor, images) if dynamic else preprocess_images(self.processor, images)
         batch["draw_index"] = torch.tensor([[rng.randrange(self.m) for _ in range(self.k)] for _ in range(self.b)])
         batch["log_q"] = torch.full((self.b, self.k), -math.log(self.m))
         batch["features"] = torch.randn(self.b, self.m, 4, generator=torch.Generator().manual_seed(i))
@@ -177,12 +192,42 @@ def _datamodule(processor, args: argparse.Namespace):
 # measurement ---------------------------------------------------------------------------------------------
 def row_lengths(batch: dict, pad_token_id: int) -> list[int]:
     """Non-padding tokens of each of the 2B + BK rows the policy and the reference see."""
+    from misp.batch import ImageInputs
     from misp.dpo.batching import concatenate_rows
 
-    return concatenate_rows(batch, pad_token_id).attention_mask.sum(1).tolist()
+    rows = concatenate_rows(batch, pad_token_id)
+    lengths = rows.attention_mask.sum(1)
+    images = batch["pixel_values"]
+    if isinstance(images, ImageInputs):  # one placeholder per row, expanded in the forward
+        lengths = lengths + images.tokens_per_image.to(lengths.device)[rows.image_index.to(lengths.device)] - 1
+    return lengths.tolist()
 
 
-def step_flops(config, lengths: list[int], n_images: int, lora_params: int, lora_r: int) -> dict[str, float]:
+def qwen_vision_flops(vision_config, grid: tuple[int, int, int]) -> float:
+    """Forward FLOPs of one image of patch grid ``(t, h, w)`` through Qwen2.5-VL's vision model: the 3-D
+    patch embedding, every block's projections and MLP, attention within the 112 px windows (or over the
+    whole image in the full-attention blocks), and the 2x2 merger into the decoder's width."""
+    v = vision_config
+    t, h, w = grid
+    n = t * h * w
+    dv, fv, merge = v.hidden_size, v.intermediate_size, v.spatial_merge_size
+    embed = 2 * n * dv * v.in_channels * v.temporal_patch_size * v.patch_size**2
+    per_block = 2 * n * (4 * dv * dv + 3 * dv * fv)
+    ws = v.window_size // merge // v.patch_size  # window side in merged units
+    hh, ww = h // merge, w // merge
+    sides_h = [min(ws, hh - i) for i in range(0, hh, ws)]
+    sides_w = [min(ws, ww - j) for j in range(0, ww, ws)]
+    windowed = t * sum((merge**2 * a * b) ** 2 for a in sides_h for b in sides_w)
+    full = len(v.fullatt_block_indexes)
+    attention = 4 * dv * (full * n * n + (v.depth - full) * windowed)
+    merged = n // merge**2
+    width = dv * merge**2
+    merger = 2 * merged * (width * width + width * v.out_hidden_size)
+    return float(embed + v.depth * per_block + attention + merger)
+
+
+def step_flops(config, lengths: list[int], n_images: int, lora_params: int, lora_r: int,
+               image_grid: tuple[int, int, int] | None = None) -> dict[str, float]:
     """Model FLOPs of one MISP-DPO step (see the module docstring for the formula).
 
     Args:
@@ -191,11 +236,20 @@ def step_flops(config, lengths: list[int], n_images: int, lora_params: int, lora
         n_images: distinct images of the step.
         lora_params: LoRA weights in the language model (A and B of every adapted projection).
         lora_r: their rank (for the layer-0 q/k/v input gradients that are never computed).
+        image_grid: Qwen2.5-VL: each image's patch grid ``(t, h, w)`` (the images of a step share a size).
     """
     t, v = config.text_config, config.vision_config
     d, f, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
     kv = d * t.num_key_value_heads // t.num_attention_heads
     p_text = layers * (2 * d * d + 2 * d * kv + 3 * d * f) + d * t.vocab_size
+    if image_grid is not None:  # Qwen2.5-VL: its vision tower and merger, per image of this grid
+        p_first = d * d + 2 * d * kv + 3 * lora_r * d
+        attn = [4 * layers * d * n * n for n in lengths]
+        policy = sum((4 * p_text + 6 * lora_params - 2 * p_first) * n for n in lengths) + 3 * sum(attn)
+        reference = sum(2 * p_text * n for n in lengths) + sum(attn)
+        vision = 2 * n_images * qwen_vision_flops(v, image_grid)
+        return {"policy": float(policy), "reference": float(reference), "vision": float(vision),
+                "total": float(policy + reference + vision)}
     dv, fv, lv = v.hidden_size, v.intermediate_size, v.num_hidden_layers
     patches = (v.image_size // v.patch_size) ** 2
     p_vis = lv * (4 * dv * dv + 2 * dv * fv)  # per token: the layers (CLS included)
@@ -242,7 +296,7 @@ def _step_timer(pad_token_id: int, device: torch.device, warmup: int):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.steps.append({"seconds": time.perf_counter() - self._t0,
                                "rows": row_lengths(batch, pad_token_id),
-                               "images": int(batch["pixel_values"].shape[0]),
+                               "images": len(batch["pixel_values"]),
                                "loss": float(loss)})
 
     return StepTimer()
@@ -267,9 +321,10 @@ def run(args: argparse.Namespace) -> dict:
     import lightning as L
 
     from misp.dpo import MISPDPOModule, PreferenceObjective
-    from misp.models.hub_cache import use_hub_cache
-    from misp.models.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
     from misp.models.vlm import LoraSpec, VLMSpec, unwrap_peft
+    from misp.testing import qwen25vl
+    from misp.testing.hub_cache import publish_snapshot, use_hub_cache
+    from misp.testing.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
     from misp.utils.io import atomic_write_json
 
     if args.warmup >= args.steps:
@@ -277,29 +332,44 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no GPU visible to torch; run with --dry-run for the CPU smoke check")
-    config = llava_config()
+    config = llava_config(args.family)
     init = config["model"]["init_args"]
-    sizes = Llava15Sizes() if args.dry_run else Llava15Sizes.real_width(args.text_layers, args.vision_layers)
+    qwen = args.family == "qwen2.5-vl"
+    if qwen:
+        sizes = qwen25vl.Qwen25VLSizes() if args.dry_run else qwen25vl.Qwen25VLSizes.real_width(args.text_layers, args.vision_layers)
+        build, hub_id = qwen25vl.build_qwen25vl, qwen25vl.HUB_REPO_ID
+    else:
+        sizes = Llava15Sizes() if args.dry_run else Llava15Sizes.real_width(args.text_layers, args.vision_layers)
+        build, hub_id = build_llava15, HUB_REPO_ID
     phases: dict[str, float] = {}
     work = tempfile.TemporaryDirectory(prefix="misp-gpu-check-") if args.work_dir is None else None
     work_dir = Path(work.name) if work is not None else args.work_dir
     try:
         t0 = time.perf_counter()
-        model, processor = build_llava15(sizes, seed=args.seed, device=device, dtype=torch.bfloat16)
+        model, processor = build(sizes, seed=args.seed, device=device, dtype=torch.bfloat16)
         _sync(device)
         phases["build_s"] = time.perf_counter() - t0
         n_params = sum(p.numel() for p in model.parameters())
 
         t0 = time.perf_counter()
         cache = work_dir / "hub"
-        write_hub_cache(model, processor, cache, max_shard_size="2GB" if not args.dry_run else "300KB")
+        shard = "2GB" if not args.dry_run else "300KB"
+        if qwen:
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".staging-", dir=cache) as staging:
+                qwen25vl.save_qwen25vl_hub_files(model, processor, staging, max_shard_size=shard)
+                publish_snapshot(staging, cache, hub_id)
+        else:
+            write_hub_cache(model, processor, cache, max_shard_size=shard)
         phases["save_s"] = time.perf_counter() - t0
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-        vlm = {k: v for k, v in init["vlm"].items() if k != "lora"} | {"path": HUB_REPO_ID}
+        vlm = {k: v for k, v in init["vlm"].items() if k != "lora"} | {"path": hub_id}
+        if qwen and args.dry_run:  # tiny images at the tiny model's pixel bounds
+            vlm |= {"min_pixels": sizes.min_pixels, "max_pixels": sizes.max_pixels}
         lora = init["vlm"].get("lora", {}) | {"r": args.lora_r}
         t0 = time.perf_counter()
         with use_hub_cache(cache):
@@ -342,12 +412,19 @@ def run(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"non-finite loss: {losses}")
     seconds = statistics.median(s["seconds"] for s in measured)
     tokens = statistics.median(sum(s["rows"]) for s in measured)
-    flops = [step_flops(model_config, s["rows"], s["images"], lora_params, args.lora_r) for s in measured]
+    grid = None
+    if qwen:  # the synthetic images share one size, so one grid
+        probe = Image.fromarray(np.zeros((400, 500, 3), dtype=np.uint8))
+        from misp.models.prompting import prepare_images
+
+        grid = tuple(int(x) for x in prepare_images(processor, [probe]).tensors["image_grid_thw"][0])
+    flops = [step_flops(model_config, s["rows"], s["images"], lora_params, args.lora_r, grid) for s in measured]
     mean_flops = statistics.fmean(f["total"] for f in flops)
     peak = peak_tflops(device, args.peak_tflops)
     achieved = mean_flops / seconds
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "family": args.family,
         "dry_run": args.dry_run,
         "sizes": vars(sizes),
         "parameters": n_params,

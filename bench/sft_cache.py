@@ -61,8 +61,8 @@ def sft_cache_child(cfg: dict[str, Any]) -> dict[str, Any]:
     from misp.data.sft_data import SFTDataModule, _SFTDataset
     from misp.models import prompting
     from misp.models.forward import response_logits
-    from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
     from misp.models.tokenizer import read_vocabulary
+    from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
     world, repeat = Path(cfg["world"]), cfg["repeat"]
     torch.manual_seed(0)

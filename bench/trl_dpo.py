@@ -93,11 +93,11 @@ def build_model(name: str, out_dir: str) -> None:
 
     spec = MODELS[name]
     if spec["kind"] == "tiny":
-        from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
+        from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
         model, processor = build_tiny_llava(WORDS, TinyLlavaConfig())
     else:
-        from misp.models.llava15 import Llava15Sizes, build_llava15
+        from misp.testing.llava15 import Llava15Sizes, build_llava15
 
         model, processor = build_llava15(Llava15Sizes(**spec["sizes"]), seed=0)
     save_vlm(model, processor, out_dir)

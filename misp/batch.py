@@ -61,9 +61,38 @@ class ImageInputs:
     tensors: dict[str, torch.Tensor]
     tokens_per_image: torch.Tensor
     """``[U]`` long."""
+    rows_per_image: torch.Tensor | None = None
+    """``[U]`` long: how many leading rows of the patch tensors (those whose first dimension is the sum of
+    these) image u holds, for families that flatten every image's patches into one tensor (Qwen2.5-VL's
+    ``pixel_values [patches, D]``); None when every tensor has one leading row per image (LLaVA)."""
 
     def __len__(self) -> int:
         return int(self.tokens_per_image.shape[0])
+
+    def select(self, index: torch.Tensor) -> ImageInputs:
+        """The images at ``index`` (``[M]`` long), in that order, as an ``ImageInputs`` of M images."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        u = len(self)
+        rows = self.rows_per_image
+        if rows is not None:
+            rows_cpu = rows.cpu()
+            starts = torch.cumsum(rows_cpu, 0) - rows_cpu
+            patch_index = torch.cat([torch.arange(int(starts[i]), int(starts[i] + rows_cpu[i])) for i in index.cpu().tolist()]
+                                    or [torch.zeros(0, dtype=torch.long)])
+        selected = {}
+        for name, t in self.tensors.items():
+            if rows is not None and t.shape[0] == int(rows.sum()) and t.shape[0] != u:
+                selected[name] = t.index_select(0, patch_index.to(t.device))
+            elif t.shape[0] == u:
+                selected[name] = t.index_select(0, index.to(t.device))
+            else:
+                raise ValueError(f"ImageInputs tensor {name!r} has {t.shape[0]} rows, neither one per image ({u}) nor per patch")
+        return ImageInputs(selected, self.tokens_per_image[index.to(self.tokens_per_image.device)],
+                           None if rows is None else rows[index.to(rows.device)])
+
+    def __getitem__(self, index: torch.Tensor) -> ImageInputs:
+        """``select(index)``, so that code written for a ``[U, ...]`` pixel tensor indexes images alike."""
+        return self.select(index)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ImageInputs:
         """On ``device``; floating tensors cast to ``dtype`` when given (integer ones never are)."""
@@ -71,4 +100,5 @@ class ImageInputs:
             name: t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
             for name, t in self.tensors.items()
         }
-        return ImageInputs(moved, self.tokens_per_image.to(device))
+        return ImageInputs(moved, self.tokens_per_image.to(device),
+                           None if self.rows_per_image is None else self.rows_per_image.to(device))

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from misp.models.clip import ClipSpec, TinyClipConfig, build_tiny_clip, load_clip, save_clip
-from misp.models.hub_cache import publish_snapshot
-from misp.models.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
-from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.vlm import save_vlm
 from misp.negatives.projection import make_joint_embedding
 from misp.sae.io import save_sae
 from misp.sae.model import SAEConfig, SparseAutoencoder
+from misp.testing.hub_cache import publish_snapshot
+from misp.testing.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache
+from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.world import WorldConfig, write_world
 
 SMOKE_WORLD = dict(seed=0, n_clip=320, n_sft=160, n_pref=48, n_pool=120, n_test=24, n_val=24)
@@ -98,7 +98,7 @@ def smoke_llava15_hub(
 
     Sharded safetensors (several shards) and the hub repo's processor, tokenizer and chat-template files.
     A run then loads it by its hub id, e.g. ``misp fit --config configs/llava.yaml`` unchanged in
-    ``model.init_args.vlm.path``, with the environment ``misp.models.hub_cache.hub_cache_env(cache_dir)``::
+    ``model.init_args.vlm.path``, with the environment ``misp.testing.hub_cache.hub_cache_env(cache_dir)``::
 
         HF_HUB_CACHE=<cache_dir> HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 

@@ -69,3 +69,27 @@ def test_dry_run_trains_and_reports(tmp_path):
     assert saved["lora_parameters"] > 0 and saved["model_flops_per_step"] > 0
     assert saved["mfu"] == pytest.approx(saved["achieved_tflops"] / 1.0)
     assert (tmp_path / "work/hub/models--llava-hf--llava-1.5-7b-hf/refs/main").is_file()
+
+
+def test_qwen_vision_flops_match_torch_flop_counter():
+    """The Qwen2.5-VL vision term (windowed and full-attention blocks, merger) equals what torch counts for
+    an image spanning several attention windows, partial ones included."""
+    from bench.gpu_check import qwen_vision_flops
+    from misp.models.prompting import prepare_images
+    from misp.testing.qwen25vl import Qwen25VLSizes, build_qwen25vl
+
+    model, processor = build_qwen25vl(Qwen25VLSizes(vision_layers=3))
+    model.set_attn_implementation("eager")
+    images = prepare_images(processor, [Image.fromarray(np.zeros((168, 224, 3), dtype=np.uint8))])
+    grid = tuple(int(x) for x in images.tensors["image_grid_thw"][0])
+    assert grid == (1, 12, 16)  # 6 x 8 merged units: windows of 4 x 4, 2 x 4, 4 x 4 and 2 x 4
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
+        model.model.get_image_features(images.tensors["pixel_values"], images.tensors["image_grid_thw"])
+    assert qwen_vision_flops(model.config.vision_config, grid) == pytest.approx(counted.get_total_flops(), rel=1e-9)
+
+
+def test_qwen_dry_run_trains_and_reports(tmp_path):
+    results = main(["--dry-run", "--family", "qwen2.5-vl", "--out", str(tmp_path / "gpu_check.json"),
+                    "--peak-tflops", "1.0", "--work-dir", str(tmp_path / "work")])
+    assert results["family"] == "qwen2.5-vl" and all(math.isfinite(x) for x in results["losses"])
+    assert results["model_flops_split"]["vision"] > 0 and results["tokens_per_step"] > 0

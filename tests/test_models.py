@@ -422,7 +422,7 @@ def test_seeded_sampling_is_reproducible(tiny):
 
 def test_4bit_loads_onto_this_ranks_gpu(monkeypatch, tmp_path):
     """Under FSDP/DDP each process quantises onto its own GPU (LOCAL_RANK), not all onto cuda:0."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from misp.models import vlm as vlm_module
 
@@ -432,7 +432,8 @@ def test_4bit_loads_onto_this_ranks_gpu(monkeypatch, tmp_path):
         seen.update(kwargs)
         raise OSError("stop after the arguments")
 
-    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", fake_from_pretrained)
+    (tmp_path / "config.json").write_text('{"model_type": "llava"}')  # the family is read before loading
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", fake_from_pretrained)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(OSError):

@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
+from misp.batch import ImageInputs
 from misp.data.images import load_rgb
+from misp.models.families import family_for_processor, takes_any_image_size
 from misp.models.prompting import preprocess_images
 
 ImageRef = str | os.PathLike | Image.Image
@@ -122,8 +124,11 @@ class PixelCache:
                 f"{self.hits} hits, {self.misses} misses)")
 
 
-def pixel_values(processor: ProcessorMixin, images: Sequence[ImageRef], cache: PixelCache | None = None) -> torch.Tensor:
-    """The processor's pixel values ``[N, 3, H, W]`` of ``images``, in order, reusing ``cache`` for files.
+def pixel_values(
+    processor: ProcessorMixin, images: Sequence[ImageRef], cache: PixelCache | None = None
+) -> torch.Tensor | ImageInputs:
+    """The processor's pixel values ``[N, 3, H, W]`` of ``images``, in order, reusing ``cache`` for files
+    (for a dynamic-resolution family, whose images differ in patch count: its ``ImageInputs``, uncached).
 
     A path found in the cache is neither decoded nor preprocessed; the other paths are decoded with
     ``load_rgb`` and, with the in-memory images, preprocessed in one processor call (as a batch was before
@@ -141,6 +146,10 @@ def pixel_values(processor: ProcessorMixin, images: Sequence[ImageRef], cache: P
     """
     if not images:
         raise ValueError("pixel_values needs at least one image")
+    if takes_any_image_size(processor):
+        # Dynamic resolution: each image has its own patch count and grid, prepared by the family (uncached).
+        family = family_for_processor(processor)
+        return family.prepare_images(processor, [ref if isinstance(ref, Image.Image) else load_rgb(ref) for ref in images])
     if cache is not None and not cache.enabled:
         cache = None
     if cache is not None:

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from transformers import ProcessorMixin
 
 from misp.logprobs import sequence_logps
-from misp.models.forward import vlm_logits
+from misp.models.families import family_for_processor
+from misp.models.forward import expand_image_rows, vlm_logits
 from misp.models.generation import _input_device
-from misp.models.prompting import collate_examples, encode_example, preprocess_images
+from misp.models.prompting import collate_examples, encode_example, prepare_images
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def response_logps_per_image(
     """``logp(response | prompt, image)`` for every image of every item.
 
     Args:
-        model: a LLaVA model (plain, peft-wrapped, quantised or sharded; see ``vlm_logits``).
+        model: a VLM of a registered family (plain, peft-wrapped, quantised or sharded; see ``vlm_logits``).
         processor: its processor.
         items: ``(prompt, response, images)`` triples; ``images`` must be non-empty.
         max_rows: most (text, image) rows per forward; an item with more images still runs whole.
@@ -63,13 +64,14 @@ def response_logps_per_image(
                 examples += [encoded] * len(imgs)
                 images += list(imgs)
             batch = collate_examples(examples, pad)
-            logits = vlm_logits(
-                model,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                preprocess_images(processor, images).to(device),
+            prepared = prepare_images(processor, images).to(device)
+            # Families whose image token count depends on the image keep one placeholder per row until here.
+            ids, mask, labels = expand_image_rows(
+                batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
+                family_for_processor(processor).image_token_id(processor), prepared.tokens_per_image,
             )
-            logps = sequence_logps(logits, batch["labels"].to(device)).float().cpu()
+            logits = vlm_logits(model, ids, mask, prepared)
+            logps = sequence_logps(logits, labels).float().cpu()
             offset = 0
             for _, _, imgs in chunk:
                 out.append(logps[offset : offset + len(imgs)])

@@ -1,5 +1,5 @@
-"""VLM and CLIP construction: pretrained paths, 4-bit, LoRA, the tiny offline builders, prompting,
-the shared-image forward and generation."""
+"""VLM and CLIP construction: pretrained paths of every supported family (``misp.models.families``), 4-bit,
+LoRA, the tiny offline builders, prompting, the shared-image forward and generation."""
 
 from misp.models.clip import (
     ClipBundle,
@@ -18,11 +18,12 @@ from misp.models.prompting import (
     encode_example,
     format_prompt,
     num_image_tokens,
+    prepare_images,
     preprocess_images,
 )
-from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.tokenizer import build_word_tokenizer, read_vocabulary
 from misp.models.vlm import LoraSpec, VLMSpec, load_vlm, merged_state_dict, save_vlm
+from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
 __all__ = [
     "IGNORE_INDEX",
@@ -43,6 +44,7 @@ __all__ = [
     "load_vlm",
     "merged_state_dict",
     "num_image_tokens",
+    "prepare_images",
     "preprocess_images",
     "read_vocabulary",
     "save_clip",

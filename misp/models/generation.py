@@ -1,4 +1,5 @@
-"""Batched answer generation with a LLaVA model, in the LLaVA-1.5 template."""
+"""Batched answer generation with a VLM of any registered family, in the family's own template (the same
+templating and tokenisation as training), for evaluation and ``misp prefs``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
-from misp.models.prompting import collate_examples, encode_example, preprocess_images
+from misp.models.families import family_for_processor
+from misp.models.forward import expand_image_rows
+from misp.models.prompting import collate_examples, encode_example, prepare_images
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -33,13 +36,15 @@ def generate(
 ) -> list[list[str]]:
     """Answers to ``prompts`` about ``images``: one list of ``num_return_sequences`` strings per input.
 
-    Prompts are wrapped in the LLaVA-1.5 template by ``encode_example`` (the same tokenisation as
-    training) and left-padded into batches. The answers are decoded without special tokens and without
+    Prompts are templated for the processor's family by ``encode_example`` (the same tokenisation as
+    training; a prompt templated for another family is re-templated), their image placeholder expanded for
+    each image's token count, and left-padded into batches. Families that compute their own positions
+    (Qwen2.5-VL's M-RoPE) get the inputs they compute them from. The answers are decoded without special tokens and without
     the prompt, stripped of surrounding whitespace. The model is put in eval mode for the call (dropout
     off) and its mode restored after.
 
     Args:
-        model: a LLaVA model (plain, peft-wrapped or quantised).
+        model: a VLM of a registered family (plain, peft-wrapped or quantised).
         processor: its processor.
         images: one PIL image per prompt.
         prompts: the user questions, without the template.
@@ -63,6 +68,8 @@ def generate(
     if num_return_sequences > 1 and not do_sample:
         raise ValueError("num_return_sequences > 1 with greedy decoding returns copies; set do_sample=True")
     tokenizer = processor.tokenizer
+    family = family_for_processor(processor)
+    image_token_id = family.image_token_id(processor)
     encoded = [encode_example(processor, p) for p in prompts]
     device = _input_device(model)
     kwargs = dict(
@@ -83,17 +90,16 @@ def generate(
         starts = range(0, len(prompts), batch_size)
         for k, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
             batch = collate_examples(encoded[start : start + batch_size], tokenizer.pad_token_id, padding_side="left")
-            pixel_values = preprocess_images(processor, list(images[start : start + batch_size])).to(device)
+            prepared = prepare_images(processor, list(images[start : start + batch_size])).to(device)
+            ids, mask, _ = expand_image_rows(batch["input_ids"].to(device), batch["attention_mask"].to(device), None,
+                                             image_token_id, prepared.tokens_per_image)
+            inputs = family.forward_inputs(model, ids, mask, prepared, None)
+            inputs.pop("position_ids", None)  # generate counts positions over the mask itself, step by step
             with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None):
                 if seed is not None:
                     torch.manual_seed(seed + k)
-                out = model.generate(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    pixel_values=pixel_values,
-                    **kwargs,
-                )
-            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                out = model.generate(input_ids=ids, attention_mask=mask, **inputs, **kwargs)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
             texts = [t.strip() for t in texts]
             answers.extend(texts[i : i + num_return_sequences] for i in range(0, len(texts), num_return_sequences))
     finally:

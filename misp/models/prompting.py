@@ -1,9 +1,13 @@
-"""The LLaVA-1.5 prompt template, tokenisation with supervised-token labels, collation and image tensors.
+"""Prompt templating, tokenisation with supervised-token labels, collation and image tensors, for every
+model family (``misp.models.families``), in training and evaluation alike.
 
-One code path for the tiny Shapes model and for llava-hf/llava-1.5-7b-hf: both are a ``LlavaProcessor``,
-and ``encode_example`` expands ``<image>`` and tokenises exactly as the processor's ``__call__`` does, so
-the prompt ids match what ``processor(images=..., text=...)`` returns, and generation sees the same
-prompt as training. The supervised tokens start exactly where the prompt's ids end.
+The family of the processor templates the prompt (LLaVA-1.5: ``USER: <image>\n... ASSISTANT:``; others:
+the processor's own chat template, with its default system message), re-templating prompts written for
+another family. ``encode_example`` then tokenises as the processor's ``__call__`` does, so the prompt ids
+match what ``processor(images=..., text=...)`` returns and generation sees the same prompt as training. A
+family whose image token count is fixed (LLaVA) gets the image placeholder expanded here; one whose count
+depends on the image keeps one placeholder, expanded in the forward once the batch's images are known
+(``misp.models.forward.expand_image_rows``). The supervised tokens start exactly where the prompt's ids end.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
+from misp.batch import ImageInputs
+from misp.models.families import family_for_processor
+from misp.models.families.llava import PROMPT_TEMPLATE, Llava15Family  # noqa: F401  (PROMPT_TEMPLATE: re-exported)
+
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt, image and padding tokens)."""
-
-PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
-"""LLaVA-1.5's conversation template for one image and one question."""
 
 log = logging.getLogger(__name__)
 
@@ -69,87 +74,84 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return ids.tolist()
 
 
-def format_prompt(prompt: str) -> str:
-    """``prompt`` in the LLaVA-1.5 template: ``"USER: <image>\\n{prompt} ASSISTANT:"``.
+def format_prompt(prompt: str, processor: ProcessorMixin | None = None) -> str:
+    """``prompt`` templated for the family of ``processor`` (LLaVA-1.5's ``"USER: <image>\\n{prompt}
+    ASSISTANT:"`` when None).
 
-    A prompt that already holds ``<image>`` is taken as templated and kept verbatim: public preference
-    files (mDPO's among them) store the full conversation prompt, and wrapping it again would put two
-    images and two turns in front of the response.
+    A prompt already templated for the same family is kept verbatim: public preference files (mDPO's among
+    them) store the full conversation prompt, and wrapping it again would put two images and two turns in
+    front of the response. One templated for another family is re-templated for this one.
     """
-    if "<image>" in prompt:
-        return prompt
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+    family = Llava15Family() if processor is None else family_for_processor(processor)
+    return family.format_prompt(processor, prompt)
 
 
 def num_image_tokens(processor: ProcessorMixin) -> int:
     """How many ``<image>`` tokens the processor puts in place of one ``<image>`` (576 for LLaVA-1.5-7B).
 
     The same arithmetic as ``LlavaProcessor``: patches of the cropped image, plus the backbone's extra
-    tokens (CLS), minus one under the 'default' feature strategy (which drops CLS).
+    tokens (CLS), minus one under the 'default' feature strategy (which drops CLS). Families whose count
+    depends on the image (Qwen2.5-VL) have none: :func:`prepare_images` gives each image's.
     """
-    patch = getattr(processor, "patch_size", None)
-    if not patch:
-        raise ValueError(f"{type(processor).__name__} has no patch_size; it cannot expand <image> into image tokens")
-    ip = processor.image_processor
-    crop = getattr(ip, "crop_size", None) if getattr(ip, "do_center_crop", False) else None
-    size = crop or getattr(ip, "size", None) or {}
-    if "height" not in size or "width" not in size:
-        raise ValueError(
-            f"the image processor's output size is not fixed ({size}); encode_example needs a square "
-            "crop (do_center_crop with crop_size) to know the number of image tokens"
-        )
-    n = (size["height"] // patch) * (size["width"] // patch) + int(getattr(processor, "num_additional_image_tokens", 0) or 0)
-    if getattr(processor, "vision_feature_select_strategy", None) == "default":
-        n -= 1
+    family = family_for_processor(processor)
+    n = family.fixed_image_tokens(processor)
+    if n is None:
+        raise ValueError(f"a {family.name} image's token count depends on its size; prepare_images gives each image's")
     return n
 
 
-def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], response: str) -> list[int]:
+def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], response: str, separator: str = " ") -> list[int]:
     # The response tokens are those of the whole text after the prompt's, as the model would produce them
     # continuing the prompt (sentencepiece tokenizers differ on a lone " word"); when the tokenizer merges
     # across the boundary, the response is tokenised alone.
-    full = list(tokenizer(f"{prompt_text} {response}", add_special_tokens=True)["input_ids"])
+    full = list(tokenizer(f"{prompt_text}{separator}{response}", add_special_tokens=True)["input_ids"])
     if full[: len(prompt_ids)] == prompt_ids:
         return full[len(prompt_ids) :]
-    return list(tokenizer(" " + response, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(separator + response, add_special_tokens=False)["input_ids"])
 
 
 def encode_example(
     processor: ProcessorMixin, prompt: str, response: str | None = None, max_length: int | None = None
 ) -> dict[str, list[int]]:
-    """Token ids and labels of one (prompt, response) example in the LLaVA-1.5 template.
+    """Token ids and labels of one (prompt, response) example in the template of the processor's family.
 
     Args:
-        processor: the model's ``LlavaProcessor`` (tokenizer plus image-token arithmetic).
-        prompt: the user's text, without the template and without ``<image>``.
+        processor: the model's processor (tokenizer plus image-token arithmetic), of a registered family.
+        prompt: the user's text, without the template and without ``<image>`` (or templated for any
+            known family: then it is re-templated, see :func:`format_prompt`).
         response: the assistant's answer; ``None`` encodes the prompt alone, ready for generation.
         max_length: longest total length. The response (with its EOS) is cut from the right to fit;
             image and prompt tokens are never cut, so a prompt that leaves no room raises.
 
     Returns:
-        ``{"input_ids", "labels"}``: ``input_ids`` = BOS, the template with ``<image>`` expanded, then
-        `` {response}`` and EOS; ``labels`` = -100 on every prompt and image token, the token id on each
+        ``{"input_ids", "labels"}``: ``input_ids`` = BOS (where the tokenizer has one), the template with
+        the image placeholder (expanded for a fixed-count family), then the response and EOS; ``labels`` = -100 on every prompt and image token, the token id on each
         response token and on EOS (all -100 when ``response`` is None).
     """
     tokenizer = processor.tokenizer
-    image_token = processor.image_token
-    if prompt.count(image_token) > 1:
-        raise ValueError(f"the prompt contains {image_token!r} {prompt.count(image_token)} times; misp examples have one image")
-    if response is not None and image_token in response:
-        raise ValueError(f"the response contains {image_token!r}; only the prompt holds the image")
-    text = format_prompt(prompt).replace("<image>", image_token * num_image_tokens(processor))
+    family = family_for_processor(processor)
+    image_token = family.image_token(processor)
+    for marker in {image_token, "<image>"}:
+        if prompt.count(marker) > 1:
+            raise ValueError(f"the prompt contains {marker!r} {prompt.count(marker)} times; misp examples have one image")
+        if response is not None and marker in response:
+            raise ValueError(f"the response contains {marker!r}; only the prompt holds the image")
+    text = family.format_prompt(processor, prompt)
+    fixed = family.fixed_image_tokens(processor)
+    if fixed is not None:
+        text = family.expand_image_text(processor, text)
     prompt_ids = _prompt_ids(tokenizer, text)
     ids = prompt_ids
     labels = [IGNORE_INDEX] * len(prompt_ids)
     if response is not None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; a response must end with one")
-        response_ids = _response_ids(tokenizer, text, prompt_ids, response) + [tokenizer.eos_token_id]
+        response_ids = _response_ids(tokenizer, text, prompt_ids, response, family.response_separator) + [tokenizer.eos_token_id]
         if max_length is not None:
             room = max_length - len(prompt_ids)
             if room < 1:
                 raise ValueError(
-                    f"the prompt alone is {len(prompt_ids)} tokens ({num_image_tokens(processor)} of them image "
+                    f"the prompt alone is {len(prompt_ids)} tokens ({fixed or 1} of them image "
                     f"tokens), leaving no room for the response within max_length={max_length}; raise max_length "
                     f"or shorten the prompt: {prompt[:80]!r}"
                 )
@@ -244,6 +246,11 @@ def collate_examples(
         mask[i, cols] = 1
         labels[i, cols] = torch.tensor(lab, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def prepare_images(processor: ProcessorMixin, images: list[Image.Image]) -> ImageInputs:
+    """The U images as the processor's family prepares them (its tensors and each image's token count)."""
+    return family_for_processor(processor).prepare_images(processor, images)
 
 
 def preprocess_images(processor: ProcessorMixin, images: list[Image.Image]) -> torch.Tensor:

@@ -18,8 +18,11 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of the language model and the vision tower, found by class name."""
-    return [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer"))]
+    """The transformer blocks of the language model and the vision tower, as the model's family names them."""
+    from misp.models.families import family_of
+
+    family = family_of(model)
+    return [m for m in model.modules() if family.is_block(m)]
 
 
 def shard_vlm(model: nn.Module, mesh) -> nn.Module:

@@ -1,7 +1,11 @@
-"""Loading and saving the VLM: a pretrained LLaVA (optionally 4-bit) or the tiny Shapes LLaVA, plus LoRA.
+"""Loading and saving the VLM: a pretrained VLM of a registered family (optionally 4-bit) or the tiny
+Shapes LLaVA, plus LoRA.
 
-Both kinds go through ``LlavaForConditionalGeneration.from_pretrained`` wherever quantisation is
-involved: a 4-bit tiny model is saved to a temporary folder and loaded back with a
+A path is matched to its family (``misp.models.families``) from ``config.json`` before any weight loads,
+and an unsupported one is refused in one line naming the supported families. Loading goes through
+``AutoModelForImageTextToText`` and ``AutoProcessor``; 4-bit leaves the family's vision tower and
+projector/merger (and the LM head) unquantised. Both kinds go through ``from_pretrained`` wherever
+quantisation is involved: a 4-bit tiny model is saved to a temporary folder and loaded back with a
 ``BitsAndBytesConfig``, so the tests exercise bitsandbytes exactly as a LLaVA-1.5-7B run does.
 
 ``save_vlm`` writes a folder that ``load_vlm(VLMSpec(path=...))`` loads:
@@ -26,13 +30,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration, ProcessorMixin
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, ProcessorMixin
 
+from misp.models.families import LANGUAGE_MODEL_PROJECTIONS, ModelFamily, family_for_path
 from misp.models.quantized import keep_4bit_trainable
-from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
 from misp.models.tokenizer import read_vocabulary
+from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
 log = logging.getLogger(__name__)
+
+# transformers >= 5.2x kernelizes every model it loads unless told not to, and refuses to load without the
+# `kernels` package, which misp never installs (it would fetch kernels from the hub at run time, and send
+# bitsandbytes' CPU path elsewhere than the tested one). Off by default; a user who wants hub kernels sets it.
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 ADAPTER_SUBDIR = "adapter"
 """Folder of a saved VLM holding its unmerged LoRA adapter (peft's ``adapter_config.json`` layout)."""
@@ -41,8 +51,6 @@ _BNB_BLOCK = 64
 _BNB_BLOCKED_SIZES = ("vision_hidden_size", "text_hidden_size", "text_intermediate_size")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-LANGUAGE_MODEL_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-"""LoRA targets: the Llama attention and MLP projections only (the vision tower and projector are left out)."""
 
 
 def _dtype(name: str, what: str) -> torch.dtype:
@@ -94,11 +102,12 @@ class LoraSpec:
 
 @dataclass
 class VLMSpec:
-    """Which VLM to load and how: a pretrained LLaVA (``path``) or the tiny Shapes LLaVA (``tiny``)."""
+    """Which VLM to load and how: a pretrained VLM of a supported family (``path``) or the tiny Shapes
+    LLaVA (``tiny``)."""
 
     path: str | None = None
-    """Hugging Face hub id (e.g. llava-hf/llava-1.5-7b-hf, read from the local cache: HF_HUB_OFFLINE)
-    or a local folder written by ``save_vlm`` / ``save_pretrained``. Exactly one of path and tiny."""
+    """Hugging Face hub id (e.g. llava-hf/llava-1.5-7b-hf or Qwen/Qwen2.5-VL-7B-Instruct, read from the
+    local cache: HF_HUB_OFFLINE) or a local folder written by ``save_vlm`` / ``save_pretrained``. Exactly one of path and tiny."""
     tiny: TinyLlavaConfig | None = None
     """Build the tiny randomly initialised LLaVA with these sizes. Exactly one of path and tiny."""
     vocabulary: str | None = None
@@ -129,6 +138,13 @@ class VLMSpec:
     adapter: str | None = None
     """A LoRA adapter folder (peft layout) to attach after loading ``path``, e.g. the ``adapter/`` of a
     4-bit run, attached to the unquantised base to merge it. Trainable when ``lora`` is set."""
+    min_pixels: int | None = None
+    """Dynamic-resolution families (Qwen2.5-VL): the smallest image area in pixels after resizing; None keeps
+    the checkpoint's (3136 = 56x56 for Qwen2.5-VL). With max_pixels it bounds each image's tokens to about
+    area / 784."""
+    max_pixels: int | None = None
+    """Dynamic-resolution families: the largest image area in pixels after resizing (e.g. 1003520 =
+    1280 x 28 x 28 caps an image at 1280 tokens); None keeps the checkpoint's (12845056 for Qwen2.5-VL)."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for ``from_pretrained`` (e.g. revision, cache_dir)."""
 
@@ -149,14 +165,26 @@ class VLMSpec:
                     f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage} differs from dtype={self.dtype}; the "
                     "storage dtype exists so that FSDP sees one dtype for all parameters, so set both alike"
                 )
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"VLMSpec.{name} must be positive, got {getattr(self, name)}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"VLMSpec.min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        if self.tiny is not None and (self.min_pixels or self.max_pixels):
+            raise ValueError("VLMSpec.min_pixels/max_pixels apply to dynamic-resolution families; the tiny LLaVA has a fixed size")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             raise ValueError(f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}")
 
-    def quantization_config(self) -> BitsAndBytesConfig | None:
-        """The ``BitsAndBytesConfig`` for 4-bit loading, or None."""
+    def quantization_config(self, family: ModelFamily | None = None) -> BitsAndBytesConfig | None:
+        """The ``BitsAndBytesConfig`` for 4-bit loading, or None; ``family``'s vision tower, projector and
+        LM head stay in ``dtype``."""
         if not self.load_in_4bit:
             return None
         kwargs = {}
+        if family is not None:
+            # Each name as itself (older transformers match a substring) and as a regex anywhere in the tree
+            # (newer ones match from the start of the full name, so "visual" alone misses "model.visual...").
+            kwargs["llm_int8_skip_modules"] = [p for n in family.unquantized_modules for p in (n, rf".*\.{n}")]
         if self.bnb_4bit_quant_storage is not None:
             kwargs["bnb_4bit_quant_storage"] = _DTYPES[self.bnb_4bit_quant_storage]
         return BitsAndBytesConfig(
@@ -198,16 +226,21 @@ def _missing_path_error(path: str, cause: Exception | None = None) -> FileNotFou
     return FileNotFoundError(msg)
 
 
-def _from_pretrained(path: str, spec: VLMSpec) -> tuple[LlavaForConditionalGeneration, ProcessorMixin]:
+def _from_pretrained(path: str, spec: VLMSpec) -> tuple[nn.Module, ProcessorMixin]:
     local = os.path.isdir(os.path.expanduser(path))
     if not local and _looks_like_local_path(path):
         raise _missing_path_error(path)
     path = os.path.expanduser(path) if local else path
+    hub_kwargs = {k: v for k, v in spec.extra.items() if k in ("revision", "cache_dir")}
+    try:
+        family = family_for_path(path, **hub_kwargs)  # before any weight loads: refuses unknown families
+    except OSError as e:
+        raise _missing_path_error(path, e) from e
     kwargs = dict(spec.extra)
     kwargs.update(dtype=_DTYPES[spec.dtype], attn_implementation=spec.attn_implementation)
     if spec.device_map is not None:
         kwargs["device_map"] = spec.device_map
-    quant = spec.quantization_config()
+    quant = spec.quantization_config(family)
     if quant is not None:
         kwargs["quantization_config"] = quant
         if spec.device_map is None and torch.cuda.is_available():
@@ -215,13 +248,20 @@ def _from_pretrained(path: str, spec: VLMSpec) -> tuple[LlavaForConditionalGener
             # FSDP/DDP every process must hold its copy on its own GPU, so place it by the local rank.
             kwargs["device_map"] = {"": torch.device("cuda", local_rank())}
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
-        processor = AutoProcessor.from_pretrained(path, **{k: v for k, v in spec.extra.items() if k in ("revision", "cache_dir")})
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        processor = AutoProcessor.from_pretrained(path, **hub_kwargs, **_pixel_bounds(spec, family))
     except OSError as e:
         if local:
-            raise OSError(f"could not load a LLaVA model and processor from the folder {path}: {e}") from e
+            raise OSError(f"could not load a {family.name} model and processor from the folder {path}: {e}") from e
         raise _missing_path_error(path, e) from e
     return model, processor
+
+
+def _pixel_bounds(spec: VLMSpec, family: ModelFamily) -> dict[str, int]:
+    bounds = {k: getattr(spec, k) for k in ("min_pixels", "max_pixels") if getattr(spec, k) is not None}
+    if bounds and not family.dynamic_resolution:
+        raise ValueError(f"VLMSpec {sorted(bounds)}: a {family.name} model takes images of one fixed size; leave them unset")
+    return bounds
 
 
 def local_rank() -> int:
@@ -283,8 +323,8 @@ def load_vlm(spec: VLMSpec) -> tuple[nn.Module, ProcessorMixin]:
     """Build or load the VLM and its processor as ``spec`` says, with LoRA when ``spec.lora`` is set.
 
     Returns:
-        ``(model, processor)``; the model is a ``LlavaForConditionalGeneration`` or, with LoRA or an
-        adapter, a peft ``PeftModel`` around one.
+        ``(model, processor)``; the model is the family's transformers class (``LlavaForConditionalGeneration``,
+        ``Qwen2_5_VLForConditionalGeneration``, ...) or, with LoRA or an adapter, a peft ``PeftModel`` around one.
     """
     if spec.tiny is not None:
         if spec.load_in_4bit:

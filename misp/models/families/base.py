@@ -1,0 +1,140 @@
+"""What a model family is to misp: one small class holds everything that differs between VLM families.
+
+misp's loading, prompting, batching and forward are written once against :class:`ModelFamily`; a family
+subclass says how its checkpoints are recognised (``model_types``, read from ``config.json`` before any
+weight loads), which modules 4-bit loading must leave unquantised and LoRA must leave alone, which blocks
+FSDP wraps, how a prompt is templated, how its processor turns images into :class:`misp.batch.ImageInputs`,
+and how a forward encodes each distinct image once when several rows share it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import ProcessorMixin
+
+from misp.batch import ImageInputs
+
+LANGUAGE_MODEL_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+"""LoRA targets: the decoder's attention and MLP projections only. A bare list of projection names would
+also match vision-tower layers in families whose vision MLP reuses the names (Qwen2.5-VL's
+``visual.blocks.N.mlp.gate_proj``), so the default is a regex under ``language_model``."""
+
+_FOREIGN_TEMPLATES = (
+    # LLaVA-1.5 (mDPO's and RLHF-V's files): "USER: <image>\n{q} ASSISTANT:", with or without the system line.
+    re.compile(r"^(?:.*?\n)??(?:USER:|Human:)\s*(?:<image>\s*)?(?P<q>.*?)\s*(?:ASSISTANT:|Assistant:|GPT:)\s*$", re.S),
+    # Qwen / ChatML: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n".
+    re.compile(r"^.*<\|im_start\|>user\n(?:<\|vision_start\|><\|image_pad\|><\|vision_end\|>)?(?P<q>.*?)<\|im_end\|>\s*"
+               r"<\|im_start\|>assistant\n?$", re.S),
+    # Gemma 3: "<bos><start_of_turn>user\n<start_of_image>{q}<end_of_turn>\n<start_of_turn>model\n".
+    re.compile(r"^.*<start_of_turn>user\n(?:<start_of_image>)?(?P<q>.*?)<end_of_turn>\s*<start_of_turn>model\n?$", re.S),
+)
+
+
+def bare_question(prompt: str) -> str:
+    """The user's question of ``prompt``, with any known family's chat template and image marker removed.
+
+    Public preference files store prompts already templated for the model they were made with (mDPO's:
+    LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:``); a prompt for another model must be templated anew
+    for the model being trained, not passed through.
+    """
+    for pattern in _FOREIGN_TEMPLATES:
+        m = pattern.match(prompt)
+        if m:
+            return m.group("q").strip()
+    if "<image>" not in prompt:
+        return prompt
+    return prompt.replace("<image>\n", "").replace("<image>", "").strip()
+
+
+class ModelFamily(ABC):
+    """One VLM family. Subclasses set the class attributes and override what their processor or forward
+    does differently; instances hold no state."""
+
+    name: ClassVar[str]
+    """Short name used in messages and docs (e.g. ``qwen2.5-vl``)."""
+    model_types: ClassVar[tuple[str, ...]]
+    """``config.json`` ``model_type`` values of this family's checkpoints."""
+    processor_classes: ClassVar[tuple[str, ...]]
+    """Class names of this family's processors."""
+    examples: ClassVar[str]
+    """Hub ids of checkpoints of this family, for messages and docs."""
+    unquantized_modules: ClassVar[tuple[str, ...]]
+    """Module names 4-bit loading leaves in the compute dtype (the vision tower and projector/merger, and
+    the LM head), as bitsandbytes' ``llm_int8_skip_modules``."""
+    block_suffixes: ClassVar[tuple[str, ...]] = ("DecoderLayer", "EncoderLayer")
+    """Class-name endings of the transformer blocks: FSDP's wrap units and activation-checkpointing units."""
+    lora_target_modules: ClassVar[str] = LANGUAGE_MODEL_PROJECTIONS
+    """LoRA targets (a regex over full module names) reaching the language model only."""
+    dynamic_resolution: ClassVar[bool] = False
+    """Whether the image token count follows the image size (then ``min_pixels`` / ``max_pixels`` bound it)."""
+    response_separator: ClassVar[str] = " "
+    """Text between the templated prompt and the response (LLaVA-1.5 writes ``ASSISTANT: answer``)."""
+
+    # --- recognising ------------------------------------------------------------------------------------
+    def matches_config(self, config) -> bool:
+        """Whether a transformers config (or ``config.json`` dict) is of this family."""
+        model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+        return model_type in self.model_types
+
+    def is_block(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one transformer block (an FSDP unit)."""
+        return type(module).__name__.endswith(self.block_suffixes)
+
+    # --- prompting --------------------------------------------------------------------------------------
+    def image_token(self, processor: ProcessorMixin) -> str:
+        """The token that stands for one image in the text (before expansion)."""
+        return processor.image_token
+
+    def image_token_id(self, processor: ProcessorMixin) -> int:
+        """The id of :meth:`image_token`."""
+        return int(processor.tokenizer.convert_tokens_to_ids(self.image_token(processor)))
+
+    def format_prompt(self, processor: ProcessorMixin, prompt: str) -> str:
+        """``prompt`` (a bare question, or one templated for any known family) as this family's templated
+        user turn with one image, ending where the assistant's answer starts."""
+        return processor.apply_chat_template(self.messages(bare_question(prompt)), add_generation_prompt=True, tokenize=False)
+
+    def messages(self, question: str) -> list[dict]:
+        """The chat messages of one user turn holding one image and ``question``."""
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+    def fixed_image_tokens(self, processor: ProcessorMixin) -> int | None:
+        """The number of tokens every image takes, when the family has one (then text rows are expanded when
+        encoded); None when it depends on the image (then rows keep one placeholder until the batch's
+        images are known, and the forward expands them against ``ImageInputs.tokens_per_image``)."""
+        return None
+
+    def expand_image_text(self, processor: ProcessorMixin, text: str) -> str:
+        """The templated ``text`` with its image placeholder expanded as the processor's ``__call__`` does,
+        for a fixed-count family: the image token repeated :meth:`fixed_image_tokens` times."""
+        return text.replace(self.image_token(processor), self.image_token(processor) * self.fixed_image_tokens(processor))
+
+    # --- images -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_images(self, processor: ProcessorMixin, images: Sequence[Image.Image]) -> ImageInputs:
+        """The processor's tensors for ``images`` (converted to RGB) and each one's token count."""
+
+    @abstractmethod
+    def forward_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       images: ImageInputs, image_index: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward besides ids and mask: the images' tensors, and
+        ``position_ids`` where misp must give them (families that compute their own, as M-RoPE does, get none)."""
+
+    @abstractmethod
+    def shared_images(self, model: nn.Module, images: ImageInputs, image_index: torch.Tensor | None) -> AbstractContextManager[None]:
+        """Within this, the model's forward encodes the U distinct ``images`` once and gives row i the
+        features of image ``image_index[i]``. Nothing to do when ``image_index`` is None (row i, image i)."""
+
+
+def accepts(model: nn.Module, name: str) -> bool:
+    """Whether the transformers model's forward takes the keyword ``name`` (transformers releases differ)."""
+    return name in inspect.signature(model.forward).parameters
