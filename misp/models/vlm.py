@@ -39,11 +39,6 @@ from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
 log = logging.getLogger(__name__)
 
-# transformers >= 5.2x kernelizes every model it loads unless told not to, and refuses to load without the
-# `kernels` package, which misp never installs (it would fetch kernels from the hub at run time, and send
-# bitsandbytes' CPU path elsewhere than the tested one). Off by default; a user who wants hub kernels sets it.
-os.environ.setdefault("USE_HUB_KERNELS", "0")
-
 ADAPTER_SUBDIR = "adapter"
 """Folder of a saved VLM holding its unmerged LoRA adapter (peft's ``adapter_config.json`` layout)."""
 
