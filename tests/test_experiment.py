@@ -60,6 +60,7 @@ class FakeMisp:
         elif sub == "fit":
             (cwd / root / "checkpoints").mkdir(parents=True, exist_ok=True)
             (cwd / root / "checkpoints/last.ckpt").write_text("done")
+            (cwd / root / "fit_done.json").write_text(json.dumps({"global_step": 4}))  # misp fit's finish mark
             logs = cwd / root / "logs/version_0"
             logs.mkdir(parents=True, exist_ok=True)
             (logs / "metrics.csv").write_text("step,img/accuracies,train/loss\n0,0.5,1.0\n1,1.0,0.5\n")
@@ -90,7 +91,7 @@ def _runs(fake: FakeMisp, sub: str) -> list[list[str]]:
 
 def test_tunes_on_validation_then_trains_the_chosen_values_on_every_seed(tmp_path, monkeypatch):
     fake = FakeMisp()
-    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    monkeypatch.setattr(pipeline, "run_child", fake)
     summary = Experiment(_config(tmp_path)).execute()
     assert summary["chosen"] == {"dpo": {"beta": 0.5, "lr": 1e-4}, "misp_dpo": {"beta": 0.5, "lr": 1e-4}}
     validated = _runs(fake, "validate")
@@ -113,7 +114,7 @@ def test_tunes_on_validation_then_trains_the_chosen_values_on_every_seed(tmp_pat
 
 def test_resumes_without_redoing_finished_runs_and_reruns_what_a_change_touches(tmp_path, monkeypatch):
     fake = FakeMisp()
-    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    monkeypatch.setattr(pipeline, "run_child", fake)
     Experiment(_config(tmp_path)).execute()
     fake.calls.clear()
     Experiment(_config(tmp_path)).execute()
@@ -133,7 +134,7 @@ def test_resumes_without_redoing_finished_runs_and_reruns_what_a_change_touches(
 
 def test_a_fit_that_died_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     fake = FakeMisp(fail_on="misp_k1/beta0.5_lr0.0001-s1")
-    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    monkeypatch.setattr(pipeline, "run_child", fake)
     with pytest.raises(subprocess.CalledProcessError):
         Experiment(_config(tmp_path)).execute()
     fake.fail_on = None
@@ -155,7 +156,7 @@ def test_a_fit_that_died_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 def test_the_report_shows_mean_and_spread_and_the_protocol(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.subprocess, "run", FakeMisp())
+    monkeypatch.setattr(pipeline, "run_child", FakeMisp())
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exp.yaml").write_text(json.dumps({
         "name": "t", "workspace": "ws", "configs": str(REPO / "configs/shapes"), "seeds": [0, 1],
