@@ -64,3 +64,78 @@ def test_a_real_sharded_checkpoint_reads_through_the_restricted_unpickler(tmp_pa
     loaded = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(loaded, storage_reader=safe_file_system_reader(folder))
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+# --- interruption: a non-zero exit; children forwarded the signal and reaped; nothing unfinished recorded -----
+def _env() -> dict:
+    return os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "OMP_NUM_THREADS": "1",
+                         "MISP_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _dpo_fit_args(world: Path, vlm: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit", *method_configs("dpo", ROOT), f"--model.init_args.vlm.path={vlm}", "--model.init_args.export_dir=null",
+        f"--data.records_file={world / 'pref.jsonl'}", f"--data.evaluation.pope_file={world / 'pope.jsonl'}",
+        f"--data.evaluation.captions_file={world / 'test.jsonl'}",
+        f"--data.validation.pope_file={world / 'val_pope.jsonl'}",
+        f"--data.validation.captions_file={world / 'val.jsonl'}", f"--trainer.default_root_dir={root}",
+        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--data.batch_size=4", "--data.progress=false", "--data.preview_records=0", *extra,
+    ]
+
+
+def test_sigterm_during_misp_fit_is_a_nonzero_exit_and_not_a_finished_fit(tiny_world, vlm_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from misp.callbacks import FIT_DONE
+
+    root = tmp_path / "run"
+    args = _dpo_fit_args(tiny_world, vlm_dir, root, "--trainer.max_steps=6",
+                         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                         f"--trainer.callbacks.dirpath={root / 'checkpoints'}", "--trainer.callbacks.save_last=true",
+                         "--trainer.callbacks.every_n_train_steps=1",
+                         "--trainer.callbacks+=fault_helpers.TermAt", "--trainer.callbacks.step=2")
+    killed = subprocess.run([sys.executable, "-m", "misp.cli", *args], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 128 + 15, killed.stderr[-3000:]
+    assert "misp: interrupted by SIGTERM: the run did not finish" in killed.stderr
+    assert not (root / FIT_DONE).exists()  # what misp experiment records a fit by
+    from misp.checkpoints import read_checkpoint
+
+    assert read_checkpoint(root / "checkpoints/last.ckpt")["global_step"] == 2  # resumable from its last step
+
+
+def test_sigterm_to_misp_experiment_is_forwarded_to_its_child_which_is_reaped(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ws = tmp_path / "ws"
+    # A world big enough that its stage (the chain's first child) is still running when the signal comes.
+    (tmp_path / "world.yaml").write_text("n_clip: 200000\nn_sft: 20000\n")
+    args = ["experiment", "--workspace", str(ws), "--world", str(tmp_path / "world.yaml"),
+            "--configs", str(ROOT / "configs/shapes"), "--methods", '[{"name": "dpo", "method": "dpo"}]',
+            "--main", "dpo", "--grid", '{"model.init_args.lr": [0.0001]}', "--seeds", "[0]",
+            "--report", str(tmp_path / "report.md")]
+    proc = subprocess.Popen([sys.executable, "-m", "misp.cli", *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    deadline = time.monotonic() + 240
+    while not children and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        except OSError:
+            pass
+    assert children, f"no child started: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
+    time.sleep(1.0)  # the child is importing or writing the world
+    assert (ws / ".lock").read_text().startswith(f'{{"pid": {proc.pid}')  # the lock names its holder
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "misp: [experiment] stage world: interrupted by SIGTERM: the child" in err, err[-3000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # reaped: no orphan training on
+    assert not (ws / ".stamps/world.sha256").exists()  # the interrupted stage is not stamped done
+    assert not (ws / "results.jsonl").exists()
