@@ -139,3 +139,27 @@ def test_sigterm_to_misp_experiment_is_forwarded_to_its_child_which_is_reaped(tm
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # reaped: no orphan training on
     assert not (ws / ".stamps/world.sha256").exists()  # the interrupted stage is not stamped done
     assert not (ws / "results.jsonl").exists()
+
+
+# --- configuration errors: one line naming the option or the file, before any model loads ---------------------
+def test_configuration_errors_name_the_option_or_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dpo = method_configs("dpo", ROOT)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  init_args:\n    lr: [1, 2\n")
+    a_file = tmp_path / "export"
+    a_file.write_text("not a folder")
+    cases = [
+        (["fit", *dpo, "--config", str(bad_yaml)], rf"--config {re.escape(str(bad_yaml))}: not valid YAML: line 4, column 1"),
+        (["fit", *dpo, "--model.init_args.lr=-1e-4"], r"model.init_args.lr: a learning rate must be positive, got -0.0001"),
+        (["fit", *dpo, "--model.init_args.lr=0"], r"model.init_args.lr: a learning rate of 0 trains nothing"),
+        (["fit", *dpo, "--model.init_args.objective.beta=.inf"], r"model.init_args.objective.beta: inf is not a finite number"),
+        (["fit", *dpo, "--trainer.max_epochs=0"], r"trainer.max_epochs is 0: the fit would train nothing"),
+        (["fit", *dpo, f"--model.init_args.export_dir={a_file}"],
+         rf"model.init_args.export_dir {re.escape(str(a_file))}: is an existing file, not a folder"),
+        (["experiment", "--config", str(bad_yaml)], rf"--config {re.escape(str(bad_yaml))}: not valid YAML"),
+    ]
+    for args, expected in cases:
+        err = _cli_error(args, capsys)
+        assert re.search(rf"^misp: error: {expected}", err), (args, err)
+        assert len(err.strip().splitlines()) == 1, err
