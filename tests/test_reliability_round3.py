@@ -163,3 +163,34 @@ def test_configuration_errors_name_the_option_or_file(tmp_path, capsys, monkeypa
         err = _cli_error(args, capsys)
         assert re.search(rf"^misp: error: {expected}", err), (args, err)
         assert len(err.strip().splitlines()) == 1, err
+
+
+# --- training nothing is an error, not an export; non-finite weights are not evaluated -----------------------
+def test_untrained_and_non_finite_models_are_never_reported_as_results(tiny_world, vlm_dir, tmp_path, capsys, monkeypatch):
+    from misp.callbacks import FIT_DONE
+    from misp.checkpoints import read_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    ckpt_args: list[str] = []  # preference.yaml's ModelCheckpoint(save_last) writes <root>/checkpoints
+    # no training batch: no optimizer step, so nothing is exported as the "trained" model
+    export = tmp_path / "export"
+    err = _cli_error([*_dpo_fit_args(tiny_world, vlm_dir, root, "--trainer.limit_train_batches=0", "--trainer.max_epochs=1"),
+                      f"--model.init_args.export_dir={export}"], capsys)
+    assert "misp: error: the fit took no optimizer step" in err and "nothing is exported" in err, err
+    assert not export.exists() and not (root / FIT_DONE).exists()
+    # `--ckpt_path last` with no checkpoint would score the untrained model
+    evaluate = [a.replace("fit", "test", 1) if a == "fit" else a for a in _dpo_fit_args(tiny_world, vlm_dir, root)]
+    err = _cli_error([*evaluate, *ckpt_args, "--ckpt_path", "last"], capsys)
+    assert "misp: error: --ckpt_path last: no such checkpoint" in err and "untrained model" in err, err
+    # a trained checkpoint whose weights turned NaN is refused, naming it and the weight
+    main([*_dpo_fit_args(tiny_world, vlm_dir, root, "--trainer.max_steps=1"), *ckpt_args])
+    assert (root / FIT_DONE).is_file()
+    ckpt = read_checkpoint(root / "checkpoints/last.ckpt")
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name][0] = float("nan")
+    poisoned = tmp_path / "nan.ckpt"
+    torch.save(ckpt, poisoned)
+    err = _cli_error([*evaluate, "--ckpt_path", str(poisoned)], capsys)
+    assert f"misp: error: checkpoint {poisoned}: weight {name} holds 1 NaN or infinite value" in err, err
+    assert not (root / "test_results.json").exists()
