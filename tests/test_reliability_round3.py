@@ -194,3 +194,34 @@ def test_untrained_and_non_finite_models_are_never_reported_as_results(tiny_worl
     err = _cli_error([*evaluate, "--ckpt_path", str(poisoned)], capsys)
     assert f"misp: error: checkpoint {poisoned}: weight {name} holds 1 NaN or infinite value" in err, err
     assert not (root / "test_results.json").exists()
+
+
+# --- text: special-token strings inside data are refused, naming file, line, field and record -------------------
+def test_a_special_token_string_inside_a_record_is_refused_not_tokenised(tmp_path, tiny_world, vlm_dir):
+    import json
+    from types import SimpleNamespace
+
+    from misp.data.negative_sampler import NegativeSamplerDataModule
+    from misp.data.records import RecordError
+    from misp.models.prompting import encode_example
+    from misp.models.vlm import VLMSpec, load_vlm
+
+    processor = load_vlm(VLMSpec(path=str(vlm_dir)))[1]
+    eos = processor.tokenizer.eos_token
+    ok = encode_example(processor, "describe the image.", "a red circle.")
+    assert ok["labels"].count(processor.tokenizer.eos_token_id) == 1  # the one EOS misp appends
+    rows = [json.loads(x) for x in (tiny_world / "pref.jsonl").read_text().splitlines()[:6]]
+    for r in rows:
+        r["image"] = str(tiny_world / r["image"])
+    for index, field, text in [(2, "chosen", f"a red circle{eos} and more."), (4, "prompt", f"{eos} describe the image.")]:
+        bad = [dict(r) for r in rows]
+        bad[index][field] = text
+        path = tmp_path / f"pref{index}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+        dm = NegativeSamplerDataModule(records_file=str(path), source="none", progress=False, preview_records=0)
+        dm.attach(SimpleNamespace(processor=processor))
+        dm.prepare_data()
+        expected = (rf"pref{index}.jsonl:{index + 1}: field '{field}': record '{rows[index]['id']}': the "
+                    rf"{'response' if field == 'chosen' else 'prompt'} contains the special token {re.escape(repr(eos))} as text")
+        with pytest.raises(RecordError, match=expected):
+            dm.setup("fit")

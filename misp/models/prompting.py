@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
+from misp.utils.text import refuse_special_tokens
+
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt, image and padding tokens)."""
 
@@ -137,6 +139,10 @@ def encode_example(
         raise ValueError(f"the prompt contains {image_token!r} {prompt.count(image_token)} times; misp examples have one image")
     if response is not None and image_token in response:
         raise ValueError(f"the response contains {image_token!r}; only the prompt holds the image")
+    # Special-token strings inside data text are refused (misp.utils.text's rule), never tokenised as tokens.
+    refuse_special_tokens(tokenizer, prompt, "the prompt", allowed=image_token)
+    if response is not None:
+        refuse_special_tokens(tokenizer, response, "the response")
     text = format_prompt(prompt).replace("<image>", image_token * num_image_tokens(processor))
     prompt_ids = _prompt_ids(tokenizer, text)
     ids = prompt_ids
