@@ -225,3 +225,26 @@ def test_a_special_token_string_inside_a_record_is_refused_not_tokenised(tmp_pat
                     rf"{'response' if field == 'chosen' else 'prompt'} contains the special token {re.escape(repr(eos))} as text")
         with pytest.raises(RecordError, match=expected):
             dm.setup("fit")
+
+
+# --- EXIF orientation ------------------------------------------------------------------------------------------
+def test_an_exif_rotated_photo_loads_upright(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from misp.data.images import load_rgb
+
+    upright = np.zeros((8, 16, 3), dtype=np.uint8)
+    upright[:, :8] = (255, 0, 0)  # red left half, blue right half: a wide image
+    upright[:, 8:] = (0, 0, 255)
+    # What a phone writes: the pixels turned 90 degrees, and EXIF orientation 6 ("rotate 90 CW to view").
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif, quality=100)
+    assert Image.open(path).size == (8, 16)
+    loaded = np.asarray(load_rgb(path)).astype(int)
+    assert loaded.shape == (8, 16, 3)
+    assert loaded[:, :6, 0].mean() > 200 and loaded[:, :6, 2].mean() < 50  # red on the left again
+    assert loaded[:, 10:, 2].mean() > 200 and loaded[:, 10:, 0].mean() < 50
