@@ -232,6 +232,7 @@ class MispCLI(LightningCLI):
                     f"`misp {subcommand}` would evaluate the untrained model; pass a checkpoint file"
                 )
         ckpt = read_checkpoint(path, mmap=True)
+        check_shapes(ckpt, self.model, path)
         current = {"hyper_parameters": dict(self.model.hparams)}
         if self.datamodule is not None:
             current["datamodule_hyper_parameters"] = dict(self.datamodule.hparams)
@@ -245,6 +246,20 @@ class MispCLI(LightningCLI):
             log.warning(
                 "checkpoint %s was trained with %d other setting(s) than this config's, whose values are used: %s",
                 path, len(differences), "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else ""),
+            )
+
+
+def check_shapes(checkpoint, model, path) -> None:
+    """Refuse a checkpoint whose weights have other shapes than the model's (a base of another width),
+    naming the checkpoint and the first weight, instead of torch's raw size-mismatch report."""
+    stored = checkpoint.get("state_dict") or {}
+    own = model.state_dict()
+    for key, value in stored.items():
+        if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
+            differing = sum(1 for k, v in stored.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape))
+            raise CheckpointError(
+                f"checkpoint {path}: weight {key} has shape {tuple(value.shape)}, this model's {tuple(own[key].shape)} "
+                f"({differing} weight(s) differ): it was trained on a base of another width than the config's"
             )
 
 

@@ -248,3 +248,38 @@ def test_an_exif_rotated_photo_loads_upright(tmp_path):
     assert loaded.shape == (8, 16, 3)
     assert loaded[:, :6, 0].mean() > 200 and loaded[:, :6, 2].mean() < 50  # red on the left again
     assert loaded[:, 10:, 2].mean() > 200 and loaded[:, 10:, 0].mean() < 50
+
+
+# --- exports and checkpoints of another base ------------------------------------------------------------------
+def test_broken_foreign_and_malicious_exports_are_refused_naming_the_file(tmp_path, vlm_dir, tiny_world, capsys, monkeypatch):
+    import shutil
+
+    from misp.errors import CheckpointError
+    from misp.models.vlm import ADAPTER_SUBDIR, LoraSpec, VLMSpec, load_vlm, save_vlm
+
+    # an unmerged LoRA export whose adapter lost adapter_config.json would load as the plain base
+    model, processor = load_vlm(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=2, alpha=4)))
+    export = save_vlm(model, processor, tmp_path / "export", merge_lora=False)
+    (export / ADAPTER_SUBDIR / "adapter_config.json").unlink()
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(export / ADAPTER_SUBDIR))} lacks adapter_config.json"):
+        load_vlm(VLMSpec(path=str(export)))
+    # a pytorch_model.bin holding a payload: refused, naming the file, never suggesting weights_only=False
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    shutil.copytree(vlm_dir, evil)
+    for weights in evil.glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"w": _Payload(marker)}, evil / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin holds objects other than tensors") as info:
+        load_vlm(VLMSpec(path=str(evil)))
+    assert "weights_only=False" not in str(info.value) and not marker.exists()
+    # a checkpoint trained on a base of another width: one line naming it and the weight
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "wide.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6", "state_dict": {
+        "model.model.language_model.embed_tokens.weight": torch.zeros(3, 999)}}, ckpt)
+    evaluate = ["test", *method_configs("dpo", ROOT), f"--model.init_args.vlm.path={vlm_dir}",
+                f"--data.records_file={tiny_world / 'pref.jsonl'}", f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
+                f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}", "--data.progress=false"]
+    err = _cli_error([*evaluate, "--ckpt_path", str(ckpt)], capsys)
+    assert re.search(rf"misp: error: checkpoint {re.escape(str(ckpt))}: weight \S+embed_tokens.weight has shape \(3, 999\)", err), err
