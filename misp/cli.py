@@ -48,7 +48,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from misp.callbacks import FiniteLossGuard, FiniteWeightsCheck, SettingsCheck, TrainsSomething
 from misp.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, method_mismatches, read_checkpoint
-from misp.config_checks import check_config_files, check_values
+from misp.config_checks import check_config_files, check_pairing, check_values
 from misp.errors import CheckpointError, ConfigError, Interrupted, UserError, innermost_reason, is_union_report
 from misp.world import WorldConfig, write_world
 
@@ -163,6 +163,7 @@ class MispCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         derive_run_dirs(config)
         check_values(config, self.subcommand)
+        check_pairing(config)
         check_configured_method(config)
 
     def _attach(self) -> None:

@@ -5,6 +5,8 @@ message blaming the records, an error after the whole fit) into one :class:`~mis
 
 - :func:`check_config_files`: every ``--config FILE`` is read as YAML first, so a syntax error names the
   file, line and column (jsonargparse's message names neither the file nor which ``--config`` it was);
+- :func:`check_pairing`: the model's ``class_path`` and the data's are a pair misp trains (a CLIP module
+  on CLIP data, ...), not a module fed batches of another kind (``KeyError: 'input_ids'`` at step 0);
 - :func:`check_values`: no option holds NaN or infinity (``beta: .inf``); no learning rate is negative,
   and a fit's is not 0; a fit's ``trainer.max_epochs`` / ``trainer.max_steps`` is not 0; a fit's
   ``export_dir`` is not an existing file, nor a folder that cannot be created.
@@ -114,3 +116,41 @@ def check_export_dir(path: Path, option: str) -> None:
     if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
         raise ConfigError(f"{option} {path}: cannot be created ({parent} is not a writable folder); checked "
                           "before training")
+
+
+PAIRS = {
+    "misp.stages.clip_stage.ContrastiveCLIPModule": ("misp.data.clip_data.ClipDataModule",),
+    "misp.stages.sft_stage.SFTModule": ("misp.data.sft_data.SFTDataModule",),
+    "misp.dpo.module.MISPDPOModule": ("misp.data.negative_sampler.NegativeSamplerDataModule",),
+    "misp.sae.module.SAEModule": ("misp.data.negative_sampler.NegativeSamplerDataModule",),
+}
+"""misp's modules and the datamodules whose batches they take (subclasses count as their base). A class
+outside this table (a user's own) is not checked."""
+
+
+def _known(cls: type, names) -> str | None:
+    return next((f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__
+                 if f"{c.__module__}.{c.__qualname__}" in names), None)
+
+
+def check_pairing(config: Any) -> None:
+    """Raise a ConfigError when ``model.class_path`` and ``data.class_path`` are misp classes that do not
+    go together (see ``PAIRS``), naming both options."""
+    from jsonargparse.typing import import_object
+
+    model, data = getattr(config, "model", None), getattr(config, "data", None)
+    model_path, data_path = getattr(model, "class_path", None), getattr(data, "class_path", None)
+    if not isinstance(model_path, str) or not isinstance(data_path, str):
+        return
+    try:
+        model_cls, data_cls = import_object(model_path), import_object(data_path)
+    except (ImportError, AttributeError, ValueError):
+        return  # jsonargparse has named an unknown class already
+    module_kind = _known(model_cls, PAIRS)
+    accepted = {d for pairs in PAIRS.values() for d in pairs}
+    data_kind = _known(data_cls, accepted)
+    if module_kind is None or data_kind is None or data_kind in PAIRS[module_kind]:
+        return
+    wanted = " or ".join(PAIRS[module_kind])
+    raise ConfigError(f"model.class_path {model_path} trains on the batches of {wanted}, but data.class_path is "
+                      f"{data_path}; use the config pair that belongs together (configs/shapes/*.yaml)")

@@ -149,6 +149,11 @@ def test_configuration_errors_name_the_option_or_file(tmp_path, capsys, monkeypa
     bad_yaml.write_text("model:\n  init_args:\n    lr: [1, 2\n")
     a_file = tmp_path / "export"
     a_file.write_text("not a folder")
+    import yaml
+
+    mixed = tmp_path / "mixed.yaml"  # the SAE module with the SFT stage's data: a module of the wrong kind
+    mixed.write_text(yaml.safe_dump(yaml.safe_load((ROOT / "configs/shapes/sae.yaml").read_text())
+                                    | {"data": yaml.safe_load((ROOT / "configs/shapes/sft.yaml").read_text())["data"]}))
     cases = [
         (["fit", *dpo, "--config", str(bad_yaml)], rf"--config {re.escape(str(bad_yaml))}: not valid YAML: line 4, column 1"),
         (["fit", *dpo, "--model.init_args.lr=-1e-4"], r"model.init_args.lr: a learning rate must be positive, got -0.0001"),
@@ -158,6 +163,8 @@ def test_configuration_errors_name_the_option_or_file(tmp_path, capsys, monkeypa
         (["fit", *dpo, f"--model.init_args.export_dir={a_file}"],
          rf"model.init_args.export_dir {re.escape(str(a_file))}: is an existing file, not a folder"),
         (["experiment", "--config", str(bad_yaml)], rf"--config {re.escape(str(bad_yaml))}: not valid YAML"),
+        (["fit", "--config", str(mixed)], r"model.class_path misp.sae.module.SAEModule trains on the batches of "
+         r"misp.data.negative_sampler.NegativeSamplerDataModule, but data.class_path is misp.data.sft_data.SFTDataModule"),
     ]
     for args, expected in cases:
         err = _cli_error(args, capsys)
