@@ -340,3 +340,12 @@ def test_a_flat_world_file_is_passed_as_world_fields(tmp_path):
         world = next(s for s in Experiment(config).chain() if s.name == "world")
         parsed = _world_parser().parse_args(world.args[1:])
         assert (parsed.world.seed, parsed.world.n_clip) == (7, 64), world.args
+
+
+def test_results_jsonl_lines_are_split_on_newlines_only(tmp_path):
+    from misp.experiment.results import ResultsLog
+
+    path = tmp_path / "results.jsonl"
+    row = {"run": "a\u2028b\x85c", "split": "val", "metrics": {}}
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert ResultsLog(path).rows == [row]
