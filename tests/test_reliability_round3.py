@@ -290,3 +290,25 @@ def test_broken_foreign_and_malicious_exports_are_refused_naming_the_file(tmp_pa
                 f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}", "--data.progress=false"]
     err = _cli_error([*evaluate, "--ckpt_path", str(ckpt)], capsys)
     assert re.search(rf"misp: error: checkpoint {re.escape(str(ckpt))}: weight \S+embed_tokens.weight has shape \(3, 999\)", err), err
+
+
+def test_an_adapter_of_a_base_of_another_width_is_refused_naming_it(tmp_path, tiny_world, vlm_dir, monkeypatch):
+    import json
+
+    # transformers 5.25 asks the hub `kernels` package for this width's layers; it is not installed here.
+    monkeypatch.setenv("USE_HUB_KERNELS", "0")
+
+    from misp.errors import CheckpointError
+    from misp.models.tiny_llava import TinyLlavaConfig, build_tiny_llava
+    from misp.models.vlm import ADAPTER_SUBDIR, LoraSpec, VLMSpec, load_vlm, save_vlm
+    from misp.smoke import SMOKE_LLAVA
+
+    words = json.loads((tiny_world / "world.json").read_text())["vocabulary"]
+    wide = tmp_path / "wide"  # the smoke LLaVA with twice its text width
+    save_vlm(*build_tiny_llava(words, TinyLlavaConfig(**SMOKE_LLAVA | {"text_hidden_size": 128, "text_intermediate_size": 256})),
+             wide)
+    model, processor = load_vlm(VLMSpec(path=str(wide), lora=LoraSpec(r=2, alpha=4)))
+    adapter = save_vlm(model, processor, tmp_path / "wide_lora", merge_lora=False) / ADAPTER_SUBDIR
+    with pytest.raises(CheckpointError, match=rf"adapter {re.escape(str(adapter))}: made for a base of another width "
+                                              rf"than {re.escape(str(vlm_dir))} \(.*size mismatch"):
+        load_vlm(VLMSpec(path=str(vlm_dir), adapter=str(adapter)))
