@@ -34,6 +34,8 @@ from misp.utils.io import atomic_write_text
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """Signals the parent passes on to the running child before it stops."""
+SIGINT_GRACE_S = 10.0
+"""How long a child may take to stop on the SIGINT a terminal gave it too, before the parent passes it on."""
 KILL_AFTER_S = 300.0
 """How long a child may take to stop after a forwarded signal (its last checkpoint save) before SIGKILL."""
 OUTPUT_OPTIONS = frozenset({"config", "ckpt_path", "output_file", "export_dir", "cache_dir", "default_root_dir",
@@ -132,11 +134,13 @@ def fingerprint(stage: Stage, cwd: Path = Path(".")) -> str:
 def run_child(cmd: list[str], check: bool = True, cwd: str | os.PathLike | None = None) -> int:
     """Run ``cmd`` (as ``subprocess.run(cmd, check=check, cwd=cwd)``), forwarding signals to it.
 
-    While it runs, a SIGTERM, SIGINT or SIGHUP this process receives is sent on to the child; the child is
-    then waited for (SIGKILL after ``KILL_AFTER_S``), so it is reaped and never left running.
+    While it runs, a SIGTERM or SIGHUP this process receives is sent on to the child at once. A SIGINT is
+    sent on only if the child has not stopped within ``SIGINT_GRACE_S``: Ctrl+C in a terminal reaches the
+    child directly, and a second SIGINT would interrupt its own clean stop. Then the child is waited for
+    (SIGKILL after ``KILL_AFTER_S``), so it is reaped and never left running.
 
     Raises:
-        Interrupted: a forwarded signal stopped the child.
+        Interrupted: a signal stopped the child.
         subprocess.CalledProcessError: the command failed (``check``).
     """
     received: list[int] = []
@@ -144,18 +148,27 @@ def run_child(cmd: list[str], check: bool = True, cwd: str | os.PathLike | None 
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signum)
-        if proc.poll() is None:
+        if signum != signal.SIGINT and proc.poll() is None:
             proc.send_signal(signum)
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS} if in_main else {}
+    first, sigint_sent = None, False
     try:
         while True:
             try:
-                code = proc.wait(timeout=KILL_AFTER_S if received else None)
+                code = proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                proc.kill()
+                if not received:
+                    continue
+                first = first or time.monotonic()
+                waited = time.monotonic() - first
+                if received[0] == signal.SIGINT and waited >= SIGINT_GRACE_S and not sigint_sent:
+                    proc.send_signal(signal.SIGINT)
+                    sigint_sent = True
+                if waited > KILL_AFTER_S:
+                    proc.kill()
     finally:
         if proc.poll() is None:  # an exception other than a signal (never expected): no orphan either
             proc.kill()
