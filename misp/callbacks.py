@@ -21,7 +21,6 @@ from typing import Any
 
 import lightning as L
 import torch
-
 from lightning.pytorch.trainer.states import TrainerFn
 
 from misp.errors import UserError

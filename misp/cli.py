@@ -49,7 +49,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from misp.callbacks import FiniteLossGuard, FiniteWeightsCheck, SettingsCheck, TrainsSomething
 from misp.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, method_mismatches, read_checkpoint
 from misp.config_checks import check_config_files, check_pairing, check_values
-from misp.errors import CheckpointError, ConfigError, Interrupted, UserError, innermost_reason, is_union_report
+from misp.errors import (
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    UserError,
+    innermost_reason,
+    is_union_report,
+)
 from misp.world import WorldConfig, write_world
 
 log = logging.getLogger("misp.cli")
