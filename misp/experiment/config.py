@@ -76,7 +76,8 @@ class ExperimentConfig:
     """The config folder of the chain (``clip.yaml``, ``sft.yaml``, ``sae.yaml``), the preference base
     (``preference.yaml``) and the methods (``methods/<name>.yaml``)."""
     world: str | None = None
-    """A YAML of WorldConfig fields for ``misp world --config`` (None: the default world)."""
+    """A YAML of WorldConfig fields at its top level, as ``misp world --world`` takes it (a file nesting them
+    under ``world:``, as ``misp world --config`` takes it, works too); None: the default world."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds of the preference runs (the chain is shared; its seeds are the configs')."""
     max_epochs: int = 2
