@@ -5,17 +5,26 @@
   The error names the global step, the epoch, the batch index and the batch's record ids.
 - :class:`SettingsCheck` warns once at the start of fit about settings that run but are degenerate
   (``proposal_eps = 0``: importance weights without a bound).
+- :class:`TrainsSomething` refuses a fit that would train nothing (every learning rate 0) and one that
+  took no optimizer step (no training batch), before anything is exported; a fit that reached its end
+  writes ``fit_done.json`` in the run's root, the mark ``misp experiment`` records a fit by (an
+  interrupted or failed fit never writes it).
+- :class:`FiniteWeightsCheck` refuses to evaluate (``misp validate`` / ``misp test``) a model holding a
+  NaN or infinite weight, naming the checkpoint and the weight: its metrics would be meaningless zeros.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from misp.errors import UserError
+from misp.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +100,67 @@ class SettingsCheck(L.Callback):
                 "exp(a)/q are unbounded and one negative the proposal neglects can dominate a batch's loss; "
                 "the default 0.1 bounds every weight by M / eps"
             )
+
+
+FIT_DONE = "fit_done.json"
+"""Written in ``trainer.default_root_dir`` by :class:`TrainsSomething` when a fit reaches its end."""
+
+
+class TrainedNothing(UserError, RuntimeError):
+    """A fit would train, or has trained, nothing: its result would be the untrained model."""
+
+
+class NonFiniteWeights(UserError, RuntimeError):
+    """The model to evaluate holds a NaN or infinite weight."""
+
+
+class TrainsSomething(L.Callback):
+    """Refuse a fit that trains nothing; mark a fit that reached its end (see the module docstring).
+
+    Its ``on_fit_end`` runs before the module's (Lightning calls callbacks first), so a fit with no
+    optimizer step raises before the module exports the base model as the trained one.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        groups = [g for opt in trainer.optimizers for g in opt.param_groups if g.get("params")]
+        # A warm-up schedule sets the running lr to 0 at step 0; "initial_lr" is the configured peak.
+        peaks = [float(g.get("initial_lr", g.get("lr", 0.0))) for g in groups]
+        if groups and all(p == 0.0 for p in peaks):
+            raise TrainedNothing(
+                "every optimizer parameter group has learning rate 0 (model.init_args.lr?): the fit would change no "
+                "weight and export the base model as the trained one; set a positive learning rate"
+            )
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            raise TrainedNothing(
+                f"the fit took no optimizer step (epochs {trainer.current_epoch}, trainer.max_epochs "
+                f"{trainer.max_epochs}, trainer.max_steps {trainer.max_steps}, trainer.limit_train_batches "
+                f"{trainer.limit_train_batches}, {trainer.num_training_batches} training batches): nothing was "
+                "trained, so nothing is exported; check the training records and those limits"
+            )
+        if trainer.is_global_zero:
+            atomic_write_json(Path(trainer.default_root_dir) / FIT_DONE, {
+                "global_step": trainer.global_step, "epochs": trainer.current_epoch,
+                "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+                "stopped_early": bool(trainer.should_stop),
+            })
+
+
+class FiniteWeightsCheck(L.Callback):
+    """Refuse to evaluate a model holding a non-finite weight (``misp validate`` / ``misp test``)."""
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn not in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            return  # inside a fit, FiniteLossGuard stops training before a non-finite update
+        for name, param in pl_module.named_parameters():
+            if param.is_floating_point() and param.numel() and not bool(torch.isfinite(param.detach()).all()):
+                bad = int((~torch.isfinite(param.detach())).sum())
+                source = f"checkpoint {trainer.ckpt_path}" if trainer.ckpt_path else "the model (no --ckpt_path)"
+                raise NonFiniteWeights(
+                    f"{source}: weight {name} holds {bad} NaN or infinite value(s) of {param.numel()}; its "
+                    "evaluation would be meaningless, so misp refuses it. Evaluate an earlier checkpoint"
+                )
+
+    on_validation_start = on_test_start = _check
+

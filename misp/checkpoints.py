@@ -11,7 +11,11 @@ new one, never a part. ``misp`` installs it on every Trainer whose strategy uses
 
 Reading. :func:`read_checkpoint` opens a checkpoint file (or a sharded checkpoint folder's ``meta.pt``)
 with ``weights_only=True`` and turns a truncated or foreign file into a :class:`CheckpointError` naming
-the path and what to do. :func:`method_mismatches` compares the settings a checkpoint was trained with
+the path and what to do. A sharded folder's ``.metadata`` is a plain pickle that torch's
+``FileSystemReader`` reads with ``pickle.load`` (so a crafted one runs code); misp reads it only through
+:func:`read_dcp_metadata`, whose unpickler builds nothing but the checkpoint-metadata dataclasses, torch
+sizes, dtypes and layouts (:class:`SafeFileSystemReader` is torch's reader with that one read replaced),
+and refuses anything else naming the file. :func:`method_mismatches` compares the settings a checkpoint was trained with
 against the run's, so a checkpoint of one method is never silently loaded under another's config.
 """
 
@@ -90,8 +94,86 @@ def read_checkpoint(
                 f"checkpoint {p}: a folder, but not a complete sharded checkpoint (it needs {_METADATA_FILENAME} "
                 "and .metadata; a save killed half-way leaves them out): resume from an earlier checkpoint"
             )
-        return _load(meta, p, map_location, weights_only, False)
+        read_dcp_metadata(p)  # a crafted .metadata is refused here, before anything unpickles it
+        return _load(meta, p, map_location, True, False)
     return _load(p, p, map_location, weights_only, mmap)
+
+
+_DCP_MODULES = "torch.distributed.checkpoint"
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                 ("copyreg", "_reconstructor"), ("builtins", "object"), ("builtins", "set"), ("builtins", "frozenset"),
+                 ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                 ("pathlib", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what a torch.distributed.checkpoint ``.metadata`` holds: that package's dataclasses and
+    enums, torch sizes, dtypes, layouts and memory formats, paths. Any other global is refused, so no function
+    named by the file is ever called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import dataclasses
+        import enum
+        import importlib
+
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        elif module == _DCP_MODULES or module.startswith(_DCP_MODULES + "."):
+            value = getattr(importlib.import_module(module), name, None)
+            if isinstance(value, type) and (dataclasses.is_dataclass(value) or issubclass(value, enum.Enum)):
+                return value
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_dcp_metadata(folder: str | os.PathLike, filename: str = ".metadata") -> Any:
+    """The ``Metadata`` of a torch.distributed.checkpoint folder, read without running code from the file.
+
+    Args:
+        folder: the sharded checkpoint folder.
+        filename: its metadata file (torch's default name, or a per-rank one).
+
+    Raises:
+        CheckpointError: ``.metadata`` is missing, truncated, or names anything but checkpoint metadata
+            (a crafted pickle); the message names the file.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = Path(folder) / filename
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {file}: refused, it is not checkpoint metadata ({_first_line(e)}); misp unpickles only "
+            "the metadata classes of torch.distributed.checkpoint, so a crafted file runs nothing. Delete the "
+            "folder, it was not written by misp"
+        ) from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise _unreadable(file, e) from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint {file}: holds a {type(metadata).__name__}, not checkpoint metadata")
+    return metadata
+
+
+def safe_file_system_reader(path: str | os.PathLike) -> Any:
+    """torch's ``FileSystemReader`` for ``path`` whose ``read_metadata`` is :func:`read_dcp_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            file = Path(self._get_metadata_path(kwargs.get("rank")))  # the file torch's reader would open
+            metadata = read_dcp_metadata(file.parent, file.name)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(path)
 
 
 def _load(file: Path, shown: Path, map_location: Any, weights_only: bool | None, mmap: bool) -> dict[str, Any]:

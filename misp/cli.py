@@ -23,6 +23,13 @@ What ``MispCLI`` adds to LightningCLI, for reliability:
   not silently replaced by the checkpoint's (Lightning's default), and differences are listed;
 - a config value refused by a dataclass's own check is reported with that check's message, not inside
   jsonargparse's "Does not validate against any of the Union subtypes" report;
+- every Trainer also gets ``TrainsSomething`` (a fit with every learning rate 0 or without a single
+  optimizer step is an error, not an export; a finished fit writes ``fit_done.json``) and
+  ``FiniteWeightsCheck`` (a model with a NaN or infinite weight is not evaluated);
+- option values are checked before anything loads (``misp.config_checks``): ``--config`` files as YAML
+  (naming the file), non-finite numbers, learning rates, a zero budget, an ``export_dir`` that is a file;
+- a SIGTERM ends ``misp`` with exit status 143 (Lightning's ``SIGTERMException`` is a ``SystemExit``
+  without a code, which would be 0, "finished");
 - ``main`` prints any ``misp.errors.UserError`` as one line (``misp: error: ...``, exit status 2)
   without a traceback; ``MISP_TRACEBACK=1`` shows it.
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -39,10 +47,19 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsin
 from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from misp.callbacks import FiniteLossGuard, SettingsCheck
+from misp.callbacks import FiniteLossGuard, FiniteWeightsCheck, SettingsCheck, TrainsSomething
 from misp.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, method_mismatches, read_checkpoint
-from misp.errors import CheckpointError, ConfigError, UserError, innermost_reason, is_union_report
+from misp.config_checks import check_config_files, check_pairing, check_values
+from misp.errors import (
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    UserError,
+    innermost_reason,
+    is_union_report,
+)
 from misp.world import WorldConfig, write_world
 
 log = logging.getLogger("misp.cli")
@@ -185,7 +202,8 @@ class MispCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [FiniteLossGuard(), SettingsCheck()]},
+            trainer_defaults={"callbacks": [FiniteLossGuard(), SettingsCheck(), TrainsSomething(),
+                                            FiniteWeightsCheck()]},
             parser_kwargs={"env_prefix": "MISP", "default_env": False},
             args=list(args) if args is not None else None,
             run=run,
@@ -195,6 +213,8 @@ class MispCLI(LightningCLI):
         # The method (objective terms x negative source x K) is checked before any model or data loads.
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         derive_run_dirs(config)
+        check_values(config, self.subcommand)
+        check_pairing(config)
         check_configured_method(config)
 
     def _attach(self) -> None:
@@ -257,8 +277,14 @@ class MispCLI(LightningCLI):
             except Exception:  # noqa: BLE001 - Lightning raises its own clear error for these when it loads
                 return
             if path is None:
-                return
+                if subcommand == "fit":
+                    return  # `fit --ckpt_path last` with none yet starts afresh (resume-or-start)
+                raise CheckpointError(
+                    f"--ckpt_path {ckpt_path}: no such checkpoint of this config's ModelCheckpoint was found, so "
+                    f"`misp {subcommand}` would evaluate the untrained model; pass a checkpoint file"
+                )
         ckpt = read_checkpoint(path, mmap=True)
+        check_shapes(ckpt, self.model, path)
         current = {"hyper_parameters": dict(self.model.hparams)}
         if self.datamodule is not None:
             current["datamodule_hyper_parameters"] = dict(self.datamodule.hparams)
@@ -272,6 +298,20 @@ class MispCLI(LightningCLI):
             log.warning(
                 "checkpoint %s was trained with %d other setting(s) than this config's, whose values are used: %s",
                 path, len(differences), "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else ""),
+            )
+
+
+def check_shapes(checkpoint, model, path) -> None:
+    """Refuse a checkpoint whose weights have other shapes than the model's (a base of another width),
+    naming the checkpoint and the first weight, instead of torch's raw size-mismatch report."""
+    stored = checkpoint.get("state_dict") or {}
+    own = model.state_dict()
+    for key, value in stored.items():
+        if key in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[key].shape):
+            differing = sum(1 for k, v in stored.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape))
+            raise CheckpointError(
+                f"checkpoint {path}: weight {key} has shape {tuple(value.shape)}, this model's {tuple(own[key].shape)} "
+                f"({differing} weight(s) differ): it was trained on a base of another width than the config's"
             )
 
 
@@ -325,10 +365,20 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     logging.basicConfig(level=os.environ.get("MISP_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_config_files(argv)
         if argv and argv[0] in TOOLS:
             TOOLS[argv[0]][0](argv[1:])
             return
-        MispCLI(args=None if args is None else argv)
+        cli = MispCLI(args=None if args is None else argv)
+        if getattr(getattr(cli, "trainer", None), "received_sigterm", False):
+            # SIGTERM after the loops' last check (during the export or teardown): still not a clean finish.
+            raise SIGTERMException
+    except SIGTERMException:
+        print("misp: interrupted by SIGTERM: the run did not finish (resume it with --ckpt_path last)", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except Interrupted as e:
+        print(f"misp: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
     except UserError as e:
         if os.environ.get("MISP_TRACEBACK"):
             raise

@@ -58,3 +58,14 @@ def innermost_reason(error: BaseException) -> str:
 def is_union_report(error: BaseException) -> bool:
     """Whether ``error`` is jsonargparse's Union report (see :func:`innermost_reason`)."""
     return str(error).startswith(_UNION)
+
+
+class Interrupted(UserError):
+    """A signal (SIGTERM, SIGINT, SIGHUP) stopped the run before it finished; nothing of it is a result.
+
+    ``misp`` exits with status ``128 + signum``, as a shell reports a process a signal ended.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -42,3 +42,14 @@ class PoisonLoss(L.Callback):
                 return original(*args, **kwargs) * torch.tensor(float("nan"))
 
             pl_module.training_step = poisoned
+
+
+class TermAt(L.Callback):
+    """Send this process a real SIGTERM at the end of training step ``step`` (as `kill` or a scheduler would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

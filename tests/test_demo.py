@@ -38,7 +38,7 @@ def _run(stages, monkeypatch) -> list[str]:
         stage.done_when.write_text("done")
         ran.append(stage.name)
 
-    monkeypatch.setattr(pipeline.subprocess, "run", fake_run)
+    monkeypatch.setattr(pipeline, "run_child", fake_run)
     force = False
     for stage in stages:
         force = demo.run_stage(stage, force) or force

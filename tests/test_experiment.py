@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from misp import pipeline
-from misp.errors import ConfigError
+from misp.errors import ConfigError, UserError
 from misp.experiment import Experiment, ExperimentConfig, Variant
 from misp.experiment.cli import run_experiment
 from misp.experiment.config import BETA, LR
@@ -60,6 +60,7 @@ class FakeMisp:
         elif sub == "fit":
             (cwd / root / "checkpoints").mkdir(parents=True, exist_ok=True)
             (cwd / root / "checkpoints/last.ckpt").write_text("done")
+            (cwd / root / "fit_done.json").write_text(json.dumps({"global_step": 4}))  # misp fit's finish mark
             logs = cwd / root / "logs/version_0"
             logs.mkdir(parents=True, exist_ok=True)
             (logs / "metrics.csv").write_text("step,img/accuracies,train/loss\n0,0.5,1.0\n1,1.0,0.5\n")
@@ -90,7 +91,7 @@ def _runs(fake: FakeMisp, sub: str) -> list[list[str]]:
 
 def test_tunes_on_validation_then_trains_the_chosen_values_on_every_seed(tmp_path, monkeypatch):
     fake = FakeMisp()
-    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    monkeypatch.setattr(pipeline, "run_child", fake)
     summary = Experiment(_config(tmp_path)).execute()
     assert summary["chosen"] == {"dpo": {"beta": 0.5, "lr": 1e-4}, "misp_dpo": {"beta": 0.5, "lr": 1e-4}}
     validated = _runs(fake, "validate")
@@ -113,7 +114,7 @@ def test_tunes_on_validation_then_trains_the_chosen_values_on_every_seed(tmp_pat
 
 def test_resumes_without_redoing_finished_runs_and_reruns_what_a_change_touches(tmp_path, monkeypatch):
     fake = FakeMisp()
-    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    monkeypatch.setattr(pipeline, "run_child", fake)
     Experiment(_config(tmp_path)).execute()
     fake.calls.clear()
     Experiment(_config(tmp_path)).execute()
@@ -133,7 +134,7 @@ def test_resumes_without_redoing_finished_runs_and_reruns_what_a_change_touches(
 
 def test_a_fit_that_died_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     fake = FakeMisp(fail_on="misp_k1/beta0.5_lr0.0001-s1")
-    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    monkeypatch.setattr(pipeline, "run_child", fake)
     with pytest.raises(subprocess.CalledProcessError):
         Experiment(_config(tmp_path)).execute()
     fake.fail_on = None
@@ -155,7 +156,7 @@ def test_a_fit_that_died_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 def test_the_report_shows_mean_and_spread_and_the_protocol(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.subprocess, "run", FakeMisp())
+    monkeypatch.setattr(pipeline, "run_child", FakeMisp())
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exp.yaml").write_text(json.dumps({
         "name": "t", "workspace": "ws", "configs": str(REPO / "configs/shapes"), "seeds": [0, 1],
@@ -245,3 +246,106 @@ def test_quick_mode_runs_the_real_chain_and_methods_end_to_end(tmp_path):
                             capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "misp fit" not in second.stdout and "misp test" not in second.stdout
+
+
+# --- issue 25: interrupted, untrained or misnamed work is never recorded; checks before the chain ---------
+def test_a_fit_without_its_finish_mark_is_not_recorded(tmp_path, monkeypatch):
+    class Unfinished(FakeMisp):  # `misp fit` exited 0 but training never reached its end
+        def __call__(self, cmd, check, cwd):
+            super().__call__(cmd, check, cwd)
+            for mark in Path(cwd).glob("runs/shapes/exp/*/*/fit_done.json"):
+                mark.unlink()
+
+    monkeypatch.setattr(pipeline, "run_child", Unfinished())
+    with pytest.raises(UserError, match=r"run dpo/beta0.1_lr5e-05-s0: `misp fit` exited without writing .*fit_done.json"):
+        Experiment(_config(tmp_path)).execute()
+    rows = [json.loads(x) for x in (tmp_path / "ws/results.jsonl").read_text().splitlines()]
+    assert {r["run"] for r in rows} == {"base"}
+
+
+def test_a_second_experiment_on_a_workspace_is_refused_naming_the_first(tmp_path, monkeypatch):
+    from misp.utils.lock import FolderBusy, FolderLock
+
+    fake = FakeMisp()
+    monkeypatch.setattr(pipeline, "run_child", fake)
+    with FolderLock(tmp_path / "ws", "misp experiment --config first.yaml"):
+        with pytest.raises(FolderBusy, match=rf"ws is in use by pid {os.getpid()} on .* \(misp experiment --config first.yaml\)"):
+            Experiment(_config(tmp_path)).execute()
+    assert fake.calls == []
+    Experiment(_config(tmp_path)).execute()  # released: the next one runs
+    assert fake.calls
+
+
+def test_names_grid_keys_and_select_metric_are_checked_before_the_work_they_would_waste(tmp_path, monkeypatch):
+    fake = FakeMisp()
+    monkeypatch.setattr(pipeline, "run_child", fake)
+    with pytest.raises(ConfigError, match=r"variant name '\.\./escape' is not a plain name"):
+        Experiment(_config(tmp_path, methods=[Variant("../escape", "dpo"), Variant("misp_dpo", "misp_dpo")]))
+    with pytest.raises(ConfigError, match=r"grid x: value 'a/b' cannot be part of a run's folder"):
+        Experiment(_config(tmp_path, grid={"x": ["a/b"]}))
+    bad_key = _config(tmp_path, grid={"model.init_args.objective.betta": [0.1]})
+    with pytest.raises(ConfigError, match=r"variant 'dpo' .* refuses it: .*'betta'"):
+        Experiment(bad_key).execute()
+    bad_value = _config(tmp_path, grid={BETA: [0.1, float("inf")]})
+    with pytest.raises(ConfigError, match=r"variant 'dpo' .*beta=inf: `misp fit` refuses it: Expected a <class 'float'>"):
+        Experiment(bad_value).execute()
+    assert fake.calls == []  # nothing ran, not even the world
+    with pytest.raises(ConfigError, match=r"select_metric 'chair/f1' is not a validation metric; .*'chair/object_f1'"):
+        Experiment(_config(tmp_path, select_metric="chair/f1")).execute()
+    assert [c[0] for c in fake.calls] == ["world", "fit", "fit", "validate"]  # stopped at the base's validation
+
+
+def test_a_rewritten_data_file_reruns_the_stage_that_reads_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = tmp_path / "pref.jsonl"
+    records.write_text('{"id": 1}\n')
+    (tmp_path / "a.yaml").write_text(f"data:\n  init_args:\n    records_file: {records.name}\n")
+    ran = []
+
+    def fake(cmd, check, cwd):
+        ran.append(cmd)
+        (tmp_path / "out").write_text("done")
+
+    monkeypatch.setattr(pipeline, "run_child", fake)
+    runner = pipeline.StageRunner(stamps=Path(".stamps"), cwd=tmp_path)
+    stage = pipeline.Stage("a", ["fit", "--config", "a.yaml"], Path("out"))
+    assert runner.run(stage) and not runner.run(stage)
+    records.write_text('{"id": 2}\n')  # same size, new content
+    assert runner.run(stage) and len(ran) == 2
+
+
+def test_report_only_reports_the_config_the_results_were_made_with(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "run_child", FakeMisp())
+    monkeypatch.chdir(tmp_path)
+    exp = {"name": "t", "workspace": "ws", "configs": str(REPO / "configs/shapes"), "seeds": [0, 1],
+           "grid": {BETA: [0.5]}, "methods": [{"name": "dpo", "method": "dpo"}], "main": "dpo",
+           "metrics": ["chair/object_f1"], "report": "out/results.md"}
+    (tmp_path / "exp.yaml").write_text(json.dumps(exp))
+    run_experiment(["--config", "exp.yaml"])
+    (tmp_path / "exp.yaml").write_text(json.dumps(exp | {"seeds": [0, 1, 2, 3]}))
+    run_experiment(["--config", "exp.yaml", "--report_only", "true"])
+    assert "the config changed ['seeds']" in capsys.readouterr().err
+    report = (tmp_path / "out/results.md").read_text()
+    assert "[0, 1, 2, 3]" not in report and "[0, 1]" in report
+
+
+def test_a_flat_world_file_is_passed_as_world_fields(tmp_path):
+    from misp.cli import _world_parser
+
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text("seed: 7\nn_clip: 64\n")
+    nested.write_text("world:\n  seed: 7\n  n_clip: 64\n")
+    for path in (flat, nested):
+        config = _config(tmp_path, world=str(path))
+        world = next(s for s in Experiment(config).chain() if s.name == "world")
+        parsed = _world_parser().parse_args(world.args[1:])
+        assert (parsed.world.seed, parsed.world.n_clip) == (7, 64), world.args
+
+
+def test_results_jsonl_lines_are_split_on_newlines_only(tmp_path):
+    from misp.experiment.results import ResultsLog
+
+    path = tmp_path / "results.jsonl"
+    row = {"run": "a\u2028b\x85c", "split": "val", "metrics": {}}
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert ResultsLog(path).rows == [row]

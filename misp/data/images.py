@@ -5,7 +5,9 @@ corrupt file fails the run in its first second rather than hours in, inside a da
 refuses images under ``MIN_IMAGE_SIDE`` pixels a side: a 1x1 file is a placeholder or a failed download,
 and resized to the model's input it trains on a flat colour.
 
-Every image misp feeds a model goes through :func:`to_rgb`, which maps high-bit-depth modes (16-bit
+:func:`load_rgb` applies the EXIF orientation tag (phone photos store their pixels sideways and the turn in
+EXIF), so an image trains and is evaluated as every viewer shows it. Every image misp feeds a model goes
+through :func:`to_rgb`, which maps high-bit-depth modes (16-bit
 PNGs open as ``I;16``, 32-bit integer ``I``, float ``F``) onto 0-255 by their range. Pillow's own
 ``convert("RGB")`` clips them instead, which turns almost every 16-bit pixel white.
 """
@@ -16,7 +18,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MIN_IMAGE_SIDE = 4
 """Smallest width and height, in pixels, of an image misp accepts."""
@@ -93,7 +95,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         path: The image file.
 
     Returns:
-        A decoded ``PIL.Image.Image`` in mode ``"RGB"`` (no file handle left open).
+        A decoded ``PIL.Image.Image`` in mode ``"RGB"``, turned upright by its EXIF orientation (no file
+        handle left open).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -105,6 +108,6 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(p) as im:
             im.load()
-            return to_rgb(im)
+            return to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:  # noqa: BLE001 - see verify_image for why the catch is broad
         raise ImageReadError(f"cannot read image {p}: {type(e).__name__}: {e}") from e

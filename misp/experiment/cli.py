@@ -13,7 +13,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from misp.errors import UserError
-from misp.experiment.config import ExperimentConfig
+from misp.experiment.config import ExperimentConfig, QuickMode, Variant
 from misp.experiment.report import write_report
 from misp.experiment.runner import Experiment
 
@@ -33,6 +33,36 @@ def experiment_parser() -> ArgumentParser:
     return parser
 
 
+PRESENTATION = ("metrics", "report")
+"""ExperimentConfig fields that change only how results are shown: ``--report_only`` takes them from the
+current config; every other field from the config the results were made with."""
+
+
+def config_of_results(current: ExperimentConfig, summary: dict) -> ExperimentConfig:
+    """The config the workspace's results were made with (``summary.json``), with the current config's
+    presentation fields; a warning lists the fields the current config changed since (ignored: the report
+    must describe what the rows hold, so rerun without ``--report_only`` to apply them)."""
+    import dataclasses
+
+    stored = summary.get("config")
+    if not stored:
+        return current  # a workspace from before summaries held their config
+    fields = set(ExperimentConfig.__dataclass_fields__)
+    values = {k: v for k, v in stored.items() if k in fields}
+    for key in ("methods", "ablations"):
+        values[key] = [Variant(**v) for v in values.get(key, [])]
+    if "quick_mode" in values:
+        values["quick_mode"] = QuickMode(**values["quick_mode"])
+    made_with = ExperimentConfig(**values)
+    now, then = asdict(current), asdict(made_with)
+    changed = sorted(k for k in fields if k not in PRESENTATION and now[k] != then[k])
+    if changed:
+        print(f"[experiment] --report_only: the config changed {changed} since these results were made; the report "
+              "describes the results as they were made (rerun without --report_only to apply the changes)",
+              file=sys.stderr)
+    return dataclasses.replace(made_with, **{k: getattr(current, k) for k in PRESENTATION})
+
+
 def run_experiment(argv: Sequence[str]) -> None:
     parser = experiment_parser()
     cfg = parser.parse_args(list(argv))
@@ -49,6 +79,7 @@ def run_experiment(argv: Sequence[str]) -> None:
             raise UserError(f"--report_only: no finished experiment in {experiment.workspace} ({summary_file} missing)")
         summary = json.loads(summary_file.read_text())
         command = summary.get("command", command)
+        config = config_of_results(config, summary)
     else:
         summary = experiment.execute()
     from misp.demo import LABELS

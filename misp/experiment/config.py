@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from misp.errors import ConfigError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+"""A variant or method name: one plain path component (a run's folder, a config file's stem)."""
 
 BETA = "model.init_args.objective.beta"
 LR = "model.init_args.lr"
@@ -72,7 +76,8 @@ class ExperimentConfig:
     """The config folder of the chain (``clip.yaml``, ``sft.yaml``, ``sae.yaml``), the preference base
     (``preference.yaml``) and the methods (``methods/<name>.yaml``)."""
     world: str | None = None
-    """A YAML of WorldConfig fields for ``misp world --config`` (None: the default world)."""
+    """A YAML of WorldConfig fields at its top level, as ``misp world --world`` takes it (a file nesting them
+    under ``world:``, as ``misp world --config`` takes it, works too); None: the default world."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds of the preference runs (the chain is shared; its seeds are the configs')."""
     max_epochs: int = 2
@@ -113,6 +118,17 @@ class ExperimentConfig:
         )
 
     def validate(self) -> None:
+        """Raise a ConfigError naming the first contradiction or unusable name (before anything runs)."""
+        for v in self.methods + self.ablations:
+            for what, value in (("name", v.name), ("method", v.method)):
+                if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
+                    raise ConfigError(f"experiment {self.name!r}: variant {what} {value!r} is not a plain name (letters, "
+                                      "digits and _ . + = -, no '..' or '/'): it names a folder inside the workspace")
+        for key, values in self.grid.items():
+            for value in values or []:
+                if any(c in str(value) for c in "/\\\0"):
+                    raise ConfigError(f"experiment {self.name!r}: grid {key}: value {value!r} cannot be part of a run's "
+                                      "folder name (it holds a path separator)")
         names = [v.name for v in self.methods + self.ablations]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

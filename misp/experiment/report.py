@@ -67,7 +67,7 @@ def write_report(workspace: Path, out: Path, config: dict, summary_json: dict, c
                  labels: dict | None = None) -> Path:
     """``out`` (markdown) and ``out`` with ``.png`` (the figure) from the workspace's results.jsonl."""
     labels = labels or {}
-    rows = [json.loads(line) for line in (workspace / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (workspace / "results.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
     metrics = config.get("metrics") or DEFAULT_METRICS
     summary = summarise(rows, metrics)
     methods = [v["name"] for v in config["methods"]]

@@ -21,7 +21,7 @@ class ResultsLog:
         self.path = Path(path)
         self.rows: list[dict] = []
         if self.path.exists():
-            for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(self.path.read_text(encoding="utf-8").split("\n"), 1):  # JSON Lines: \n only
                 if line.strip():
                     try:
                         self.rows.append(json.loads(line))

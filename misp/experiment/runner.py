@@ -12,8 +12,14 @@ Order of work (each step resumable; a finished step is never redone):
 4. the report (``misp.experiment.report``).
 
 Every stage is a ``misp`` command run in the experiment's workspace (``misp.pipeline``), the same command
-a user would type. A run whose fit died resumes from its last checkpoint. A changed config, grid value
-or chain output makes exactly the affected runs run again.
+a user would type. A run whose fit died resumes from its last checkpoint. A changed config, data file,
+grid value or chain output makes exactly the affected runs run again.
+
+What is recorded is only what finished: a fit counts once it wrote ``fit_done.json`` (``misp fit`` writes
+it when training reached its end, never when interrupted or failed), and a run's row is written after its
+evaluation. Before the chain runs, every run's command line is parsed as ``misp fit`` would parse it (a
+grid key no method accepts is an error naming the variant and the key), and the workspace is locked
+(``misp.utils.lock``): a second experiment on it is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ import itertools
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from misp.callbacks import FIT_DONE
 from misp.demo import own_data_stages
-from misp.errors import ConfigError
+from misp.errors import ConfigError, UserError
 from misp.experiment.config import ExperimentConfig, Variant
 from misp.experiment.results import ResultsLog, training_curve_summary
 from misp.pipeline import Stage, StageRunner, fingerprint
 from misp.utils.io import atomic_write_json
+from misp.utils.lock import FolderLock
 
 RUNS = Path("runs/shapes/exp")
 """Where the preference runs go, inside the workspace (beside the chain's ``runs/shapes/<stage>``)."""
@@ -67,6 +76,79 @@ class Run:
     @property
     def dir(self) -> Path:
         return RUNS / self.id
+
+
+_REPORT_PREFIXES = ("Parser key", "Does not validate", "Subtypes:", "Errors:", "Given value", "Problem with given",
+                    "Expected a <class 'NoneType'>", "- Expected a <class 'NoneType'>", "Not a valid subclass")
+
+
+def parse_reason(message: str) -> str:
+    """The line of a jsonargparse parse error that says what is wrong (``Option 'kk' is not accepted``)."""
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ").strip()
+        if text and not text.startswith(_REPORT_PREFIXES):
+            return text
+    return message.strip().splitlines()[0] if message.strip() else message
+
+
+def world_file_flag(path: Path) -> str:
+    """How ``misp world`` takes ``path``: ``--world`` for a flat YAML of WorldConfig fields (what
+    ``ExperimentConfig.world`` documents), ``--config`` for one nesting them under ``world:``."""
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"experiment world file {path}: not a readable YAML file ({e})".splitlines()[0]) from None
+    return "--config" if isinstance(content, dict) and isinstance(content.get("world"), dict) else "--world"
+
+
+class _Parsed(Exception):
+    """Raised by :func:`check_fit_command` once the command parsed (nothing is built)."""
+
+
+_ACCEPTED: set[str] = set()
+"""Commands (with their config files' contents) this process has parsed already: an experiment resumed
+or rerun in one process parses each once."""
+
+
+def check_fit_command(args: list[str]) -> None:
+    """Parse ``misp <args>`` as the ``misp`` command would, and run its config checks, building nothing.
+
+    Raises:
+        ConfigError: the command's options are refused; the message is jsonargparse's reason.
+    """
+    key = fingerprint(Stage("check", list(args), Path("-")))
+    if key in _ACCEPTED:
+        return
+    _check_fit_command(args)
+    _ACCEPTED.add(key)
+
+
+def _check_fit_command(args: list[str]) -> None:
+    from jsonargparse import ArgumentError
+
+    from misp.cli import MispCLI
+
+    class ParseOnly(MispCLI):
+        def init_parser(self, **kwargs):
+            return super().init_parser(**kwargs, exit_on_error=False)
+
+        def _set_seed(self) -> None:
+            pass  # parsing only: the global RNGs of this process are left alone
+
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            raise _Parsed
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+            ParseOnly(args=args)
+    except _Parsed:
+        return
+    except ArgumentError as e:
+        raise ConfigError(parse_reason(str(e))) from None
 
 
 class Experiment:
@@ -109,6 +191,24 @@ class Experiment:
         keys = list(self.config.grid)
         return [tuple(zip(keys, combo, strict=True)) for combo in itertools.product(*self.config.grid.values())]
 
+    def check_commands(self) -> None:
+        """Parse every variant's ``misp fit`` command before anything runs: each variant on as many grid
+        points as its longest value list has values (together they hold every grid value), so a grid key or
+        value, a ``set`` key or an ``extra`` file that the method refuses is an error now, not after the chain.
+        """
+        keys = list(self.config.grid)
+        width = max(len(v) for v in self.config.grid.values())
+        points = [tuple((k, self.config.grid[k][i % len(self.config.grid[k])]) for k in keys) for i in range(width)]
+        for variant in self.config.methods + self.config.ablations:
+            for point in points:
+                run = Run(variant, point, self.config.seeds[0], "tune")
+                try:
+                    check_fit_command(["fit", *self.run_args(run, run.dir)])
+                except UserError as e:
+                    shown = ", ".join(f"{k}={v!r}" for k, v in point)
+                    raise ConfigError(f"experiment {self.config.name!r}: variant {variant.name!r} (method "
+                                      f"{variant.method!r}) at grid point {shown}: `misp fit` refuses it: {e}") from None
+
     # the chain -----------------------------------------------------------------------------------------
     def _quick_flags(self, stage: str) -> list[str]:
         epochs = self._quick.chain_epochs.get(stage) if self._quick else None
@@ -117,7 +217,7 @@ class Experiment:
     def chain(self) -> list[Stage]:
         world = ["world", "--out", "worlds/shapes", "--quiet", "true"]
         if self.config.world:
-            world += ["--config", str(self.repo / self.config.world)]
+            world += [world_file_flag(self.repo / self.config.world), str(self.repo / self.config.world)]
         if self._quick:
             world += [f"--{k}={v}" for k, v in self._quick.world.items()]
         sft = ["--config", str(self.configs / "sft.yaml")]
@@ -144,9 +244,12 @@ class Experiment:
     def run_chain(self) -> None:
         force = False
         stamps = []
+        self.check_select_metric()  # a workspace whose base model was validated already: before anything
         for stage in self.chain():
             # A stage that ran changed what every later one reads, so none of their outputs may be reused.
             force = self.runner.run(stage, force) or force
+            if stage.name == "sft-val":
+                self.check_select_metric()  # the first validation results: before the rest of the chain
             stamp = self.runner.stamp_path(stage)
             stamps.append(f"{stage.name}:{stamp.read_text().strip()}:{stamp.stat().st_mtime_ns}")
         # Every run's fingerprint includes this: a rerun chain stage (a new base model) reruns every run.
@@ -189,7 +292,7 @@ class Experiment:
     def stages(self, run: Run) -> tuple[Stage, Stage]:
         """The run's fit and its evaluation (``validate`` for a tuning run, ``test`` otherwise)."""
         fit = Stage(f"{run.id}/fit", ["fit", *self.run_args(run, run.dir), *self._logger_args(run, run.dir, "fit")],
-                    run.dir / "checkpoints/last.ckpt", resume_from=run.dir / "checkpoints/last.ckpt")
+                    run.dir / FIT_DONE, resume_from=run.dir / "checkpoints/last.ckpt")
         split = "val" if run.phase == "tune" else "test"
         root = run.dir / split
         sub, out = ("validate", "validation_results.json") if split == "val" else ("test", "test_results.json")
@@ -218,6 +321,10 @@ class Experiment:
             # A fresh start: no logs or checkpoints of an attempt with other settings may mix into this one.
             shutil.rmtree(self.workspace / run.dir, ignore_errors=True)
         self.runner.run(fit)
+        fit_done = self.workspace / fit.done_when
+        if not fit_done.is_file():
+            raise UserError(f"run {run.id}: `misp fit` exited without writing {fit_done}, so its training did not "
+                            "reach its end; nothing of it is recorded")
         fit_s = time.perf_counter() - start
         self.runner.run(evaluate, force=True)
         row = {
@@ -225,6 +332,7 @@ class Experiment:
             "seed": run.seed, "values": {short_key(k): v for k, v in run.values}, "split": split,
             "metrics": json.loads((self.workspace / evaluate.done_when).read_text()),
             "training": training_curve_summary(self.workspace / run.dir / "logs"),
+            "fit": json.loads(fit_done.read_text()),
             "fit_s": round(fit_s, 1), "eval_s": round(time.perf_counter() - start - fit_s, 1),
             "command": "misp " + " ".join(fit.args), "fingerprint": fp,
         }
@@ -234,6 +342,20 @@ class Experiment:
     def _prune(self, run: Run) -> None:
         if not self.config.keep_checkpoints:
             shutil.rmtree(self.workspace / run.dir / "checkpoints", ignore_errors=True)
+
+    def check_select_metric(self) -> None:
+        """Refuse a ``select_metric`` the validation results do not hold, once the base model's exist.
+
+        Which metrics a validation reports depends on its data (POPE subsets, CHAIR, grounding), so the
+        names are taken from the base model's validation, the chain's first, before any tuning run.
+        """
+        path = self.workspace / "runs/shapes/sft/validation_results.json"
+        if not path.is_file():
+            return
+        metrics = sorted(json.loads(path.read_text()))
+        if self.config.select_metric not in metrics:
+            raise ConfigError(f"experiment {self.config.name!r}: select_metric {self.config.select_metric!r} is not "
+                              f"a validation metric; the validation reports {metrics}")
 
     def choose(self, variant: Variant, rows: list[dict]) -> tuple[tuple[str, Any], ...]:
         """The grid point whose validation ``select_metric`` is best (ties: the first in grid order)."""
@@ -257,8 +379,14 @@ class Experiment:
         return json.loads(path.read_text()).get("timing", {}) if path.exists() else {}
 
     def execute(self) -> dict:
-        start = time.perf_counter()
+        """Run everything not done yet (see the module docstring), holding the workspace's lock."""
+        self.check_commands()
         self.workspace.mkdir(parents=True, exist_ok=True)
+        with FolderLock(self.workspace, self.command or f"misp experiment {self.config.name}"):
+            return self._execute()
+
+    def _execute(self) -> dict:
+        start = time.perf_counter()
         atomic_write_json(self.workspace / "experiment.json", {"command": self.command, "config": asdict(self.config)})
         self.run_chain()
         chain_s = time.perf_counter() - start
@@ -286,6 +414,6 @@ class Experiment:
         timing = {"total_s": round(before.get("total_s", 0.0) + time.perf_counter() - start, 1),
                   "chain_s": round(before.get("chain_s", 0.0) + chain_s, 1), "calls": before.get("calls", 0) + 1}
         summary = {"chosen": {k: {short_key(a): b for a, b in v} for k, v in chosen.items()}, "timing": timing,
-                   "command": self.command}
+                   "command": self.command, "config": asdict(self.config)}
         atomic_write_json(self.workspace / "summary.json", summary)
         return summary

@@ -24,6 +24,7 @@ from transformers import ProcessorMixin
 from misp.batch import ImageInputs
 from misp.models.families import family_for_processor
 from misp.models.families.llava import PROMPT_TEMPLATE, Llava15Family  # noqa: F401  (PROMPT_TEMPLATE: re-exported)
+from misp.utils.text import refuse_special_tokens
 
 IGNORE_INDEX = -100
 """Label of a token that carries no loss (prompt, image and padding tokens)."""
@@ -136,6 +137,11 @@ def encode_example(
             raise ValueError(f"the prompt contains {marker!r} {prompt.count(marker)} times; misp examples have one image")
         if response is not None and marker in response:
             raise ValueError(f"the response contains {marker!r}; only the prompt holds the image")
+    # Special-token strings inside data text are refused (misp.utils.text's rule), never tokenised as tokens;
+    # checked on the data's own text, before any template adds the family's special tokens.
+    refuse_special_tokens(tokenizer, prompt, "the prompt", allowed=image_token if image_token in prompt else "<image>")
+    if response is not None:
+        refuse_special_tokens(tokenizer, response, "the response")
     text = family.format_prompt(processor, prompt)
     fixed = family.fixed_image_tokens(processor)
     if fixed is not None:

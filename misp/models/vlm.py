@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, ProcessorMixin
 
+from misp.errors import CheckpointError
 from misp.models.families import LANGUAGE_MODEL_PROJECTIONS, ModelFamily, family_for_path
 from misp.models.quantized import keep_4bit_trainable
 from misp.models.tokenizer import read_vocabulary
@@ -245,7 +247,16 @@ def _from_pretrained(path: str, spec: VLMSpec) -> tuple[nn.Module, ProcessorMixi
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path, **hub_kwargs, **_pixel_bounds(spec, family))
-    except OSError as e:
+    except Exception as e:
+        if "Weights only load failed" in str(e) or isinstance(e, pickle.UnpicklingError):
+            files = sorted(p.name for p in Path(path).glob("*.bin")) if local else []
+            raise CheckpointError(
+                f"model {path}: {', '.join(files) or 'a weights file'} holds objects other than tensors, so misp will "
+                "not unpickle it (weights_only=True); it was not written by misp or transformers: re-export the "
+                "model, preferably as safetensors"
+            ) from None
+        if not isinstance(e, OSError):
+            raise
         if local:
             raise OSError(f"could not load a {family.name} model and processor from the folder {path}: {e}") from e
         raise _missing_path_error(path, e) from e
@@ -344,7 +355,12 @@ def load_vlm(spec: VLMSpec) -> tuple[nn.Module, ProcessorMixin]:
         model, processor = _from_pretrained(spec.path, spec)
         adapter = spec.adapter
         saved_adapter = Path(os.path.expanduser(spec.path)) / ADAPTER_SUBDIR
-        if adapter is None and (saved_adapter / "adapter_config.json").is_file():
+        if adapter is None and saved_adapter.is_dir():
+            # An export's adapter/ folder without its config would otherwise load as the plain base, silently.
+            if not (saved_adapter / "adapter_config.json").is_file():
+                raise CheckpointError(f"export {spec.path}: its adapter folder {saved_adapter} lacks adapter_config.json, "
+                                      "so the trained LoRA cannot be loaded (only the untrained base would be); "
+                                      "restore the file or export the run again")
             adapter = str(saved_adapter)
 
     trainable = spec.lora is not None
@@ -361,8 +377,15 @@ def load_vlm(spec: VLMSpec) -> tuple[nn.Module, ProcessorMixin]:
             raise FileNotFoundError(f"adapter {adapter!r} has no adapter_config.json (not a peft LoRA folder)")
         if trainable:
             log.info("continuing to train the LoRA adapter in %s (its own rank and alpha; spec.lora's are unused)", adapter)
-        with _quiet_peft():
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        try:
+            with _quiet_peft():
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):
+                raise
+            detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+            raise CheckpointError(f"adapter {adapter}: made for a base of another width than {spec.path or 'the tiny model'} "
+                                  f"({detail[:300]})") from None
     elif trainable:
         from peft import get_peft_model
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from misp.data.images import load_rgb
 from misp.utils.cache import cached
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: images are turned upright by their EXIF orientation (misp.data.images.load_rgb)
 
 
 class _ImageFiles(Dataset):

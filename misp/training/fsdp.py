@@ -7,6 +7,9 @@ Lightning's own ``FSDPStrategy`` loads a sharded checkpoint into *every* key of 
 ones that were left out; this subclass loads the keys the checkpoint has, checks that every trainable one
 is among them, and keeps the rest as loaded from the base.
 
+Every file of a sharded checkpoint is read safely: ``meta.pt`` with ``weights_only=True`` and ``.metadata``
+through ``misp.checkpoints.read_dcp_metadata`` (torch's own reader would ``pickle.load`` it).
+
 Everything else is Lightning's ``FSDPStrategy`` unchanged (same arguments, same checkpoint layout).
 """
 
@@ -23,14 +26,12 @@ from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 from lightning.pytorch.trainer.states import TrainerFn
 
-_METADATA_FILENAME = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+from misp.checkpoints import read_checkpoint, read_dcp_metadata, safe_file_system_reader
 
 
 def saved_model_keys(path: Path) -> set[str]:
     """The model keys a sharded (torch.distributed.checkpoint) checkpoint folder holds."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = FileSystemReader(path).read_metadata().state_dict_metadata
+    keys = read_dcp_metadata(path).state_dict_metadata
     return {k.removeprefix("model.") for k in keys if k.startswith("model.")}
 
 
@@ -91,7 +92,7 @@ class FSDPStrategy(LightningFSDPStrategy):
         if not _is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
 
-        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
         from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -108,10 +109,12 @@ class FSDPStrategy(LightningFSDPStrategy):
         with _get_sharded_state_dict_context(self.model):
             # Start from the model's own state, so the keys left out of the checkpoint keep the base's values.
             module_state = {"model": self.model.state_dict()}
-            load(module_state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            # Every read of the folder's .metadata goes through misp's restricted unpickler, never pickle.load.
+            load(module_state, storage_reader=safe_file_system_reader(path),
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
             self.model.load_state_dict(module_state["model"], strict=False)
             if module.trainer.state.fn == TrainerFn.FITTING and self.optimizers:
-                reader = FileSystemReader(path=path)
+                reader = safe_file_system_reader(path)
                 for idx, optimizer in enumerate(self.optimizers):
                     key = f"optimizer_{idx}"
                     state = load_sharded_optimizer_state_dict(
@@ -120,4 +123,4 @@ class FSDPStrategy(LightningFSDPStrategy):
                     optimizer.load_state_dict(
                         FSDP.optim_state_dict_to_load(optim_state_dict=state[key], model=self.model, optim=optimizer)
                     )
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        return read_checkpoint(path)  # meta.pt with weights_only=True, whatever Lightning asked
