@@ -96,14 +96,14 @@ def test_lora_reference_stays_the_base_while_the_policy_moves(tiny_world, vlm_di
 
     def logps():
         with torch.no_grad():
-            return module._logps(module.model, rows, batch["pixel_values"]), module._reference_logps(batch, rows)
+            return module._logps(module.model, rows, batch.images.tensors["pixel_values"]), module._reference_logps(batch, rows)
 
     policy0, ref0 = logps()
     torch.testing.assert_close(policy0, ref0)  # LoRA B starts at zero: policy == reference
     optimizer = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
     for _ in range(3):
         optimizer.zero_grad()
-        module._logps(module.model, rows, batch["pixel_values"]).sum().backward()
+        module._logps(module.model, rows, batch.images.tensors["pixel_values"]).sum().backward()
         optimizer.step()
     policy1, ref1 = logps()
     assert not torch.allclose(policy1, policy0)

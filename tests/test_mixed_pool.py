@@ -94,8 +94,8 @@ def test_the_sae_selects_renders_and_the_sae_source_draws_them(tiny_world, clip_
         assert [c.paths[i].resolve() in renders_of[r] for i in picked] == own[r, : len(picked)].tolist()
     drawn = dm.draws_for_epoch(0)
     chosen = [{str(c.paths[i]) for i in row.tolist() if i >= 0} for row in sel.pool_index]
-    assert all(set(s) <= ch for s, ch in zip(drawn.specs, chosen, strict=True))
-    assert any(Path(s).resolve() in renders_of[r] for r, specs in enumerate(drawn.specs) for s in specs)
+    assert all({ref.path for ref in refs} <= ch for refs, ch in zip(drawn.refs, chosen, strict=True))
+    assert any(Path(ref.path).resolve() in renders_of[r] for r, refs in enumerate(drawn.refs) for ref in refs)
 
 
 def test_the_random_source_draws_from_the_mixed_list(tiny_world, clip_dir, tmp_path):
@@ -104,7 +104,7 @@ def test_the_random_source_draws_from_the_mixed_list(tiny_world, clip_dir, tmp_p
     drawn = dm.draws_for_epoch(0)
     n_valid = (dm.candidates.indices >= 0).sum(1, keepdim=True).double()
     torch.testing.assert_close(drawn.log_q.double(), (-n_valid.log()).expand_as(drawn.log_q), atol=1e-6, rtol=0)
-    assert any(Path(s).resolve() in renders_of[r] for r, specs in enumerate(drawn.specs) for s in specs)
+    assert any(Path(ref.path).resolve() in renders_of[r] for r, refs in enumerate(drawn.refs) for ref in refs)
 
 
 def test_the_setting_keys_the_caches(tiny_world, clip_dir, sae_dir, tmp_path, monkeypatch):

@@ -387,7 +387,7 @@ def test_encoding_errors_name_file_line_and_record(tmp_path, tiny_world, vlm_dir
     with caplog.at_level(logging.WARNING):
         dm.setup("fit")
     assert "skipped 1 of 8 records in" in caplog.text and "cannot be encoded" in caplog.text
-    served = [r for batch in dm.train_dataloader() for r in batch["ids"]]
+    served = [r for batch in dm.train_dataloader() for r in batch.ids]
     assert sorted(served) == sorted(r["id"] for i, r in enumerate(rows) if i != 3)
 
 

@@ -6,8 +6,9 @@ process per node and is cached, so every rank then loads identical results in ``
 configured source, the ``sae`` source through the DPO module's current proposal q_phi.
 
 In ``mode: sae`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule; in
-``mode: dpo`` collated VLM batches for MISPDPOModule (``chosen_*``, ``rejected_*``, ``pixel_values`` of
-the B positives then the B*K negatives, ``log_q``, ``draw_index``, ``features``, ``ids``, ...).
+``mode: dpo`` a ``misp.batch.PreferenceBatch`` per step for MISPDPOModule (``misp.data.collate``). What the
+module needs from it (the evaluation sets, the negatives' source and K, q_phi's features by record, the
+difference vectors) it hands over once, in ``attach`` (``misp.data.handshake``).
 """
 
 from __future__ import annotations
@@ -22,30 +23,26 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from misp.batch import NegativeRef
+from misp.data.collate import PreferenceEpoch, collate_preferences
 from misp.data.encoding import encode_records
 from misp.data.eval_data import EvalData, eval_dataloaders
-from misp.data.handshake import AttachesToModule
-from misp.data.images import load_rgb
-from misp.data.pixel_cache import PixelCache, pixel_values
+from misp.data.handshake import (
+    AttachesToModule,
+    DataDescription,
+    DifferenceVectors,
+    NegativesDescription,
+    ProposalFeatures,
+)
+from misp.data.pixel_cache import PixelCache
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from misp.models.clip import ClipSpec, load_clip
-from misp.models.prompting import (
-    collate_examples,
-    encode_example,
-    encode_preference_records,
-)
+from misp.models.prompting import encode_example, encode_preference_records
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
-from misp.negatives.sources import (
-    DrawContext,
-    NegativeDraws,
-    get_source,
-    materialise,
-    names_file,
-    uniform_log_q,
-)
+from misp.negatives.sources import DrawContext, NegativeDraws, get_source, uniform_log_q
 from misp.sae.io import SAEFormatError, load_sae
 from misp.training.hparams import save_plain_hyperparameters
 
@@ -61,39 +58,6 @@ class _DifferenceVectors(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.pairs[i]
-
-
-class _PreferenceEpoch(Dataset):
-    """One epoch of preference examples, each with its K drawn negatives (records encoded as None are left out).
-
-    The positive and the negatives that are files come as paths, decoded by the collate only when its pixel
-    cache misses; negatives a source makes from the positive (crop, noise) come as images, made afresh.
-    """
-
-    def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, extra_keys) -> None:
-        self.records, self.encoded, self.draws = records, encoded, draws
-        self.features, self.feature_mask, self.extra_keys = features, feature_mask, extra_keys
-        self.kept = [i for i, e in enumerate(encoded) if e is not None]
-
-    def __len__(self) -> int:
-        return len(self.kept)
-
-    def __getitem__(self, j: int) -> dict:
-        i = self.kept[j]
-        r = self.records[i]
-        specs = self.draws.specs[i] if self.draws is not None else []
-        return {
-            "id": r.id,
-            "chosen": self.encoded[i][0],
-            "rejected": self.encoded[i][1],
-            "positive": Path(r.image),
-            "negatives": [Path(s) if names_file(s) else materialise(s, r.image, load_rgb) for s in specs],
-            "negative_keys": list(specs),
-            "log_q": self.draws.log_q[i] if self.draws is not None else torch.zeros(0),
-            "draw_index": self.draws.draw_index[i] if self.draws is not None else torch.zeros(0, dtype=torch.long),
-            "features": self.features[i] if self.features is not None else None,
-            "feature_mask": self.feature_mask[i] if self.feature_mask is not None else None,
-        }
 
 
 class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
@@ -287,8 +251,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self._mine(progress=False)
         if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
-            if getattr(self.attached_module("processor"), "processor", None) is None:
-                raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
+            self.processor = self.module_value("processor")
             h = self.hparams
             # Errors in a record's text name the file, line and record (encode_records, which encodes each
             # pair once); then each kept pair is judged against max_length as one (truncation). A record
@@ -302,6 +265,25 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             self.encoded = [None] * len(self.records)
             for i, pair in zip(kept, pairs, strict=True):
                 self.encoded[i] = pair
+
+    # the handshake: what the module learns of this data ------------------------------------------
+    def describe(self) -> DataDescription:
+        """The evaluation sets, and the negatives (DPO mode) or the difference vectors (SAE mode)."""
+        description = super().describe()
+        if self.hparams.mode == "sae":
+            description.differences = DifferenceVectors(
+                dim=lambda: self.difference_dim, sample=self.sample_differences, metadata=self.sae_metadata
+            )
+        else:
+            description.negatives = NegativesDescription(self.hparams.source, self.k, self.proposal_features)
+        return description
+
+    def proposal_features(self) -> ProposalFeatures | None:
+        """q_phi's features of every record's selected negatives, by record id (None without an SAE selection)."""
+        sel = self.selection
+        if sel is None:
+            return None
+        return ProposalFeatures(sel.features, sel.valid, {r.id: i for i, r in enumerate(self.records)})
 
     # SAE mode -------------------------------------------------------------------------------------
     @property
@@ -336,9 +318,9 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def _proposal_log_q(self) -> torch.Tensor:
         """log q over each record's M selected negatives from the module's current q_phi (uniform without one)."""
         sel = self.selection
-        module = self._attached_module
+        read = self._module_values.proposal_log_q if self._module_values is not None else None
         # The module gathers q_phi when it is sharded; every rank builds its dataloader, so all take part.
-        log_q = module.proposal_log_q(sel.features, sel.valid) if hasattr(module, "proposal_log_q") else None
+        log_q = read(sel.features, sel.valid) if read is not None else None
         return uniform_log_q(sel.valid) if log_q is None else log_q
 
     def draws_for_epoch(self, epoch: int) -> NegativeDraws | None:
@@ -359,21 +341,21 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def _draw_context(self, epoch: int) -> DrawContext:
         h = self.hparams
 
-        def paths(index: torch.Tensor) -> list[list[str]]:
+        def refs(index: torch.Tensor) -> list[list[NegativeRef | None]]:
             # Candidate indices name the pool's images and then the records' own (mining.record_candidates).
             files = self.candidates.paths
-            return [[str(files[i]) if i >= 0 else "" for i in row.tolist()] for row in index]
+            return [[NegativeRef(h.source, str(files[i]), i) if i >= 0 else None for i in row.tolist()] for row in index]
 
         return DrawContext(
-            ids=[r.id for r in self.records], k=h.k, seed=h.seed,
-            candidate_paths=lambda: paths(self.candidates.indices),
+            ids=[r.id for r in self.records], k=h.k, seed=h.seed, source=h.source,
+            candidate_refs=lambda: refs(self.candidates.indices),
             candidate_valid=lambda: self.candidates.indices >= 0,
-            selected_paths=lambda: paths(self.selection.pool_index),
+            selected_refs=lambda: refs(self.selection.pool_index),
             proposal_log_q=lambda: self._epoch_proposal_log_q(epoch),
             record_lists=self._record_lists,
         )
 
-    def _record_lists(self, kind: str) -> list[list[str]]:
+    def _record_lists(self, kind: str) -> list[list[NegativeRef]]:
         """The image lists records carry (``given`` negatives, counterfactual renders); warns once when some
         hold fewer than K, since their draws then repeat."""
         h = self.hparams
@@ -385,7 +367,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                 "source=%r: %d of %d records in %s have fewer than k=%d negatives (e.g. %s): their draws repeat "
                 "negatives", h.source, len(short), len(lists), h.records_file, h.k, short[:3],
             )
-        return lists
+        return [[NegativeRef(h.source, path) for path in x] for x in lists]
 
     # degenerate settings: the run is correct, but not what the config suggests ----------------------
     def _warn_small_pool(self) -> None:
@@ -421,21 +403,6 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         root = Path(self.hparams.image_root) if self.hparams.image_root else Path(self.hparams.records_file).parent
         return [str(root / p) for p in record.meta.get("counterfactuals", [])]
 
-    def _dpo_collate(self, items: list[dict]) -> dict:
-        pad = self.processor.tokenizer.pad_token_id
-        batch = {f"chosen_{k}": v for k, v in collate_examples([it["chosen"] for it in items], pad).items()}
-        batch |= {f"rejected_{k}": v for k, v in collate_examples([it["rejected"] for it in items], pad).items()}
-        images = [it["positive"] for it in items] + [img for it in items for img in it["negatives"]]
-        batch["pixel_values"] = pixel_values(self.processor, images, self.pixel_cache)
-        batch["log_q"] = torch.stack([it["log_q"] for it in items]).float()
-        batch["draw_index"] = torch.stack([it["draw_index"] for it in items])
-        if items[0]["features"] is not None:
-            batch["features"] = torch.stack([it["features"] for it in items])
-            batch["feature_mask"] = torch.stack([it["feature_mask"] for it in items])
-        batch["ids"] = [it["id"] for it in items]
-        batch["negative_keys"] = [it["negative_keys"] for it in items]
-        return batch
-
     # dataloaders ----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -445,18 +412,15 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                               num_workers=h.num_workers, collate_fn=self._pairs_collate)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         draws = self.draws_for_epoch(epoch)
-        sel = self.selection
-        dataset = _PreferenceEpoch(
-            self.records, self.encoded, draws,
-            sel.features if sel is not None else None, sel.valid if sel is not None else None, None,
-        )
+        dataset = PreferenceEpoch(self.records, self.encoded, draws)
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
         # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches; resumed
         # mid-epoch, it starts after the batches the checkpoint had done.
         sampler = EpochShuffleSampler(len(dataset), h.seed, epoch, skip=self._resumed_batches(epoch) * h.batch_size)
         return ResumableDataLoader(dataset, batch_size=h.batch_size, sampler=sampler, drop_last=False,
-                                   num_workers=h.num_workers, collate_fn=self._dpo_collate)
+                                   num_workers=h.num_workers,
+                                   collate_fn=partial(collate_preferences, processor=self.processor, cache=self.pixel_cache))
 
     def _resumed_batches(self, epoch: int) -> int:
         """Batches of ``epoch`` done before the checkpoint this run resumed from (0 otherwise; used once).

@@ -2,7 +2,8 @@
 
 Every epoch of the SFT stage decodes the same PNGs and runs the CLIP image processor on them again (about
 an eighth of the stage, docs/performance.md section 4); the preference data does the same for each
-record's positive and for pool negatives drawn again. :func:`pixel_values` looks each image file up in a
+record's positive and for pool negatives drawn again. :func:`image_inputs` (the one way a batch's images
+are made) and :func:`pixel_values` look each image file up in a
 :class:`PixelCache` first and decodes and preprocesses only the misses.
 
 The cache is bounded in bytes, not unbounded, because it holds float32 pixels: a preprocessed LLaVA-1.5
@@ -30,8 +31,9 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
+from misp.batch import ImageInputs
 from misp.data.images import load_rgb
-from misp.models.prompting import preprocess_images
+from misp.models.prompting import num_image_tokens, preprocess_images
 
 ImageRef = str | os.PathLike | Image.Image
 """An image file (cacheable, by its path) or an image already in memory (never cached)."""
@@ -175,3 +177,19 @@ def pixel_values(processor: ProcessorMixin, images: Sequence[ImageRef], cache: P
                 cache.put(os.fspath(ref), fresh[j])
     return out
 
+
+
+def image_inputs(processor: ProcessorMixin, images: Sequence[ImageRef], cache: PixelCache | None = None) -> ImageInputs:
+    """A batch's images as the model takes them: the one function every preference batch is built by.
+
+    LLaVA-style processors: ``tensors={"pixel_values": [U, 3, H, W]}`` (:func:`pixel_values`, reusing
+    ``cache`` for files) and every image ``num_image_tokens(processor)`` tokens long (a fixed count).
+
+    Args:
+        processor: the model's processor.
+        images: image files and PIL images, in the batch's order (positives, then negatives).
+        cache: where files' pixels are kept between calls (None: nothing cached).
+    """
+    values = pixel_values(processor, images, cache)
+    tokens = torch.full((len(images),), num_image_tokens(processor), dtype=torch.long)
+    return ImageInputs({"pixel_values": values}, tokens)

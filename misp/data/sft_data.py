@@ -76,7 +76,7 @@ class SFTDataModule(AttachesToModule, L.LightningDataModule):
         self.pixel_cache = PixelCache.from_mb(image_cache_mb)
 
     def setup(self, stage: str) -> None:
-        self.processor = self.attached_module("processor").processor
+        self.processor = self.module_value("processor")
         if stage == "fit" and self.train_set is None:
             h = self.hparams
             read = read_sft_records(Path(h.train_file), image_root=h.image_root, on_bad_record=h.on_bad_record)

@@ -47,6 +47,12 @@ class ContrastiveCLIPModule(L.LightningModule):
         self.loss_fn = ClipLoss()
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
 
+    def data_values(self):
+        """The handshake (``misp.data.handshake``): the data prepares images and captions with the CLIP bundle."""
+        from misp.data.handshake import ModuleValues
+
+        return ModuleValues(clip=self.bundle)
+
     @property
     def preprocess(self):
         return self.bundle.preprocess
