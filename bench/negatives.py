@@ -93,7 +93,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="misp-bench-neg-") as tmp:
         build_model(cfg["model"], f"{tmp}/model")
         modules = {loss: MISPDPOModule(VLMSpec(path=f"{tmp}/model"), objective=PreferenceObjective.preset(loss))
-                   for loss in ("dpo", "misp")}
+                   for loss in ("dpo", "misp_dpo")}
     for module in modules.values():
         module.train()
     processor = modules["dpo"].processor

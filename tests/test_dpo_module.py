@@ -142,7 +142,7 @@ class _Crash(L.Callback):
 
 def _misp_run(root: Path, tiny_world, clip_dir, sae_dir, vlm_dir, crash=False, ckpt_path=None) -> list[dict]:
     L.seed_everything(0)
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"), lr=1e-3)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), lr=1e-3)
     dm = NegativeSamplerDataModule(
         records_file=str(tiny_world / "pref.jsonl"), source="sae", k=3, pool=str(tiny_world / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(sae_dir), mining=MINING, batch_size=8,
@@ -285,7 +285,7 @@ def test_gradient_diagnostics_leave_the_steps_gradients_unchanged(tiny_world, vl
 
 
 def test_gradient_diagnostics_leave_the_proposal_term_out(vlm_dir):
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"),
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"),
                            diagnostics_every_n_steps=1)
     w = module.trainable_parameters()[0]
     q = next(module.proposal.parameters())

@@ -176,7 +176,7 @@ def test_merge_keeps_an_own_image_that_is_also_retrieved_once():
 @pytest.mark.slow
 def test_misp_dpo_trains_on_the_mixed_pool(tiny_world, clip_dir, sae_dir, vlm_dir, tmp_path):
     L.seed_everything(0)
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"), lr=1e-3)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), lr=1e-3)
     dm = NegativeSamplerDataModule(
         records_file=str(tiny_world / "pref.jsonl"), source="sae", k=3, pool=str(tiny_world / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(sae_dir), mining=MIXED, batch_size=8,

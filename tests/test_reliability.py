@@ -241,7 +241,7 @@ def test_proposal_eps_zero_is_a_warning(vlm_dir, caplog):
     from misp.dpo import MISPDPOModule, PreferenceObjective
     from misp.models.vlm import VLMSpec
 
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"), proposal_eps=0.0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), proposal_eps=0.0)
     with caplog.at_level(logging.WARNING):
         SettingsCheck().on_fit_start(None, module)
     assert "model.init_args.proposal_eps is 0" in caplog.text and "unbounded" in caplog.text

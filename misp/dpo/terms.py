@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from misp.losses import anchor_loss, dpo_loss, importance_weight_stats, plackett_luce_loss, proposal_loss
+from misp.losses import anchor_loss, dpo_loss, importance_weight_stats, plackett_luce_from_advantages, proposal_loss
 
 
 @dataclass
@@ -128,7 +128,8 @@ class PlackettLuce(LossTerm):
     def __call__(self, x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
         p, r = x.policy, x.reference
         log_q = x.log_q if self.importance_sampling else None
-        losses = plackett_luce_loss(p.chosen, p.negatives, r.chosen, r.negatives, x.beta, log_q=log_q)
+        # The advantages computed once for the step (TermInputs), with their gradient.
+        losses = plackett_luce_from_advantages(x.advantages, log_q)
         a = x.advantages.detach()
         metrics = {
             "rewards/img_pos": (x.beta * (p.chosen - r.chosen)).detach().mean(),
@@ -210,12 +211,6 @@ def sum_terms(weighted: dict[str, Tensor]) -> Tensor:
     return total
 
 
-def term_losses(terms: list[LossTerm], x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of every term's per-example losses ``[B]`` and all their metrics."""
-    weighted, metrics = weighted_term_losses(terms, x)
-    return sum_terms(weighted), metrics
-
-
 def uses_negatives(terms: list[LossTerm]) -> bool:
     return any(t.needs_negatives for t in terms)
 
@@ -229,7 +224,6 @@ __all__ = [
     "TermInputs",
     "TextDPO",
     "sum_terms",
-    "term_losses",
     "uses_negatives",
     "weighted_term_losses",
 ]
