@@ -227,7 +227,6 @@ def derive_run_dirs(config) -> None:
     Logs go to ``<root>/logs`` (CSV), checkpoints to ``<root>/checkpoints``, the trained model to
     ``<root>/export``; so a method config names its run once. Anything a config sets is kept.
     """
-    from jsonargparse import Namespace
 
     trainer = getattr(config, "trainer", None)
     root = getattr(trainer, "default_root_dir", None) if trainer is not None else None
@@ -256,7 +255,7 @@ def check_configured_method(config) -> None:
     data_args = getattr(data, "init_args", None)
     objective = getattr(model_args, "objective", None) if model_args is not None else None
     source = getattr(data_args, "source", None) if data_args is not None else None
-    if objective is None or source is None or getattr(data_args, "mode", "dpo") != "dpo":
+    if objective is None or source is None or getattr(data_args, "serve", "preferences") != "preferences":
         return
     as_dict = objective.as_dict() if hasattr(objective, "as_dict") else vars(objective)
     check_method(build_objective(as_dict), source, int(getattr(data_args, "k", 0)))

@@ -21,7 +21,6 @@ __all__ = [
     "dpo_loss",
     "image_advantages",
     "importance_weight_stats",
-    "plackett_luce_from_advantages",
     "plackett_luce_loss",
     "proposal_loss",
 ]
@@ -172,11 +171,6 @@ def plackett_luce_loss(
         ``[B]`` losses.
     """
     a = image_advantages(policy_pos_logps, policy_neg_logps, ref_pos_logps, ref_neg_logps, beta)
-    return plackett_luce_from_advantages(a, log_q, mask)
-
-
-def plackett_luce_from_advantages(a: Tensor, log_q: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-    """:func:`plackett_luce_loss` from image advantages ``a [B, K]`` computed once (``image_advantages``)."""
     _check_mask("plackett_luce_loss", mask, a.shape)
     if log_q is not None:
         _check_same_shape("plackett_luce_loss", a.shape, log_q=log_q)

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 import yaml
 from PIL import ImageOps
 
+from misp import methods
 from misp.cli import main
 from misp.demo import method_configs
 from misp.dpo.method import MethodError, check_method, method_problems
-from misp import methods
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, build_objective, preference_loss
-from misp.errors import ConfigError
 from misp.dpo.terms import LossTerm, PlackettLuce, TermInputs, TextDPO
+from misp.errors import ConfigError
 from misp.losses import anchor_loss, dpo_loss, plackett_luce_loss, proposal_loss
 from misp.negatives.sources import REGISTRY, NegativeSource, register_source, transform_draws
 

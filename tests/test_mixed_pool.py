@@ -134,7 +134,7 @@ def test_the_setting_keys_the_caches(tiny_world, clip_dir, sae_dir, tmp_path, mo
 
 
 def test_sae_mode_trains_on_the_mixed_differences(tiny_world, clip_dir, tmp_path):
-    dm = make(tiny_world, clip_dir, tmp_path, mode="sae", sae_batch_size=16)
+    dm = make(tiny_world, clip_dir, tmp_path, serve="differences", sae_batch_size=16)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (16, dm.difference_dim) and torch.isfinite(batch).all()

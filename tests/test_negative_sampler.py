@@ -29,7 +29,7 @@ def make(tiny_world, tmp_path, **kwargs) -> NegativeSamplerDataModule:
 
 
 def test_sae_mode_serves_exact_difference_vectors(tiny_world, clip_dir, tmp_path):
-    dm = make(tiny_world, tmp_path, mode="sae", pool=str(tiny_world / "pool.jsonl"),
+    dm = make(tiny_world, tmp_path, serve="differences", pool=str(tiny_world / "pool.jsonl"),
               clip=ClipSpec(checkpoint=str(clip_dir)), sae_batch_size=16)
     dm.prepare_data()
     dm.setup("fit")
@@ -50,7 +50,7 @@ def test_sae_mode_serves_exact_difference_vectors(tiny_world, clip_dir, tmp_path
 def test_mining_is_cached_and_rebuilt_when_the_pool_changes(tiny_world, clip_dir, tmp_path, monkeypatch):
     import misp.negatives.mining as mining
 
-    kwargs = dict(mode="sae", pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)))
+    kwargs = dict(serve="differences", pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)))
     make(tiny_world, tmp_path, **kwargs).prepare_data()
     calls = []
     real = mining.retrieve_candidates

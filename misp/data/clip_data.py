@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from misp.data.handshake import AttachesToModule
-from misp.data.images import load_rgb
 from misp.data.records import CaptionRecord, read_caption_records
+from misp.images import load_rgb
 from misp.models.clip import train_transform
 
 

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from misp.batch import PreferenceBatch, TokenRows
-from misp.data.images import load_rgb
 from misp.data.pixel_cache import PixelCache, image_inputs
+from misp.images import load_rgb
 from misp.models.prompting import collate_examples
 from misp.negatives.sources import NegativeDraws, materialise
 

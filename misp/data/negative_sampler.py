@@ -5,8 +5,8 @@ process per node and is cached, so every rank then loads identical results in ``
 (``reload_dataloaders_every_n_epochs=1``) ``train_dataloader`` draws K negatives per record from the
 configured source, the ``sae`` source through the DPO module's current proposal q_phi.
 
-In ``mode: sae`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule; in
-``mode: dpo`` a ``misp.batch.PreferenceBatch`` per step for MISPDPOModule (``misp.data.collate``). What the
+With ``serve: differences`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule;
+with ``serve: preferences`` a ``misp.batch.PreferenceBatch`` per step for MISPDPOModule (``misp.data.collate``). What the
 module needs from it (the evaluation sets, the negatives' source and K, q_phi's features by record, the
 difference vectors) it hands over once, in ``attach`` (``misp.data.handshake``).
 """
@@ -39,12 +39,12 @@ from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
+from misp.hparams import save_plain_hyperparameters
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.prompting import encode_example, encode_preference_records
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source, uniform_log_q
 from misp.sae.io import SAEFormatError, load_sae
-from misp.training.hparams import save_plain_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,14 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
 
     Args:
         records_file: preference records (JSON Lines or a JSON array; see ``layout``).
-        mode: ``dpo`` serves VLM batches; ``sae`` serves difference vectors for SAEModule.
+        serve: what the dataloaders yield: ``preferences`` (preference batches for MISPDPOModule) or
+            ``differences`` (CLIP-space difference vectors for SAEModule). Not to be confused with
+            ``source: sae``, the negatives an SAE selected.
         source: where negatives come from, a name in ``misp.negatives.sources.REGISTRY``: sae, random,
             counterfactual, given, crop, noise or none (or one registered by the user).
         k: negatives drawn per record per epoch (with replacement for the pool sources).
         pool: the candidate pool: a JSON Lines file with ``image`` rows, or a folder of images.
-        clip: the CLIP that embeds records and pool (needed by the sae and random sources and SAE mode).
+        clip: the CLIP that embeds records and pool (needed by the sae and random sources and to serve differences).
         sae_path: a directory written by SAEModule's export (needed by the sae source).
         mining: retrieval and selection settings; ``mining.record_candidates`` adds each record's own images
             (counterfactual renders or its ``negatives``) to its retrieved candidates (the mixed pool).
@@ -106,7 +108,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def __init__(
         self,
         records_file: str,
-        mode: Literal["dpo", "sae"] = "dpo",
+        serve: Literal["preferences", "differences"] = "preferences",
         source: str = "sae",
         k: int = 3,
         pool: str | None = None,
@@ -134,12 +136,12 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         super().__init__()
         save_plain_hyperparameters(self)
         negatives = get_source(source)
-        needs_pool = mode == "sae" or negatives.needs_pool
+        needs_pool = serve == "differences" or negatives.needs_pool
         if needs_pool and (pool is None or clip is None):
-            raise ValueError(f"mode={mode!r} source={source!r} needs both `pool` and `clip`")
-        if mode == "dpo" and negatives.needs_sae and sae_path is None:
+            raise ValueError(f"serve={serve!r} source={source!r} needs both `pool` and `clip`")
+        if serve == "preferences" and negatives.needs_sae and sae_path is None:
             raise ValueError(f"source={source!r} needs `sae_path` (the export_dir of a trained SAEModule)")
-        if mode == "dpo" and negatives.draws_negatives and k < 1:
+        if serve == "preferences" and negatives.draws_negatives and k < 1:
             raise ValueError(f"k must be >= 1 for source={source!r}")
         # Dataclass arguments are kept as given: under LightningCLI `hparams` holds their raw dict form.
         self.clip = clip
@@ -173,7 +175,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         h = self.hparams
         if self.records is None:
             self.records = self._read_records()
-        if not (h.mode == "sae" or get_source(h.source).needs_pool):
+        if not (h.serve == "differences" or get_source(h.source).needs_pool):
             self._warn_unused_record_candidates()
             return
         if self.candidates is not None:
@@ -186,7 +188,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
             self.mining, self._cache_dir(), progress=progress, own_images=own,
         )
-        if h.mode == "dpo" and get_source(h.source).needs_sae:
+        if h.serve == "preferences" and get_source(h.source).needs_sae:
             sae, meta = load_sae(h.sae_path)
             expected = self.candidates.joint.metadata()
             if meta.get("joint") is None:
@@ -241,7 +243,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             self._warned_unused_own = True
             log.warning(
                 "mining.record_candidates=%r has no effect with source=%r, which mines no candidates (it applies "
-                "to the sae and random sources and to SAE mode)", self.mining.record_candidates, self.hparams.source,
+                "to the sae and random sources and to serve: differences)", self.mining.record_candidates, self.hparams.source,
             )
 
     def prepare_data(self) -> None:
@@ -250,7 +252,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._mine(progress=False)
-        if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
+        if self.hparams.serve == "preferences" and stage == "fit" and not hasattr(self, "encoded"):
             self.processor = self.module_value("processor")
             h = self.hparams
             # Errors in a record's text name the file, line and record (encode_records, which encodes each
@@ -268,9 +270,9 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
 
     # the handshake: what the module learns of this data ------------------------------------------
     def describe(self) -> DataDescription:
-        """The evaluation sets, and the negatives (DPO mode) or the difference vectors (SAE mode)."""
+        """The evaluation sets, and the negatives (serving preferences) or the difference vectors."""
         description = super().describe()
-        if self.hparams.mode == "sae":
+        if self.hparams.serve == "differences":
             description.differences = DifferenceVectors(
                 dim=lambda: self.difference_dim, sample=self.sample_differences, metadata=self.sae_metadata
             )
@@ -285,7 +287,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             return None
         return ProposalFeatures(sel.features, sel.valid, {r.id: i for i, r in enumerate(self.records)})
 
-    # SAE mode -------------------------------------------------------------------------------------
+    # serving differences (SAEModule) --------------------------------------------------------------
     @property
     def difference_dim(self) -> int:
         self._mine(progress=self.hparams.progress)
@@ -314,7 +316,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def _pairs_collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         return self.candidates.pair_differences(torch.stack(items))
 
-    # DPO mode -------------------------------------------------------------------------------------
+    # serving preferences (MISPDPOModule) ----------------------------------------------------------
     def _proposal_log_q(self) -> torch.Tensor:
         """log q over each record's M selected negatives from the module's current q_phi (uniform without one)."""
         sel = self.selection
@@ -384,7 +386,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         """Warn once, with the count, when K exceeds the candidates some records have (draws then repeat)."""
         h = self.hparams
         source = get_source(h.source)
-        if h.mode != "dpo" or not source.needs_pool:
+        if h.serve != "preferences" or not source.needs_pool:
             return
         valid = self.selection.valid if source.needs_sae else self.candidates.indices >= 0
         counts = valid.sum(1)
@@ -406,7 +408,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     # dataloaders ----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        if h.mode == "sae":
+        if h.serve == "differences":
             train, _ = self._sae_split()
             return DataLoader(_DifferenceVectors(train), batch_size=h.sae_batch_size, shuffle=True, drop_last=True,
                               num_workers=h.num_workers, collate_fn=self._pairs_collate)
@@ -438,7 +440,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     # checkpointed state: the position in the epoch, and the proposal's log q of the epoch ----------------
     def state_dict(self) -> dict:
         """Where the epoch under way stands, and the proposal log q its negatives were drawn from."""
-        if self.trainer is None or self.hparams.mode != "dpo":
+        if self.trainer is None or self.hparams.serve != "preferences":
             return {}
         epoch = self.trainer.current_epoch
         # `processed` counts the batch whose on_train_batch_end writes this checkpoint; `completed` not yet.
@@ -457,7 +459,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
 
     def val_dataloader(self):
         h = self.hparams
-        if h.mode == "sae":
+        if h.serve == "differences":
             _, val = self._sae_split()
             return DataLoader(_DifferenceVectors(val), batch_size=h.sae_batch_size, num_workers=h.num_workers,
                               collate_fn=self._pairs_collate)

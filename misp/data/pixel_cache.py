@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from misp.batch import ImageInputs
-from misp.data.images import load_rgb
+from misp.images import load_rgb
 from misp.models.prompting import num_image_tokens, preprocess_images
 
 ImageRef = str | os.PathLike | Image.Image

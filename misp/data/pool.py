@@ -6,8 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-from misp.data.images import verify_image
 from misp.data.records import RecordError, read_utf8
+from misp.images import verify_image
 from misp.utils.io import sha256_file
 
 log = logging.getLogger(__name__)

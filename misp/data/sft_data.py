@@ -14,8 +14,8 @@ from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.handshake import AttachesToModule
 from misp.data.pixel_cache import PixelCache, pixel_values
 from misp.data.records import SFTRecord, read_sft_records
+from misp.hparams import save_plain_hyperparameters
 from misp.models.prompting import collate_examples, encode_example
-from misp.training.hparams import save_plain_hyperparameters
 
 
 class _SFTDataset(Dataset):

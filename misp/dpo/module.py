@@ -32,12 +32,12 @@ from misp.dpo.reference import (
 )
 from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
+from misp.hparams import save_plain_hyperparameters
 from misp.logprobs import sequence_logps
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec
 from misp.negatives.proposal import ProposalNet, gather_log_q
-from misp.training.hparams import save_plain_hyperparameters
 from misp.training.vlm_module import VLMModule
 
 log = logging.getLogger(__name__)

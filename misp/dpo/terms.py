@@ -23,7 +23,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from misp.losses import anchor_loss, dpo_loss, importance_weight_stats, plackett_luce_from_advantages, proposal_loss
+from misp.losses import (
+    anchor_loss,
+    dpo_loss,
+    importance_weight_stats,
+    plackett_luce_loss,
+    proposal_loss,
+)
 
 
 @dataclass
@@ -128,8 +134,9 @@ class PlackettLuce(LossTerm):
     def __call__(self, x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
         p, r = x.policy, x.reference
         log_q = x.log_q if self.importance_sampling else None
-        # The advantages computed once for the step (TermInputs), with their gradient.
-        losses = plackett_luce_from_advantages(x.advantages, log_q)
+        # From the log-probs, not from x.advantages: the same values, but autograd then sums the gradient
+        # in another order, and the trained weights would differ from earlier releases' in the last bits.
+        losses = plackett_luce_loss(p.chosen, p.negatives, r.chosen, r.negatives, x.beta, log_q=log_q)
         a = x.advantages.detach()
         metrics = {
             "rewards/img_pos": (x.beta * (p.chosen - r.chosen)).detach().mean(),

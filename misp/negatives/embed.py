@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from misp.data.images import load_rgb
+from misp.images import load_rgb
 from misp.utils.cache import cached
 
 _CACHE_VERSION = 1

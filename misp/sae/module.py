@@ -60,7 +60,7 @@ class SAEModule(L.LightningModule):
         pre-bias and export metadata come from the data's difference vectors."""
         if data.differences is None:
             raise ConfigError(
-                "SAEModule trains on difference vectors: use NegativeSamplerDataModule with mode: sae"
+                "SAEModule trains on difference vectors: use NegativeSamplerDataModule with serve: differences"
             )
         self.data = data.differences
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from misp.hparams import save_plain_hyperparameters
 from misp.models.clip import ClipSpec, load_clip, save_clip
-from misp.training.hparams import save_plain_hyperparameters
 from misp.training.optim import adamw_with_warmup_cosine
 
 
