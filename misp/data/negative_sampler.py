@@ -23,9 +23,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from misp.batch import NegativeRef
 from misp.data.collate import PreferenceEpoch, collate_preferences
+from misp.data.drawing import NegativeDrawer, record_images
 from misp.data.encoding import encode_records
+from misp.data.epoch_state import EpochState
 from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.handshake import (
     AttachesToModule,
@@ -43,7 +44,7 @@ from misp.hparams import save_plain_hyperparameters
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.prompting import encode_example, encode_preference_records
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
-from misp.negatives.sources import DrawContext, NegativeDraws, get_source, uniform_log_q
+from misp.negatives.sources import NegativeDraws, get_source, uniform_log_q
 from misp.sae.io import SAEFormatError, load_sae
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,10 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.candidates: Candidates | None = None
         self.selection: Selection | None = None
         self.pool_paths: list[Path] = []
-        self._epoch_log_q: dict[int, torch.Tensor] = {}
-        self._resume: tuple[int, int] | None = None
+        # The parts: mining (below, cached), per-epoch drawing, encoding and collation (misp.data.collate),
+        # the resume state.
+        self.drawer = NegativeDrawer(source, k, seed, records_file, image_root)
+        self.epoch_state = EpochState()
         self.pixel_cache = PixelCache.from_mb(image_cache_mb)
 
     # mining ---------------------------------------------------------------------------------------
@@ -221,7 +224,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         kind = self.mining.record_candidates
         if kind == "none":
             return None
-        lists = [[Path(p) for p in self._record_negatives(r, kind)] for r in self.records]
+        h = self.hparams
+        lists = [[Path(p) for p in record_images(r, kind, h.records_file, h.image_root)] for r in self.records]
         missing = [r.id for r, x in zip(self.records, lists, strict=True) if not x]
         what = "meta.counterfactuals" if kind == "counterfactual" else "negatives"
         if lists and len(missing) == len(lists):
@@ -327,49 +331,10 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
 
     def draws_for_epoch(self, epoch: int) -> NegativeDraws | None:
         """The K negatives of every record for ``epoch`` (a pure function of seed, epoch and record ids)."""
-        h = self.hparams
-        source = get_source(h.source)
-        if source.draw is None:
-            return None
-        return source.draw(self._draw_context(epoch), epoch)
-
-    def _epoch_proposal_log_q(self, epoch: int) -> torch.Tensor:
-        # q_phi trains during the epoch: the draws use its state at the epoch's start, kept for a resume.
-        if epoch not in self._epoch_log_q:
-            self._epoch_log_q = {e: q for e, q in self._epoch_log_q.items() if e > epoch - 2}
-            self._epoch_log_q[epoch] = self._proposal_log_q()
-        return self._epoch_log_q[epoch]
-
-    def _draw_context(self, epoch: int) -> DrawContext:
-        h = self.hparams
-
-        def refs(index: torch.Tensor) -> list[list[NegativeRef | None]]:
-            # Candidate indices name the pool's images and then the records' own (mining.record_candidates).
-            files = self.candidates.paths
-            return [[NegativeRef(h.source, str(files[i]), i) if i >= 0 else None for i in row.tolist()] for row in index]
-
-        return DrawContext(
-            ids=[r.id for r in self.records], k=h.k, seed=h.seed, source=h.source,
-            candidate_refs=lambda: refs(self.candidates.indices),
-            candidate_valid=lambda: self.candidates.indices >= 0,
-            selected_refs=lambda: refs(self.selection.pool_index),
-            proposal_log_q=lambda: self._epoch_proposal_log_q(epoch),
-            record_lists=self._record_lists,
+        return self.drawer.draw(
+            epoch, self.records, self.candidates, self.selection,
+            lambda: self.epoch_state.proposal_log_q(epoch, self._proposal_log_q),
         )
-
-    def _record_lists(self, kind: str) -> list[list[NegativeRef]]:
-        """The image lists records carry (``given`` negatives, counterfactual renders); warns once when some
-        hold fewer than K, since their draws then repeat."""
-        h = self.hparams
-        lists = [self._record_negatives(r, kind) for r in self.records]
-        short = [r.id for r, x in zip(self.records, lists, strict=True) if 0 < len(x) < h.k]
-        if short and not getattr(self, "_warned_short_lists", False):
-            self._warned_short_lists = True
-            log.warning(
-                "source=%r: %d of %d records in %s have fewer than k=%d negatives (e.g. %s): their draws repeat "
-                "negatives", h.source, len(short), len(lists), h.records_file, h.k, short[:3],
-            )
-        return [[NegativeRef(h.source, path) for path in x] for x in lists]
 
     # degenerate settings: the run is correct, but not what the config suggests ----------------------
     def _warn_small_pool(self) -> None:
@@ -399,12 +364,6 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                 getattr(self.mining, option.split(".")[1]), option,
             )
 
-    def _record_negatives(self, record: PreferenceRecord, kind: str) -> list[str]:
-        if kind == "given":
-            return [str(p) for p in record.negatives]
-        root = Path(self.hparams.image_root) if self.hparams.image_root else Path(self.hparams.records_file).parent
-        return [str(root / p) for p in record.meta.get("counterfactuals", [])]
-
     # dataloaders ----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -419,43 +378,22 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
         # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches; resumed
         # mid-epoch, it starts after the batches the checkpoint had done.
-        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch, skip=self._resumed_batches(epoch) * h.batch_size)
+        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch, skip=self.epoch_state.resumed_batches(epoch) * h.batch_size)
         return ResumableDataLoader(dataset, batch_size=h.batch_size, sampler=sampler, drop_last=False,
                                    num_workers=h.num_workers,
                                    collate_fn=partial(collate_preferences, processor=self.processor, cache=self.pixel_cache))
-
-    def _resumed_batches(self, epoch: int) -> int:
-        """Batches of ``epoch`` done before the checkpoint this run resumed from (0 otherwise; used once).
-
-        Lightning builds the first train dataloader (to count the run's steps for the LR schedule) before
-        it restores the loops, and keeps that loader's iterator for the resumed epoch; so the position is
-        taken from this datamodule's own checkpointed state (``load_state_dict`` runs before that), not
-        from the loops.
-        """
-        if self._resume is None or self._resume[0] != epoch:
-            return 0
-        done, self._resume = self._resume[1], None
-        return done
 
     # checkpointed state: the position in the epoch, and the proposal's log q of the epoch ----------------
     def state_dict(self) -> dict:
         """Where the epoch under way stands, and the proposal log q its negatives were drawn from."""
         if self.trainer is None or self.hparams.serve != "preferences":
             return {}
-        epoch = self.trainer.current_epoch
         # `processed` counts the batch whose on_train_batch_end writes this checkpoint; `completed` not yet.
-        state = {"epoch": epoch, "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
-        if epoch in self._epoch_log_q:
-            state["proposal_log_q"] = self._epoch_log_q[epoch]
-        return state
+        done = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return self.epoch_state.state_dict(self.trainer.current_epoch, done)
 
     def load_state_dict(self, state: dict) -> None:
-        if "epoch" not in state:
-            return
-        epoch = int(state["epoch"])
-        self._resume = (epoch, int(state["batches_done"]))
-        if "proposal_log_q" in state:
-            self._epoch_log_q = {epoch: state["proposal_log_q"]}
+        self.epoch_state.load_state_dict(state)
 
     def val_dataloader(self):
         h = self.hparams
