@@ -6,9 +6,12 @@ process per node and is cached, so every rank then loads identical results in ``
 configured source, the ``sae`` source through the DPO module's current proposal q_phi.
 
 With ``serve: differences`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule;
-with ``serve: preferences`` a ``misp.batch.PreferenceBatch`` per step for MISPDPOModule (``misp.data.collate``). What the
-module needs from it (the evaluation sets, the negatives' source and K, q_phi's features by record, the
+with ``serve: preferences`` a ``misp.batch.PreferenceBatch`` per step for MISPDPOModule. What the module
+needs from it (the evaluation sets, the negatives' source and K, q_phi's features by record, the
 difference vectors) it hands over once, in ``attach`` (``misp.data.handshake``).
+
+Its parts: mining (here, cached), per-epoch drawing (``misp.data.drawing``), encoding and collation
+(``misp.data.collate``), and the resume state (``misp.data.epoch_state``).
 """
 
 from __future__ import annotations
@@ -153,8 +156,6 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.candidates: Candidates | None = None
         self.selection: Selection | None = None
         self.pool_paths: list[Path] = []
-        # The parts: mining (below, cached), per-epoch drawing, encoding and collation (misp.data.collate),
-        # the resume state.
         self.drawer = NegativeDrawer(source, k, seed, records_file, image_root)
         self.epoch_state = EpochState()
         self.pixel_cache = PixelCache.from_mb(image_cache_mb)
@@ -162,6 +163,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     # mining ---------------------------------------------------------------------------------------
     @property
     def k(self) -> int:
+        """K as drawn: ``k`` for a source that draws negatives, 0 for one that draws none. The one value the
+        module is handed (``NegativesDescription.k``); a batch carries exactly this many columns."""
         return self.hparams.k if get_source(self.hparams.source).draws_negatives else 0
 
     def _read_records(self) -> list[PreferenceRecord]:
