@@ -288,11 +288,15 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         return description
 
     def proposal_features(self) -> ProposalFeatures | None:
-        """q_phi's features of every record's selected negatives, by record id (None without an SAE selection)."""
+        """q_phi's features of every record's selected negatives, by record id (None without an SAE selection).
+
+        Built once (the selection is fixed once mined); the module reads it every step."""
         sel = self.selection
         if sel is None:
             return None
-        return ProposalFeatures(sel.features, sel.valid, {r.id: i for i, r in enumerate(self.records)})
+        if getattr(self, "_proposal_features", None) is None or self._proposal_features.features is not sel.features:
+            self._proposal_features = ProposalFeatures(sel.features, sel.valid, {r.id: i for i, r in enumerate(self.records)})
+        return self._proposal_features
 
     # serving differences (SAEModule) --------------------------------------------------------------
     @property

@@ -92,7 +92,6 @@ class MISPDPOModule(VLMModule):
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
         self.reference_cache = ReferenceCache() if cache_reference else None
         self.negatives: NegativesDescription | None = None  # the data's source and K, from `datamodule.attach`
-        self._proposal_features: ProposalFeatures | None = None
         if self.reference_cache is not None:
             # Now, while every weight is whole on this process: sharding wraps and splits them later.
             self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
@@ -135,15 +134,13 @@ class MISPDPOModule(VLMModule):
 
     def _features(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """q_phi's features ``[B, M, F]`` and mask ``[B, M]`` of the records ``ids`` (from the handshake)."""
-        if self._proposal_features is None:
-            store = self.negatives.proposal_features() if self.negatives is not None else None
-            if store is None:
-                raise ConfigError(
-                    f"{type(self).__name__} trains q_phi, but its data has no SAE-selected negatives' features: "
-                    "use data.source: sae and call `datamodule.attach(module)` before Trainer.fit"
-                )
-            self._proposal_features = store
-        return self._proposal_features.for_records(ids, self.device)
+        store: ProposalFeatures | None = self.negatives.proposal_features() if self.negatives is not None else None
+        if store is None:
+            raise ConfigError(
+                f"{type(self).__name__} trains q_phi, but its data has no SAE-selected negatives' features: "
+                "use data.source: sae and call `datamodule.attach(module)` before Trainer.fit"
+            )
+        return store.for_records(ids, self.device)
 
     def on_fit_start(self) -> None:
         if self.hparams.diagnostics_every_n_steps and self._sharded_training():
