@@ -130,7 +130,7 @@ def pixel_values(processor: ProcessorMixin, images: Sequence[ImageRef], cache: P
     A path found in the cache is neither decoded nor preprocessed; the other paths are decoded with
     ``load_rgb`` and, with the in-memory images, preprocessed in one processor call (as a batch was before
     the cache), then the files' rows are cached. The values are bitwise those of ``preprocess_images``
-    on the decoded images: the processor treats each image on its own (tests/test_pixel_cache.py).
+    on the decoded images: the processor treats each image on its own (tests/data/test_pixel_cache.py).
 
     Args:
         processor: the model's processor (its ``image_processor`` makes the pixels).

@@ -18,7 +18,7 @@ from misp.models.clip import ClipSpec
 from misp.models.vlm import LoraSpec, VLMSpec
 from misp.negatives.mining import MiningConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MINING = MiningConfig(n_candidates=8, pool_size=4, embed_batch_size=64, dup_threshold=0.99999)
 
 

@@ -21,7 +21,7 @@ from misp.errors import ConfigError
 from misp.losses import anchor_loss, dpo_loss, plackett_luce_loss, proposal_loss
 from misp.negatives.sources import REGISTRY, NegativeSource, register_source, transform_draws
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # The table of issue 12: accepted before, now one clear error each (or, for mDPO + crop, a clean run).
