@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from bench import PeakMemory, allocator_steady, mib, run_child, synchronize
+from misp.batch import ImageInputs, NegativeRef, PreferenceBatch, TokenRows
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows
 from misp.logprobs import sequence_logps
 from misp.models.forward import position_ids_from_mask, vlm_logits
@@ -62,15 +63,17 @@ def _batch(processor, b: int, k: int, words: int, image_size: int, seed: int) ->
 
     prompt = "describe what you see in the image ."
     pad = processor.tokenizer.pad_token_id
-    batch: dict[str, Any] = {}
+    parts = {}
     for part in ("chosen", "rejected"):
-        encoded = [encode_example(processor, prompt, sentence()) for _ in range(b)]
-        for key, value in collate_examples(encoded, pad).items():
-            batch[f"{part}_{key}"] = value
-    batch["log_q"] = torch.zeros(b, k)
-    rows = concatenate_rows(batch, pad)
+        c = collate_examples([encode_example(processor, prompt, sentence()) for _ in range(b)], pad)
+        parts[part] = TokenRows(c["input_ids"], c["attention_mask"], c["labels"])
     gen = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(b + b * k, 3, image_size, image_size, generator=gen)
+    images = ImageInputs({"pixel_values": pixel_values}, torch.zeros(b + b * k, dtype=torch.long))
+    batch = PreferenceBatch([str(i) for i in range(b)], parts["chosen"], parts["rejected"], images,
+                            [[NegativeRef("bench", index=j) for j in range(k)] for _ in range(b)],
+                            torch.zeros(b, k), torch.zeros(b, k, dtype=torch.long))
+    rows = concatenate_rows(batch, pad)
     return rows, pixel_values
 
 

@@ -133,7 +133,7 @@ def config_strategy(config: dict):
 
 # data ----------------------------------------------------------------------------------------------------
 class _Batches(torch.utils.data.Dataset):
-    """``steps`` synthetic MISP-DPO batches in NegativeSamplerDataModule's collated format."""
+    """``steps`` synthetic MISP-DPO batches, ``misp.batch.PreferenceBatch`` as NegativeSamplerDataModule makes them."""
 
     def __init__(self, processor, steps: int, b: int, k: int, m: int, prompt_words: int, response_words: int,
                  seed: int) -> None:
@@ -143,9 +143,19 @@ class _Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, i: int) -> dict:
-        from misp.models.families import takes_any_image_size
-        from misp.models.prompting import collate_examples, encode_example, prepare_images, preprocess_images
+    def features(self) -> ProposalFeatures:  # noqa: F821 - imported inside, as every misp import here
+        """q_phi's features of every record of every step, by record id (what the handshake hands the module)."""
+        from misp.data.handshake import ProposalFeatures
+
+        per_step = [torch.randn(self.b, self.m, 4, generator=torch.Generator().manual_seed(i)) for i in range(self.steps)]
+        ids = [f"step{i}-record{j}" for i in range(self.steps) for j in range(self.b)]
+        features = torch.cat(per_step) if per_step else torch.zeros(0, self.m, 4)
+        return ProposalFeatures(features, torch.ones(len(ids), self.m, dtype=torch.bool), {r: n for n, r in enumerate(ids)})
+
+    def __getitem__(self, i: int):
+        from misp.batch import NegativeRef, PreferenceBatch, TokenRows
+        from misp.data.pixel_cache import image_inputs
+        from misp.models.prompting import collate_examples, encode_example
 
         rng = random.Random(self.seed * 1_000_003 + i)
         np_rng = np.random.default_rng(self.seed * 1_000_003 + i)
@@ -159,38 +169,42 @@ class _Batches(torch.utils.data.Dataset):
             prompt = words(self.prompt_words)
             chosen.append(encode_example(self.processor, prompt, words(self.response_words)))
             rejected.append(encode_example(self.processor, prompt, words(self.response_words)))
-        batch = {f"chosen_{k}": v for k, v in collate_examples(chosen, pad).items()}
-        batch |= {f"rejected_{k}": v for k, v in collate_examples(rejected, pad).items()}
+        c, r = collate_examples(chosen, pad), collate_examples(rejected, pad)
         images = [Image.fromarray(np_rng.integers(0, 256, (400, 500, 3), dtype=np.uint8))
                   for _ in range(self.b * (1 + self.k))]
-        dynamic = takes_any_image_size(self.processor)
-        batch["pixel_values"] = prepare_images(self.processor, images) if dynamic else preprocess_images(self.processor, images)
-        batch["draw_index"] = torch.tensor([[rng.randrange(self.m) for _ in range(self.k)] for _ in range(self.b)])
-        batch["log_q"] = torch.full((self.b, self.k), -math.log(self.m))
-        batch["features"] = torch.randn(self.b, self.m, 4, generator=torch.Generator().manual_seed(i))
-        batch["feature_mask"] = torch.ones(self.b, self.m, dtype=torch.bool)
-        batch["ids"] = [f"step{i}-record{j}" for j in range(self.b)]
-        batch["negative_keys"] = [[f"step{i}-record{j}-negative{n}" for n in range(self.k)] for j in range(self.b)]
-        return batch
+        draw_index = torch.tensor([[rng.randrange(self.m) for _ in range(self.k)] for _ in range(self.b)])
+        return PreferenceBatch(
+            ids=[f"step{i}-record{j}" for j in range(self.b)],
+            chosen=TokenRows(c["input_ids"], c["attention_mask"], c["labels"]),
+            rejected=TokenRows(r["input_ids"], r["attention_mask"], r["labels"]),
+            images=image_inputs(self.processor, images),
+            negatives=[[NegativeRef("sae", f"step{i}-record{j}-negative{n}", n) for n in range(self.k)] for j in range(self.b)],
+            log_q=torch.full((self.b, self.k), -math.log(self.m)),
+            draw_index=draw_index,
+        )
 
 
 def _datamodule(processor, args: argparse.Namespace):
     import lightning as L
 
+    from misp.data.handshake import DataDescription, NegativesDescription
+
+    data = _Batches(processor, args.steps, args.batch, args.k, args.pool_size, args.prompt_words,
+                    args.response_words, args.seed)
+
     class Data(L.LightningDataModule):
-        k = args.k
-        hparams = {"source": "sae", "k": args.k}  # what MISPDPOModule.attach_data checks the objective against
+        def describe(self) -> DataDescription:
+            """The handshake's data side: the source and K the objective is checked against, q_phi's features."""
+            return DataDescription(negatives=NegativesDescription("sae", args.k, data.features))
 
         def train_dataloader(self):
-            data = _Batches(processor, args.steps, args.batch, args.k, args.pool_size, args.prompt_words,
-                            args.response_words, args.seed)
             return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
 
     return Data()
 
 
 # measurement ---------------------------------------------------------------------------------------------
-def row_lengths(batch: dict, pad_token_id: int) -> list[int]:
+def row_lengths(batch, pad_token_id: int) -> list[int]:
     """Non-padding tokens of each of the 2B + BK rows the policy and the reference see."""
     from misp.batch import ImageInputs
     from misp.dpo.batching import concatenate_rows
@@ -296,7 +310,7 @@ def _step_timer(pad_token_id: int, device: torch.device, warmup: int):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.steps.append({"seconds": time.perf_counter() - self._t0,
                                "rows": row_lengths(batch, pad_token_id),
-                               "images": len(batch["pixel_values"]),
+                               "images": len(batch.images),
                                "loss": float(loss)})
 
     return StepTimer()
@@ -320,7 +334,8 @@ def run(args: argparse.Namespace) -> dict:
     """Build, save, load and train as the module docstring says; returns the results (also written to args.out)."""
     import lightning as L
 
-    from misp.dpo import MISPDPOModule, PreferenceObjective
+    from misp.dpo import MISPDPOModule
+    from misp.dpo.objective import build_objective
     from misp.models.vlm import LoraSpec, VLMSpec, unwrap_peft
     from misp.testing import qwen25vl
     from misp.testing.hub_cache import publish_snapshot, use_hub_cache
@@ -375,7 +390,7 @@ def run(args: argparse.Namespace) -> dict:
         with use_hub_cache(cache):
             module = MISPDPOModule(
                 vlm=VLMSpec(**vlm, lora=LoraSpec(**lora)),
-                objective=PreferenceObjective.from_config(init.get("objective", {})),
+                objective=build_objective(init.get("objective", {})),
                 cache_reference=False,  # every step computes its reference, as the first epoch does
                 lr=float(init.get("lr", 1e-5)), warmup_steps=1,
             )
@@ -397,7 +412,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         t0 = time.perf_counter()
         data = _datamodule(processor, args)
-        module.attach_data(data)
+        module.attach_data(data.describe())
         trainer.fit(module, datamodule=data)
         phases["fit_s"] = time.perf_counter() - t0
     finally:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import PeakMemory, allocator_steady, mib, run_child, synchronize
+from misp.batch import NegativeRef
 from misp.negatives.mining import Candidates, select_chunk
 from misp.negatives.projection import make_joint_embedding
 from misp.negatives.proposal import ProposalNet
@@ -180,12 +181,12 @@ def _pipeline(data: dict[str, torch.Tensor], cfg: dict[str, Any], device: torch.
     with PeakMemory(device, enabled=measure) as mem:
         t0 = time.perf_counter()
         log_q = proposal.log_probs(features.to(device), (pool_index >= 0).to(device)).double().cpu()
-        # As in NegativeSamplerDataModule.draws_for_epoch: pool indices to paths, then the seeded draws.
-        lists = [[paths[i] if i >= 0 else "" for i in row.tolist()] for row in pool_index]
+        # As in NegativeSamplerDataModule.draws_for_epoch: pool indices to refs, then the seeded draws.
+        lists = [[NegativeRef("sae", paths[i], i) if i >= 0 else None for i in row.tolist()] for row in pool_index]
         draws = draw_from_lists(log_q, lists, cfg["k"], seed=0, epoch=1, ids=ids)
         seconds = time.perf_counter() - t0
     out["drawing"] = {"time_s": seconds, "peak_bytes": mem.peak_bytes}
-    if any(spec == "" for row in draws.specs for spec in row):
+    if any(ref is None for row in draws.refs for ref in row):
         raise RuntimeError("drawing returned a padded (invalid) negative")
     out["valid_candidates"] = float((indices >= 0).float().mean())
     out["memory_method"] = mem.method

@@ -59,29 +59,35 @@ def _plain_logps(model, rows, pixel_values: torch.Tensor) -> torch.Tensor:
     return sequence_logps(out.logits, rows.labels)
 
 
-def _batch(module, items: list[dict[str, Any]], images: list, k: int, m: int, seed: int) -> dict:
-    """A collated MISP-DPO batch of the records with K drawn negatives out of M candidates each."""
-    from misp.models.prompting import collate_examples, preprocess_images
+def _batch(module, items: list[dict[str, Any]], images: list, k: int, m: int, seed: int):
+    """A MISP-DPO batch of the records with K drawn negatives out of M candidates each, and q_phi's features
+    ``[B, M, 4]`` of its records (ids made unique per (K, M), so that one feature store serves every batch)."""
+    from misp.batch import NegativeRef, PreferenceBatch, TokenRows
+    from misp.data.pixel_cache import image_inputs
+    from misp.models.prompting import collate_examples
 
     b = len(items)
     pad = module.processor.tokenizer.pad_token_id
-    batch = {f"chosen_{key}": v for key, v in collate_examples([it["chosen"] for it in items], pad).items()}
-    batch |= {f"rejected_{key}": v for key, v in collate_examples([it["rejected"] for it in items], pad).items()}
+    c = collate_examples([it["chosen"] for it in items], pad)
+    r = collate_examples([it["rejected"] for it in items], pad)
     gen = torch.Generator().manual_seed(seed)
     draw_index = torch.randint(0, m, (b, k), generator=gen)
     negatives = [images[(i * 7 + int(j)) % len(images)] for i in range(b) for j in draw_index[i]]
-    batch["pixel_values"] = preprocess_images(module.processor, [it["image"] for it in items] + negatives)
-    batch["log_q"] = torch.full((b, k), -math.log(m))
-    batch["draw_index"] = draw_index
-    batch["features"] = torch.rand(b, m, 4, generator=gen)
-    batch["feature_mask"] = torch.ones(b, m, dtype=torch.bool)
-    batch["ids"] = [it["id"] for it in items]
-    batch["negative_keys"] = [[f"pool:{int(j)}" for j in draw_index[i]] for i in range(b)]
-    return batch
+    batch = PreferenceBatch(
+        ids=[f"k{k}m{m}-{it['id']}" for it in items],
+        chosen=TokenRows(c["input_ids"], c["attention_mask"], c["labels"]),
+        rejected=TokenRows(r["input_ids"], r["attention_mask"], r["labels"]),
+        images=image_inputs(module.processor, [it["image"] for it in items] + negatives),
+        negatives=[[NegativeRef("sae", f"pool/{int(j)}", int(j)) for j in draw_index[i]] for i in range(b)],
+        log_q=torch.full((b, k), -math.log(m)),
+        draw_index=draw_index,
+    )
+    return batch, torch.rand(b, m, 4, generator=gen)
 
 
 def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     """Child: every variant and (K, M); peak memory of each, then interleaved timing of all of them."""
+    from misp.data.handshake import DataDescription, NegativesDescription, ProposalFeatures
     from misp.dpo.batching import concatenate_rows
     from misp.dpo.module import MISPDPOModule
     from misp.dpo.objective import PreferenceObjective
@@ -93,7 +99,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="misp-bench-neg-") as tmp:
         build_model(cfg["model"], f"{tmp}/model")
         modules = {loss: MISPDPOModule(VLMSpec(path=f"{tmp}/model"), objective=PreferenceObjective.preset(loss))
-                   for loss in ("dpo", "misp")}
+                   for loss in ("dpo", "misp_dpo")}
     for module in modules.values():
         module.train()
     processor = modules["dpo"].processor
@@ -104,14 +110,22 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
               "rejected": encode_example(processor, r["prompt"], r["rejected"])} for r in records[: cfg["batch"]]]
     configs = [(k, cfg["m"]) for k in cfg["ks"]]
     configs += [(3, m) for m in cfg["ms"] if (3, m) not in configs]
-    batches, warm_caches = {}, {}
+    batches, warm_caches, features = {}, {}, {}
     for k, m in configs:
-        module = modules["misp" if k else "dpo"]
-        batch = _batch(module, items, pool, k, m, cfg["seed"])
+        batches[(k, m)], features[(k, m)] = _batch(modules["dpo"], items, pool, k, m, cfg["seed"])
+    # q_phi's features reach the module by the handshake, by record, as NegativeSamplerDataModule hands them;
+    # M differs between configurations, so the store handed over is the one of the batch being stepped.
+    stores = {c: ProposalFeatures(f, torch.ones(f.shape[:2], dtype=torch.bool), {rid: i for i, rid in enumerate(batches[c].ids)})
+              for c, f in features.items()}
+    current = [configs[0]]
+    modules["misp_dpo"].attach_data(DataDescription(negatives=NegativesDescription("sae", 3, lambda: stores[current[0]])))
+    for k, m in configs:
+        current[0] = (k, m)
+        module = modules["misp_dpo" if k else "dpo"]
+        batch = batches[(k, m)]
         # A full cache for this batch (a later epoch): the reference log-probs of every row, computed once.
         module.reference_cache = warm_caches[(k, m)] = ReferenceCache()
         module._reference_logps(batch, concatenate_rows(batch, processor.tokenizer.pad_token_id))
-        batches[(k, m)] = batch
     optimizers = {loss: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-6)
                   for loss, mod in modules.items()}
     keys = [(v, c) for v in cfg["variants"] for c in configs]
@@ -119,7 +133,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     def step(key: tuple[str, tuple[int, int]]) -> None:
         variant, (k, m) = key
         encoding, cache = variant.split("+")
-        loss_name = "misp" if k else "dpo"
+        loss_name = "misp_dpo" if k else "dpo"
         module = modules[loss_name]
         if encoding == "per-row":
             module._logps = _plain_logps  # an instance attribute shadows the staticmethod
@@ -127,6 +141,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
             module.__dict__.pop("_logps", None)
         # Cold: an empty cache (the first epoch), refilled by this step and dropped; warm: the full one.
         module.reference_cache = warm_caches[(k, m)] if cache == "warm" else ReferenceCache()
+        current[0] = (k, m)
         loss = module.training_step(batches[(k, m)], 0)
         loss.backward()
         optimizers[loss_name].step()
@@ -141,7 +156,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
         variant, (k, m) = key
         res["configs"][f"{variant},{k},{m}"] = {
             "variant": variant, "k": k, "m": m, "peak_bytes": mem.peak_bytes, "rows": 2 * cfg["batch"] + cfg["batch"] * k,
-            "images": int(batches[(k, m)]["pixel_values"].shape[0])}
+            "images": len(batches[(k, m)].images)}
     res["memory_method"] = mem.method
     allocator_steady()
     for key in keys:

@@ -4,7 +4,7 @@ What a user compares when picking a trainer: samples per second and peak memory 
 data collation included, for plain DPO (chosen and rejected on the positive image, no image negatives).
 
 - misp: the records are tokenised once, as ``NegativeSamplerDataModule`` does at setup; per step its
-  ``_dpo_collate`` pads them and preprocesses the B images, then ``MISPDPOModule.training_step`` (objective
+  ``collate_preferences`` pads them and preprocesses the B images, then ``MISPDPOModule.training_step`` (objective
   ``dpo``: each image encoded once, ``sequence_logps``, the reference through ``ReferenceCache``), backward
   and the optimizer step. Two contenders: the reference cache **cold** (emptied before every step: the
   first epoch, every reference log-prob computed) and **warm** (filled by one untimed epoch: later epochs,
@@ -42,7 +42,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -130,11 +129,10 @@ def _image_side(processor) -> int:
 
 
 class MispContender:
-    """misp's DPO step: ``_dpo_collate`` then ``MISPDPOModule.training_step``, backward, AdamW."""
+    """misp's DPO step: ``collate_preferences`` then ``MISPDPOModule.training_step``, backward, AdamW."""
 
     def __init__(self, model_dir: str, records: list[dict[str, Any]], warm: bool, all_logits: bool = False,
                  checkpointing: bool = False) -> None:
-        from misp.data.negative_sampler import NegativeSamplerDataModule
         from misp.dpo.module import MISPDPOModule
         from misp.dpo.objective import PreferenceObjective
         from misp.models.prompting import encode_example
@@ -154,16 +152,15 @@ class MispContender:
         self.items = [{
             "id": r["id"], "chosen": encode_example(self.processor, r["prompt"], r["chosen"]),
             "rejected": encode_example(self.processor, r["prompt"], r["rejected"]), "positive": r["image"],
-            "negatives": [], "negative_keys": [], "log_q": torch.zeros(0),
-            "draw_index": torch.zeros(0, dtype=torch.long), "features": None, "feature_mask": None,
+            "negatives": [], "refs": [], "log_q": torch.zeros(0), "draw_index": torch.zeros(0, dtype=torch.long),
         } for r in records]
-        self._collate = NegativeSamplerDataModule._dpo_collate
-        self._owner = SimpleNamespace(processor=self.processor, pixel_cache=None)  # all _dpo_collate reads
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 
-    def collate(self, indices: list[int]) -> dict:
-        return self._collate(self._owner, [self.items[i] for i in indices])
+    def collate(self, indices: list[int]):
+        from misp.data.collate import collate_preferences
+
+        return collate_preferences([self.items[i] for i in indices], self.processor)
 
     def step(self, indices: list[int]) -> None:
         if not self.warm:
@@ -190,7 +187,7 @@ class MispContender:
 
         batch = self.collate(indices)
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id)
-        logps = self.module._logps(self.module.reference, rows, batch["pixel_values"])
+        logps = self.module._logps(self.module.reference, rows, batch.images.tensors["pixel_values"])
         b = len(indices)
         tokens = [ids[m.bool()].tolist() for ids, m in zip(rows.input_ids, rows.attention_mask, strict=True)]
         return logps[:b], logps[b : 2 * b], tokens

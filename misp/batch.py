@@ -10,6 +10,9 @@ both sides import it, and neither has to import the other.
 - :class:`NegativeRef` names one negative image of one record: what made it (its registered source),
   and the pool index, file or seed it was made from. It is a ``NamedTuple`` so that it is hashable (a
   cache key) and Lightning moves batches holding it between devices (frozen dataclasses it refuses).
+- :class:`TokenRows` and :class:`PreferenceBatch`: one collated preference step, what the data room
+  writes (``misp.data.collate``) and the model room reads (``misp.dpo``). Plain (not frozen) dataclasses,
+  so that Lightning's ``apply_to_collection`` moves them between devices.
 """
 
 from __future__ import annotations
@@ -102,3 +105,50 @@ class ImageInputs:
         }
         return ImageInputs(moved, self.tokens_per_image.to(device),
                            None if self.rows_per_image is None else self.rows_per_image.to(device))
+
+
+@dataclass
+class TokenRows:
+    """B tokenised examples (prompt with its image tokens, then the response), right-padded to one length T."""
+
+    input_ids: torch.Tensor
+    """``[B, T]`` long; padding holds the tokenizer's pad id."""
+    attention_mask: torch.Tensor
+    """``[B, T]`` long; 0 on padding."""
+    labels: torch.Tensor
+    """``[B, T]`` long; the response's tokens, -100 on the prompt, the image tokens and padding."""
+
+
+@dataclass
+class PreferenceBatch:
+    """One preference step of B records, each with the K negatives its method drew (K may be 0).
+
+    The model runs ``[chosen (B); rejected (B); chosen once per negative (B*K, record-major)]`` over
+    ``images``: the B positives first, then the B*K negatives in the same record-major order, each image
+    once (``misp.dpo.batching``).
+    """
+
+    ids: list[str]
+    """``B`` record ids (errors and the reference cache name records by them)."""
+    chosen: TokenRows
+    """The chosen response on each record's prompt, ``[B, T_c]``."""
+    rejected: TokenRows
+    """The rejected response on each record's prompt, ``[B, T_r]``."""
+    images: ImageInputs
+    """``U = B + B*K`` images: the B positives, then record r's K negatives at ``B + r*K + j``."""
+    negatives: list[list[NegativeRef]]
+    """``[B][K]`` what each negative image is (a cache key: equal refs are the same image)."""
+    log_q: torch.Tensor
+    """``[B, K]`` float32: log-probability of each draw under the proposal that drew it (0: no proposal)."""
+    draw_index: torch.Tensor
+    """``[B, K]`` long: each draw's index in its record's candidate list (``M`` selected ones for ``sae``)."""
+
+    @property
+    def batch_size(self) -> int:
+        """B, the records in this batch."""
+        return len(self.ids)
+
+    @property
+    def k(self) -> int:
+        """K, the negatives each record of this batch carries (the method's K, or 0 without negatives)."""
+        return int(self.log_q.shape[1])

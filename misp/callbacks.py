@@ -37,8 +37,8 @@ class TrainingDiverged(UserError, RuntimeError):
 
 
 def batch_ids(batch: Any) -> list[str] | None:
-    """The record ids of a batch: its ``ids`` entry (DPO, SFT and CLIP batches carry one), else None."""
-    ids = batch.get("ids") if isinstance(batch, dict) else None
+    """The record ids of a batch: its ``ids`` (a PreferenceBatch's field; SFT and CLIP batches' key), else None."""
+    ids = batch.get("ids") if isinstance(batch, dict) else getattr(batch, "ids", None)
     return [str(i) for i in ids] if ids is not None else None
 
 

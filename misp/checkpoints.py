@@ -45,10 +45,10 @@ LIGHTNING_KEY = "pytorch-lightning_version"
 
 METHOD_KEYS = {
     "hyper_parameters": ("_class_path", "objective"),
-    "datamodule_hyper_parameters": ("_class_path", "mode", "source", "k"),
+    "datamodule_hyper_parameters": ("_class_path", "serve", "source", "k"),
 }
 """Settings that make a checkpoint another method's: the module class and its objective, and the data's
-class, mode, negative source and K. A difference in any of them is an error; other differences are
+class, what it serves, negative source and K. A difference in any of them is an error; other differences are
 reported in a warning (the config's values are used)."""
 
 

@@ -51,6 +51,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from misp.callbacks import FiniteLossGuard, FiniteWeightsCheck, SettingsCheck, TrainsSomething
 from misp.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, method_mismatches, read_checkpoint
+from misp.config_build import instantiate_config
 from misp.config_checks import check_config_files, check_pairing, check_values
 from misp.errors import (
     CheckpointError,
@@ -80,7 +81,7 @@ def _world_parser() -> ArgumentParser:
 def _run_world(argv: Sequence[str]) -> None:
     parser = _world_parser()
     cfg = parser.parse_args(_flatten_world_args(argv))
-    config = _instantiate(parser, cfg).world
+    config = instantiate_config(parser, cfg).world
     info = write_world(cfg.out, config, progress=not cfg.quiet)
     counts = ", ".join(f"{k} {v}" for k, v in info.get("counts", {}).items())
     print(f"wrote the Shapes world to {cfg.out}: {counts}")
@@ -94,17 +95,6 @@ def _flatten_world_args(argv: Sequence[str]) -> list[str]:
         name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
         out.append(f"--world.{arg[2:]}" if name in fields else arg)
     return out
-
-
-def _instantiate(parser: ArgumentParser, cfg: Namespace) -> Namespace:
-    """``parser``'s dataclass configs built from ``cfg``; a refused value becomes a ConfigError."""
-    # `instantiate` replaced `instantiate_classes` in jsonargparse 4.49; misp supports older releases too.
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    try:
-        return instantiate(cfg)
-    except (ValueError, TypeError) as e:
-        # Only the tools' dataclass configs are built here, so any such error is a refused value.
-        raise ConfigError(innermost_reason(e)) from e
 
 
 def _prefs_parser() -> ArgumentParser:
@@ -124,7 +114,7 @@ def _run_prefs(argv: Sequence[str]) -> None:
 
     parser = _prefs_parser()
     cfg = parser.parse_args(list(argv))
-    built = _instantiate(parser, cfg)
+    built = instantiate_config(parser, cfg)
     config = PrefsConfig(**{name: getattr(built, name) for name in PrefsConfig.__dataclass_fields__})
     summary = run_prefs(config)
     print(format_summary(summary))
@@ -321,7 +311,6 @@ def derive_run_dirs(config) -> None:
     Logs go to ``<root>/logs`` (CSV), checkpoints to ``<root>/checkpoints``, the trained model to
     ``<root>/export``; so a method config names its run once. Anything a config sets is kept.
     """
-    from jsonargparse import Namespace
 
     trainer = getattr(config, "trainer", None)
     root = getattr(trainer, "default_root_dir", None) if trainer is not None else None
@@ -342,7 +331,7 @@ def derive_run_dirs(config) -> None:
 def check_configured_method(config) -> None:
     """``check_method`` on a parsed config whose model has an ``objective`` and whose data has a ``source``."""
     from misp.dpo.method import check_method
-    from misp.dpo.objective import PreferenceObjective
+    from misp.dpo.objective import build_objective
 
     model = getattr(config, "model", None)
     data = getattr(config, "data", None)
@@ -350,14 +339,10 @@ def check_configured_method(config) -> None:
     data_args = getattr(data, "init_args", None)
     objective = getattr(model_args, "objective", None) if model_args is not None else None
     source = getattr(data_args, "source", None) if data_args is not None else None
-    if objective is None or source is None or getattr(data_args, "mode", "dpo") != "dpo":
+    if objective is None or source is None or getattr(data_args, "serve", "preferences") != "preferences":
         return
     as_dict = objective.as_dict() if hasattr(objective, "as_dict") else vars(objective)
-    try:
-        built = PreferenceObjective.from_config(as_dict)
-    except (ValueError, TypeError) as e:  # the objective's own check of a value (objective.beta, ...)
-        raise ConfigError(str(e)) from e
-    check_method(built, source, int(getattr(data_args, "k", 0)))
+    check_method(build_objective(as_dict), source, int(getattr(data_args, "k", 0)))
 
 
 def main(args: Sequence[str] | None = None) -> None:

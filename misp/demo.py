@@ -4,8 +4,8 @@ world -> contrastive CLIP -> SFT (the base model) -> its evaluation -> SAE -> MI
 then a table of base vs MISP-DPO. Each stage is the same ``misp`` command a user would type. A stage
 whose output exists, from the same command and config file contents, is skipped, so an interrupted demo
 resumes where it stopped; a stage whose config changed reruns, and so does everything after it. ``--force``
-reruns everything and ``--all-methods`` adds every other method in ``configs/shapes/methods`` (DPO, mDPO,
-CHiP-style, random multi-negative, CLIP-DPO), trained from the same base.
+reruns everything and ``--all-methods`` adds every other method with a file in ``configs/*/methods``
+(``misp.methods``: DPO, mDPO, CHiP-style, random multi-negative, CLIP-DPO, ...), trained from the same base.
 """
 
 from __future__ import annotations
@@ -15,34 +15,28 @@ import json
 import time
 from pathlib import Path
 
+from misp import methods
 from misp.pipeline import Stage, StageRunner
 
 WORLD = Path("worlds/shapes")
 RUNS = Path("runs/shapes")
 STAMPS = RUNS / ".demo"
 """One file per finished stage, holding the fingerprint of the command and config it ran with."""
-PREFERENCE_BASE = Path("configs/shapes/preference.yaml")
-"""What every preference method shares; each file in ``METHODS`` adds one method to it."""
-METHODS = Path("configs/shapes/methods")
 MAIN_METHOD = "misp_dpo"
-LABELS = {"sft": "base (SFT)", "misp_dpo": "MISP-DPO", "dpo": "DPO", "mdpo": "mDPO", "chip": "CHiP-style",
-          "random_neg": "random multi-neg", "clip_dpo": "CLIP-DPO",
-          "misp_mixed": "MISP-DPO (mixed pool)",
-          "misp_anchor": "MISP-DPO + anchor", "misp_mixed_anchor": "MISP-DPO (mixed) + anchor"}
 
 
 def method_configs(name: str, root: Path = Path(".")) -> list[str]:
-    """The ``--config`` flags of a stage: ``configs/shapes/<name>.yaml``, or the preference base plus
-    ``configs/shapes/methods/<name>.yaml`` for a preference method."""
-    method = root / METHODS / f"{name}.yaml"
-    if method.exists():
-        return ["--config", str(root / PREFERENCE_BASE), "--config", str(method)]
+    """The ``--config`` flags of a stage: ``configs/shapes/<name>.yaml``, or for a preference method (a file
+    under ``configs/*/methods/``, ``misp.methods``) its world's preference base plus the method's file."""
+    files = methods.method_files(root / "configs")
+    if name in files:
+        return ["--config", str(files[name].parent.parent / "preference.yaml"), "--config", str(files[name])]
     return ["--config", str(root / f"configs/shapes/{name}.yaml")]
 
 
 def baselines() -> list[str]:
-    """Every preference method with a config in ``configs/shapes/methods`` but MISP-DPO, by name."""
-    return sorted(p.stem for p in METHODS.glob("*.yaml") if p.stem != MAIN_METHOD)
+    """Every preference method (``misp.methods``) but MISP-DPO, by name."""
+    return sorted(name for name in methods.method_files(Path("configs")) if name != MAIN_METHOD)
 
 
 def own_data_stages(name: str, configs: Path) -> list[Stage]:
@@ -99,7 +93,8 @@ def run_stage(stage: Stage, force: bool) -> bool:
 
 def summary_table(names: list[str]) -> str:
     """Test results of the named runs side by side (the metrics each run wrote to test_results.json)."""
-    rows = [(LABELS.get(n, n), json.loads(p.read_text())) for n in names if (p := RUNS / n / "test_results.json").exists()]
+    labels = methods.labels(Path("configs"))
+    rows = [(labels.get(n, n), json.loads(p.read_text())) for n in names if (p := RUNS / n / "test_results.json").exists()]
     if not rows:
         return "(no results)"
     keys = sorted({k for _, r in rows for k in r})

@@ -18,7 +18,6 @@ from torch import Tensor
 
 __all__ = [
     "anchor_loss",
-    "conditional_loss",
     "dpo_loss",
     "image_advantages",
     "importance_weight_stats",
@@ -119,37 +118,6 @@ def image_advantages(
     return beta * (neg_r - pos_r.unsqueeze(-1))
 
 
-def conditional_loss(
-    policy_pos_logps: Tensor,
-    policy_neg_logps: Tensor,
-    ref_pos_logps: Tensor,
-    ref_neg_logps: Tensor,
-    beta: float,
-) -> Tensor:
-    """Single-negative conditional loss (mDPO's CoPO): ``L_cond = softplus(a_1)``.
-
-    Args:
-        policy_pos_logps: ``[B]`` policy log-probs of ``y_p`` under the positive image.
-        policy_neg_logps: ``[B]`` (or ``[B, 1]``) policy log-probs of ``y_p`` under the negative image.
-        ref_pos_logps: ``[B]`` reference log-probs of ``y_p`` under the positive image.
-        ref_neg_logps: ``[B]`` (or ``[B, 1]``) reference log-probs of ``y_p`` under the negative image.
-        beta: KL-penalty strength, > 0.
-
-    Returns:
-        ``[B]`` losses, ``-logsigmoid(beta * [r(y_p|m_p) - r(y_p|m_1)])``.
-    """
-    if policy_neg_logps.dim() == 1:
-        policy_neg_logps = policy_neg_logps.unsqueeze(-1)
-    if ref_neg_logps.dim() == 1:
-        ref_neg_logps = ref_neg_logps.unsqueeze(-1)
-    if policy_neg_logps.dim() != 2 or policy_neg_logps.shape[-1] != 1:
-        raise ValueError(
-            f"conditional_loss takes exactly one negative per example, got shape {tuple(policy_neg_logps.shape)}"
-        )
-    a = image_advantages(policy_pos_logps, policy_neg_logps, ref_pos_logps, ref_neg_logps, beta)
-    return F.softplus(a.squeeze(-1))
-
-
 def _is_log_weights(a: Tensor, log_q: Tensor | None, mask: Tensor | None) -> Tensor:
     """``log w_k = a_k - log q(i_k)`` (or ``a_k`` without a proposal), ``-inf`` on padded draws."""
     log_w = a if log_q is None else a - log_q
@@ -169,12 +137,13 @@ def plackett_luce_loss(
 ) -> Tensor:
     """Plackett-Luce multi-negative image loss ``L_img`` and its importance-sampled form ``L_img^IS``.
 
-    Without ``log_q`` (the ``is_correction: false`` ablation, or a fixed negative set S)::
+    Without ``log_q`` (``PlackettLuce(importance_sampling=false)``, or a fixed negative set S)::
 
         L_img(S) = softplus(LSE_{i in S} a_i) = log(1 + sum_i exp(a_i))
 
     the negative log-probability that the positive image ranks first among ``{m_p} U S`` under
-    Plackett-Luce scores ``s = beta * r``. With ``K = 1`` it equals :func:`conditional_loss`.
+    Plackett-Luce scores ``s = beta * r``. With ``K = 1`` it is mDPO's conditional loss
+    ``-logsigmoid(beta [r(y_p|m_p) - r(y_p|m_1)])``.
 
     With ``log_q`` (draws ``i_1..i_K`` made with replacement from a proposal q over a pool)::
 

@@ -9,20 +9,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from misp import methods
 from misp.cli import MispCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 # Training configs (LightningCLI: model + data); the others belong to tool subcommands (misp prefs).
 CONFIGS = [p for p in ALL_CONFIGS if "class_path" in (yaml.safe_load(p.read_text()).get("model") or {})]
-METHODS = sorted((ROOT / "configs/shapes/methods").glob("*.yaml"))
+METHODS = sorted(methods.method_files(ROOT / "configs").values())
 
 
 def test_there_are_configs():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
     stages = {f"shapes/{n}.yaml" for n in ("clip", "sft", "sae", "preference")}
-    methods = {f"shapes/methods/{n}.yaml" for n in ("dpo", "mdpo", "chip", "random_neg", "misp_dpo", "misp_mixed",
-                                                           "clip_dpo")}
+    # The methods are whatever files configs/*/methods/ holds (misp.methods); the paper's are among them.
+    methods = {p.relative_to(ROOT / "configs").as_posix() for p in METHODS}
+    assert {f"shapes/methods/{n}.yaml" for n in ("dpo", "mdpo", "chip", "random_neg", "misp_dpo")} <= methods
     assert stages | {"llava.yaml", "llava_sae.yaml"} <= names
     tools = {p.relative_to(ROOT / "configs").as_posix() for p in ALL_CONFIGS} - names
     # Method files add to the preference base (loaded together below); prefs configs belong to `misp prefs`;
@@ -43,7 +45,7 @@ def test_every_variant_of_the_shipped_experiment_is_a_consistent_method(variant,
     """Each method and ablation `misp experiment` trains composes (base + method + its extra files + its
     settings) and passes the method check, as the runner will build it."""
     from misp.dpo.method import check_method
-    from misp.dpo.objective import PreferenceObjective
+    from misp.dpo.objective import build_objective
 
     monkeypatch.chdir(ROOT)
     args = ["fit", "--config", "configs/shapes/preference.yaml", "--config", f"configs/shapes/methods/{variant['method']}.yaml"]
@@ -54,7 +56,7 @@ def test_every_variant_of_the_shipped_experiment_is_a_consistent_method(variant,
     with pytest.raises(SystemExit):
         main([*args, "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    objective = PreferenceObjective.from_config(printed["model"]["init_args"]["objective"])
+    objective = build_objective(printed["model"]["init_args"]["objective"])
     check_method(objective, printed["data"]["init_args"]["source"], printed["data"]["init_args"]["k"])
     for key, value in variant.get("set", {}).items():
         node = printed

@@ -136,7 +136,7 @@ def test_a_world_of_another_version_is_refused_by_every_reader(tmp_path, tiny_wo
 
 # --- item 1: 16-bit images ------------------------------------------------------------------------------
 def test_a_16_bit_png_trains_as_its_pixels_not_as_white(tmp_path, clip_dir):
-    from misp.data.images import load_rgb
+    from misp.images import load_rgb
     from misp.models.clip import ClipSpec, load_clip
     from misp.negatives.embed import embed_images
 
@@ -241,7 +241,7 @@ def test_proposal_eps_zero_is_a_warning(vlm_dir, caplog):
     from misp.dpo import MISPDPOModule, PreferenceObjective
     from misp.models.vlm import VLMSpec
 
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"), proposal_eps=0.0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), proposal_eps=0.0)
     with caplog.at_level(logging.WARNING):
         SettingsCheck().on_fit_start(None, module)
     assert "model.init_args.proposal_eps is 0" in caplog.text and "unbounded" in caplog.text
@@ -387,7 +387,7 @@ def test_encoding_errors_name_file_line_and_record(tmp_path, tiny_world, vlm_dir
     with caplog.at_level(logging.WARNING):
         dm.setup("fit")
     assert "skipped 1 of 8 records in" in caplog.text and "cannot be encoded" in caplog.text
-    served = [r for batch in dm.train_dataloader() for r in batch["ids"]]
+    served = [r for batch in dm.train_dataloader() for r in batch.ids]
     assert sorted(served) == sorted(r["id"] for i, r in enumerate(rows) if i != 3)
 
 

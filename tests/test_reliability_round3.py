@@ -239,7 +239,7 @@ def test_an_exif_rotated_photo_loads_upright(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from misp.data.images import load_rgb
+    from misp.images import load_rgb
 
     upright = np.zeros((8, 16, 3), dtype=np.uint8)
     upright[:, :8] = (255, 0, 0)  # red left half, blue right half: a wide image

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from misp.data.handshake import AttachesToModule
-from misp.data.images import load_rgb
 from misp.data.records import CaptionRecord, read_caption_records
+from misp.images import load_rgb
 from misp.models.clip import train_transform
 
 
@@ -64,11 +64,11 @@ class ClipDataModule(AttachesToModule, L.LightningDataModule):
         ).records
         if len(records) <= h.val_size:
             raise ValueError(f"{h.train_file}: {len(records)} records, need more than val_size={h.val_size}")
-        module = self.attached_module("CLIP bundle, transforms and tokenizer")
+        bundle = self.module_value("clip")
         train, val = records[: len(records) - h.val_size], records[len(records) - h.val_size :]
-        self.train_set = _CaptionDataset(train, train_transform(module.bundle))
-        self.val_set = _CaptionDataset(val, module.preprocess)
-        self._tokenizer = module.tokenizer
+        self.train_set = _CaptionDataset(train, train_transform(bundle))
+        self.val_set = _CaptionDataset(val, bundle.preprocess)
+        self._tokenizer = bundle.tokenizer
 
     def _collate(self, items: list[tuple[torch.Tensor, str, str]]) -> dict:
         images, captions, ids = zip(*items, strict=True)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
-from misp.data.images import load_rgb
 from misp.data.records import (
     ReadResult,
     RecordError,
@@ -19,6 +18,7 @@ from misp.data.records import (
     read_prompt_records,
 )
 from misp.eval.grounding import ATTRIBUTES
+from misp.images import load_rgb
 from misp.world.config import EVAL_SPLITS
 from misp.world.generate import eval_file_key, read_manifest
 

@@ -5,9 +5,13 @@ process per node and is cached, so every rank then loads identical results in ``
 (``reload_dataloaders_every_n_epochs=1``) ``train_dataloader`` draws K negatives per record from the
 configured source, the ``sae`` source through the DPO module's current proposal q_phi.
 
-In ``mode: sae`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule; in
-``mode: dpo`` collated VLM batches for MISPDPOModule (``chosen_*``, ``rejected_*``, ``pixel_values`` of
-the B positives then the B*K negatives, ``log_q``, ``draw_index``, ``features``, ``ids``, ...).
+With ``serve: differences`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule;
+with ``serve: preferences`` a ``misp.batch.PreferenceBatch`` per step for MISPDPOModule. What the module
+needs from it (the evaluation sets, the negatives' source and K, q_phi's features by record, the
+difference vectors) it hands over once, in ``attach`` (``misp.data.handshake``).
+
+Its parts: mining (here, cached), per-epoch drawing (``misp.data.drawing``), encoding and collation
+(``misp.data.collate``), and the resume state (``misp.data.epoch_state``).
 """
 
 from __future__ import annotations
@@ -22,34 +26,31 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from misp.data.collate import PreferenceEpoch, collate_preferences
 from misp.data.conversation import rendered
+from misp.data.drawing import NegativeDrawer, record_images
 from misp.data.encoding import encode_records
+from misp.data.epoch_state import EpochState
 from misp.data.eval_data import EvalData, eval_dataloaders
-from misp.data.handshake import AttachesToModule
-from misp.data.images import load_rgb
+from misp.data.handshake import (
+    AttachesToModule,
+    DataDescription,
+    DifferenceVectors,
+    NegativesDescription,
+    ProposalFeatures,
+)
 from misp.data.layouts import RatingRule
-from misp.data.pixel_cache import PixelCache, pixel_values
+from misp.data.pixel_cache import PixelCache
 from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
+from misp.hparams import save_plain_hyperparameters
 from misp.models.clip import ClipSpec, load_clip
-from misp.models.prompting import (
-    collate_examples,
-    encode_example,
-    encode_preference_records,
-)
+from misp.models.prompting import encode_example, encode_preference_records
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
-from misp.negatives.sources import (
-    DrawContext,
-    NegativeDraws,
-    get_source,
-    materialise,
-    names_file,
-    uniform_log_q,
-)
+from misp.negatives.sources import NegativeDraws, get_source, uniform_log_q
 from misp.sae.io import SAEFormatError, load_sae
-from misp.training.hparams import save_plain_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -65,39 +66,6 @@ class _DifferenceVectors(Dataset):
         return self.pairs[i]
 
 
-class _PreferenceEpoch(Dataset):
-    """One epoch of preference examples, each with its K drawn negatives (records encoded as None are left out).
-
-    The positive and the negatives that are files come as paths, decoded by the collate only when its pixel
-    cache misses; negatives a source makes from the positive (crop, noise) come as images, made afresh.
-    """
-
-    def __init__(self, records, encoded, draws: NegativeDraws, features, feature_mask, extra_keys) -> None:
-        self.records, self.encoded, self.draws = records, encoded, draws
-        self.features, self.feature_mask, self.extra_keys = features, feature_mask, extra_keys
-        self.kept = [i for i, e in enumerate(encoded) if e is not None]
-
-    def __len__(self) -> int:
-        return len(self.kept)
-
-    def __getitem__(self, j: int) -> dict:
-        i = self.kept[j]
-        r = self.records[i]
-        specs = self.draws.specs[i] if self.draws is not None else []
-        return {
-            "id": r.id,
-            "chosen": self.encoded[i][0],
-            "rejected": self.encoded[i][1],
-            "positive": Path(r.image),
-            "negatives": [Path(s) if names_file(s) else materialise(s, r.image, load_rgb) for s in specs],
-            "negative_keys": list(specs),
-            "log_q": self.draws.log_q[i] if self.draws is not None else torch.zeros(0),
-            "draw_index": self.draws.draw_index[i] if self.draws is not None else torch.zeros(0, dtype=torch.long),
-            "features": self.features[i] if self.features is not None else None,
-            "feature_mask": self.feature_mask[i] if self.feature_mask is not None else None,
-        }
-
-
 def _rating_rule(value: RatingRule | dict | None) -> RatingRule | None:
     # Under LightningCLI a dataclass argument may arrive as its dict form.
     if value is None or isinstance(value, RatingRule):
@@ -111,13 +79,15 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     Args:
         records_file: preference records: a JSON Lines file or a JSON array, or a dataset as published (a
             ``.parquet`` or ``.arrow`` file, a dataset folder or a hub id; docs/data.md); see ``layout``.
-        mode: ``dpo`` serves VLM batches; ``sae`` serves difference vectors for SAEModule.
+        serve: what the dataloaders yield: ``preferences`` (preference batches for MISPDPOModule) or
+            ``differences`` (CLIP-space difference vectors for SAEModule). Not to be confused with
+            ``source: sae``, the negatives an SAE selected.
         source: where negatives come from, a name in ``misp.negatives.sources.REGISTRY``: sae, random,
             counterfactual, given, crop, noise or none (or one registered by the user).
         k: negatives drawn per record per epoch (with replacement for the pool sources).
         pool: the candidate pool: a JSON Lines file with ``image`` rows, a folder of images, or a dataset
             whose ``pool_column`` holds the images (embedded or paths).
-        clip: the CLIP that embeds records and pool (needed by the sae and random sources and SAE mode).
+        clip: the CLIP that embeds records and pool (needed by the sae and random sources and to serve differences).
         sae_path: a directory written by SAEModule's export (needed by the sae source).
         mining: retrieval and selection settings; ``mining.record_candidates`` adds each record's own images
             (counterfactual renders or its ``negatives``) to its retrieved candidates (the mixed pool).
@@ -161,7 +131,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def __init__(
         self,
         records_file: str,
-        mode: Literal["dpo", "sae"] = "dpo",
+        serve: Literal["preferences", "differences"] = "preferences",
         source: str = "sae",
         k: int = 3,
         pool: str | None = None,
@@ -195,12 +165,12 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         super().__init__()
         save_plain_hyperparameters(self)
         negatives = get_source(source)
-        needs_pool = mode == "sae" or negatives.needs_pool
+        needs_pool = serve == "differences" or negatives.needs_pool
         if needs_pool and (pool is None or clip is None):
-            raise ValueError(f"mode={mode!r} source={source!r} needs both `pool` and `clip`")
-        if mode == "dpo" and negatives.needs_sae and sae_path is None:
+            raise ValueError(f"serve={serve!r} source={source!r} needs both `pool` and `clip`")
+        if serve == "preferences" and negatives.needs_sae and sae_path is None:
             raise ValueError(f"source={source!r} needs `sae_path` (the export_dir of a trained SAEModule)")
-        if mode == "dpo" and negatives.draws_negatives and k < 1:
+        if serve == "preferences" and negatives.draws_negatives and k < 1:
             raise ValueError(f"k must be >= 1 for source={source!r}")
         # Dataclass arguments are kept as given: under LightningCLI `hparams` holds their raw dict form.
         self.clip = clip
@@ -212,13 +182,15 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.candidates: Candidates | None = None
         self.selection: Selection | None = None
         self.pool_paths: list[Path] = []
-        self._epoch_log_q: dict[int, torch.Tensor] = {}
-        self._resume: tuple[int, int] | None = None
+        self.drawer = NegativeDrawer(source, k, seed, records_file, image_root)
+        self.epoch_state = EpochState()
         self.pixel_cache = PixelCache.from_mb(image_cache_mb)
 
     # mining ---------------------------------------------------------------------------------------
     @property
     def k(self) -> int:
+        """K as drawn: ``k`` for a source that draws negatives, 0 for one that draws none. The one value the
+        module is handed (``NegativesDescription.k``); a batch carries exactly this many columns."""
         return self.hparams.k if get_source(self.hparams.source).draws_negatives else 0
 
     def _read_records(self) -> list[PreferenceRecord]:
@@ -237,7 +209,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         h = self.hparams
         if self.records is None:
             self.records = self._read_records()
-        if not (h.mode == "sae" or get_source(h.source).needs_pool):
+        if not (h.serve == "differences" or get_source(h.source).needs_pool):
             self._warn_unused_record_candidates()
             return
         if self.candidates is not None:
@@ -252,7 +224,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
             self.mining, self._cache_dir(), progress=progress, own_images=own,
         )
-        if h.mode == "dpo" and get_source(h.source).needs_sae:
+        if h.serve == "preferences" and get_source(h.source).needs_sae:
             sae, meta = load_sae(h.sae_path)
             expected = self.candidates.joint.metadata()
             if meta.get("joint") is None:
@@ -285,7 +257,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         kind = self.mining.record_candidates
         if kind == "none":
             return None
-        lists = [[Path(p) for p in self._record_negatives(r, kind)] for r in self.records]
+        h = self.hparams
+        lists = [[Path(p) for p in record_images(r, kind, h.records_file, h.image_root)] for r in self.records]
         missing = [r.id for r, x in zip(self.records, lists, strict=True) if not x]
         what = "meta.counterfactuals" if kind == "counterfactual" else "negatives"
         if lists and len(missing) == len(lists):
@@ -307,7 +280,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             self._warned_unused_own = True
             log.warning(
                 "mining.record_candidates=%r has no effect with source=%r, which mines no candidates (it applies "
-                "to the sae and random sources and to SAE mode)", self.mining.record_candidates, self.hparams.source,
+                "to the sae and random sources and to serve: differences)", self.mining.record_candidates, self.hparams.source,
             )
 
     def prepare_data(self) -> None:
@@ -316,9 +289,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self._mine(progress=False)
-        if self.hparams.mode == "dpo" and stage == "fit" and not hasattr(self, "encoded"):
-            if getattr(self.attached_module("processor"), "processor", None) is None:
-                raise ValueError("mode='dpo' needs a VLM module exposing `processor`")
+        if self.hparams.serve == "preferences" and stage == "fit" and not hasattr(self, "encoded"):
+            self.processor = self.module_value("processor")
             # A record left out by encoding stays in the mined arrays (indexed by position) but is encoded as
             # None, which the epoch leaves out.
             self.encoded = self.encode_pairs(self.processor)[0]
@@ -345,7 +317,30 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             encoded[i], unlimited[i] = pair, whole
         return encoded, unlimited
 
-    # SAE mode -------------------------------------------------------------------------------------
+    # the handshake: what the module learns of this data ------------------------------------------
+    def describe(self) -> DataDescription:
+        """The evaluation sets, and the negatives (serving preferences) or the difference vectors."""
+        description = super().describe()
+        if self.hparams.serve == "differences":
+            description.differences = DifferenceVectors(
+                dim=lambda: self.difference_dim, sample=self.sample_differences, metadata=self.sae_metadata
+            )
+        else:
+            description.negatives = NegativesDescription(self.hparams.source, self.k, self.proposal_features)
+        return description
+
+    def proposal_features(self) -> ProposalFeatures | None:
+        """q_phi's features of every record's selected negatives, by record id (None without an SAE selection).
+
+        Built once (the selection is fixed once mined); the module reads it every step."""
+        sel = self.selection
+        if sel is None:
+            return None
+        if getattr(self, "_proposal_features", None) is None or self._proposal_features.features is not sel.features:
+            self._proposal_features = ProposalFeatures(sel.features, sel.valid, {r.id: i for i, r in enumerate(self.records)})
+        return self._proposal_features
+
+    # serving differences (SAEModule) --------------------------------------------------------------
     @property
     def difference_dim(self) -> int:
         self._mine(progress=self.hparams.progress)
@@ -374,60 +369,21 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def _pairs_collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         return self.candidates.pair_differences(torch.stack(items))
 
-    # DPO mode -------------------------------------------------------------------------------------
+    # serving preferences (MISPDPOModule) ----------------------------------------------------------
     def _proposal_log_q(self) -> torch.Tensor:
         """log q over each record's M selected negatives from the module's current q_phi (uniform without one)."""
         sel = self.selection
-        module = self._attached_module
+        read = self._module_values.proposal_log_q if self._module_values is not None else None
         # The module gathers q_phi when it is sharded; every rank builds its dataloader, so all take part.
-        log_q = module.proposal_log_q(sel.features, sel.valid) if hasattr(module, "proposal_log_q") else None
+        log_q = read(sel.features, sel.valid) if read is not None else None
         return uniform_log_q(sel.valid) if log_q is None else log_q
 
     def draws_for_epoch(self, epoch: int) -> NegativeDraws | None:
         """The K negatives of every record for ``epoch`` (a pure function of seed, epoch and record ids)."""
-        h = self.hparams
-        source = get_source(h.source)
-        if source.draw is None:
-            return None
-        return source.draw(self._draw_context(epoch), epoch)
-
-    def _epoch_proposal_log_q(self, epoch: int) -> torch.Tensor:
-        # q_phi trains during the epoch: the draws use its state at the epoch's start, kept for a resume.
-        if epoch not in self._epoch_log_q:
-            self._epoch_log_q = {e: q for e, q in self._epoch_log_q.items() if e > epoch - 2}
-            self._epoch_log_q[epoch] = self._proposal_log_q()
-        return self._epoch_log_q[epoch]
-
-    def _draw_context(self, epoch: int) -> DrawContext:
-        h = self.hparams
-
-        def paths(index: torch.Tensor) -> list[list[str]]:
-            # Candidate indices name the pool's images and then the records' own (mining.record_candidates).
-            files = self.candidates.paths
-            return [[str(files[i]) if i >= 0 else "" for i in row.tolist()] for row in index]
-
-        return DrawContext(
-            ids=[r.id for r in self.records], k=h.k, seed=h.seed,
-            candidate_paths=lambda: paths(self.candidates.indices),
-            candidate_valid=lambda: self.candidates.indices >= 0,
-            selected_paths=lambda: paths(self.selection.pool_index),
-            proposal_log_q=lambda: self._epoch_proposal_log_q(epoch),
-            record_lists=self._record_lists,
+        return self.drawer.draw(
+            epoch, self.records, self.candidates, self.selection,
+            lambda: self.epoch_state.proposal_log_q(epoch, self._proposal_log_q),
         )
-
-    def _record_lists(self, kind: str) -> list[list[str]]:
-        """The image lists records carry (``given`` negatives, counterfactual renders); warns once when some
-        hold fewer than K, since their draws then repeat."""
-        h = self.hparams
-        lists = [self._record_negatives(r, kind) for r in self.records]
-        short = [r.id for r, x in zip(self.records, lists, strict=True) if 0 < len(x) < h.k]
-        if short and not getattr(self, "_warned_short_lists", False):
-            self._warned_short_lists = True
-            log.warning(
-                "source=%r: %d of %d records in %s have fewer than k=%d negatives (e.g. %s): their draws repeat "
-                "negatives", h.source, len(short), len(lists), h.records_file, h.k, short[:3],
-            )
-        return lists
 
     # degenerate settings: the run is correct, but not what the config suggests ----------------------
     def _warn_small_pool(self) -> None:
@@ -444,7 +400,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         """Warn once, with the count, when K exceeds the candidates some records have (draws then repeat)."""
         h = self.hparams
         source = get_source(h.source)
-        if h.mode != "dpo" or not source.needs_pool:
+        if h.serve != "preferences" or not source.needs_pool:
             return
         valid = self.selection.valid if source.needs_sae else self.candidates.indices >= 0
         counts = valid.sum(1)
@@ -457,85 +413,40 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                 getattr(self.mining, option.split(".")[1]), option,
             )
 
-    def _record_negatives(self, record: PreferenceRecord, kind: str) -> list[str]:
-        if kind == "given":
-            return [str(p) for p in record.negatives]
-        root = Path(self.hparams.image_root) if self.hparams.image_root else Path(self.hparams.records_file).parent
-        return [str(root / p) for p in record.meta.get("counterfactuals", [])]
-
-    def _dpo_collate(self, items: list[dict]) -> dict:
-        pad = self.processor.tokenizer.pad_token_id
-        batch = {f"chosen_{k}": v for k, v in collate_examples([it["chosen"] for it in items], pad).items()}
-        batch |= {f"rejected_{k}": v for k, v in collate_examples([it["rejected"] for it in items], pad).items()}
-        images = [it["positive"] for it in items] + [img for it in items for img in it["negatives"]]
-        batch["pixel_values"] = pixel_values(self.processor, images, self.pixel_cache)
-        batch["log_q"] = torch.stack([it["log_q"] for it in items]).float()
-        batch["draw_index"] = torch.stack([it["draw_index"] for it in items])
-        if items[0]["features"] is not None:
-            batch["features"] = torch.stack([it["features"] for it in items])
-            batch["feature_mask"] = torch.stack([it["feature_mask"] for it in items])
-        batch["ids"] = [it["id"] for it in items]
-        batch["negative_keys"] = [it["negative_keys"] for it in items]
-        return batch
-
     # dataloaders ----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        if h.mode == "sae":
+        if h.serve == "differences":
             train, _ = self._sae_split()
             return DataLoader(_DifferenceVectors(train), batch_size=h.sae_batch_size, shuffle=True, drop_last=True,
                               num_workers=h.num_workers, collate_fn=self._pairs_collate)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         draws = self.draws_for_epoch(epoch)
-        sel = self.selection
-        dataset = _PreferenceEpoch(
-            self.records, self.encoded, draws,
-            sel.features if sel is not None else None, sel.valid if sel is not None else None, None,
-        )
+        dataset = PreferenceEpoch(self.records, self.encoded, draws)
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
         # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches; resumed
         # mid-epoch, it starts after the batches the checkpoint had done.
-        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch, skip=self._resumed_batches(epoch) * h.batch_size)
+        sampler = EpochShuffleSampler(len(dataset), h.seed, epoch, skip=self.epoch_state.resumed_batches(epoch) * h.batch_size)
         return ResumableDataLoader(dataset, batch_size=h.batch_size, sampler=sampler, drop_last=False,
-                                   num_workers=h.num_workers, collate_fn=self._dpo_collate)
-
-    def _resumed_batches(self, epoch: int) -> int:
-        """Batches of ``epoch`` done before the checkpoint this run resumed from (0 otherwise; used once).
-
-        Lightning builds the first train dataloader (to count the run's steps for the LR schedule) before
-        it restores the loops, and keeps that loader's iterator for the resumed epoch; so the position is
-        taken from this datamodule's own checkpointed state (``load_state_dict`` runs before that), not
-        from the loops.
-        """
-        if self._resume is None or self._resume[0] != epoch:
-            return 0
-        done, self._resume = self._resume[1], None
-        return done
+                                   num_workers=h.num_workers,
+                                   collate_fn=partial(collate_preferences, processor=self.processor, cache=self.pixel_cache))
 
     # checkpointed state: the position in the epoch, and the proposal's log q of the epoch ----------------
     def state_dict(self) -> dict:
         """Where the epoch under way stands, and the proposal log q its negatives were drawn from."""
-        if self.trainer is None or self.hparams.mode != "dpo":
+        if self.trainer is None or self.hparams.serve != "preferences":
             return {}
-        epoch = self.trainer.current_epoch
         # `processed` counts the batch whose on_train_batch_end writes this checkpoint; `completed` not yet.
-        state = {"epoch": epoch, "batches_done": int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)}
-        if epoch in self._epoch_log_q:
-            state["proposal_log_q"] = self._epoch_log_q[epoch]
-        return state
+        done = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return self.epoch_state.state_dict(self.trainer.current_epoch, done)
 
     def load_state_dict(self, state: dict) -> None:
-        if "epoch" not in state:
-            return
-        epoch = int(state["epoch"])
-        self._resume = (epoch, int(state["batches_done"]))
-        if "proposal_log_q" in state:
-            self._epoch_log_q = {epoch: state["proposal_log_q"]}
+        self.epoch_state.load_state_dict(state)
 
     def val_dataloader(self):
         h = self.hparams
-        if h.mode == "sae":
+        if h.serve == "differences":
             _, val = self._sae_split()
             return DataLoader(_DifferenceVectors(val), batch_size=h.sae_batch_size, num_workers=h.num_workers,
                               collate_fn=self._pairs_collate)

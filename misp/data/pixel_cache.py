@@ -2,7 +2,8 @@
 
 Every epoch of the SFT stage decodes the same PNGs and runs the CLIP image processor on them again (about
 an eighth of the stage, docs/performance.md section 4); the preference data does the same for each
-record's positive and for pool negatives drawn again. :func:`pixel_values` looks each image file up in a
+record's positive and for pool negatives drawn again. :func:`image_inputs` (the one way a batch's images
+are made) and :func:`pixel_values` look each image file up in a
 :class:`PixelCache` first and decodes and preprocesses only the misses.
 
 The cache is bounded in bytes, not unbounded, because it holds float32 pixels: a preprocessed LLaVA-1.5
@@ -31,9 +32,9 @@ from PIL import Image
 from transformers import ProcessorMixin
 
 from misp.batch import ImageInputs
-from misp.data.images import load_rgb
+from misp.images import load_rgb
 from misp.models.families import family_for_processor, takes_any_image_size
-from misp.models.prompting import preprocess_images
+from misp.models.prompting import num_image_tokens, preprocess_images
 
 ImageRef = str | os.PathLike | Image.Image
 """An image file (cacheable, by its path) or an image already in memory (never cached)."""
@@ -133,7 +134,7 @@ def pixel_values(
     A path found in the cache is neither decoded nor preprocessed; the other paths are decoded with
     ``load_rgb`` and, with the in-memory images, preprocessed in one processor call (as a batch was before
     the cache), then the files' rows are cached. The values are bitwise those of ``preprocess_images``
-    on the decoded images: the processor treats each image on its own (tests/test_pixel_cache.py).
+    on the decoded images: the processor treats each image on its own (tests/data/test_pixel_cache.py).
 
     Args:
         processor: the model's processor (its ``image_processor`` makes the pixels).
@@ -142,7 +143,7 @@ def pixel_values(
 
     Raises:
         ValueError: ``images`` is empty.
-        FileNotFoundError, misp.data.images.ImageReadError: an image file is missing or cannot be decoded.
+        FileNotFoundError, misp.images.ImageReadError: an image file is missing or cannot be decoded.
     """
     if not images:
         raise ValueError("pixel_values needs at least one image")
@@ -184,3 +185,22 @@ def pixel_values(
                 cache.put(os.fspath(ref), fresh[j])
     return out
 
+
+
+def image_inputs(processor: ProcessorMixin, images: Sequence[ImageRef], cache: PixelCache | None = None) -> ImageInputs:
+    """A batch's images as the model takes them: the one function every preference batch is built by.
+
+    LLaVA-style processors: ``tensors={"pixel_values": [U, 3, H, W]}`` (:func:`pixel_values`, reusing
+    ``cache`` for files) and every image ``num_image_tokens(processor)`` tokens long (a fixed count).
+    Dynamic-resolution families: what the family's ``prepare_images`` makes (uncached).
+
+    Args:
+        processor: the model's processor.
+        images: image files and PIL images, in the batch's order (positives, then negatives).
+        cache: where files' pixels are kept between calls (None: nothing cached).
+    """
+    values = pixel_values(processor, images, cache)
+    if isinstance(values, ImageInputs):
+        return values
+    tokens = torch.full((len(images),), num_image_tokens(processor), dtype=torch.long)
+    return ImageInputs({"pixel_values": values}, tokens)

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 from misp.data.image_store import ImageStore, image_bytes
-from misp.data.images import verify_image
 from misp.data.record_source import DATASET_SUFFIXES, is_dataset_source, jsonl_lines, open_dataset
 from misp.data.records import RecordError, read_utf8
+from misp.images import verify_image
 from misp.utils.io import sha256_file
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from misp.data.images import load_rgb
+from misp.images import load_rgb
 
 log = logging.getLogger(__name__)
 

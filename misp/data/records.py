@@ -65,7 +65,6 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from misp.data.image_store import ImageStore, image_bytes
-from misp.data.images import verify_image
 from misp.data.layouts import (
     Conversation,
     FieldError,
@@ -78,6 +77,7 @@ from misp.data.layouts import (
 )
 from misp.data.record_source import DatasetRows, is_dataset_source, jsonl_lines, open_dataset
 from misp.errors import UserError
+from misp.images import verify_image
 
 logger = logging.getLogger(__name__)
 

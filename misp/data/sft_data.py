@@ -14,8 +14,8 @@ from misp.data.eval_data import EvalData, eval_dataloaders
 from misp.data.handshake import AttachesToModule
 from misp.data.pixel_cache import PixelCache, pixel_values
 from misp.data.records import SFTRecord, read_sft_records
+from misp.hparams import save_plain_hyperparameters
 from misp.models.prompting import collate_examples, encode_example
-from misp.training.hparams import save_plain_hyperparameters
 
 
 class _SFTDataset(Dataset):
@@ -76,7 +76,7 @@ class SFTDataModule(AttachesToModule, L.LightningDataModule):
         self.pixel_cache = PixelCache.from_mb(image_cache_mb)
 
     def setup(self, stage: str) -> None:
-        self.processor = self.attached_module("processor").processor
+        self.processor = self.module_value("processor")
         if stage == "fit" and self.train_set is None:
             h = self.hparams
             read = read_sft_records(Path(h.train_file), image_root=h.image_root, on_bad_record=h.on_bad_record)

@@ -12,9 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from misp.batch import NegativeRef, PreferenceBatch
+
 
 @dataclass
 class ConcatenatedRows:
+    """The ``2B + BK`` rows of one forward, and which of the batch's images each row reads."""
+
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
@@ -27,14 +31,14 @@ def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return F.pad(x, (0, length - x.shape[1]), value=value)
 
 
-def concatenate_rows(batch: dict, pad_token_id: int) -> ConcatenatedRows:
+def concatenate_rows(batch: PreferenceBatch, pad_token_id: int) -> ConcatenatedRows:
     """Stack chosen, rejected and chosen-per-negative rows (right padding to one length)."""
-    b, k = batch["log_q"].shape[0], batch["log_q"].shape[1]
-    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    b, k = batch.batch_size, batch.k
+    length = max(batch.chosen.input_ids.shape[1], batch.rejected.input_ids.shape[1])
     parts = {}
     for name, value in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", -100)):
-        chosen = _pad_to(batch[f"chosen_{name}"], length, value)
-        rejected = _pad_to(batch[f"rejected_{name}"], length, value)
+        chosen = _pad_to(getattr(batch.chosen, name), length, value)
+        rejected = _pad_to(getattr(batch.rejected, name), length, value)
         parts[name] = torch.cat([chosen, rejected, chosen.repeat_interleave(k, dim=0)])
     device = parts["input_ids"].device
     positives = torch.arange(b, device=device)
@@ -47,9 +51,13 @@ def split_rows(values: torch.Tensor, b: int, k: int) -> tuple[torch.Tensor, torc
     return values[:b], values[b : 2 * b], values[2 * b :].reshape(b, k)
 
 
-def row_keys(batch: dict) -> list[tuple[str, str, str]]:
+RowKey = tuple[str, str, "NegativeRef | str"]
+"""(record id, response, image): the image is ``"positive"`` or the negative's ``NegativeRef``."""
+
+
+def row_keys(batch: PreferenceBatch) -> list[RowKey]:
     """A cache key per row: (record id, response, image), in the concatenated row order."""
-    ids, negatives = batch["ids"], batch["negative_keys"]
+    ids, negatives = batch.ids, batch.negatives
     return (
         [(rid, "chosen", "positive") for rid in ids]
         + [(rid, "rejected", "positive") for rid in ids]

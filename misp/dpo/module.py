@@ -17,6 +17,8 @@ import logging
 import torch
 from torch.distributed.fsdp import fully_shard
 
+from misp.batch import PreferenceBatch
+from misp.data.handshake import DataDescription, ModuleValues, NegativesDescription, ProposalFeatures
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
 from misp.dpo.diagnostics import gradient_shares
 from misp.dpo.method import check_method
@@ -30,12 +32,12 @@ from misp.dpo.reference import (
 )
 from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
+from misp.hparams import save_plain_hyperparameters
 from misp.logprobs import sequence_logps
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec
 from misp.negatives.proposal import ProposalNet, gather_log_q
-from misp.training.hparams import save_plain_hyperparameters
 from misp.training.vlm_module import VLMModule
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ class MISPDPOModule(VLMModule):
         self.proposal = ProposalNet(eps=proposal_eps) if self.objective.uses_proposal else None
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
         self.reference_cache = ReferenceCache() if cache_reference else None
-        self.data_negatives: tuple[str, int] | None = None  # (source, k), from `datamodule.attach(module)`
+        self.negatives: NegativesDescription | None = None  # the data's source and K, from `datamodule.attach`
         if self.reference_cache is not None:
             # Now, while every weight is whole on this process: sharding wraps and splits them later.
             self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
@@ -119,13 +121,26 @@ class MISPDPOModule(VLMModule):
             param = next(proposal.parameters())
             return proposal.log_probs(features.to(param.device, param.dtype), mask.to(param.device)).double().cpu()
 
-    def attach_data(self, data) -> None:
-        """The handshake's module side: also the data's negative source and K, checked against the objective."""
+    def data_values(self) -> ModuleValues:
+        """The handshake's first half: the processor, and q_phi's reader the data draws each epoch through."""
+        return ModuleValues(processor=self.processor, proposal_log_q=self.proposal_log_q)
+
+    def attach_data(self, data: DataDescription) -> None:
+        """The handshake's second half: also the data's negative source and K, checked against the objective."""
         super().attach_data(data)
-        hparams = getattr(data, "hparams", {})
-        if "source" in hparams:
-            self.data_negatives = (hparams["source"], int(getattr(data, "k", 0)))
-            check_method(self.objective, *self.data_negatives)
+        self.negatives = data.negatives
+        if self.negatives is not None:
+            check_method(self.objective, self.negatives.source, self.negatives.k)
+
+    def _features(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_phi's features ``[B, M, F]`` and mask ``[B, M]`` of the records ``ids`` (from the handshake)."""
+        store: ProposalFeatures | None = self.negatives.proposal_features() if self.negatives is not None else None
+        if store is None:
+            raise ConfigError(
+                f"{type(self).__name__} trains q_phi, but its data has no SAE-selected negatives' features: "
+                "use data.source: sae and call `datamodule.attach(module)` before Trainer.fit"
+            )
+        return store.for_records(ids, self.device)
 
     def on_fit_start(self) -> None:
         if self.hparams.diagnostics_every_n_steps and self._sharded_training():
@@ -136,7 +151,7 @@ class MISPDPOModule(VLMModule):
                 f"but the policy is sharded ({type(self.trainer.strategy).__name__}): measure gradient shares on one "
                 "device or under DDP, or set it to 0"
             )
-        k = self.data_negatives[1] if self.data_negatives is not None else 0
+        k = self.negatives.k if self.negatives is not None else 0
         if k > 0 and self.trainer.reload_dataloaders_every_n_epochs != 1:
             log.warning(
                 "trainer.reload_dataloaders_every_n_epochs is %s: negatives are drawn once and reused; "
@@ -147,11 +162,12 @@ class MISPDPOModule(VLMModule):
     # log-probs --------------------------------------------------------------------------------------
     @staticmethod
     def _logps(model, rows: ConcatenatedRows, pixel_values: torch.Tensor) -> torch.Tensor:
+        # (The model-family adapter will take the ImageInputs whole; LLaVA reads its pixel_values.)
         # Logits only from the first response position on: the image and prompt logits carry no log-prob.
         logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, pixel_values, rows.labels, rows.image_index)
         return sequence_logps(logits, labels)
 
-    def _reference_logps(self, batch: dict, rows: ConcatenatedRows) -> torch.Tensor:
+    def _reference_logps(self, batch: PreferenceBatch, rows: ConcatenatedRows) -> torch.Tensor:
         keys = row_keys(batch)
         if self.reference_cache is not None:
             values, missing = self.reference_cache.lookup(keys)
@@ -164,23 +180,23 @@ class MISPDPOModule(VLMModule):
                 rows.input_ids[need], rows.attention_mask[need], rows.labels[need], image_index, rows.batch_size, rows.k
             )
             with reference_mode(self.model, self.reference) as reference:
-                computed = self._logps(reference, subset, batch["pixel_values"][images]).double().cpu()
+                computed = self._logps(reference, subset, batch.images.tensors["pixel_values"][images]).double().cpu()
             values[missing] = computed
             if self.reference_cache is not None:
                 self.reference_cache.store([keys[i] for i in need.tolist()], computed)
         return values.to(rows.input_ids.device, torch.float32)
 
     # training ---------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id)
         b, k = rows.batch_size, rows.k
-        policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch["pixel_values"]), b, k))
+        policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch.images.tensors["pixel_values"]), b, k))
         reference = SequenceLogps(*split_rows(self._reference_logps(batch, rows), b, k))
-        log_q = batch["log_q"] if k else None
+        log_q = batch.log_q if k else None
         log_q_phi = None
         if self.proposal is not None:
             # Through forward, so that FSDP gathers q_phi's parameters.
-            log_q_phi = gather_log_q(self.proposal(batch["features"], batch["feature_mask"]), batch["draw_index"])
+            log_q_phi = gather_log_q(self.proposal(*self._features(batch.ids)), batch.draw_index)
         term_losses, metrics = preference_terms(self.objective, policy, reference, log_q, log_q_phi)
         loss = sum_terms(term_losses).mean()
         every = self.hparams.diagnostics_every_n_steps

@@ -1,6 +1,6 @@
 """A preference objective: one beta and a weighted sum of named terms (``misp.dpo.terms``).
 
-Every method of method.md is a list of terms, written out in its config (configs/shapes/*.yaml):
+Every method of method.md is a list of terms, written out in its file (``configs/*/methods/``, ``misp.methods``):
 
 | method                 | terms                                                       | source   |
 | ---------------------- | ----------------------------------------------------------- | -------- |
@@ -10,7 +10,8 @@ Every method of method.md is a list of terms, written out in its config (configs
 | random multi-negative  | TextDPO + PlackettLuce                                       | random   |
 | MISP-DPO               | PlackettLuce(importance_sampling) + lambda TextDPO + ProposalFit | sae  |
 
-``preset`` builds the same lists in code (notebooks, tests, ``PreferenceObjective.preset("misp")``).
+``PreferenceObjective.preset("misp_dpo")`` builds a method file's objective in code (notebooks, tests), by
+:func:`build_objective`, the way jsonargparse builds ``MISPDPOModule(objective=...)`` for ``misp fit``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from misp.dpo.terms import (
-    Anchor,
     LossTerm,
-    PlackettLuce,
-    ProposalFit,
     SequenceLogps,
     TermInputs,
     TextDPO,
@@ -32,9 +30,6 @@ from misp.dpo.terms import (
     weighted_term_losses,
 )
 from misp.losses import image_advantages
-
-PRESETS = ("dpo", "mdpo", "chip", "random_neg", "misp")
-"""Names of the methods ``PreferenceObjective.preset`` builds."""
 
 
 @dataclass
@@ -57,35 +52,14 @@ class PreferenceObjective:
             raise ValueError(f"objective.terms names {repeated} more than once; give each term once with its weight")
 
     @classmethod
-    def preset(cls, method: str, beta: float | None = None, lambda_text: float = 1.0) -> PreferenceObjective:
-        """The objective of a method of method.md, at its default beta unless given."""
-        presets = {
-            "dpo": (0.1, [TextDPO()]),
-            "mdpo": (0.1, [TextDPO(), PlackettLuce(), Anchor()]),
-            "chip": (0.1, [TextDPO(), PlackettLuce()]),
-            "random_neg": (0.5, [TextDPO(), PlackettLuce()]),
-            "misp": (0.5, [PlackettLuce(importance_sampling=True), TextDPO(weight=lambda_text), ProposalFit()]),
-        }
-        if method not in presets:
-            raise ValueError(f"unknown method {method!r}; presets are {list(presets)}")
-        default_beta, terms = presets[method]
-        return cls(beta=default_beta if beta is None else beta, terms=terms)
+    def preset(cls, method: str, beta: float | None = None) -> PreferenceObjective:
+        """The objective of method file ``configs/*/methods/<method>.yaml`` (at its beta unless given)."""
+        from misp.methods import method_config
 
-    @classmethod
-    def from_config(cls, config) -> PreferenceObjective:
-        """From a config's ``objective`` mapping (terms as ``{class_path, init_args}``), as a YAML file has it."""
-        import importlib
-
-        config = dict(config or {})
-        terms = []
-        for spec in config.get("terms") or []:
-            spec = dict(spec) if not isinstance(spec, LossTerm) else spec
-            if isinstance(spec, LossTerm):
-                terms.append(spec)
-                continue
-            module, _, name = str(spec["class_path"]).rpartition(".")
-            terms.append(getattr(importlib.import_module(module), name)(**dict(spec.get("init_args") or {})))
-        return cls(beta=config.get("beta", 0.5), **({"terms": terms} if terms else {}))
+        config = dict(method_config(method).get("model", {}).get("init_args", {}).get("objective") or {})
+        if beta is not None:
+            config["beta"] = beta
+        return build_objective(config)
 
     @property
     def uses_negatives(self) -> bool:
@@ -95,6 +69,27 @@ class PreferenceObjective:
     def uses_proposal(self) -> bool:
         """A learnable q_phi is read (importance sampling over its draws) or trained."""
         return any(t.trains_proposal for t in self.terms)
+
+
+def build_objective(config) -> PreferenceObjective:
+    """An objective from a config's ``objective`` mapping (terms as ``{class_path, init_args}``, short class
+    names too), built by jsonargparse exactly as ``misp fit`` builds ``MISPDPOModule(objective=...)``.
+
+    Raises:
+        misp.errors.ConfigError: a value the objective or a term refuses, or a mapping that does not parse.
+    """
+    from jsonargparse import ArgumentParser
+
+    from misp.config_build import instantiate_config
+    from misp.errors import ConfigError
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--objective", type=PreferenceObjective)
+    try:
+        cfg = parser.parse_object({"objective": config})
+    except Exception as e:  # noqa: BLE001 - jsonargparse's ArgumentError: the mapping itself is malformed
+        raise ConfigError(f"objective: {e}") from e
+    return instantiate_config(parser, cfg).objective
 
 
 def preference_terms(
@@ -130,4 +125,4 @@ def preference_loss(
     return sum_terms(losses).mean(), metrics
 
 
-__all__ = ["PRESETS", "PreferenceObjective", "SequenceLogps", "preference_loss", "preference_terms", "sum_terms"]
+__all__ = ["PreferenceObjective", "build_objective", "SequenceLogps", "preference_loss", "preference_terms", "sum_terms"]

@@ -5,7 +5,9 @@ LoRA it is a frozen copy made before training starts.
 
 A negative drawn again in a later epoch, or the chosen/rejected pair of a record, has the same reference
 log-prob every time, so ``ReferenceCache`` keeps them per (record id, response, image) and only the rows
-it has not seen go through the reference forward. The cache remembers the fingerprint of the reference
+it has not seen go through the reference forward. The image is ``"positive"`` or a ``misp.batch.NegativeRef``,
+which says itself whether it names a file (cacheable) or a seeded transform of the positive, new each
+epoch (not kept). The cache remembers the fingerprint of the reference
 it was filled with and is cleared when the reference changes (another base model, another checkpoint).
 """
 
@@ -18,7 +20,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from misp.negatives.sources import reference_cacheable
+from misp.batch import NegativeRef
 
 
 def uses_adapters(model: nn.Module) -> bool:
@@ -69,7 +71,7 @@ class ReferenceCache:
 
     def __init__(self) -> None:
         self.fingerprint: str | None = None
-        self.values: dict[tuple[str, str, str], float] = {}
+        self.values: dict[tuple[str, str, NegativeRef | str], float] = {}
         self.hits = 0
         self.misses = 0
 
@@ -80,11 +82,12 @@ class ReferenceCache:
             self.fingerprint = fingerprint
 
     @staticmethod
-    def cacheable(key: tuple[str, str, str]) -> bool:
-        # The image's source decides: seeded transforms of the positive are new images every epoch.
-        return reference_cacheable(key[2])
+    def cacheable(key: tuple[str, str, NegativeRef | str]) -> bool:
+        # Seeded transforms of the positive are new images every epoch; files and the positive recur.
+        image = key[2]
+        return not isinstance(image, NegativeRef) or image.seed is None
 
-    def lookup(self, keys: list[tuple[str, str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, keys: list[tuple[str, str, NegativeRef | str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached values (0 where missing) and the mask of rows that must be computed."""
         values = torch.zeros(len(keys), dtype=torch.float64)
         missing = torch.ones(len(keys), dtype=torch.bool)
@@ -96,7 +99,7 @@ class ReferenceCache:
         self.misses += int(missing.sum())
         return values, missing
 
-    def store(self, keys: list[tuple[str, str, str]], values: torch.Tensor) -> None:
+    def store(self, keys: list[tuple[str, str, NegativeRef | str]], values: torch.Tensor) -> None:
         for key, value in zip(keys, values.tolist(), strict=True):
             if self.cacheable(key):
                 self.values[key] = float(value)
@@ -104,12 +107,15 @@ class ReferenceCache:
     def state_dict(self) -> dict:
         return {
             "fingerprint": self.fingerprint,
-            "values": [[*k, v] for k, v in self.values.items()],
+            # Plain lists (a NegativeRef as its four fields), so checkpoints load with weights_only=True.
+            "values": [[a, b, list(c) if isinstance(c, NegativeRef) else c, v] for (a, b, c), v in self.values.items()],
             "hits": self.hits,
             "misses": self.misses,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.fingerprint = state.get("fingerprint")
-        self.values = {(a, b, c): float(v) for a, b, c, v in state.get("values", [])}
+        self.values = {
+            (a, b, NegativeRef(*c) if isinstance(c, (list, tuple)) else c): float(v) for a, b, c, v in state.get("values", [])
+        }
         self.hits, self.misses = int(state.get("hits", 0)), int(state.get("misses", 0))

@@ -23,7 +23,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from misp.losses import anchor_loss, dpo_loss, importance_weight_stats, plackett_luce_loss, proposal_loss
+from misp.losses import (
+    anchor_loss,
+    dpo_loss,
+    importance_weight_stats,
+    plackett_luce_loss,
+    proposal_loss,
+)
 
 
 @dataclass
@@ -128,6 +134,8 @@ class PlackettLuce(LossTerm):
     def __call__(self, x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
         p, r = x.policy, x.reference
         log_q = x.log_q if self.importance_sampling else None
+        # From the log-probs, not from x.advantages: the same values, but autograd then sums the gradient
+        # in another order, and the trained weights would differ from earlier releases' in the last bits.
         losses = plackett_luce_loss(p.chosen, p.negatives, r.chosen, r.negatives, x.beta, log_q=log_q)
         a = x.advantages.detach()
         metrics = {
@@ -210,12 +218,6 @@ def sum_terms(weighted: dict[str, Tensor]) -> Tensor:
     return total
 
 
-def term_losses(terms: list[LossTerm], x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
-    """The weighted sum of every term's per-example losses ``[B]`` and all their metrics."""
-    weighted, metrics = weighted_term_losses(terms, x)
-    return sum_terms(weighted), metrics
-
-
 def uses_negatives(terms: list[LossTerm]) -> bool:
     return any(t.needs_negatives for t in terms)
 
@@ -229,7 +231,6 @@ __all__ = [
     "TermInputs",
     "TextDPO",
     "sum_terms",
-    "term_losses",
     "uses_negatives",
     "weighted_term_losses",
 ]

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torchmetrics import Metric
 
-from misp.data.images import verify_image
 from misp.data.records import RecordError
+from misp.images import verify_image
 
 log = logging.getLogger(__name__)
 

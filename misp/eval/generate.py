@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 from transformers import ProcessorMixin
 
-from misp.data.images import load_rgb
+from misp.images import load_rgb
 from misp.models.generation import generate
 
 

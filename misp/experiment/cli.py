@@ -12,10 +12,12 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from misp.config_build import instantiate_config
 from misp.errors import UserError
 from misp.experiment.config import ExperimentConfig, QuickMode, Variant
 from misp.experiment.report import write_report
 from misp.experiment.runner import Experiment
+from misp.methods import labels, variant_label
 
 
 def experiment_parser() -> ArgumentParser:
@@ -66,9 +68,7 @@ def config_of_results(current: ExperimentConfig, summary: dict) -> ExperimentCon
 def run_experiment(argv: Sequence[str]) -> None:
     parser = experiment_parser()
     cfg = parser.parse_args(list(argv))
-    from misp.cli import _instantiate
-
-    built = _instantiate(parser, cfg)
+    built = instantiate_config(parser, cfg)
     config = ExperimentConfig(**{name: getattr(built, name) for name in ExperimentConfig.__dataclass_fields__})
     config = config.quick_version() if cfg.quick else config.resolved()
     command = "misp experiment " + shlex.join(argv)
@@ -82,8 +82,8 @@ def run_experiment(argv: Sequence[str]) -> None:
         config = config_of_results(config, summary)
     else:
         summary = experiment.execute()
-    from misp.demo import LABELS
-
-    report = write_report(experiment.workspace, Path(config.report), asdict(config), summary, command, LABELS)
+    known = labels(Path(config.configs).parent)
+    names = {v.name: variant_label(v.name, v.method, list(v.extra), known) for v in [*config.methods, *config.ablations]}
+    report = write_report(experiment.workspace, Path(config.report), asdict(config), summary, command, known | names)
     print(f"[experiment] report: {report} (figure {report.with_suffix('.png')}, raw rows "
           f"{report.with_suffix('.jsonl')})", file=sys.stderr)

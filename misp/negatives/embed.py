@@ -33,10 +33,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from misp.data.images import load_rgb
+from misp.images import load_rgb
 from misp.utils.cache import cached
 
-_CACHE_VERSION = 2  # 2: images are turned upright by their EXIF orientation (misp.data.images.load_rgb)
+_CACHE_VERSION = 2  # 2: images are turned upright by their EXIF orientation (misp.images.load_rgb)
 
 
 class _ImageFiles(Dataset):

@@ -1,11 +1,12 @@
 """Where each record's negative images come from: a registry of ``NegativeSource``s, chosen by ``source``.
 
 A source answers, for one epoch, "which K negatives does record r get, and with what proposal
-log-probability": ``NegativeDraws``. Draws are a pure function of (seed, epoch, record id), so a resumed
-run draws exactly what an uninterrupted one would, on every rank. Each source also says what it needs
-(the mined pool, the SAE), what the log q of its draws means, whether the reference may cache its images'
-log-probs, and how a drawn spec becomes an image. The datamodule, the method check and the reference
-cache ask the registry; a new source is one ``register_source(NegativeSource(...))``.
+log-probability": ``NegativeDraws``, each draw a ``misp.batch.NegativeRef``. Draws are a pure function
+of (seed, epoch, record id), so a resumed run draws exactly what an uninterrupted one would, on every
+rank. Each source also says what it needs (the mined pool, the SAE), what the log q of its draws means,
+and how a seeded ref becomes an image. The datamodule and the method check ask the registry; the model
+side never does (a ref says itself whether it names a file). A new source is one
+``register_source(NegativeSource(...))``.
 
 | source         | negatives                                                         | log q          |
 | -------------- | ----------------------------------------------------------------- | -------------- |
@@ -32,6 +33,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from misp.batch import NegativeRef
 from misp.negatives.proposal import draw_negatives, gather_log_q, record_key
 from misp.negatives.transforms import diffusion_noise, random_resized_crop
 
@@ -40,8 +42,8 @@ from misp.negatives.transforms import diffusion_noise, random_resized_crop
 class NegativeDraws:
     """One epoch's negatives for every record."""
 
-    specs: list[list[str]]
-    """Per record, K image specs: a file path, or ``crop:<seed>`` / ``noise:<seed>`` of the positive."""
+    refs: list[list[NegativeRef]]
+    """Per record, its K negatives: files (pool, given, counterfactual) or seeded transforms of the positive."""
     log_q: torch.Tensor
     """[R, K] proposal log-probability of each draw."""
     draw_index: torch.Tensor
@@ -55,26 +57,29 @@ def uniform_log_q(valid: torch.Tensor) -> torch.Tensor:
 
 
 def draw_from_lists(
-    log_q: torch.Tensor, paths: list[list[str]], k: int, seed: int, epoch: int, ids: list[str]
+    log_q: torch.Tensor, candidates: list[list[NegativeRef | None]], k: int, seed: int, epoch: int, ids: list[str]
 ) -> NegativeDraws:
-    """Draw K entries per record from candidate lists ``paths`` with proposal rows ``log_q [R, M]``."""
+    """Draw K entries per record from candidate lists (None: padding) with proposal rows ``log_q [R, M]``."""
     index = draw_negatives(log_q, k, seed, epoch, ids)
-    specs = [[paths[r][int(i)] for i in index[r]] for r in range(len(ids))]
-    return NegativeDraws(specs, gather_log_q(log_q, index).float(), index)
+    refs = [[candidates[r][int(i)] for i in index[r]] for r in range(len(ids))]
+    return NegativeDraws(refs, gather_log_q(log_q, index).float(), index)
 
 
 def transform_draws(kind: str, k: int, seed: int, epoch: int, ids: list[str]) -> NegativeDraws:
     """K transformed copies of each positive; each copy's randomness seeded by (seed, epoch, id, k)."""
-    specs = [[f"{kind}:{(record_key(f'{seed}:{epoch}:{rid}:{j}')) & 0x7FFFFFFFFFFFFFFF}" for j in range(k)] for rid in ids]
+    refs = [
+        [NegativeRef(kind, seed=record_key(f"{seed}:{epoch}:{rid}:{j}") & 0x7FFFFFFFFFFFFFFF) for j in range(k)]
+        for rid in ids
+    ]
     zeros = torch.zeros(len(ids), k)
-    return NegativeDraws(specs, zeros, torch.arange(k).expand(len(ids), k).clone())
+    return NegativeDraws(refs, zeros, torch.arange(k).expand(len(ids), k).clone())
 
 
-def padded_lists(lists: list[list[str]]) -> tuple[list[list[str]], torch.Tensor]:
-    """Lists padded to one length (with ``""``) and their validity mask ``[R, max_len]``."""
+def padded_lists(lists: list[list[NegativeRef]]) -> tuple[list[list[NegativeRef | None]], torch.Tensor]:
+    """Lists padded to one length (with None) and their validity mask ``[R, max_len]``."""
     width = max((len(x) for x in lists), default=0)
     valid = torch.tensor([[j < len(x) for j in range(width)] for x in lists], dtype=torch.bool).reshape(len(lists), width)
-    return [list(x) + [""] * (width - len(x)) for x in lists], valid
+    return [list(x) + [None] * (width - len(x)) for x in lists], valid
 
 
 @dataclass
@@ -87,15 +92,17 @@ class DrawContext:
     """Draws per record."""
     seed: int
     """Run seed; draws are a function of (seed, epoch, id)."""
-    candidate_paths: Callable[[], list[list[str]]] | None = None
-    """Per record, the retrieved pool candidates' paths (pool sources)."""
+    source: str = ""
+    """The drawing source's name (what its refs carry)."""
+    candidate_refs: Callable[[], list[list[NegativeRef | None]]] | None = None
+    """Per record, the retrieved pool candidates (pool sources; None where a record has fewer)."""
     candidate_valid: Callable[[], torch.Tensor] | None = None
     """[R, N] validity of the retrieved candidates."""
-    selected_paths: Callable[[], list[list[str]]] | None = None
-    """Per record, the M SAE-selected negatives' paths (the sae source)."""
+    selected_refs: Callable[[], list[list[NegativeRef | None]]] | None = None
+    """Per record, the M SAE-selected negatives (the sae source)."""
     proposal_log_q: Callable[[], torch.Tensor] | None = None
     """[R, M] log q_phi over the selected negatives (uniform without a learnable proposal)."""
-    record_lists: Callable[[str], list[list[str]]] | None = None
+    record_lists: Callable[[str], list[list[NegativeRef]]] | None = None
     """Per record, the image lists a record carries: ``record_lists("given")`` or ``("counterfactual")``."""
 
 
@@ -114,12 +121,9 @@ class NegativeSource:
     proposal: Literal["none", "uniform", "learned"] = "uniform"
     """What a draw's log q is: a learned q_phi, a uniform choice over a list, or no distribution at all
     (transforms of the positive: importance sampling has nothing to correct)."""
-    reference_cacheable: bool = True
-    """The same image recurs across epochs, so the reference may cache its log-probs."""
-    materialise: Callable[[str, Path, Callable[[Path], Image.Image]], Image.Image] | None = None
-    """(spec, positive path, loader) -> image, for specs that are not file paths (``<name>:<seed>``)."""
-    description: str = ""
-    """One line for docs and errors."""
+    materialise: Callable[[NegativeRef, Path, Callable[[Path], Image.Image]], Image.Image] | None = None
+    """(ref, positive path, loader) -> image, for the seeded refs a source makes from the positive (which
+    are new images every epoch: neither the pixel cache nor the reference cache keeps them)."""
 
     @property
     def draws_negatives(self) -> bool:
@@ -142,38 +146,16 @@ def get_source(name: str) -> NegativeSource:
     return REGISTRY[name]
 
 
-def _spec_source(spec: str) -> NegativeSource | None:
-    kind, sep, _ = spec.partition(":")
-    source = REGISTRY.get(kind) if sep else None
-    return source if source is not None and source.materialise is not None else None
-
-
-def reference_cacheable(spec: str) -> bool:
-    """Whether the reference log-prob of a row with this image spec may be reused in a later epoch."""
-    source = _spec_source(spec)
-    return source.reference_cacheable if source is not None else True  # a file path: the same image again
-
-
-def names_file(spec: str) -> bool:
-    """Whether ``spec`` is an image file's path, not ``<source>:<seed>`` that a source makes from the positive.
-
-    Only a file may be cached by its name (``misp.data.pixel_cache``): a materialised spec is made in
-    memory from the record's positive, and a user's source may give the same spec to different records.
-    """
-    return _spec_source(spec) is None
-
-
-def materialise(spec: str, positive: Path, loader) -> Image.Image:
-    """The PIL image a spec names: a file, or what its source makes of the positive image."""
-    source = _spec_source(spec)
-    if source is not None:
-        return source.materialise(spec, positive, loader)
-    return loader(Path(spec))
+def materialise(ref: NegativeRef, positive: Path, loader: Callable[[Path], Image.Image]) -> Image.Image:
+    """The PIL image ``ref`` names: its file, or what its source makes of the positive image."""
+    if ref.seed is not None:
+        return get_source(ref.source).materialise(ref, positive, loader)
+    return loader(Path(ref.path))
 
 
 def _seeded_transform(transform) -> Callable:
-    def apply(spec: str, positive: Path, loader) -> Image.Image:
-        generator = torch.Generator().manual_seed(int(spec.partition(":")[2]))
+    def apply(ref: NegativeRef, positive: Path, loader) -> Image.Image:
+        generator = torch.Generator().manual_seed(ref.seed)
         return transform(loader(positive), generator)
 
     return apply
@@ -183,7 +165,7 @@ def _draw_transform(kind: str) -> Callable[[DrawContext, int], NegativeDraws]:
     return lambda c, epoch: transform_draws(kind, c.k, c.seed, epoch, c.ids)
 
 
-def _draw_uniform_from(paths: Callable[[DrawContext], Sequence[list[str]]], what: str):
+def _draw_uniform_from(paths: Callable[[DrawContext], Sequence[list[NegativeRef]]], what: str):
     def draw(c: DrawContext, epoch: int) -> NegativeDraws:
         lists = [list(x) for x in paths(c)]
         empty = [rid for rid, x in zip(c.ids, lists, strict=True) if not x]
@@ -196,31 +178,26 @@ def _draw_uniform_from(paths: Callable[[DrawContext], Sequence[list[str]]], what
 
 
 register_source(NegativeSource(
-    "sae", lambda c, epoch: draw_from_lists(c.proposal_log_q(), c.selected_paths(), c.k, c.seed, epoch, c.ids),
+    "sae", lambda c, epoch: draw_from_lists(c.proposal_log_q(), c.selected_refs(), c.k, c.seed, epoch, c.ids),
     needs_pool=True, needs_sae=True, proposal="learned",
-    description="K of the record's M SAE-selected pool images, drawn from q_phi (MISP-DPO)",
 ))
 register_source(NegativeSource(
     "random",
-    lambda c, epoch: draw_from_lists(uniform_log_q(c.candidate_valid()), c.candidate_paths(), c.k, c.seed, epoch, c.ids),
-    needs_pool=True, description="K of the record's N retrieved candidates, uniformly (random multi-negative)",
+    lambda c, epoch: draw_from_lists(uniform_log_q(c.candidate_valid()), c.candidate_refs(), c.k, c.seed, epoch, c.ids),
+    needs_pool=True,
 ))
 register_source(NegativeSource(
     "counterfactual", _draw_uniform_from(lambda c: c.record_lists("counterfactual"), "counterfactual"),
-    description="K of the record's one-attribute counterfactual renders (Shapes world)",
 ))
 register_source(NegativeSource(
     "given", _draw_uniform_from(lambda c: c.record_lists("given"), "given"),
-    description="K of the record's own `negatives` list",
 ))
 register_source(NegativeSource(
-    "crop", _draw_transform("crop"), proposal="none", reference_cacheable=False,
+    "crop", _draw_transform("crop"), proposal="none",
     materialise=_seeded_transform(lambda image, g: random_resized_crop(image, g)[0]),
-    description="K random resized crops of the positive keeping 1%-20% of its area (mDPO)",
 ))
 register_source(NegativeSource(
-    "noise", _draw_transform("noise"), proposal="none", reference_cacheable=False,
+    "noise", _draw_transform("noise"), proposal="none",
     materialise=_seeded_transform(diffusion_noise),
-    description="K forward-diffusion noisings of the positive (CHiP-style)",
 ))
-register_source(NegativeSource("none", None, proposal="none", description="no negatives (plain DPO)"))
+register_source(NegativeSource("none", None, proposal="none"))

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from misp.data.images import load_rgb
 from misp.eval.parsing import MentionExtractor
+from misp.images import load_rgb
 from misp.models.clip import load_clip
 from misp.models.generation import generate
 from misp.models.vlm import is_quantized, load_vlm

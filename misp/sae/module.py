@@ -8,6 +8,8 @@ from typing import Literal
 import lightning as L
 import torch
 
+from misp.data.handshake import DataDescription, DifferenceVectors, not_attached
+from misp.errors import ConfigError
 from misp.sae.io import save_sae
 from misp.sae.metrics import sae_metrics
 from misp.sae.model import SAEConfig, SparseAutoencoder
@@ -51,12 +53,16 @@ class SAEModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.sae: SparseAutoencoder | None = None
-        self.data = None  # the NegativeSamplerDataModule in SAE mode, from `datamodule.attach(module)`
+        self.data: DifferenceVectors | None = None  # from `datamodule.attach(module)`
 
-    def attach_data(self, data) -> None:
-        """The handshake's module side: the SAE's input width, its initial pre-bias and export metadata
-        come from the data's difference vectors."""
-        self.data = data
+    def attach_data(self, data: DataDescription) -> None:
+        """The handshake's module side (``misp.data.handshake``): the SAE's input width, its initial
+        pre-bias and export metadata come from the data's difference vectors."""
+        if data.differences is None:
+            raise ConfigError(
+                "SAEModule trains on difference vectors: use NegativeSamplerDataModule with serve: differences"
+            )
+        self.data = data.differences
 
     def configure_model(self) -> None:
         if self.sae is not None:
@@ -64,14 +70,14 @@ class SAEModule(L.LightningModule):
         h = self.hparams
         data = self.data
         if data is None:
-            raise RuntimeError("SAEModule needs its data's difference vectors: call `datamodule.attach(module)` first")
+            raise not_attached(self, "difference vectors")
         config = SAEConfig(
-            d_in=data.difference_dim, architecture=h.architecture, n_latents=h.n_latents, k=h.top_k, rho=h.rho,
+            d_in=data.dim(), architecture=h.architecture, n_latents=h.n_latents, k=h.top_k, rho=h.rho,
             gamma=h.gamma, auxk_coef=h.auxk_coef, aux_k=h.aux_k, dead_after=h.dead_after,
         )
         self.sae = SparseAutoencoder(config)
         # A resumed fit overwrites this with the checkpoint's weights; a fresh one starts at the data mean.
-        self.sae.init_from_data(data.sample_differences(h.init_sample))
+        self.sae.init_from_data(data.sample(h.init_sample))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         out = self.sae(batch)
@@ -100,5 +106,5 @@ class SAEModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            extra = getattr(self.data, "sae_metadata", lambda: {})()
+            extra = self.data.metadata() if self.data is not None else {}
             save_sae(self.sae, Path(self.hparams.export_dir), extra)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from misp.hparams import save_plain_hyperparameters
 from misp.models.clip import ClipSpec, load_clip, save_clip
-from misp.training.hparams import save_plain_hyperparameters
 from misp.training.optim import adamw_with_warmup_cosine
 
 
@@ -46,6 +46,12 @@ class ContrastiveCLIPModule(L.LightningModule):
         self.model.train()  # loaders hand models over in eval mode; Lightning keeps each module's mode
         self.loss_fn = ClipLoss()
         self._val_features: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def data_values(self):
+        """The handshake (``misp.data.handshake``): the data prepares images and captions with the CLIP bundle."""
+        from misp.data.handshake import ModuleValues
+
+        return ModuleValues(clip=self.bundle)
 
     @property
     def preprocess(self):

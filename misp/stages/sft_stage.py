@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from misp.eval.loop import GenerationEval
+from misp.hparams import save_plain_hyperparameters
 from misp.models.forward import response_logits
 from misp.models.vlm import VLMSpec
-from misp.training.hparams import save_plain_hyperparameters
 from misp.training.vlm_module import VLMModule
 
 

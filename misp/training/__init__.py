@@ -1,4 +1,4 @@
-"""Training a VLM under Lightning: the shared module base, its optimiser and hyperparameter helpers, and the
+"""Training a VLM under Lightning: the shared module base, its optimiser, and the
 FSDP strategy whose checkpoints hold the trainable state only."""
 
 from misp.training.fsdp import FSDPStrategy

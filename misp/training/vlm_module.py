@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from misp.data.eval_data import EvalData
+from misp.data.handshake import DataDescription, ModuleValues, not_attached
 from misp.eval.loop import Evaluator, GenerationEval
 from misp.eval.metrics import format_results
 from misp.models.sharding import gather_full_state_dict, is_sharded, shard_vlm
@@ -61,11 +62,16 @@ class VLMModule(L.LightningModule):
         self.strict_loading = False
         self._trainable_keys: set[str] | None = None
 
-    def attach_data(self, data) -> None:
-        """The handshake's module side (``datamodule.attach(self)``): the evaluation and validation sets
-        whose vocabulary, synonyms and pairs CHAIR and co-occurrence read."""
-        self.eval_data = getattr(data, "evaluation", None)
-        self.val_data = getattr(data, "validation", None) or self.eval_data
+    def data_values(self) -> ModuleValues:
+        """The handshake's first half (``misp.data.handshake``): the data encodes with this VLM's processor."""
+        return ModuleValues(processor=self.processor)
+
+    def attach_data(self, data: DataDescription) -> None:
+        """The handshake's second half: the evaluation and validation sets whose vocabulary, synonyms and
+        pairs CHAIR and co-occurrence read."""
+        self._attached = True
+        self.eval_data = data.evaluation
+        self.val_data = data.validation or self.eval_data
 
     def vlms(self) -> list[torch.nn.Module]:
         """Every VLM this module holds (the policy; DPO adds its frozen reference): all are sharded alike."""
@@ -83,6 +89,9 @@ class VLMModule(L.LightningModule):
         self._sharded = True
 
     def setup(self, stage: str) -> None:
+        if not getattr(self, "_attached", False):
+            # Without it CHAIR would run on empty vocabularies and report nothing, silently.
+            raise not_attached(self, "data description (evaluation sets)")
         self.trainable_state_keys()  # before the strategy wraps the model (FSDP renames parameters)
         # fit and validate score the validation sets, test the evaluation sets: their vocabularies may differ
         # (sets from another world or with their own synonyms), so the metrics follow the stage's sets.

@@ -11,15 +11,17 @@ import torch.nn.functional as F
 import yaml
 from PIL import ImageOps
 
+from misp import methods
 from misp.cli import main
 from misp.demo import method_configs
 from misp.dpo.method import MethodError, check_method, method_problems
-from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_loss
+from misp.dpo.objective import PreferenceObjective, SequenceLogps, build_objective, preference_loss
 from misp.dpo.terms import LossTerm, PlackettLuce, TermInputs, TextDPO
+from misp.errors import ConfigError
 from misp.losses import anchor_loss, dpo_loss, plackett_luce_loss, proposal_loss
 from misp.negatives.sources import REGISTRY, NegativeSource, register_source, transform_draws
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # The table of issue 12: accepted before, now one clear error each (or, for mDPO + crop, a clean run).
@@ -27,12 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
     ("method", "source", "k", "error"),
     [
         ("dpo", "crop", 2, "no objective term uses"),
-        ("misp", "crop", 2, "no proposal distribution"),
-        ("misp", "random", 2, "does not draw from it"),
+        ("misp_dpo", "crop", 2, "no proposal distribution"),
+        ("misp_dpo", "random", 2, "does not draw from it"),
         ("mdpo", "none", 1, "need negative images"),
         ("mdpo", "crop", 0, "need negative images"),
         ("mdpo", "crop", 2, None),
-        ("misp", "sae", 3, None),
+        ("misp_dpo", "sae", 3, None),
         ("dpo", "none", 1, None),
     ],
 )
@@ -46,7 +48,7 @@ def test_method_check(method, source, k, error):
 
 
 def test_every_contradiction_is_reported_once():
-    problems = method_problems(PreferenceObjective.preset("misp"), "crop", 2)
+    problems = method_problems(PreferenceObjective.preset("misp_dpo"), "crop", 2)
     assert len(problems) == 2  # IS over transforms, and a proposal nothing draws from
     assert sum("importance_sampling" in p for p in problems) == 1
 
@@ -89,7 +91,7 @@ def _old_loss(method: str, policy, reference, log_q, log_q_phi, beta: float) -> 
     return (1.0 * text + image).mean() + proposal_loss(a, log_q, log_q_phi).mean()
 
 
-@pytest.mark.parametrize("method", ["dpo", "mdpo", "chip", "random_neg", "misp"])
+@pytest.mark.parametrize("method", ["dpo", "mdpo", "chip", "random_neg", "misp_dpo"])
 def test_presets_reproduce_the_old_objectives(method):
     policy, reference, log_q = _fixed_batch()
     log_q_phi = log_q + 0.1
@@ -99,13 +101,38 @@ def test_presets_reproduce_the_old_objectives(method):
     assert abs(float(got) - float(want)) <= 1e-6 * max(1.0, abs(float(want)))
 
 
-@pytest.mark.parametrize("method", ["dpo", "mdpo", "chip", "random_neg", "misp_dpo", "clip_dpo"])
-def test_each_shipped_config_is_its_preset(method):
-    config = yaml.safe_load((ROOT / f"configs/shapes/methods/{method}.yaml").read_text())
-    from_config = PreferenceObjective.from_config(config["model"]["init_args"]["objective"])
-    preset = PreferenceObjective.preset({"misp_dpo": "misp", "clip_dpo": "dpo"}.get(method, method))
-    assert from_config.beta == preset.beta and repr(from_config.terms) == repr(preset.terms)
-    check_method(from_config, config["data"]["init_args"]["source"], config["data"]["init_args"].get("k", 3))
+@pytest.mark.parametrize("method", sorted(methods.method_files()), ids=str)
+def test_each_method_file_builds_and_is_consistent(method):
+    """Every file under configs/*/methods/ is a method: its objective builds, and agrees with its negatives."""
+    config = methods.method_config(method)
+    objective = PreferenceObjective.preset(method)
+    assert objective.beta == config["model"]["init_args"]["objective"]["beta"]
+    assert len(objective.terms) == len(config["model"]["init_args"]["objective"]["terms"])
+    data = yaml.safe_load(methods.preference_base(method).read_text())["data"]["init_args"] | config["data"]["init_args"]
+    check_method(objective, data["source"], data.get("k", 3))
+    assert methods.labels()[method] and methods.preference_base(method).exists()
+
+
+def test_an_unknown_method_names_the_known_ones():
+    with pytest.raises(methods.UnknownMethod, match="misp_dpo"):
+        PreferenceObjective.preset("no_such_method")
+
+
+def test_the_objective_has_one_builder_and_it_takes_short_class_names():
+    """What `misp fit` accepts, the pre-check accepts (the old second builder failed on `class_path: TextDPO`)."""
+    built = build_objective({"beta": 0.1, "terms": [{"class_path": "TextDPO"}, {"class_path": "PlackettLuce"}]})
+    assert [type(t).__name__ for t in built.terms] == ["TextDPO", "PlackettLuce"] and built.beta == 0.1
+    with pytest.raises(ConfigError, match="beta must be > 0"):
+        build_objective({"beta": 0.0})
+
+
+def test_the_cli_pre_check_accepts_short_term_names(tmp_path, capsys):
+    extra = tmp_path / "short.yaml"
+    extra.write_text(yaml.safe_dump({"model": {"init_args": {"objective": {"terms": [{"class_path": "TextDPO"}]}}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *method_configs("dpo", ROOT), "--config", str(extra), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "misp.dpo.terms.TextDPO" in capsys.readouterr().out
 
 
 # Extending misp from a test file alone: a negative source and a loss term, registered and configured.
@@ -126,8 +153,7 @@ class ImageHinge(LossTerm):
 
 register_source(NegativeSource(
     "mirror", lambda c, epoch: transform_draws("mirror", c.k, c.seed, epoch, c.ids), proposal="none",
-    reference_cacheable=True, materialise=lambda spec, positive, loader: ImageOps.mirror(loader(positive)),
-    description="the positive mirrored left to right (a toy source)",
+    materialise=lambda ref, positive, loader: ImageOps.mirror(loader(positive)),
 ))
 
 

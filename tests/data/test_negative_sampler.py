@@ -9,6 +9,7 @@ import torch
 
 from misp.data.negative_sampler import NegativeSamplerDataModule
 from misp.models.clip import ClipSpec
+from misp.models.prompting import num_image_tokens
 from misp.models.vlm import VLMSpec, load_vlm
 from misp.negatives.mining import MiningConfig
 
@@ -28,7 +29,7 @@ def make(tiny_world, tmp_path, **kwargs) -> NegativeSamplerDataModule:
 
 
 def test_sae_mode_serves_exact_difference_vectors(tiny_world, clip_dir, tmp_path):
-    dm = make(tiny_world, tmp_path, mode="sae", pool=str(tiny_world / "pool.jsonl"),
+    dm = make(tiny_world, tmp_path, serve="differences", pool=str(tiny_world / "pool.jsonl"),
               clip=ClipSpec(checkpoint=str(clip_dir)), sae_batch_size=16)
     dm.prepare_data()
     dm.setup("fit")
@@ -49,7 +50,7 @@ def test_sae_mode_serves_exact_difference_vectors(tiny_world, clip_dir, tmp_path
 def test_mining_is_cached_and_rebuilt_when_the_pool_changes(tiny_world, clip_dir, tmp_path, monkeypatch):
     import misp.negatives.mining as mining
 
-    kwargs = dict(mode="sae", pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)))
+    kwargs = dict(serve="differences", pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)))
     make(tiny_world, tmp_path, **kwargs).prepare_data()
     calls = []
     real = mining.retrieve_candidates
@@ -78,14 +79,21 @@ def test_every_source_yields_batches_of_the_right_shape(source, k, tiny_world, c
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    b = len(batch["ids"])
+    b = batch.batch_size
     size = processor.image_processor.crop_size["height"]
-    assert batch["pixel_values"].shape == (b + b * k, 3, size, size)
-    assert batch["log_q"].shape == (b, k) and torch.isfinite(batch["log_q"]).all()
-    assert batch["chosen_input_ids"].shape[0] == b and batch["rejected_labels"].shape[0] == b
+    assert batch.k == k and len(batch.negatives) == b and all(len(refs) == k for refs in batch.negatives)
+    assert all(ref.source == source for refs in batch.negatives for ref in refs)
+    assert batch.images.tensors["pixel_values"].shape == (b + b * k, 3, size, size)
+    assert batch.images.tokens_per_image.tolist() == [num_image_tokens(processor)] * (b + b * k)
+    assert batch.log_q.shape == (b, k) and torch.isfinite(batch.log_q).all()
+    assert batch.chosen.input_ids.shape[0] == b and batch.rejected.labels.shape[0] == b
     if source == "sae":
-        assert batch["features"].shape == (b, MINING.pool_size, 4)
-        assert (batch["log_q"] <= 0).all()
+        # q_phi's features reach the module through the handshake, by record, not in the batch.
+        features, valid = dm.describe().negatives.proposal_features().for_records(batch.ids, "cpu")
+        assert features.shape == (b, MINING.pool_size, 4) and valid.shape == (b, MINING.pool_size)
+        rows = [next(i for i, r in enumerate(dm.records) if r.id == rid) for rid in batch.ids]
+        assert torch.equal(features, dm.selection.features[rows])
+        assert (batch.log_q <= 0).all()
 
 
 def test_draws_repeat_for_the_same_epoch_and_change_across_epochs(tiny_world, clip_dir, sae_dir, tmp_path):
@@ -96,20 +104,21 @@ def test_draws_repeat_for_the_same_epoch_and_change_across_epochs(tiny_world, cl
     again = make(tiny_world, tmp_path, **kwargs)
     again.prepare_data()
     e0, e0_again, e1 = dm.draws_for_epoch(0), again.draws_for_epoch(0), dm.draws_for_epoch(1)
-    assert e0.specs == e0_again.specs
+    assert e0.refs == e0_again.refs
     assert torch.equal(e0.draw_index, e0_again.draw_index)
     assert not torch.equal(e0.draw_index, e1.draw_index)
     # Every drawn negative is one of the record's SAE-selected pool images.
-    for r, specs in enumerate(e0.specs):
-        chosen = {str(dm.pool_paths[i]) for i in dm.selection.pool_index[r].tolist() if i >= 0}
-        assert set(specs) <= chosen
+    for r, refs in enumerate(e0.refs):
+        chosen = {(str(dm.pool_paths[i]), i) for i in dm.selection.pool_index[r].tolist() if i >= 0}
+        assert {(ref.path, ref.index) for ref in refs} <= chosen
 
 
 def test_transform_sources_follow_seed_and_epoch(tiny_world, tmp_path):
     dm = make(tiny_world, tmp_path, source="crop", k=2)
     dm.prepare_data()
-    assert dm.draws_for_epoch(0).specs == dm.draws_for_epoch(0).specs
-    assert dm.draws_for_epoch(0).specs != dm.draws_for_epoch(1).specs
+    assert dm.draws_for_epoch(0).refs == dm.draws_for_epoch(0).refs
+    assert dm.draws_for_epoch(0).refs != dm.draws_for_epoch(1).refs
+    assert all(ref.source == "crop" and ref.seed is not None and not ref.names_file for ref in dm.draws_for_epoch(0).refs[0])
 
 
 def test_configuration_errors_are_clear(tiny_world, tmp_path):
@@ -134,11 +143,11 @@ def test_given_source_draws_from_each_records_own_negatives(tiny_world, processo
     dm.prepare_data()
     dm.setup("fit")
     draws = dm.draws_for_epoch(0)
-    for record, specs in zip(dm.records, draws.specs, strict=True):
-        assert set(specs) <= {str(p) for p in record.negatives}
+    for record, refs in zip(dm.records, draws.refs, strict=True):
+        assert {ref.path for ref in refs} <= {str(p) for p in record.negatives}
     torch.testing.assert_close(draws.log_q, torch.full_like(draws.log_q, -torch.log(torch.tensor(2.0)).item()))
     batch = next(iter(dm.train_dataloader()))
-    assert batch["pixel_values"].shape[0] == len(batch["ids"]) * 4
+    assert batch.images.tensors["pixel_values"].shape[0] == len(batch.ids) * 4
 
 
 def test_preference_data_validates_on_validation_and_tests_on_evaluation(tiny_world, tmp_path):

@@ -94,8 +94,8 @@ def test_the_sae_selects_renders_and_the_sae_source_draws_them(tiny_world, clip_
         assert [c.paths[i].resolve() in renders_of[r] for i in picked] == own[r, : len(picked)].tolist()
     drawn = dm.draws_for_epoch(0)
     chosen = [{str(c.paths[i]) for i in row.tolist() if i >= 0} for row in sel.pool_index]
-    assert all(set(s) <= ch for s, ch in zip(drawn.specs, chosen, strict=True))
-    assert any(Path(s).resolve() in renders_of[r] for r, specs in enumerate(drawn.specs) for s in specs)
+    assert all({ref.path for ref in refs} <= ch for refs, ch in zip(drawn.refs, chosen, strict=True))
+    assert any(Path(ref.path).resolve() in renders_of[r] for r, refs in enumerate(drawn.refs) for ref in refs)
 
 
 def test_the_random_source_draws_from_the_mixed_list(tiny_world, clip_dir, tmp_path):
@@ -104,7 +104,7 @@ def test_the_random_source_draws_from_the_mixed_list(tiny_world, clip_dir, tmp_p
     drawn = dm.draws_for_epoch(0)
     n_valid = (dm.candidates.indices >= 0).sum(1, keepdim=True).double()
     torch.testing.assert_close(drawn.log_q.double(), (-n_valid.log()).expand_as(drawn.log_q), atol=1e-6, rtol=0)
-    assert any(Path(s).resolve() in renders_of[r] for r, specs in enumerate(drawn.specs) for s in specs)
+    assert any(Path(ref.path).resolve() in renders_of[r] for r, refs in enumerate(drawn.refs) for ref in refs)
 
 
 def test_the_setting_keys_the_caches(tiny_world, clip_dir, sae_dir, tmp_path, monkeypatch):
@@ -134,7 +134,7 @@ def test_the_setting_keys_the_caches(tiny_world, clip_dir, sae_dir, tmp_path, mo
 
 
 def test_sae_mode_trains_on_the_mixed_differences(tiny_world, clip_dir, tmp_path):
-    dm = make(tiny_world, clip_dir, tmp_path, mode="sae", sae_batch_size=16)
+    dm = make(tiny_world, clip_dir, tmp_path, serve="differences", sae_batch_size=16)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (16, dm.difference_dim) and torch.isfinite(batch).all()
@@ -176,7 +176,7 @@ def test_merge_keeps_an_own_image_that_is_also_retrieved_once():
 @pytest.mark.slow
 def test_misp_dpo_trains_on_the_mixed_pool(tiny_world, clip_dir, sae_dir, vlm_dir, tmp_path):
     L.seed_everything(0)
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"), lr=1e-3)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), lr=1e-3)
     dm = NegativeSamplerDataModule(
         records_file=str(tiny_world / "pref.jsonl"), source="sae", k=3, pool=str(tiny_world / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(sae_dir), mining=MIXED, batch_size=8,

@@ -31,7 +31,7 @@ from misp.models.hub_cache import hub_cache_env, use_hub_cache
 from misp.models.llava15 import HUB_REPO_ID
 from misp.smoke import smoke_clip_hub, smoke_llava15_hub
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN = Path("runs/llava/misp_dpo")
 N_RECORDS = 16
 

@@ -12,7 +12,7 @@ from misp.cli import main
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.vlm import VLMSpec, load_vlm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from misp.demo import method_configs
 from misp.models.vlm import VLMSpec, load_vlm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from misp.data.images import load_rgb
+from misp.images import load_rgb
 from misp.data.pixel_cache import PixelCache, pixel_values
 from misp.models.prompting import preprocess_images
 from misp.models.vlm import VLMSpec, load_vlm
@@ -122,7 +122,8 @@ def test_preference_batches_cache_files_but_never_crops(tiny_world, processor, t
     off, on = data(0), data(64)
     for _epoch in range(2):
         for a, b in zip(off.train_dataloader(), on.train_dataloader(), strict=True):
-            assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["negative_keys"] == b["negative_keys"]
+            assert torch.equal(a.images.tensors["pixel_values"], b.images.tensors["pixel_values"])
+            assert a.negatives == b.negatives
     item = on.train_dataloader().dataset[0]
     assert not hasattr(item["positive"], "mode") and all(hasattr(n, "mode") for n in item["negatives"])
     # Only the positives (files) are cached, each once; the crops, made in memory, never are.

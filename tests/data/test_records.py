@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from misp.data.images import ImageReadError, load_rgb, verify_image
+from misp.images import ImageReadError, load_rgb, verify_image
 from misp.data.records import (
     CaptionRecord,
     GroundingRecord,

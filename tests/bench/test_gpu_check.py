@@ -18,7 +18,7 @@ from misp.models.llava15 import Llava15Sizes, build_llava15
 from misp.models.prompting import encode_example, preprocess_images
 from misp.models.vlm import LoraSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_step_flops_match_torch_flop_counter():

@@ -17,7 +17,7 @@ from misp.experiment.cli import run_experiment
 from misp.experiment.config import BETA, LR
 from misp.experiment.report import compare, verdict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _arg(cmd: list[str], flag: str) -> str | None:

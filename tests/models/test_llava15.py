@@ -33,7 +33,7 @@ from misp.models.prompting import (
 )
 from misp.smoke import SMOKE_CLIP_HUB, smoke_clip_hub, smoke_llava15_hub
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # configs/llava.yaml's VLM, as the CLI would build it.
 LLAVA_YAML_VLM = dict(path=HUB_REPO_ID, load_in_4bit=True, dtype="bfloat16", bnb_4bit_compute_dtype="bfloat16",
                       bnb_4bit_quant_storage="bfloat16")

@@ -12,7 +12,7 @@ import torch
 from misp.cli import main
 from misp.sae.io import load_sae
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from misp.models.clip import ClipSpec
 from misp.models.vlm import LoraSpec, VLMSpec
 from misp.negatives.mining import MiningConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MINING = MiningConfig(n_candidates=8, pool_size=4, embed_batch_size=64, dup_threshold=0.99999)
 
 
@@ -96,14 +96,14 @@ def test_lora_reference_stays_the_base_while_the_policy_moves(tiny_world, vlm_di
 
     def logps():
         with torch.no_grad():
-            return module._logps(module.model, rows, batch["pixel_values"]), module._reference_logps(batch, rows)
+            return module._logps(module.model, rows, batch.images.tensors["pixel_values"]), module._reference_logps(batch, rows)
 
     policy0, ref0 = logps()
     torch.testing.assert_close(policy0, ref0)  # LoRA B starts at zero: policy == reference
     optimizer = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
     for _ in range(3):
         optimizer.zero_grad()
-        module._logps(module.model, rows, batch["pixel_values"]).sum().backward()
+        module._logps(module.model, rows, batch.images.tensors["pixel_values"]).sum().backward()
         optimizer.step()
     policy1, ref1 = logps()
     assert not torch.allclose(policy1, policy0)
@@ -142,7 +142,7 @@ class _Crash(L.Callback):
 
 def _misp_run(root: Path, tiny_world, clip_dir, sae_dir, vlm_dir, crash=False, ckpt_path=None) -> list[dict]:
     L.seed_everything(0)
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"), lr=1e-3)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), lr=1e-3)
     dm = NegativeSamplerDataModule(
         records_file=str(tiny_world / "pref.jsonl"), source="sae", k=3, pool=str(tiny_world / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(sae_dir), mining=MINING, batch_size=8,
@@ -285,7 +285,7 @@ def test_gradient_diagnostics_leave_the_steps_gradients_unchanged(tiny_world, vl
 
 
 def test_gradient_diagnostics_leave_the_proposal_term_out(vlm_dir):
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp"),
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"),
                            diagnostics_every_n_steps=1)
     w = module.trainable_parameters()[0]
     q = next(module.proposal.parameters())

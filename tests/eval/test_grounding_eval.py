@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from misp.data.eval_data import EvalData, eval_dataloaders
-from misp.data.images import load_rgb
+from misp.images import load_rgb
 from misp.data.records import read_grounding_records
 from misp.eval.loop import Evaluator, GenerationEval
 from misp.eval.scoring import response_logps_per_image

@@ -39,7 +39,7 @@ from misp.prefs import (
 )
 from misp.prefs.filters import Candidate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def words(text: str) -> int:

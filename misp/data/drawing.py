@@ -1,0 +1,90 @@
+"""Each epoch's negatives of every record, drawn from the configured source (one part of the datamodule).
+
+Draws are a pure function of (seed, epoch, record id), so a resumed run draws what an uninterrupted one
+would, on every rank. The mined candidates and the SAE selection are read where they are when an epoch
+is drawn (the datamodule mines them first); the pool sources' refs carry each image's index in the
+candidate list.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from misp.batch import NegativeRef
+from misp.negatives.mining import Candidates, Selection
+from misp.negatives.sources import DrawContext, NegativeDraws, get_source
+
+log = logging.getLogger(__name__)
+
+
+def record_images(record, kind: str, records_file: str, image_root: str | None) -> list[str]:
+    """The image files a record carries: its ``given`` negatives, or its ``counterfactual`` renders
+    (``meta.counterfactuals``, relative to ``image_root`` or the records file's folder)."""
+    if kind == "given":
+        return [str(p) for p in record.negatives]
+    root = Path(image_root) if image_root else Path(records_file).parent
+    return [str(root / p) for p in record.meta.get("counterfactuals", [])]
+
+
+class NegativeDrawer:
+    """Draws each epoch's K negatives per record from ``source``.
+
+    Args:
+        source: the registered source's name.
+        k: negatives per record.
+        seed: the run's seed.
+        records_file: where the records came from (messages, and the root of counterfactual renders).
+        image_root: the folder image paths are relative to, if not the records file's.
+    """
+
+    def __init__(self, source: str, k: int, seed: int, records_file: str, image_root: str | None) -> None:
+        self.source, self.k, self.seed = source, k, seed
+        self.records_file, self.image_root = records_file, image_root
+        self._warned_short_lists = False
+
+    def draw(
+        self,
+        epoch: int,
+        records: list,
+        candidates: Candidates | None,
+        selection: Selection | None,
+        proposal_log_q: Callable[[], torch.Tensor],
+    ) -> NegativeDraws | None:
+        """The K negatives of every record for ``epoch`` (None for a source that draws none).
+
+        ``proposal_log_q`` gives ``[R, M]`` log q_phi over the selected negatives when the source needs it.
+        """
+        source = get_source(self.source)
+        if source.draw is None:
+            return None
+
+        def refs(index: torch.Tensor) -> list[list[NegativeRef | None]]:
+            # Candidate indices name the pool's images and then the records' own (mining.record_candidates).
+            files = candidates.paths
+            return [[NegativeRef(self.source, str(files[i]), i) if i >= 0 else None for i in row.tolist()] for row in index]
+
+        context = DrawContext(
+            ids=[r.id for r in records], k=self.k, seed=self.seed, source=self.source,
+            candidate_refs=lambda: refs(candidates.indices),
+            candidate_valid=lambda: candidates.indices >= 0,
+            selected_refs=lambda: refs(selection.pool_index),
+            proposal_log_q=proposal_log_q,
+            record_lists=lambda kind: self._record_lists(records, kind),
+        )
+        return source.draw(context, epoch)
+
+    def _record_lists(self, records: list, kind: str) -> list[list[NegativeRef]]:
+        """The image lists records carry; warns once when some hold fewer than K, since their draws then repeat."""
+        lists = [record_images(r, kind, self.records_file, self.image_root) for r in records]
+        short = [r.id for r, x in zip(records, lists, strict=True) if 0 < len(x) < self.k]
+        if short and not self._warned_short_lists:
+            self._warned_short_lists = True
+            log.warning(
+                "source=%r: %d of %d records in %s have fewer than k=%d negatives (e.g. %s): their draws repeat "
+                "negatives", self.source, len(short), len(lists), self.records_file, self.k, short[:3],
+            )
+        return [[NegativeRef(self.source, path) for path in x] for x in lists]
