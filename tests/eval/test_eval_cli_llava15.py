@@ -20,7 +20,7 @@ from misp.cli import main
 from misp.eval.scoring import response_logps_per_image
 from misp.models.llava15 import Llava15Sizes, build_llava15, save_hub_files
 from misp.models.vlm import LoraSpec, VLMSpec, load_vlm
-from misp.training.hparams import plain
+from misp.hparams import plain
 
 N_POPE = 24
 
@@ -52,7 +52,7 @@ def test_misp_eval_resumes_after_a_kill_without_answering_twice(workspace, tmp_p
     args = ["eval", "--model", str(workspace / "base"), "--benchmarks", "pope", "--data_root",
             str(workspace / "data"), "--out", str(out), "--dtype", "float32", "--device", "cpu",
             "--batch_size", "1", "--max_new_tokens", "3", "--quiet", "true"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "misp.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     generations = out / "generations" / "pope.jsonl"

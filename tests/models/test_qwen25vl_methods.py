@@ -13,7 +13,7 @@ from misp.cli import main
 from misp.demo import method_configs
 from misp.testing.qwen25vl import build_qwen25vl, save_qwen25vl_hub_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["dpo", "mdpo", "chip", "random_neg", "misp_dpo"]
 
 

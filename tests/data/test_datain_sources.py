@@ -20,7 +20,7 @@ from misp.data.record_source import jsonl_lines  # noqa: E402
 from misp.data.records import RecordError, read_preference_records  # noqa: E402
 from misp.models.prompting import IGNORE_INDEX, encode_example  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N = 6
 
 
