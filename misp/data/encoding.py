@@ -40,7 +40,7 @@ def encode_records(
         read: the records as a reader returned them (their file and lines name them in errors).
         responses: the record attributes to encode after the prompt, e.g. ``("chosen", "rejected")``.
         encode: ``(prompt, response) -> {"input_ids", "labels"}``, usually ``encode_example`` bound to the
-            processor and ``max_length``.
+            processor and ``max_length``; called with ``history=`` too for a record that holds a conversation.
         on_bad_record: ``raise`` the first error, or ``skip`` the record and warn once with the count.
 
     Returns:
@@ -59,7 +59,10 @@ def encode_records(
             row = []
             for name in responses:
                 try:
-                    row.append(encode(record.prompt, getattr(record, name)))
+                    # A conversation's earlier turns go to the encoder, which templates them with the prompt.
+                    history = getattr(record, "history", ())
+                    extra = {"history": history} if history else {}
+                    row.append(encode(record.prompt, getattr(record, name), **extra))
                 except ValueError as e:
                     message = str(e)
                     raise RecordError(

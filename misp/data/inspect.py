@@ -87,7 +87,6 @@ def _image_size(path: Path, cache: dict[Path, tuple[int, int] | None]) -> tuple[
 
 def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dict[str, Any]:
     """What a fit would see of ``dm``'s preference records, as a dict (``format_report`` prints it)."""
-    from misp.data.conversation import render_prompt
     from misp.models.prompting import IGNORE_INDEX, encode_example, num_image_tokens
 
     h = dm.hparams
@@ -113,7 +112,7 @@ def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dic
         reason = "cannot be encoded"
         for name in ("chosen", "rejected"):
             try:
-                encode_example(processor, render_prompt(processor, r), getattr(r, name))
+                encode_example(processor, r.prompt, getattr(r, name), history=getattr(r, "history", ()))
             except ValueError as e:
                 reason = f"field '{name if not str(e).startswith('the prompt') else 'prompt'}': {e}"
                 break

@@ -27,7 +27,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from misp.data.collate import PreferenceEpoch, collate_preferences
-from misp.data.conversation import rendered
 from misp.data.drawing import NegativeDrawer, record_images
 from misp.data.encoding import encode_records
 from misp.data.epoch_state import EpochState
@@ -306,7 +305,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         if self.records is None:
             self.records = self._read_records()
         h = self.hparams
-        read = rendered(processor, self._read)  # conversations through the chat template
+        read = self._read
         kept, full = encode_records(read, ("chosen", "rejected"), partial(encode_example, processor), h.on_bad_record)
         pairs = encode_preference_records(
             processor, [read.records[i] for i in kept], h.max_length, h.truncation, h.records_file, full

@@ -143,7 +143,7 @@ class PreferenceRecord:
     """Free-form metadata carried through untouched."""
     history: tuple[tuple[str, str], ...] = ()
     """The turns before ``prompt`` when the prompt is a conversation, as (role, text) with role "system",
-    "user" or "assistant"; rendered with the model's chat template (``misp.data.conversation``). Empty
+    "user" or "assistant"; rendered with the model family's chat template (``ModelFamily.format_prompt``). Empty
     for a single-turn record, which is encoded exactly as before."""
 
 

@@ -16,6 +16,7 @@ import logging
 import weakref
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -75,16 +76,18 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return ids.tolist()
 
 
-def format_prompt(prompt: str, processor: ProcessorMixin | None = None) -> str:
+def format_prompt(
+    prompt: str, processor: ProcessorMixin | None = None, history: Sequence[tuple[str, str]] = ()
+) -> str:
     """``prompt`` templated for the family of ``processor`` (LLaVA-1.5's ``"USER: <image>\\n{prompt}
-    ASSISTANT:"`` when None).
+    ASSISTANT:"`` when None), after a conversation's earlier ``(role, text)`` turns when ``history`` holds any.
 
     A prompt already templated for the same family is kept verbatim: public preference files (mDPO's among
     them) store the full conversation prompt, and wrapping it again would put two images and two turns in
     front of the response. One templated for another family is re-templated for this one.
     """
     family = Llava15Family() if processor is None else family_for_processor(processor)
-    return family.format_prompt(processor, prompt)
+    return family.format_prompt(processor, prompt, history)
 
 
 def num_image_tokens(processor: ProcessorMixin) -> int:
@@ -112,7 +115,11 @@ def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], response: 
 
 
 def encode_example(
-    processor: ProcessorMixin, prompt: str, response: str | None = None, max_length: int | None = None
+    processor: ProcessorMixin,
+    prompt: str,
+    response: str | None = None,
+    max_length: int | None = None,
+    history: Sequence[tuple[str, str]] = (),
 ) -> dict[str, list[int]]:
     """Token ids and labels of one (prompt, response) example in the template of the processor's family.
 
@@ -123,6 +130,8 @@ def encode_example(
         response: the assistant's answer; ``None`` encodes the prompt alone, ready for generation.
         max_length: longest total length. The response (with its EOS) is cut from the right to fit;
             image and prompt tokens are never cut, so a prompt that leaves no room raises.
+        history: the earlier turns of a conversation, ``(role, text)`` pairs, rendered before ``prompt`` by
+            the family's chat template (the image in the first user turn); only ``response`` is scored.
 
     Returns:
         ``{"input_ids", "labels"}``: ``input_ids`` = BOS (where the tokenizer has one), the template with
@@ -142,7 +151,12 @@ def encode_example(
     refuse_special_tokens(tokenizer, prompt, "the prompt", allowed=image_token if image_token in prompt else "<image>")
     if response is not None:
         refuse_special_tokens(tokenizer, response, "the response")
-    text = family.format_prompt(processor, prompt)
+    for role, turn in history:
+        for marker in {image_token, "<image>"}:
+            if marker in turn:
+                raise ValueError(f"the prompt's earlier {role} turn contains {marker!r}; the image goes in the first user turn")
+        refuse_special_tokens(tokenizer, turn, f"the prompt's earlier {role} turn")
+    text = family.format_prompt(processor, prompt, history)
     fixed = family.fixed_image_tokens(processor)
     if fixed is not None:
         text = family.expand_image_text(processor, text)

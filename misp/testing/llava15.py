@@ -33,6 +33,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+from misp.models.families.llava import CHAT_TEMPLATE  # noqa: F401  (the hub's, re-exported)
 from misp.testing.hub_cache import publish_snapshot
 
 HUB_REPO_ID = "llava-hf/llava-1.5-7b-hf"
@@ -41,17 +42,6 @@ HUB_REPO_ID = "llava-hf/llava-1.5-7b-hf"
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<unk>", "<s>", "</s>"
 IMAGE_TOKEN, PAD_TOKEN = "<image>", "<pad>"
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
-    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
-    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
-    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-"""The chat template of llava-hf/llava-1.5-7b-hf (its ``chat_template.json``): a user turn with one image
-renders as ``"USER: <image>\\n{text} ASSISTANT:"``, the template misp's prompting writes itself."""
 
 _EMBEDDING_MULTIPLE = 64  # the hub pads 32000 + <image> + <pad> = 32002 embedding rows to 32064
 _N_BYTE_TOKENS = 256

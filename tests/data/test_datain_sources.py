@@ -14,11 +14,10 @@ import pytest
 datasets = pytest.importorskip("datasets")
 from datasets import Dataset, Image, List  # noqa: E402
 
-from misp.data.conversation import render_prompt  # noqa: E402
 from misp.data.layouts import RatingRule  # noqa: E402
 from misp.data.record_source import jsonl_lines  # noqa: E402
 from misp.data.records import RecordError, read_preference_records  # noqa: E402
-from misp.models.prompting import IGNORE_INDEX, encode_example  # noqa: E402
+from misp.models.prompting import IGNORE_INDEX, encode_example, format_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 6
@@ -99,7 +98,7 @@ def _misp_jsonl(tmp: Path, rows: list[dict], negatives: bool) -> Path:
 
 
 def _encoded(processor, records) -> list:
-    return [tuple(tuple(encode_example(processor, render_prompt(processor, r), getattr(r, side)).values())
+    return [tuple(tuple(encode_example(processor, r.prompt, getattr(r, side), history=r.history).values())
                   for side in ("chosen", "rejected")) for r in records]
 
 
@@ -141,9 +140,11 @@ def test_a_multi_turn_record_scores_only_its_last_assistant_turn(tiny_world, tmp
                                  "rejected": r["rejected"]}) + "\n")
     [rec] = read_preference_records(jsonl).records
     assert rec.prompt == r["prompt"] and rec.history == (("user", "describe the image."), ("assistant", r["rejected"]))
-    text = render_prompt(processor, rec)
+    text = format_prompt(rec.prompt, processor, rec.history)
     assert text == f"USER: <image>\ndescribe the image. ASSISTANT: {r['rejected']} USER: {r['prompt']} ASSISTANT:"
-    enc = encode_example(processor, text, r["chosen"])
+    enc = encode_example(processor, rec.prompt, r["chosen"], history=rec.history)
+    # The conversation's text is encoded as it is rendered: the same ids as the rendered text given whole.
+    assert enc == encode_example(processor, text, r["chosen"])
     scored = [t for t, label in zip(enc["input_ids"], enc["labels"], strict=True) if label != IGNORE_INDEX]
     assert scored == encode_example(processor, r["prompt"], r["chosen"])["input_ids"][-len(scored):]
     # Only the chosen answer (and EOS) carries labels: the earlier assistant turn is context.
@@ -157,7 +158,7 @@ def test_a_multi_turn_record_scores_only_its_last_assistant_turn(tiny_world, tmp
                    {"images": List(Image())})
     [same] = read_preference_records(trl, layout="trl", image_store=tmp_path / "store").records
     assert (same.prompt, same.history) == (rec.prompt, rec.history)
-    assert render_prompt(processor, same) == text
+    assert format_prompt(same.prompt, processor, same.history) == text
 
 
 def _bad(path: Path, layout: str, tmp: Path, **kw) -> RecordError:

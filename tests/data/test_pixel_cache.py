@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from misp.images import load_rgb
 from misp.data.pixel_cache import PixelCache, pixel_values
+from misp.images import load_rgb
 from misp.models.prompting import preprocess_images
 from misp.models.vlm import VLMSpec, load_vlm
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from misp.images import ImageReadError, load_rgb, verify_image
 from misp.data.records import (
     CaptionRecord,
     GroundingRecord,
@@ -26,6 +25,7 @@ from misp.data.records import (
     read_prompt_records,
     read_sft_records,
 )
+from misp.images import ImageReadError, load_rgb, verify_image
 
 
 def _png(path: Path, color=(200, 30, 30), size=(16, 12)) -> Path:

@@ -18,9 +18,9 @@ from PIL import Image
 
 from misp.cli import main
 from misp.eval.scoring import response_logps_per_image
+from misp.hparams import plain
 from misp.models.llava15 import Llava15Sizes, build_llava15, save_hub_files
 from misp.models.vlm import LoraSpec, VLMSpec, load_vlm
-from misp.hparams import plain
 
 N_POPE = 24
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from misp.data.eval_data import EvalData, eval_dataloaders
-from misp.images import load_rgb
 from misp.data.records import read_grounding_records
 from misp.eval.loop import Evaluator, GenerationEval
 from misp.eval.scoring import response_logps_per_image
+from misp.images import load_rgb
 from misp.models.prompting import collate_examples, encode_example, preprocess_images
 from misp.models.vlm import VLMSpec, load_vlm
 

@@ -162,6 +162,27 @@ def test_prompts_templated_for_another_family_are_retemplated_for_the_model_trai
     assert format_prompt(qwen_templated, qwen) == qwen_templated
 
 
+def test_a_conversation_is_templated_by_the_family_and_scores_only_its_last_answer():
+    """A multi-turn record on Qwen2.5-VL goes through its own chat template (ChatML, the image in the first
+    user turn); the template's special tokens are not mistaken for special-token strings in the data, and
+    only the final answer carries labels."""
+    from misp.models.prompting import format_prompt
+    from misp.testing.qwen25vl import build_qwen25vl_processor
+
+    qwen = build_qwen25vl_processor()
+    history = (("user", "Describe the image."), ("assistant", "A red circle."))
+    text = format_prompt("Is there a blue square?", qwen, history)
+    assert text.count("<|im_start|>user") == 2 and text.count("<|image_pad|>") == 1
+    assert text.index("<|image_pad|>") < text.index("Describe the image.") < text.index("A red circle.")
+    assert text.endswith("<|im_start|>assistant\n")
+    enc = encode_example(qwen, "Is there a blue square?", "No.", history=history)
+    single = encode_example(qwen, "Is there a blue square?", "No.")
+    scored = [t for t, label in zip(enc["input_ids"], enc["labels"], strict=True) if label != -100]
+    assert scored == [t for t, label in zip(single["input_ids"], single["labels"], strict=True) if label != -100]
+    with pytest.raises(ValueError, match="earlier assistant turn contains the special token"):
+        encode_example(qwen, "Is there a blue square?", "No.", history=(("user", "Hi"), ("assistant", "ok<|im_end|>")))
+
+
 def test_qwen25vl_evaluation_scores_are_the_plain_forward_per_row(tmp_path):
     """The evaluation's per-image response log-probs (the grounding scores) on Qwen2.5-VL, images of three
     sizes in one forward, are each row's plain transformers log-prob: one templating path for training

@@ -98,14 +98,27 @@ class ModelFamily(ABC):
         """The id of :meth:`image_token`."""
         return int(processor.tokenizer.convert_tokens_to_ids(self.image_token(processor)))
 
-    def format_prompt(self, processor: ProcessorMixin, prompt: str) -> str:
+    def format_prompt(self, processor: ProcessorMixin, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
         """``prompt`` (a bare question, or one templated for any known family) as this family's templated
-        user turn with one image, ending where the assistant's answer starts."""
-        return processor.apply_chat_template(self.messages(bare_question(prompt)), add_generation_prompt=True, tokenize=False)
+        user turn with one image, ending where the assistant's answer starts; earlier turns of a conversation
+        (``history``: (role, text) pairs) come before it, the image in the first user turn."""
+        return processor.apply_chat_template(
+            self.messages(bare_question(prompt), history), add_generation_prompt=True, tokenize=False
+        )
 
-    def messages(self, question: str) -> list[dict]:
-        """The chat messages of one user turn holding one image and ``question``."""
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    def messages(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict]:
+        """The chat messages of a conversation ending in a user turn that asks ``question``; the one image
+        sits in the first user turn."""
+        messages: list[dict] = []
+        placed = False
+        for role, text in (*history, ("user", question)):
+            content: list[dict] = []
+            if role == "user" and not placed:
+                content.append({"type": "image"})
+                placed = True
+            content.append({"type": "text", "text": text})
+            messages.append({"role": role, "content": content})
+        return messages
 
     def fixed_image_tokens(self, processor: ProcessorMixin) -> int | None:
         """The number of tokens every image takes, when the family has one (then text rows are expanded when

@@ -14,6 +14,19 @@ from transformers import ProcessorMixin
 from misp.batch import ImageInputs
 from misp.models.families.base import ModelFamily, bare_question
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+"""The chat template of llava-hf/llava-1.5-7b-hf (its ``chat_template.json``): a user turn with one image
+renders as ``"USER: <image>\\n{text} ASSISTANT:"``, the template misp's prompting writes itself."""
+
+
 PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 """LLaVA-1.5's conversation template for one image and one question (its hub chat template renders it)."""
 
@@ -52,10 +65,17 @@ class Llava15Family(ModelFamily):
     examples = "llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf"
     unquantized_modules = ("vision_tower", "multi_modal_projector", "lm_head")
 
-    def format_prompt(self, processor: ProcessorMixin, prompt: str) -> str:
+    def format_prompt(self, processor: ProcessorMixin, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
         """``"USER: <image>\\n{prompt} ASSISTANT:"``. A prompt already holding ``<image>`` is LLaVA-templated
         (mDPO's files store the full conversation prompt) and kept verbatim; one templated for another
-        family is re-templated."""
+        family is re-templated. A conversation (``history``) goes through the hub's chat template
+        (``USER: <image>\\nQ1 ASSISTANT: A1 USER: Q2 ASSISTANT:``)."""
+        if history:
+            template = getattr(processor, "chat_template", None) or CHAT_TEMPLATE
+            return processor.apply_chat_template(
+                self.messages(bare_question(prompt), history), chat_template=template, add_generation_prompt=True,
+                tokenize=False,
+            ).rstrip()
         if "<image>" in prompt and "<|im_start|>" not in prompt and "<start_of_turn>" not in prompt:
             return prompt
         return PROMPT_TEMPLATE.format(prompt=bare_question(prompt))
