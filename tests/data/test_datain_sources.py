@@ -351,3 +351,24 @@ def test_fit_trains_straight_from_an_rlaifv_parquet(tiny_world, vlm_dir, tmp_pat
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
     assert len(list((tmp_path / "cache" / "images").iterdir())) == 8  # the embedded images, once each
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_the_shipped_llava_config_reads_an_rlaifv_parquet_as_its_fit_would(tiny_world, tmp_path, monkeypatch, capsys):
+    """``configs/llava.yaml`` as shipped, only its records swapped for an RLAIF-V parquet with embedded images:
+    ``misp data inspect`` reads and encodes them through the fit's own code with LLaVA-1.5's processor (from
+    an offline hub cache standing in for llava-hf/llava-1.5-7b-hf), with no conversion step."""
+    from misp.cli import main
+    from misp.testing.hub_cache import use_hub_cache
+    from misp.testing.llava15 import build_llava15, write_hub_cache
+
+    model, processor = build_llava15()
+    write_hub_cache(model, processor, tmp_path / "hub")
+    path = _rlaifv_parquet(tmp_path, tiny_world, 6)
+    monkeypatch.chdir(tmp_path)  # the config's relative run and cache folders land here
+    with use_hub_cache(tmp_path / "hub"):
+        main(["data", "inspect", "--config", str(ROOT / "configs/llava.yaml"),
+              "--data.init_args.records_file", str(path), "--data.init_args.layout", "rlaifv"])
+    out = capsys.readouterr().out
+    assert f"records: {path} [split train]  (layout rlaifv)" in out
+    assert "rows read 6, valid 6, skipped 0, cannot be encoded 0" in out
+    assert "image tokens per image: 576" in out  # LLaVA-1.5's 336 px crop in 14 px patches
