@@ -38,6 +38,7 @@ from misp.models.prompting import (
     collate_examples,
     encode_example,
     encode_preference_records,
+    record_image_tokens,
 )
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import (
@@ -336,9 +337,11 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         h = self.hparams
         read = rendered(processor, self._read)  # conversations through the chat template
         kept, full = encode_records(read, ("chosen", "rejected"), partial(encode_example, processor), h.on_bad_record)
-        pairs = encode_preference_records(
-            processor, [read.records[i] for i in kept], h.max_length, h.truncation, h.records_file, full
-        )
+        records = [read.records[i] for i in kept]
+        # Dynamic-resolution families: each image's token count from its file header, so max_length is judged
+        # on the rows the model will see.
+        image_tokens = record_image_tokens(processor, [r.image for r in records])
+        pairs = encode_preference_records(processor, records, h.max_length, h.truncation, h.records_file, full, image_tokens)
         encoded: list = [None] * len(self.records)
         unlimited: list = [None] * len(self.records)
         for i, pair, whole in zip(kept, pairs, full, strict=True):

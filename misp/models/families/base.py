@@ -113,6 +113,14 @@ class ModelFamily(ABC):
         images are known, and the forward expands them against ``ImageInputs.tokens_per_image``)."""
         return None
 
+    def image_tokens_for_size(self, processor: ProcessorMixin, width: int, height: int) -> int:
+        """How many image tokens the processor gives an image of ``width`` x ``height`` pixels (no pixels
+        needed: a record's length is judged from its image file's header). A fixed-count family's count."""
+        n = self.fixed_image_tokens(processor)
+        if n is None:
+            raise ValueError(f"a {self.name} image's token count depends on its size, and the family does not say how")
+        return n
+
     def expand_image_text(self, processor: ProcessorMixin, text: str) -> str:
         """The templated ``text`` with its image placeholder expanded as the processor's ``__call__`` does,
         for a fixed-count family: the image token repeated :meth:`fixed_image_tokens` times."""
