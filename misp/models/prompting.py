@@ -16,6 +16,7 @@ import logging
 import weakref
 from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from transformers import ProcessorMixin
 
 from misp.batch import ImageInputs
 from misp.models.families import family_for_processor
+from misp.models.families.base import IMAGE_MARKER
 from misp.models.families.llava import PROMPT_TEMPLATE, Llava15Family  # noqa: F401  (PROMPT_TEMPLATE: re-exported)
 
 IGNORE_INDEX = -100
@@ -130,7 +132,8 @@ def record_image_tokens(processor: ProcessorMixin, images) -> list[int] | None:
 def example_length(example: dict) -> int:
     """Tokens of an encoded example as the model sees it: ``input_ids`` with the one image placeholder of
     a dynamic-resolution row counted as the ``image_tokens`` it expands into (when the encoding knows them)."""
-    return len(example["input_ids"]) + example.get("image_tokens", 1) - 1
+    n = example.get("images", 1)
+    return len(example["input_ids"]) + example.get("image_tokens", n) - n
 
 
 def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], response: str, separator: str = " ") -> list[int]:
@@ -145,21 +148,23 @@ def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], response: 
 
 def encode_example(
     processor: ProcessorMixin, prompt: str, response: str | None = None, max_length: int | None = None,
-    image_tokens: int | None = None,
+    image_tokens: int | Sequence[int] | None = None,
 ) -> dict[str, list[int]]:
     """Token ids and labels of one (prompt, response) example in the template of the processor's family.
 
     Args:
         processor: the model's processor (tokenizer plus image-token arithmetic), of a registered family.
         prompt: the user's text, without the template and without ``<image>`` (or templated for any
-            known family: then it is re-templated, see :func:`format_prompt`).
+            known family: then it is re-templated, see :func:`format_prompt`). Families that take several
+            images (``ModelFamily.max_images``) accept several ``<image>`` markers, each image placed where
+            its marker is; the batch then gives each row's images in order (``vlm_logits``'s ``image_index``).
         response: the assistant's answer; ``None`` encodes the prompt alone, ready for generation.
         max_length: longest total length, image tokens included. The response (with its EOS) is cut from
             the right to fit; image and prompt tokens are never cut, so a prompt that leaves no room raises.
         image_tokens: for a family whose image token count depends on the image (dynamic resolution), the
-            count this example's image takes (:func:`image_token_count`): the row keeps one placeholder, but
-            ``max_length`` counts these. None counts the placeholder as one token. Ignored by fixed-count
-            families (their rows hold their image tokens).
+            count this example's image takes (:func:`image_token_count`; one per image for a prompt of
+            several): the row keeps one placeholder per image, but ``max_length`` counts these. None counts
+            each placeholder as one token. Ignored by fixed-count families (their rows hold their image tokens).
 
     Returns:
         ``{"input_ids", "labels"}``: ``input_ids`` = BOS (where the tokenizer has one), the template with
@@ -170,9 +175,12 @@ def encode_example(
     tokenizer = processor.tokenizer
     family = family_for_processor(processor)
     image_token = family.image_token(processor)
-    for marker in {image_token, "<image>"}:
-        if prompt.count(marker) > 1:
-            raise ValueError(f"the prompt contains {marker!r} {prompt.count(marker)} times; misp examples have one image")
+    n_images = max(prompt.count(IMAGE_MARKER), 1)
+    family.check_image_count(n_images)
+    if image_token != IMAGE_MARKER and prompt.count(image_token) > 1:
+        raise ValueError(f"the prompt contains {image_token!r} {prompt.count(image_token)} times; mark several "
+                         f"images with {IMAGE_MARKER!r}, where each goes")
+    for marker in {image_token, IMAGE_MARKER}:
         if response is not None and marker in response:
             raise ValueError(f"the response contains {marker!r}; only the prompt holds the image")
     text = family.format_prompt(processor, prompt)
@@ -183,7 +191,9 @@ def encode_example(
     ids = prompt_ids
     labels = [IGNORE_INDEX] * len(prompt_ids)
     # Tokens the image adds beyond its placeholder once the forward expands it (dynamic resolution only).
-    extra = 0 if fixed is not None or image_tokens is None else image_tokens - 1
+    if image_tokens is not None and not isinstance(image_tokens, int):
+        image_tokens = sum(int(n) for n in image_tokens)  # one count per image of the prompt
+    extra = 0 if fixed is not None or image_tokens is None else image_tokens - n_images
     if response is not None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; a response must end with one")
@@ -192,7 +202,7 @@ def encode_example(
             room = max_length - len(prompt_ids) - extra
             if room < 1:
                 raise ValueError(
-                    f"the prompt alone is {len(prompt_ids) + extra} tokens ({fixed or extra + 1} of them image "
+                    f"the prompt alone is {len(prompt_ids) + extra} tokens ({fixed * n_images if fixed else extra + n_images} of them image "
                     f"tokens), leaving no room for the response within max_length={max_length}; raise max_length "
                     f"or shorten the prompt: {prompt[:80]!r}"
                 )
@@ -207,6 +217,8 @@ def encode_example(
     out = {"input_ids": ids, "labels": labels}
     if fixed is None and image_tokens is not None:
         out["image_tokens"] = int(image_tokens)
+        if n_images > 1:
+            out["images"] = n_images
     return out
 
 

@@ -55,6 +55,25 @@ def bare_question(prompt: str) -> str:
     return prompt.replace("<image>\n", "").replace("<image>", "").strip()
 
 
+IMAGE_MARKER = "<image>"
+"""Where an image goes in a record's prompt (misp's and the public preference files' convention)."""
+
+_SENTINEL = "\u0000misp-image\u0000"
+
+
+def interleaved_content(question: str) -> list[dict]:
+    """A user turn's content for ``question`` holding several ``<image>`` markers: the images where the
+    markers are, the text between them (stripped of the newlines that usually follow a marker)."""
+    content: list[dict] = []
+    parts = question.split(IMAGE_MARKER)
+    for j, text in enumerate(parts):
+        if text.strip():
+            content.append({"type": "text", "text": text.strip()})
+        if j < len(parts) - 1:
+            content.append({"type": "image"})
+    return content
+
+
 class ModelFamily(ABC):
     """One VLM family. Subclasses set the class attributes and override what their processor or forward
     does differently; instances hold no state."""
@@ -76,6 +95,8 @@ class ModelFamily(ABC):
     """LoRA targets (a regex over full module names) reaching the language model only."""
     dynamic_resolution: ClassVar[bool] = False
     """Whether the image token count follows the image size (then ``min_pixels`` / ``max_pixels`` bound it)."""
+    max_images: ClassVar[int | None] = None
+    """Most images one prompt may hold (None: any number)."""
     response_separator: ClassVar[str] = " "
     """Text between the templated prompt and the response (LLaVA-1.5 writes ``ASSISTANT: answer``)."""
 
@@ -101,7 +122,25 @@ class ModelFamily(ABC):
     def format_prompt(self, processor: ProcessorMixin, prompt: str) -> str:
         """``prompt`` (a bare question, or one templated for any known family) as this family's templated
         user turn with one image, ending where the assistant's answer starts."""
+        if prompt.count(IMAGE_MARKER) > 1:
+            self.check_image_count(prompt.count(IMAGE_MARKER))
+            # Several images: they stay where the prompt's markers put them (a foreign template is removed
+            # around them; the sentinel keeps bare_question from taking a marker for the template's).
+            question = bare_question(prompt.replace(IMAGE_MARKER, _SENTINEL)).replace(_SENTINEL, IMAGE_MARKER)
+            messages = [{"role": "user", "content": interleaved_content(question)}]
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return processor.apply_chat_template(self.messages(bare_question(prompt)), add_generation_prompt=True, tokenize=False)
+
+    def check_image_count(self, count: int) -> None:
+        """Refuse a prompt of ``count`` images when the family takes fewer, in one line."""
+        if self.max_images is not None and count > self.max_images:
+            from misp.models.families import FAMILIES
+
+            several = ", ".join(f.name for f in FAMILIES.values() if f.max_images is None or f.max_images > 1)
+            raise ValueError(
+                f"the prompt holds {count} images ({IMAGE_MARKER!r} x{count}); a {self.name} model takes "
+                f"{self.max_images} per prompt (families taking several: {several})"
+            )
 
     def messages(self, question: str) -> list[dict]:
         """The chat messages of one user turn holding one image and ``question``."""
