@@ -1,4 +1,7 @@
-"""misp's pairwise DPO step against TRL's ``DPOTrainer`` on the same LLaVA, records, batch and optimizer.
+"""misp's pairwise DPO step against TRL's ``DPOTrainer`` on the same VLM, records, batch and optimizer.
+
+Models: the tiny Shapes LLaVA, LLaVA-1.5 and Qwen2.5-VL (M-RoPE, dynamic resolution: each batch mixes
+images of two sizes, so of two token counts) at a width two CPU cores step through in seconds.
 
 What a user compares when picking a trainer: samples per second and peak memory of one training step,
 data collation included, for plain DPO (chosen and rejected on the positive image, no image negatives).
@@ -10,7 +13,7 @@ data collation included, for plain DPO (chosen and rejected on the positive imag
   first epoch, every reference log-prob computed) and **warm** (filled by one untimed epoch: later epochs,
   no reference forward at all).
 - TRL: ``trl.DPOTrainer`` built as its documentation shows for a vision-language model (a
-  ``LlavaProcessor`` as ``processing_class``, a dataset of ``prompt``/``chosen``/``rejected``/``images``), its
+  the model's processor as ``processing_class``, a dataset of ``prompt``/``chosen``/``rejected``/``images``), its
   reference a live frozen copy (TRL refuses ``precompute_ref_log_probs`` for vision data). Per step its
   ``DataCollatorForVisionPreference`` tokenises and preprocesses the batch (each image twice: once for
   the chosen and once for the rejected row), then ``DPOTrainer.compute_loss`` (policy and reference
@@ -85,7 +88,7 @@ PROMPTS = ("describe what you see in the image .", "what is in the image ?", "de
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("trl")
-    g.add_argument("--trl-models", default="tiny,llava15", help=f"comma-separated, from {', '.join(MODELS)}")
+    g.add_argument("--trl-models", default="tiny,llava15,qwen25vl", help=f"comma-separated, from {', '.join(MODELS)}")
     g.add_argument("--trl-batch", type=int, default=8, help="B: preference records per step")
     g.add_argument("--trl-steps", type=int, default=3, help="steps per contender per repeat (distinct batches)")
     g.add_argument("--trl-repeats", type=int, default=3, help="alternating repeats; ratios are their median")

@@ -116,3 +116,23 @@ def test_misp_data_inspect_counts_each_images_tokens(tiny_world, tmp_path, monke
     assert "image tokens per image (from its size):" in out
     assert "image tokens           p50=4" in out and "max=64" in out
     assert f"max_length {small + 5}: 1 pairs are longer, so skipped (truncation: skip); 2 pairs train" in out
+
+
+def test_sft_max_length_cuts_the_response_to_fit_with_each_records_image(tmp_path):
+    from functools import partial
+
+    from misp.data.encoding import encode_records
+    from misp.data.records import ReadResult, SFTRecord
+    from misp.models.prompting import encode_example
+
+    processor = build_qwen25vl_processor()
+    prefs = _records(tmp_path, [(56, 56), (224, 224)])
+    read = ReadResult([SFTRecord(r.id, r.image, r.prompt, r.chosen) for r in prefs], [], tmp_path / "sft.jsonl",
+                      lines=[1, 2])
+    counts = record_image_tokens(processor, [r.image for r in read.records])
+    (small,), (large,) = encode_records(read, ("response",), partial(encode_example, processor), "raise", counts)[1]
+    limit = example_length(large) - 3  # the small record fits whole; the large one's response is cut
+    _, encoded = encode_records(read, ("response",), partial(encode_example, processor, max_length=limit), "raise", counts)
+    assert encoded[0][0] == small
+    cut = encoded[1][0]
+    assert example_length(cut) == limit and cut["input_ids"] == large["input_ids"][:-3]

@@ -110,7 +110,7 @@ def test_rows_of_several_images_equal_their_plain_forward(family, tmp_path):
 
 def test_llava15_refuses_a_prompt_of_several_images_naming_the_record(tmp_path):
     processor = build_llava15_processor()
-    with pytest.raises(ValueError, match=r"^the prompt holds 2 images .*llava-1.5 model takes 1 per prompt .*qwen2.5-vl"):
+    with pytest.raises(ValueError, match=r"^the prompt contains '<image>' 2 times: 2 images, but a llava-1.5 model takes 1 per prompt .*qwen2.5-vl"):
         encode_example(processor, TWO, "x")
     records = [PreferenceRecord("ok", tmp_path / "a.png", ONE, "a", "b"), PreferenceRecord("two", tmp_path / "a.png", TWO, "a", "b")]
     read = ReadResult(records, [], tmp_path / "prefs.jsonl", lines=[1, 2])

@@ -138,8 +138,8 @@ class ModelFamily(ABC):
 
             several = ", ".join(f.name for f in FAMILIES.values() if f.max_images is None or f.max_images > 1)
             raise ValueError(
-                f"the prompt holds {count} images ({IMAGE_MARKER!r} x{count}); a {self.name} model takes "
-                f"{self.max_images} per prompt (families taking several: {several})"
+                f"the prompt contains {IMAGE_MARKER!r} {count} times: {count} images, but a {self.name} model "
+                f"takes {self.max_images} per prompt (families taking several: {several})"
             )
 
     def messages(self, question: str) -> list[dict]:
