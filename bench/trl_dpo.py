@@ -212,17 +212,17 @@ class MispContender:
         from misp.dpo.batching import concatenate_rows
 
         batch = self.collate(indices)
-        from misp.models.forward import _image_token_id, expand_image_rows
+        from misp.models.forward import _as_image_inputs, _image_token_id, expand_image_rows
 
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id)
         logps = self.module._logps(self.module.reference, rows, batch["pixel_values"])
         b = len(indices)
         # The rows as the model sees them: a dynamic-resolution family's one placeholder per row expanded
         # into its image's tokens (TRL's processor call expands them when it tokenises).
-        images = batch["pixel_values"]
+        image_id = _image_token_id(self.module.reference)
+        images = _as_image_inputs(batch["pixel_values"], rows.input_ids, image_id)  # a bare LLaVA tensor too
         per_row = images.tokens_per_image[rows.image_index.to(images.tokens_per_image.device)]
-        ids, mask, _ = expand_image_rows(rows.input_ids, rows.attention_mask, None,
-                                         _image_token_id(self.module.reference), per_row)
+        ids, mask, _ = expand_image_rows(rows.input_ids, rows.attention_mask, None, image_id, per_row)
         tokens = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
         return logps[:b], logps[b : 2 * b], tokens
 
