@@ -22,7 +22,12 @@ from misp.models.prompting import (
     record_image_tokens,
 )
 from misp.testing.qwen3vl import build_qwen3vl_processor
-from misp.testing.qwen25vl import Qwen25VLSizes, build_qwen25vl, build_qwen25vl_processor, save_qwen25vl_hub_files
+from misp.testing.qwen25vl import (
+    Qwen25VLSizes,
+    build_qwen25vl,
+    build_qwen25vl_processor,
+    save_qwen25vl_hub_files,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Below min_pixels (scaled up), inside the bounds at several aspect ratios, above max_pixels (scaled down).
