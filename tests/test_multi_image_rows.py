@@ -119,3 +119,21 @@ def test_llava15_refuses_a_prompt_of_several_images_naming_the_record(tmp_path):
     message = str(e.value)
     assert "\n" not in message and "prefs.jsonl:2" in message and "'prompt'" in message and "record 'two'" in message
     assert "2 images" in message
+
+
+def test_generation_with_several_images_is_the_plain_processor_and_generate_per_row(tmp_path):
+    from misp.models.generation import generate
+
+    model, processor = load_vlm(VLMSpec(path=str(_hub_folder("qwen2.5-vl", tmp_path))))
+    images = _images()
+    rows = [ROWS[0], ROWS[3], ROWS[4]]  # two images, one, two placed mid-text: one left-padded batch
+    answers = generate(model, processor, [[images[i] for i in ims] if len(ims) > 1 else images[ims[0]] for _, _, ims, _ in rows],
+                       [prompt for prompt, _, _, _ in rows], max_new_tokens=5, batch_size=3)
+    assert any(a[0] for a in answers)
+    for (_, _, ims, content), (answer,) in zip(rows, answers, strict=True):
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[text], images=[[images[i] for i in ims]], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        assert answer == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="prompt 0 holds 2 image"):
+        generate(model, processor, [images[0]], [TWO], max_new_tokens=2)
