@@ -126,7 +126,17 @@ def record_image_tokens(processor: ProcessorMixin, images) -> list[int] | None:
     family, whose encoded rows hold their image tokens already."""
     if family_for_processor(processor).fixed_image_tokens(processor) is not None:
         return None
-    return [image_token_count(processor, im) for im in images]
+    seen: dict = {}  # records often share an image file: read each header once
+    out = []
+    for im in images:
+        key = str(im) if isinstance(im, (str, Path)) else None
+        if key is None:
+            out.append(image_token_count(processor, im))
+            continue
+        if key not in seen:
+            seen[key] = image_token_count(processor, im)
+        out.append(seen[key])
+    return out
 
 
 def example_length(example: dict) -> int:
