@@ -29,7 +29,7 @@ from misp.testing.qwen25vl import (
     save_qwen25vl_hub_files,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 # Below min_pixels (scaled up), inside the bounds at several aspect ratios, above max_pixels (scaled down).
 SIZES = [(20, 30), (56, 56), (64, 64), (84, 56), (130, 47), (200, 100), (300, 300), (1000, 90)]
 
@@ -101,8 +101,9 @@ def test_max_length_counts_each_records_image_tokens(tmp_path):
 
 
 def test_misp_data_inspect_counts_each_images_tokens(tiny_world, tmp_path, monkeypatch, capsys):
+    import yaml
+
     from misp.cli import main
-    from tests.test_datain_sources import BASE, _override  # noqa: F401  (the Shapes fit config of that test)
 
     model_dir = tmp_path / "qwen"
     model, processor = build_qwen25vl(Qwen25VLSizes())
@@ -114,9 +115,18 @@ def test_misp_data_inspect_counts_each_images_tokens(tiny_world, tmp_path, monke
     counts = record_image_tokens(processor, [r.image for r in records])
     full = encode_preference_records(processor, records, 10**6, image_tokens=counts)
     small = max(example_length(e) for e in full[0])
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({
+        "model": {"init_args": {"vlm": {"path": str(model_dir)}}},
+        "data": {"init_args": {"records_file": str(path), "cache_dir": str(tmp_path / "cache"), "progress": False,
+                               "max_length": small + 5,
+                               "evaluation": {"pope_file": str(tiny_world / "pope.jsonl"), "captions_file": str(tiny_world / "test.jsonl")},
+                               "validation": {"pope_file": str(tiny_world / "val_pope.jsonl"),
+                                              "captions_file": str(tiny_world / "val.jsonl")}}},
+    }))
     monkeypatch.chdir(ROOT)
-    main(["data", "inspect", *BASE, "--config", str(_override(tmp_path, tiny_world, model_dir)),
-          "--data.init_args.records_file", str(path), "--data.init_args.max_length", str(small + 5)])
+    main(["data", "inspect", "--config", "configs/shapes/preference.yaml", "--config", "configs/shapes/methods/dpo.yaml",
+          "--config", str(override)])
     out = capsys.readouterr().out
     assert "image tokens per image (from its size):" in out
     assert "image tokens           p50=4" in out and "max=64" in out
