@@ -120,9 +120,11 @@ def build_model(name: str, out_dir: str) -> None:
     save_vlm(model, processor, out_dir)
 
 
-def make_records(n: int, words: int, image_sizes: tuple[tuple[int, int], ...], seed: int) -> list[dict[str, Any]]:
+def make_records(n: int, words: int, image_sizes: int | tuple[tuple[int, int], ...], seed: int) -> list[dict[str, Any]]:
     """``n`` preference records: prompt, chosen and rejected text of ``words`` words, one RGB image (record i's
-    ``image_sizes[i % len(image_sizes)]``, width by height)."""
+    ``image_sizes[i % len(image_sizes)]``, width by height; an int is one square side)."""
+    if isinstance(image_sizes, int):
+        image_sizes = ((image_sizes, image_sizes),)
     rng = random.Random(seed)
     vocab = [w for w in WORDS if w not in (".", "?", ",")]
     gen = torch.Generator().manual_seed(seed)
