@@ -73,6 +73,9 @@ def expand_image_rows(
         ``(input_ids, attention_mask, labels)`` (labels None when given None); the inputs themselves when
         no slot needs expanding.
     """
+    counts = ((input_ids == image_token_id) & attention_mask.bool()).sum(1)
+    if tokens_per_row.shape[0] == input_ids.shape[0] and torch.equal(counts, tokens_per_row.to(counts.device)):
+        return input_ids, attention_mask, labels  # one image per row, expanded already: no per-row scan
     want = [int(c) for c in tokens_per_row.tolist()]
     runs = [_image_runs(ids[m.bool()], image_token_id) for ids, m in zip(input_ids, attention_mask, strict=True)]
     if sum(len(r) for r in runs) != len(want):
