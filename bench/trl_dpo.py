@@ -1,4 +1,7 @@
-"""misp's pairwise DPO step against TRL's ``DPOTrainer`` on the same LLaVA, records, batch and optimizer.
+"""misp's pairwise DPO step against TRL's ``DPOTrainer`` on the same VLM, records, batch and optimizer.
+
+Models: the tiny Shapes LLaVA, LLaVA-1.5 and Qwen2.5-VL (M-RoPE, dynamic resolution: each batch mixes
+images of two sizes, so of two token counts) at a width two CPU cores step through in seconds.
 
 What a user compares when picking a trainer: samples per second and peak memory of one training step,
 data collation included, for plain DPO (chosen and rejected on the positive image, no image negatives).
@@ -10,7 +13,7 @@ data collation included, for plain DPO (chosen and rejected on the positive imag
   first epoch, every reference log-prob computed) and **warm** (filled by one untimed epoch: later epochs,
   no reference forward at all).
 - TRL: ``trl.DPOTrainer`` built as its documentation shows for a vision-language model (a
-  ``LlavaProcessor`` as ``processing_class``, a dataset of ``prompt``/``chosen``/``rejected``/``images``), its
+  the model's processor as ``processing_class``, a dataset of ``prompt``/``chosen``/``rejected``/``images``), its
   reference a live frozen copy (TRL refuses ``precompute_ref_log_probs`` for vision data). Per step its
   ``DataCollatorForVisionPreference`` tokenises and preprocesses the batch (each image twice: once for
   the chosen and once for the rejected row), then ``DPOTrainer.compute_loss`` (policy and reference
@@ -66,6 +69,16 @@ MODELS: dict[str, dict[str, Any]] = {
     "llava15": {"kind": "llava15", "sizes": dict(vision_hidden_size=256, vision_intermediate_size=1024,
                                                  vision_heads=4, vision_layers=2, text_hidden_size=256,
                                                  text_intermediate_size=704, text_heads=4, text_layers=2)},
+    # The real Qwen2.5-VL architecture (windowed ViT with 14 px patches and a 2x2 merger, Qwen2 decoder with
+    # grouped-query attention and M-RoPE, byte-level BPE, the hub's chat template) at the same widths, with
+    # configs/qwen25vl.yaml's pixel bounds; images alternate 448x448 and 560x448 (256 and 320 image tokens),
+    # so every batch mixes two image sizes as dynamic resolution does; random weights.
+    "qwen25vl": {"kind": "qwen25vl", "sizes": dict(vision_hidden_size=256, vision_intermediate_size=704,
+                                                   vision_heads=4, vision_layers=2, text_hidden_size=256,
+                                                   text_intermediate_size=704, text_heads=4, text_kv_heads=2,
+                                                   text_layers=2, min_pixels=256 * 28 * 28,
+                                                   max_pixels=1280 * 28 * 28),
+                 "image_sizes": ((448, 448), (560, 448))},
 }
 BETA = 0.1
 LR = 1e-6
@@ -74,7 +87,7 @@ PROMPTS = ("describe what you see in the image .", "what is in the image ?", "de
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("trl")
-    g.add_argument("--trl-models", default="tiny,llava15", help=f"comma-separated, from {', '.join(MODELS)}")
+    g.add_argument("--trl-models", default="tiny,llava15,qwen25vl", help=f"comma-separated, from {', '.join(MODELS)}")
     g.add_argument("--trl-batch", type=int, default=8, help="B: preference records per step")
     g.add_argument("--trl-steps", type=int, default=3, help="steps per contender per repeat (distinct batches)")
     g.add_argument("--trl-repeats", type=int, default=3, help="alternating repeats; ratios are their median")
@@ -95,6 +108,10 @@ def build_model(name: str, out_dir: str) -> None:
         from misp.testing.tiny_llava import TinyLlavaConfig, build_tiny_llava
 
         model, processor = build_tiny_llava(WORDS, TinyLlavaConfig())
+    elif spec["kind"] == "qwen25vl":
+        from misp.testing.qwen25vl import Qwen25VLSizes, build_qwen25vl
+
+        model, processor = build_qwen25vl(Qwen25VLSizes(**spec["sizes"]), seed=0)
     else:
         from misp.testing.llava15 import Llava15Sizes, build_llava15
 
@@ -102,8 +119,11 @@ def build_model(name: str, out_dir: str) -> None:
     save_vlm(model, processor, out_dir)
 
 
-def make_records(n: int, words: int, image_side: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` preference records: prompt, chosen and rejected text of ``words`` words, one RGB image."""
+def make_records(n: int, words: int, image_sizes: int | tuple[tuple[int, int], ...], seed: int) -> list[dict[str, Any]]:
+    """``n`` preference records: prompt, chosen and rejected text of ``words`` words, one RGB image (record i's
+    ``image_sizes[i % len(image_sizes)]``, width by height; an int is one square side)."""
+    if isinstance(image_sizes, int):
+        image_sizes = ((image_sizes, image_sizes),)
     rng = random.Random(seed)
     vocab = [w for w in WORDS if w not in (".", "?", ",")]
     gen = torch.Generator().manual_seed(seed)
@@ -113,15 +133,20 @@ def make_records(n: int, words: int, image_side: int, seed: int) -> list[dict[st
 
     records = []
     for i in range(n):
-        pixels = torch.randint(0, 256, (image_side, image_side, 3), generator=gen, dtype=torch.uint8)
+        width, height = image_sizes[i % len(image_sizes)]
+        pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
         records.append({"id": f"r{i}", "prompt": rng.choice(PROMPTS), "chosen": sentence(),
                         "rejected": sentence(), "image": Image.fromarray(pixels.numpy())})
     return records
 
 
-def _image_side(processor) -> int:
+def _image_sizes(model: str, processor) -> tuple[tuple[int, int], ...]:
+    """The model's benchmark image sizes: its own (dynamic resolution), else the processor's square crop."""
+    if "image_sizes" in MODELS[model]:
+        return MODELS[model]["image_sizes"]
     crop = getattr(processor.image_processor, "crop_size", None) or {}
-    return int(crop.get("height", 64))
+    side = int(crop.get("height", 64))
+    return ((side, side),)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -186,10 +211,18 @@ class MispContender:
         from misp.dpo.batching import concatenate_rows
 
         batch = self.collate(indices)
+        from misp.models.forward import _as_image_inputs, _image_token_id, expand_image_rows
+
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id)
         logps = self.module._logps(self.module.reference, rows, batch.images.tensors["pixel_values"])
         b = len(indices)
-        tokens = [ids[m.bool()].tolist() for ids, m in zip(rows.input_ids, rows.attention_mask, strict=True)]
+        # The rows as the model sees them: a dynamic-resolution family's one placeholder per row expanded
+        # into its image's tokens (TRL's processor call expands them when it tokenises).
+        image_id = _image_token_id(self.module.reference)
+        images = _as_image_inputs(batch["pixel_values"], rows.input_ids, image_id)  # a bare LLaVA tensor too
+        per_row = images.tokens_per_image[rows.image_index.to(images.tokens_per_image.device)]
+        ids, mask, _ = expand_image_rows(rows.input_ids, rows.attention_mask, None, image_id, per_row)
+        tokens = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
         return logps[:b], logps[b : 2 * b], tokens
 
 
@@ -206,9 +239,10 @@ def _trl_prompt_prefix(processor, prompt: str) -> str:
     from misp.models.prompting import format_prompt
 
     tok = processor.tokenizer
-    want = list(tok(format_prompt(prompt), add_special_tokens=True)["input_ids"])
+    text = format_prompt(prompt, processor)
+    want = list(tok(text, add_special_tokens=True)["input_ids"])
     for prefix in (tok.bos_token or "", (tok.bos_token or "") + " ", ""):
-        if list(tok(prefix + format_prompt(prompt), add_special_tokens=False)["input_ids"]) == want:
+        if list(tok(prefix + text, add_special_tokens=False)["input_ids"]) == want:
             return prefix
     raise RuntimeError("no BOS spelling makes TRL's prompt tokens equal misp's")
 
@@ -220,6 +254,7 @@ class TrlContender:
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer
 
+        from misp.models.families import family_for_processor
         from misp.models.prompting import format_prompt
         from misp.models.vlm import VLMSpec, load_vlm
 
@@ -227,10 +262,12 @@ class TrlContender:
         model.train()
         prefix = _trl_prompt_prefix(processor, records[0]["prompt"])
         eos = processor.tokenizer.eos_token
-        # Plain-text (not conversational) examples holding the LLaVA-1.5 template, so that the tokens are
-        # exactly misp's (checked): misp's encode_example writes the same template.
-        self.examples = [{"prompt": prefix + format_prompt(r["prompt"]), "chosen": " " + r["chosen"] + eos,
-                          "rejected": " " + r["rejected"] + eos, "images": [r["image"]]} for r in records]
+        sep = family_for_processor(processor).response_separator
+        # Plain-text (not conversational) examples holding the model's template as misp writes it (LLaVA-1.5's,
+        # or the processor's chat template with its system message), so that the tokens are exactly misp's
+        # (checked); TRL's processor call expands the image placeholder into each image's tokens.
+        self.examples = [{"prompt": prefix + format_prompt(r["prompt"], processor), "chosen": sep + r["chosen"] + eos,
+                          "rejected": sep + r["rejected"] + eos, "images": [r["image"]]} for r in records]
         args = DPOConfig(
             output_dir=out_dir, per_device_train_batch_size=len(records), beta=BETA, loss_type=["sigmoid"],
             learning_rate=LR, weight_decay=0.0, gradient_checkpointing=gradient_checkpointing,
@@ -300,7 +337,7 @@ def _setup(cfg: dict[str, Any], tmp: str) -> tuple[str, list[dict[str, Any]], li
     from misp.models.vlm import VLMSpec, load_vlm
 
     _, processor = load_vlm(VLMSpec(path=model_dir))
-    records = make_records(cfg["batch"] * cfg["steps"], cfg["words"], _image_side(processor), cfg["seed"])
+    records = make_records(cfg["batch"] * cfg["steps"], cfg["words"], _image_sizes(cfg["model"], processor), cfg["seed"])
     return model_dir, records, _batches(len(records), cfg["batch"])
 
 

@@ -33,6 +33,7 @@ def encode_records(
     responses: Sequence[str],
     encode: Callable[[str, str], dict[str, list[int]]],
     on_bad_record: OnBadRecord = "raise",
+    image_tokens: Sequence[int] | None = None,
 ) -> tuple[list[int], list[tuple[dict[str, list[int]], ...]]]:
     """Encode ``(record.prompt, record.<field>)`` for each field of ``responses`` and every record.
 
@@ -42,6 +43,9 @@ def encode_records(
         encode: ``(prompt, response) -> {"input_ids", "labels"}``, usually ``encode_example`` bound to the
             processor and ``max_length``; called with ``history=`` too for a record that holds a conversation.
         on_bad_record: ``raise`` the first error, or ``skip`` the record and warn once with the count.
+        image_tokens: each record's image token count, for a dynamic-resolution model
+            (``misp.models.prompting.record_image_tokens``); passed to ``encode`` as ``image_tokens=`` so that
+            its ``max_length`` counts the image as the model will see it. None passes nothing.
 
     Returns:
         (kept, encoded): the positions in ``read.records`` of the records encoded, and for each the
@@ -62,6 +66,8 @@ def encode_records(
                     # A conversation's earlier turns go to the encoder, which templates them with the prompt.
                     history = getattr(record, "history", ())
                     extra = {"history": history} if history else {}
+                    if image_tokens is not None:
+                        extra["image_tokens"] = image_tokens[i]
                     row.append(encode(record.prompt, getattr(record, name), **extra))
                 except ValueError as e:
                     message = str(e)

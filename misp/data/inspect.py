@@ -87,7 +87,7 @@ def _image_size(path: Path, cache: dict[Path, tuple[int, int] | None]) -> tuple[
 
 def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dict[str, Any]:
     """What a fit would see of ``dm``'s preference records, as a dict (``format_report`` prints it)."""
-    from misp.models.prompting import IGNORE_INDEX, encode_example, num_image_tokens
+    from misp.models.prompting import IGNORE_INDEX, encode_example, example_length, num_image_tokens
 
     h = dm.hparams
     configured, truncation, max_length = h.on_bad_record, h.truncation, h.max_length
@@ -119,15 +119,18 @@ def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dic
         where = f"{read.path} [split {read.split}] row {line}" if read.split is not None else f"{read.path}:{line}"
         unencodable.append(f"{where}: record {r.id!r}: {reason}")
 
-    prompt_lengths, response_lengths, longest = [], [], []
+    prompt_lengths, response_lengths, longest, per_image = [], [], [], []
     for whole in unlimited:
         if whole is None:
             continue
         for e in whole:
-            n_prompt = sum(1 for label in e["labels"] if label == IGNORE_INDEX)
+            # A dynamic-resolution row holds one placeholder for its image's tokens (example_length).
+            n_prompt = sum(1 for label in e["labels"] if label == IGNORE_INDEX) + example_length(e) - len(e["input_ids"])
             prompt_lengths.append(n_prompt)
-            response_lengths.append(len(e["input_ids"]) - n_prompt)
-        longest.append(max(len(e["input_ids"]) for e in whole))
+            response_lengths.append(example_length(e) - n_prompt)
+        longest.append(max(example_length(e) for e in whole))
+        if "image_tokens" in whole[0]:
+            per_image.append(whole[0]["image_tokens"])
     over = sum(1 for n in longest if n > h.max_length)
     # truncate cuts responses only: a prompt (with its image tokens) longer than max_length stops the fit.
     prompt_over = sum(1 for n in prompt_lengths if n >= h.max_length)
@@ -140,9 +143,9 @@ def inspect_datamodule(dm: Any, processor: Any, limit: int | None = None) -> dic
             widths.append(size[0])
             heights.append(size[1])
     try:
-        image_tokens: int | str = num_image_tokens(processor)
+        image_tokens: Any = num_image_tokens(processor)
     except ValueError as e:
-        image_tokens = f"unknown ({e})"
+        image_tokens = _percentiles(per_image) if per_image else f"unknown ({e})"
     skipped = [str(e) for e in read.skipped]
     reasons = Counter(re.split(r"[:(]", e.reason, maxsplit=1)[0].strip() for e in read.skipped)
     return {
@@ -199,7 +202,11 @@ def format_report(s: dict[str, Any]) -> str:
     lines.append(_row("prompt", s["prompt_tokens"]))
     lines.append(_row("response (+EOS)", s["response_tokens"]))
     lines.append(_row("longest of each pair", s["pair_tokens"]))
-    lines.append(f"images: {s['distinct_images']} distinct; image tokens per image: {s['image_tokens']}")
+    if isinstance(s["image_tokens"], dict):  # dynamic resolution: each image's count follows its size
+        lines.append(f"images: {s['distinct_images']} distinct; image tokens per image (from its size):")
+        lines.append(_row("image tokens", s["image_tokens"]))
+    else:
+        lines.append(f"images: {s['distinct_images']} distinct; image tokens per image: {s['image_tokens']}")
     lines.append(_row("width (px)", s["image_width"]))
     lines.append(_row("height (px)", s["image_height"]))
     action = {"skip": "skipped", "truncate": "truncated", "raise": "an error (the fit stops)"}[s["truncation"]]

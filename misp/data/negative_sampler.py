@@ -46,7 +46,11 @@ from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from misp.hparams import save_plain_hyperparameters
 from misp.models.clip import ClipSpec, load_clip
-from misp.models.prompting import encode_example, encode_preference_records
+from misp.models.prompting import (
+    encode_example,
+    encode_preference_records,
+    record_image_tokens,
+)
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import NegativeDraws, get_source, uniform_log_q
 from misp.sae.io import SAEFormatError, load_sae
@@ -307,9 +311,11 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         h = self.hparams
         read = self._read
         kept, full = encode_records(read, ("chosen", "rejected"), partial(encode_example, processor), h.on_bad_record)
-        pairs = encode_preference_records(
-            processor, [read.records[i] for i in kept], h.max_length, h.truncation, h.records_file, full
-        )
+        records = [read.records[i] for i in kept]
+        # Dynamic-resolution families: each image's token count from its file header, so max_length is judged
+        # on the rows the model will see.
+        image_tokens = record_image_tokens(processor, [r.image for r in records])
+        pairs = encode_preference_records(processor, records, h.max_length, h.truncation, h.records_file, full, image_tokens)
         encoded: list = [None] * len(self.records)
         unlimited: list = [None] * len(self.records)
         for i, pair, whole in zip(kept, pairs, full, strict=True):

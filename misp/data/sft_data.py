@@ -15,7 +15,7 @@ from misp.data.handshake import AttachesToModule
 from misp.data.pixel_cache import PixelCache, pixel_values
 from misp.data.records import SFTRecord, read_sft_records
 from misp.hparams import save_plain_hyperparameters
-from misp.models.prompting import collate_examples, encode_example
+from misp.models.prompting import collate_examples, encode_example, record_image_tokens
 
 
 class _SFTDataset(Dataset):
@@ -81,7 +81,8 @@ class SFTDataModule(AttachesToModule, L.LightningDataModule):
             h = self.hparams
             read = read_sft_records(Path(h.train_file), image_root=h.image_root, on_bad_record=h.on_bad_record)
             kept, encoded = encode_records(
-                read, ("response",), partial(encode_example, self.processor, max_length=h.max_length), h.on_bad_record
+                read, ("response",), partial(encode_example, self.processor, max_length=h.max_length), h.on_bad_record,
+                record_image_tokens(self.processor, [r.image for r in read.records]),  # None for fixed-count families
             )
             self.train_set = _SFTDataset(subset(read.records, kept), [e for (e,) in encoded])
 

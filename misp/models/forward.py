@@ -28,7 +28,7 @@ from misp.logprobs import IGNORE_INDEX
 from misp.models.families import family_of
 from misp.models.families.llava import find_projector, position_ids_from_mask
 
-__all__ = ["expand_image_rows", "find_projector", "position_ids_from_mask", "positions_to_keep",
+__all__ = ["expand_image_rows", "find_projector", "images_per_row", "position_ids_from_mask", "positions_to_keep",
            "response_logits", "vlm_logits"]
 
 
@@ -41,31 +41,65 @@ def _image_token_id(model: nn.Module) -> int:
     raise ValueError(f"{type(model).__name__}'s config names no image token (image_token_id)")
 
 
+def _image_runs(ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each run of consecutive image tokens in the 1-D ``ids``: one per image (every
+    family's template puts text or a marker token between two images)."""
+    is_image = (ids == image_token_id).to(torch.int8)
+    if not bool(is_image.any()):
+        return []
+    edges = torch.diff(torch.cat([is_image.new_zeros(1), is_image, is_image.new_zeros(1)]))
+    starts = (edges == 1).nonzero().squeeze(1).tolist()
+    ends = (edges == -1).nonzero().squeeze(1).tolist()
+    return [(a, b - a) for a, b in zip(starts, ends, strict=True)]
+
+
+def images_per_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> list[int]:
+    """How many images each row of ``[N, T]`` ids holds (runs of image tokens among its real tokens)."""
+    return [len(_image_runs(ids[m.bool()], image_token_id)) for ids, m in zip(input_ids, attention_mask, strict=True)]
+
+
 def expand_image_rows(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None, image_token_id: int,
     tokens_per_row: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Each row's single image placeholder expanded into ``tokens_per_row[i]`` image tokens.
+    """Each image placeholder of each row expanded into its image's tokens.
 
-    A row already holding ``tokens_per_row[i]`` image tokens is kept (fixed-count families expand when they
-    encode). Rows keep their padding side (left when any row starts with padding); labels of image tokens
-    are ``IGNORE_INDEX``.
+    ``tokens_per_row`` holds one count per image slot, in row order (row 0's images in text order, then row
+    1's, ...): with one image per row, one count per row. A slot already holding its count of image tokens is
+    kept (fixed-count families expand when they encode); a single placeholder token is expanded. Rows keep
+    their padding side (left when any row starts with padding); labels of image tokens are ``IGNORE_INDEX``.
 
     Returns:
         ``(input_ids, attention_mask, labels)`` (labels None when given None); the inputs themselves when
-        no row needs expanding.
+        no slot needs expanding.
     """
     counts = ((input_ids == image_token_id) & attention_mask.bool()).sum(1)
-    want = tokens_per_row.to(counts.device)
-    if torch.equal(counts, want):
-        return input_ids, attention_mask, labels
-    bad = [i for i in range(len(counts)) if int(counts[i]) not in (1, int(want[i]))]
-    if bad:
-        i = bad[0]
+    if tokens_per_row.shape[0] == input_ids.shape[0] and torch.equal(counts, tokens_per_row.to(counts.device)):
+        return input_ids, attention_mask, labels  # one image per row, expanded already: no per-row scan
+    want = [int(c) for c in tokens_per_row.tolist()]
+    runs = [_image_runs(ids[m.bool()], image_token_id) for ids, m in zip(input_ids, attention_mask, strict=True)]
+    if sum(len(r) for r in runs) != len(want):
         raise ValueError(
-            f"row {i} holds {int(counts[i])} image tokens; a row holds one image placeholder (expanded here) "
-            f"or its image's {int(want[i])} tokens"
+            f"the rows hold {sum(len(r) for r in runs)} images ({[len(r) for r in runs]} per row) but "
+            f"{len(want)} image token counts were given"
         )
+    slot, plan, changed = 0, [], False
+    for i, row_runs in enumerate(runs):
+        row_plan = []
+        for start, length in row_runs:
+            n = want[slot]
+            if length not in (1, n):
+                raise ValueError(
+                    f"row {i} holds an image of {length} image tokens; a row holds one image placeholder per "
+                    f"image (expanded here) or its image's {n} tokens"
+                )
+            if length != n:
+                row_plan.append((start, n))
+                changed = True
+            slot += 1
+        plan.append(row_plan)
+    if not changed:
+        return input_ids, attention_mask, labels
     left = bool((attention_mask[:, 0] == 0).any())
     pad_id = int(input_ids[attention_mask == 0][0]) if bool((attention_mask == 0).any()) else 0
     rows, row_labels = [], []
@@ -73,9 +107,7 @@ def expand_image_rows(
         real = attention_mask[i].bool()
         ids = input_ids[i][real]
         lab = labels[i][real] if labels is not None else None
-        if int(counts[i]) != int(want[i]):
-            at = int((ids == image_token_id).nonzero()[0, 0])
-            n = int(want[i])
+        for at, n in reversed(plan[i]):  # from the right, so earlier positions stay valid
             ids = torch.cat([ids[:at], ids.new_full((n,), image_token_id), ids[at + 1 :]])
             if lab is not None:
                 lab = torch.cat([lab[:at], lab.new_full((n,), IGNORE_INDEX), lab[at + 1 :]])
@@ -104,14 +136,25 @@ def _as_image_inputs(images: ImageInputs | torch.Tensor, input_ids: torch.Tensor
     return ImageInputs({"pixel_values": images}, torch.full((images.shape[0],), per_image, dtype=torch.long))
 
 
+def _slots(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int) -> int:
+    """The number of images the rows hold together: N when every row holds one (the common case, counted
+    without a scan), else the total of :func:`images_per_row`."""
+    counts = ((input_ids == image_token_id) & attention_mask.bool()).sum(1)
+    if bool((counts == 1).all()):
+        return input_ids.shape[0]
+    return sum(images_per_row(input_ids, attention_mask, image_token_id))
+
+
 def _check_index(image_index: torch.Tensor | None, n: int, u: int) -> torch.Tensor | None:
+    # n: image slots (one per row, or each row's several images in row order).
     if image_index is None:
         if u != n:
-            raise ValueError(f"{n} rows but {u} images; pass image_index to share images between rows")
+            raise ValueError(f"{n} image slots in the rows but {u} images; pass image_index to share images between rows")
         return None
     image_index = torch.as_tensor(image_index, dtype=torch.long)
     if image_index.shape != (n,):
-        raise ValueError(f"image_index must have shape [{n}] (one image per row), got {tuple(image_index.shape)}")
+        raise ValueError(f"image_index must have shape [{n}] (one image per image slot of the rows, in row order), "
+                         f"got {tuple(image_index.shape)}")
     if n and (int(image_index.min()) < 0 or int(image_index.max()) >= u):
         raise ValueError(f"image_index values must lie in [0, {u}), got {image_index.tolist()}")
     if u == n and torch.equal(image_index.cpu(), torch.arange(n)):
@@ -132,14 +175,16 @@ def vlm_logits(
     Args:
         model: a transformers VLM of a registered family, possibly peft-wrapped (also inside
             ``disable_adapter()``), 4-bit quantised or FSDP-wrapped.
-        input_ids: ``[N, T]`` token ids, each row with one image: expanded (``encode_example`` for a
-            fixed-count family) or one placeholder, expanded here against ``images.tokens_per_image``
-            (then T' > T; :func:`response_logits` expands the labels alike).
+        input_ids: ``[N, T]`` token ids, each row with one image (or several, for families that take them),
+            each image expanded (``encode_example`` for a fixed-count family) or one placeholder, expanded
+            here against ``images.tokens_per_image`` (then T' > T; :func:`response_logits` expands the
+            labels alike).
         attention_mask: ``[N, T]``, 1 on real tokens.
         images: the U distinct images (``ImageInputs``; a bare ``[U, 3, H, W]`` tensor is taken as LLaVA's
             pixel values).
-        image_index: ``[N]`` long, row i uses image ``image_index[i]``; ``None`` means row i uses image i
-            (then U must equal N).
+        image_index: ``[S]`` long, one per image slot of the rows in row order (S = N when each row holds
+            one image: row i uses image ``image_index[i]``); ``None`` means slot s uses image s (then U must
+            equal S).
         logits_to_keep: compute the LM head on the last this many positions only (0: all), as
             transformers' ``logits_to_keep``; see :func:`response_logits`.
     """
@@ -151,8 +196,7 @@ def vlm_logits(
     family = family_of(model)
     image_token_id = _image_token_id(model)
     images = _as_image_inputs(images, input_ids, image_token_id)
-    n = input_ids.shape[0]
-    image_index = _check_index(image_index, n, len(images))
+    image_index = _check_index(image_index, _slots(input_ids, attention_mask, image_token_id), len(images))
     per_row = images.tokens_per_image if image_index is None else images.tokens_per_image[image_index.to(images.tokens_per_image.device)]
     input_ids, attention_mask, _ = expand_image_rows(input_ids, attention_mask, None, image_token_id, per_row)
     kwargs = family.forward_inputs(model, input_ids, attention_mask, images, image_index)
@@ -200,7 +244,7 @@ def response_logits(
     """
     image_token_id = _image_token_id(model)
     images = _as_image_inputs(images, input_ids, image_token_id)
-    index = _check_index(image_index, input_ids.shape[0], len(images))
+    index = _check_index(image_index, _slots(input_ids, attention_mask, image_token_id), len(images))
     per_row = images.tokens_per_image if index is None else images.tokens_per_image[index.to(images.tokens_per_image.device)]
     input_ids, attention_mask, labels = expand_image_rows(input_ids, attention_mask, labels, image_token_id, per_row)
     keep = positions_to_keep(labels)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
 from misp.models.families import family_for_processor
+from misp.models.families.base import IMAGE_MARKER
 from misp.models.forward import expand_image_rows
 from misp.models.prompting import collate_examples, encode_example, prepare_images
 
@@ -22,7 +23,7 @@ def _input_device(model: nn.Module) -> torch.device:
 def generate(
     model: nn.Module,
     processor: ProcessorMixin,
-    images: list[Image.Image],
+    images: list[Image.Image | list[Image.Image]],
     prompts: list[str],
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -46,7 +47,8 @@ def generate(
     Args:
         model: a VLM of a registered family (plain, peft-wrapped or quantised).
         processor: its processor.
-        images: one PIL image per prompt.
+        images: one PIL image per prompt, or a list of them for a prompt holding as many ``<image>`` markers
+            (families that take several images per prompt).
         prompts: the user questions, without the template.
         max_new_tokens: longest answer in tokens.
         do_sample: sample (True) or decode greedily (False, deterministic).
@@ -61,6 +63,10 @@ def generate(
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one image per prompt")
+    per_prompt = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+    for i, (ims, p) in enumerate(zip(per_prompt, prompts, strict=True)):
+        if len(ims) != max(p.count(IMAGE_MARKER), 1):
+            raise ValueError(f"prompt {i} holds {max(p.count(IMAGE_MARKER), 1)} image(s) but {len(ims)} were given: {p[:80]!r}")
     if batch_size < 1 or num_return_sequences < 1 or max_new_tokens < 1:
         raise ValueError("batch_size, num_return_sequences and max_new_tokens must be positive")
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
@@ -90,7 +96,9 @@ def generate(
         starts = range(0, len(prompts), batch_size)
         for k, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
             batch = collate_examples(encoded[start : start + batch_size], tokenizer.pad_token_id, padding_side="left")
-            prepared = prepare_images(processor, list(images[start : start + batch_size])).to(device)
+            # The batch's images in row order (each row's in text order): one per image slot.
+            flat = [im for ims in per_prompt[start : start + batch_size] for im in ims]
+            prepared = prepare_images(processor, flat).to(device)
             ids, mask, _ = expand_image_rows(batch["input_ids"].to(device), batch["attention_mask"].to(device), None,
                                              image_token_id, prepared.tokens_per_image)
             inputs = family.forward_inputs(model, ids, mask, prepared, None)

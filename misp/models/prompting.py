@@ -17,6 +17,7 @@ import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -24,6 +25,7 @@ from transformers import ProcessorMixin
 
 from misp.batch import ImageInputs
 from misp.models.families import family_for_processor
+from misp.models.families.base import IMAGE_MARKER
 from misp.models.families.llava import PROMPT_TEMPLATE, Llava15Family  # noqa: F401  (PROMPT_TEMPLATE: re-exported)
 from misp.utils.text import refuse_special_tokens
 
@@ -104,6 +106,49 @@ def num_image_tokens(processor: ProcessorMixin) -> int:
     return n
 
 
+def image_token_count(processor: ProcessorMixin, image: str | Path | Image.Image | tuple[int, int]) -> int:
+    """How many image tokens the processor will give ``image`` (a file, read up to its header only; a PIL
+    image; or a ``(width, height)`` size): the fixed count of a fixed-count family, else the count the
+    image's size gives under the processor's ``min_pixels`` / ``max_pixels``."""
+    family = family_for_processor(processor)
+    fixed = family.fixed_image_tokens(processor)
+    if fixed is not None:
+        return fixed
+    if isinstance(image, Image.Image):
+        size = image.size
+    elif isinstance(image, (str, Path)):
+        with Image.open(image) as im:  # lazy: the header gives the size, no pixel is decoded
+            size = im.size
+    else:
+        size = tuple(image)
+    return family.image_tokens_for_size(processor, int(size[0]), int(size[1]))
+
+
+def record_image_tokens(processor: ProcessorMixin, images) -> list[int] | None:
+    """:func:`image_token_count` of each image (paths: their headers are read), or None for a fixed-count
+    family, whose encoded rows hold their image tokens already."""
+    if family_for_processor(processor).fixed_image_tokens(processor) is not None:
+        return None
+    seen: dict = {}  # records often share an image file: read each header once
+    out = []
+    for im in images:
+        key = str(im) if isinstance(im, (str, Path)) else None
+        if key is None:
+            out.append(image_token_count(processor, im))
+            continue
+        if key not in seen:
+            seen[key] = image_token_count(processor, im)
+        out.append(seen[key])
+    return out
+
+
+def example_length(example: dict) -> int:
+    """Tokens of an encoded example as the model sees it: ``input_ids`` with the one image placeholder of
+    a dynamic-resolution row counted as the ``image_tokens`` it expands into (when the encoding knows them)."""
+    n = example.get("images", 1)
+    return len(example["input_ids"]) + example.get("image_tokens", n) - n
+
+
 def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], response: str, separator: str = " ") -> list[int]:
     # The response tokens are those of the whole text after the prompt's, as the model would produce them
     # continuing the prompt (sentencepiece tokenizers differ on a lone " word"); when the tokenizer merges
@@ -120,30 +165,41 @@ def encode_example(
     response: str | None = None,
     max_length: int | None = None,
     history: Sequence[tuple[str, str]] = (),
+    image_tokens: int | Sequence[int] | None = None,
 ) -> dict[str, list[int]]:
     """Token ids and labels of one (prompt, response) example in the template of the processor's family.
 
     Args:
         processor: the model's processor (tokenizer plus image-token arithmetic), of a registered family.
         prompt: the user's text, without the template and without ``<image>`` (or templated for any
-            known family: then it is re-templated, see :func:`format_prompt`).
+            known family: then it is re-templated, see :func:`format_prompt`). Families that take several
+            images (``ModelFamily.max_images``) accept several ``<image>`` markers, each image placed where
+            its marker is; the batch then gives each row's images in order (``vlm_logits``'s ``image_index``).
         response: the assistant's answer; ``None`` encodes the prompt alone, ready for generation.
-        max_length: longest total length. The response (with its EOS) is cut from the right to fit;
-            image and prompt tokens are never cut, so a prompt that leaves no room raises.
+        max_length: longest total length, image tokens included. The response (with its EOS) is cut from
+            the right to fit; image and prompt tokens are never cut, so a prompt that leaves no room raises.
+        image_tokens: for a family whose image token count depends on the image (dynamic resolution), the
+            count this example's image takes (:func:`image_token_count`; one per image for a prompt of
+            several): the row keeps one placeholder per image, but ``max_length`` counts these. None counts
+            each placeholder as one token. Ignored by fixed-count families (their rows hold their image tokens).
         history: the earlier turns of a conversation, ``(role, text)`` pairs, rendered before ``prompt`` by
             the family's chat template (the image in the first user turn); only ``response`` is scored.
 
     Returns:
         ``{"input_ids", "labels"}``: ``input_ids`` = BOS (where the tokenizer has one), the template with
         the image placeholder (expanded for a fixed-count family), then the response and EOS; ``labels`` = -100 on every prompt and image token, the token id on each
-        response token and on EOS (all -100 when ``response`` is None).
+        response token and on EOS (all -100 when ``response`` is None). With ``image_tokens`` for a
+        dynamic-resolution family also ``"image_tokens"`` (see :func:`example_length`).
     """
     tokenizer = processor.tokenizer
     family = family_for_processor(processor)
     image_token = family.image_token(processor)
-    for marker in {image_token, "<image>"}:
-        if prompt.count(marker) > 1:
-            raise ValueError(f"the prompt contains {marker!r} {prompt.count(marker)} times; misp examples have one image")
+    n_images = max(prompt.count(IMAGE_MARKER), 1)
+    family.check_image_count(n_images)
+    if image_token != IMAGE_MARKER and prompt.count(image_token) > 1:
+        raise ValueError(f"the prompt contains {image_token!r} {prompt.count(image_token)} times; mark several "
+                         f"images with {IMAGE_MARKER!r}, where each goes")
+    for marker in {image_token, IMAGE_MARKER}:
         if response is not None and marker in response:
             raise ValueError(f"the response contains {marker!r}; only the prompt holds the image")
     # Special-token strings inside data text are refused (misp.utils.text's rule), never tokenised as tokens;
@@ -163,27 +219,36 @@ def encode_example(
     prompt_ids = _prompt_ids(tokenizer, text)
     ids = prompt_ids
     labels = [IGNORE_INDEX] * len(prompt_ids)
+    # Tokens the image adds beyond its placeholder once the forward expands it (dynamic resolution only).
+    if image_tokens is not None and not isinstance(image_tokens, int):
+        image_tokens = sum(int(n) for n in image_tokens)  # one count per image of the prompt
+    extra = 0 if fixed is not None or image_tokens is None else image_tokens - n_images
     if response is not None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; a response must end with one")
         response_ids = _response_ids(tokenizer, text, prompt_ids, response, family.response_separator) + [tokenizer.eos_token_id]
         if max_length is not None:
-            room = max_length - len(prompt_ids)
+            room = max_length - len(prompt_ids) - extra
             if room < 1:
                 raise ValueError(
-                    f"the prompt alone is {len(prompt_ids)} tokens ({fixed or 1} of them image "
+                    f"the prompt alone is {len(prompt_ids) + extra} tokens ({fixed * n_images if fixed else extra + n_images} of them image "
                     f"tokens), leaving no room for the response within max_length={max_length}; raise max_length "
                     f"or shorten the prompt: {prompt[:80]!r}"
                 )
             response_ids = response_ids[:room]
         ids = prompt_ids + response_ids
         labels = labels + response_ids
-    elif max_length is not None and len(prompt_ids) > max_length:
+    elif max_length is not None and len(prompt_ids) + extra > max_length:
         raise ValueError(
-            f"the prompt alone is {len(prompt_ids)} tokens, over max_length={max_length}; image tokens are "
+            f"the prompt alone is {len(prompt_ids) + extra} tokens, over max_length={max_length}; image tokens are "
             f"never truncated: {prompt[:80]!r}"
         )
-    return {"input_ids": ids, "labels": labels}
+    out = {"input_ids": ids, "labels": labels}
+    if fixed is None and image_tokens is not None:
+        out["image_tokens"] = int(image_tokens)
+        if n_images > 1:
+            out["images"] = n_images
+    return out
 
 
 def encode_preference_records(
@@ -193,6 +258,7 @@ def encode_preference_records(
     truncation: str = "skip",
     source: str | None = None,
     encoded: list[tuple[dict, dict]] | None = None,
+    image_tokens: list[int] | None = None,
 ) -> list[tuple[dict, dict] | None]:
     """Encode each record's (chosen, rejected) examples; None for a record left out by ``truncation``.
 
@@ -201,17 +267,25 @@ def encode_preference_records(
     no EOS: they are unfinished), and ``raise`` stops with the record's id. Cutting only the longer one
     silently, as a per-example limit would, trains on a pair whose rejected answer merely ends early.
     ``encoded`` holds the records' pairs already encoded without a limit (the datamodule's validation
-    pass made them); only pairs that must be cut are tokenised again.
+    pass made them); only pairs that must be cut are tokenised again. ``image_tokens`` holds each record's
+    image token count for a dynamic-resolution family (:func:`record_image_tokens`), so that the length
+    judged is the one the model sees; the encodings (those in ``encoded`` too) then carry it.
     """
     if truncation not in ("skip", "truncate", "raise"):
         raise ValueError(f"truncation must be skip, truncate or raise, got {truncation!r}")
     out: list[tuple[dict, dict] | None] = []
     over: list[str] = []
+    if image_tokens is not None and len(image_tokens) != len(records):
+        raise ValueError(f"{len(image_tokens)} image token counts for {len(records)} records")
     for i, r in enumerate(records):
-        pair = encoded[i] if encoded is not None else (
-            encode_example(processor, r.prompt, r.chosen), encode_example(processor, r.prompt, r.rejected)
+        n_image = image_tokens[i] if image_tokens is not None else None
+        pair = encoded[i] if encoded is not None else tuple(
+            encode_example(processor, r.prompt, y, image_tokens=n_image) for y in (r.chosen, r.rejected)
         )
-        longest = max(len(e["input_ids"]) for e in pair)
+        if n_image is not None:
+            for e in pair:
+                e["image_tokens"] = int(n_image)
+        longest = max(example_length(e) for e in pair)
         if longest <= max_length:
             out.append(pair)
             continue
@@ -224,7 +298,10 @@ def encode_preference_records(
         if truncation == "skip":
             out.append(None)
         else:
-            out.append(tuple(encode_example(processor, r.prompt, y, max_length) for y in (r.chosen, r.rejected)))
+            try:
+                out.append(tuple(encode_example(processor, r.prompt, y, max_length, n_image) for y in (r.chosen, r.rejected)))
+            except ValueError as e:  # the prompt with its image leaves no room: name the record
+                raise ValueError(f"{source or 'records'}: record {r.id!r}: {e}") from None
     if over:
         action = "left out" if truncation == "skip" else "truncated"
         log.warning(

@@ -15,9 +15,11 @@ from bench.__main__ import _parser
 from bench.demo_profile import _config, parse_simple_profiler
 
 
-def test_trl_dpo_child_matches_trl_and_reports_every_contender():
+@pytest.mark.parametrize("model", ["tiny", "qwen25vl"])
+def test_trl_dpo_child_matches_trl_and_reports_every_contender(model):
+    # qwen25vl: the real Qwen2.5-VL architecture, two image sizes in the batch (dynamic resolution, M-RoPE).
     pytest.importorskip("trl")
-    cfg = {"device": "cpu", "seed": 0, "batch": 2, "steps": 1, "repeats": 1, "words": 6, "model": "tiny",
+    cfg = {"device": "cpu", "seed": 0, "batch": 2, "steps": 1, "repeats": 1, "words": 6, "model": model,
            "contenders": ["misp-cold", "misp-warm", "trl"]}
     res = run_child("bench.trl_dpo:time_child", cfg, threads=1)
     # The same tokens (checked in the child) and the same reference log-probs up to float32 rounding.

@@ -55,6 +55,25 @@ def bare_question(prompt: str) -> str:
     return prompt.replace("<image>\n", "").replace("<image>", "").strip()
 
 
+IMAGE_MARKER = "<image>"
+"""Where an image goes in a record's prompt (misp's and the public preference files' convention)."""
+
+_SENTINEL = "\u0000misp-image\u0000"
+
+
+def interleaved_content(question: str) -> list[dict]:
+    """A user turn's content for ``question`` holding several ``<image>`` markers: the images where the
+    markers are, the text between them (stripped of the newlines that usually follow a marker)."""
+    content: list[dict] = []
+    parts = question.split(IMAGE_MARKER)
+    for j, text in enumerate(parts):
+        if text.strip():
+            content.append({"type": "text", "text": text.strip()})
+        if j < len(parts) - 1:
+            content.append({"type": "image"})
+    return content
+
+
 class ModelFamily(ABC):
     """One VLM family. Subclasses set the class attributes and override what their processor or forward
     does differently; instances hold no state."""
@@ -76,6 +95,8 @@ class ModelFamily(ABC):
     """LoRA targets (a regex over full module names) reaching the language model only."""
     dynamic_resolution: ClassVar[bool] = False
     """Whether the image token count follows the image size (then ``min_pixels`` / ``max_pixels`` bound it)."""
+    max_images: ClassVar[int | None] = None
+    """Most images one prompt may hold (None: any number)."""
     response_separator: ClassVar[str] = " "
     """Text between the templated prompt and the response (LLaVA-1.5 writes ``ASSISTANT: answer``)."""
 
@@ -100,11 +121,32 @@ class ModelFamily(ABC):
 
     def format_prompt(self, processor: ProcessorMixin, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
         """``prompt`` (a bare question, or one templated for any known family) as this family's templated
-        user turn with one image, ending where the assistant's answer starts; earlier turns of a conversation
-        (``history``: (role, text) pairs) come before it, the image in the first user turn."""
+        user turn with its image(s), ending where the assistant's answer starts; earlier turns of a
+        conversation (``history``: (role, text) pairs) come before it, the image in the first user turn."""
+        if prompt.count(IMAGE_MARKER) > 1:
+            self.check_image_count(prompt.count(IMAGE_MARKER))
+            if history:
+                raise ValueError("the prompt holds several images and earlier turns: a conversation takes one image, "
+                                 "in its first user turn")
+            # Several images: they stay where the prompt's markers put them (a foreign template is removed
+            # around them; the sentinel keeps bare_question from taking a marker for the template's).
+            question = bare_question(prompt.replace(IMAGE_MARKER, _SENTINEL)).replace(_SENTINEL, IMAGE_MARKER)
+            messages = [{"role": "user", "content": interleaved_content(question)}]
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return processor.apply_chat_template(
             self.messages(bare_question(prompt), history), add_generation_prompt=True, tokenize=False
         )
+
+    def check_image_count(self, count: int) -> None:
+        """Refuse a prompt of ``count`` images when the family takes fewer, in one line."""
+        if self.max_images is not None and count > self.max_images:
+            from misp.models.families import FAMILIES
+
+            several = ", ".join(f.name for f in FAMILIES.values() if f.max_images is None or f.max_images > 1)
+            raise ValueError(
+                f"the prompt contains {IMAGE_MARKER!r} {count} times: {count} images, but a {self.name} model "
+                f"takes {self.max_images} per prompt (families taking several: {several})"
+            )
 
     def messages(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict]:
         """The chat messages of a conversation ending in a user turn that asks ``question``; the one image
@@ -125,6 +167,14 @@ class ModelFamily(ABC):
         encoded); None when it depends on the image (then rows keep one placeholder until the batch's
         images are known, and the forward expands them against ``ImageInputs.tokens_per_image``)."""
         return None
+
+    def image_tokens_for_size(self, processor: ProcessorMixin, width: int, height: int) -> int:
+        """How many image tokens the processor gives an image of ``width`` x ``height`` pixels (no pixels
+        needed: a record's length is judged from its image file's header). A fixed-count family's count."""
+        n = self.fixed_image_tokens(processor)
+        if n is None:
+            raise ValueError(f"a {self.name} image's token count depends on its size, and the family does not say how")
+        return n
 
     def expand_image_text(self, processor: ProcessorMixin, text: str) -> str:
         """The templated ``text`` with its image placeholder expanded as the processor's ``__call__`` does,

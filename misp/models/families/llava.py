@@ -64,6 +64,7 @@ class Llava15Family(ModelFamily):
     processor_classes = ("LlavaProcessor",)
     examples = "llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf"
     unquantized_modules = ("vision_tower", "multi_modal_projector", "lm_head")
+    max_images = 1  # trained on one image per conversation; its template has one place for it
 
     def format_prompt(self, processor: ProcessorMixin, prompt: str, history: Sequence[tuple[str, str]] = ()) -> str:
         """``"USER: <image>\\n{prompt} ASSISTANT:"``. A prompt already holding ``<image>`` is LLaVA-templated

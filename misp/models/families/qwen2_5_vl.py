@@ -60,6 +60,12 @@ class Qwen25VLFamily(ModelFamily):
         return ImageInputs({"pixel_values": out["pixel_values"], "image_grid_thw": grid}, grid.prod(-1) // merge**2,
                            rows_per_image=grid.prod(-1))
 
+    def image_tokens_for_size(self, processor: ProcessorMixin, width: int, height: int) -> int:
+        """The image processor's own count (its ``smart_resize`` within ``min_pixels`` / ``max_pixels``, in
+        patches) over the merger's ``merge^2``: what ``prepare_images`` gives the image."""
+        ip = processor.image_processor
+        return int(ip.get_number_of_image_patches(int(height), int(width), {})) // int(ip.merge_size) ** 2
+
     def forward_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        images: ImageInputs, image_index: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The patches, the grid of each row's image in row order (M-RoPE's positions come from it), and,
