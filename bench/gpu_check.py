@@ -204,17 +204,16 @@ def _datamodule(processor, args: argparse.Namespace):
 
 
 # measurement ---------------------------------------------------------------------------------------------
-def row_lengths(batch, pad_token_id: int) -> list[int]:
-    """Non-padding tokens of each of the 2B + BK rows the policy and the reference see."""
-    from misp.batch import ImageInputs
+def row_lengths(batch, pad_token_id: int, image_token_id: int) -> list[int]:
+    """Non-padding tokens of each of the 2B + BK rows the policy and the reference see, image tokens
+    counted as the forward expands them (a dynamic-resolution family's rows hold one placeholder)."""
     from misp.dpo.batching import concatenate_rows
+    from misp.models.forward import expand_image_rows
 
     rows = concatenate_rows(batch, pad_token_id)
-    lengths = rows.attention_mask.sum(1)
-    images = batch["pixel_values"]
-    if isinstance(images, ImageInputs):  # one placeholder per row, expanded in the forward
-        lengths = lengths + images.tokens_per_image.to(lengths.device)[rows.image_index.to(lengths.device)] - 1
-    return lengths.tolist()
+    per_row = batch.images.tokens_per_image[rows.image_index.to(batch.images.tokens_per_image.device)]
+    _, mask, _ = expand_image_rows(rows.input_ids, rows.attention_mask, None, image_token_id, per_row)
+    return mask.sum(1).tolist()
 
 
 def qwen_vision_flops(vision_config, grid: tuple[int, int, int]) -> float:
@@ -289,7 +288,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def _step_timer(pad_token_id: int, device: torch.device, warmup: int):
+def _step_timer(pad_token_id: int, image_token_id: int, device: torch.device, warmup: int):
     import lightning as L
 
     class StepTimer(L.Callback):
@@ -309,7 +308,7 @@ def _step_timer(pad_token_id: int, device: torch.device, warmup: int):
             _sync(device)
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.steps.append({"seconds": time.perf_counter() - self._t0,
-                               "rows": row_lengths(batch, pad_token_id),
+                               "rows": row_lengths(batch, pad_token_id, image_token_id),
                                "images": len(batch.images),
                                "loss": float(loss)})
 
@@ -336,6 +335,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from misp.dpo import MISPDPOModule
     from misp.dpo.objective import build_objective
+    from misp.models.families import family_for_processor
     from misp.models.vlm import LoraSpec, VLMSpec, unwrap_peft
     from misp.testing import qwen25vl
     from misp.testing.hub_cache import publish_snapshot, use_hub_cache
@@ -401,7 +401,8 @@ def run(args: argparse.Namespace) -> dict:
         accelerator = "cpu" if device.type == "cpu" else "gpu"
         use_config = args.strategy == "config" or (args.strategy is None and device.type == "cuda")
         strategy = config_strategy(config) if use_config else "auto"
-        timer = _step_timer(processor.tokenizer.pad_token_id, device, args.warmup)
+        timer = _step_timer(processor.tokenizer.pad_token_id, family_for_processor(processor).image_token_id(processor),
+                            device, args.warmup)
         trainer = L.Trainer(
             accelerator=accelerator, devices=1, strategy=strategy, precision=config["trainer"]["precision"],
             max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -214,12 +214,12 @@ class MispContender:
         from misp.models.forward import _as_image_inputs, _image_token_id, expand_image_rows
 
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id)
-        logps = self.module._logps(self.module.reference, rows, batch.images.tensors["pixel_values"])
+        logps = self.module._logps(self.module.reference, rows, batch.images)
         b = len(indices)
         # The rows as the model sees them: a dynamic-resolution family's one placeholder per row expanded
         # into its image's tokens (TRL's processor call expands them when it tokenises).
         image_id = _image_token_id(self.module.reference)
-        images = _as_image_inputs(batch["pixel_values"], rows.input_ids, image_id)  # a bare LLaVA tensor too
+        images = _as_image_inputs(batch.images, rows.input_ids, image_id)
         per_row = images.tokens_per_image[rows.image_index.to(images.tokens_per_image.device)]
         ids, mask, _ = expand_image_rows(rows.input_ids, rows.attention_mask, None, image_id, per_row)
         tokens = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]

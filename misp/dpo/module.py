@@ -17,7 +17,7 @@ import logging
 import torch
 from torch.distributed.fsdp import fully_shard
 
-from misp.batch import PreferenceBatch
+from misp.batch import ImageInputs, PreferenceBatch
 from misp.data.handshake import DataDescription, ModuleValues, NegativesDescription, ProposalFeatures
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
 from misp.dpo.diagnostics import gradient_shares
@@ -161,10 +161,9 @@ class MISPDPOModule(VLMModule):
 
     # log-probs --------------------------------------------------------------------------------------
     @staticmethod
-    def _logps(model, rows: ConcatenatedRows, pixel_values: torch.Tensor) -> torch.Tensor:
-        # (The model-family adapter will take the ImageInputs whole; LLaVA reads its pixel_values.)
+    def _logps(model, rows: ConcatenatedRows, images: ImageInputs) -> torch.Tensor:
         # Logits only from the first response position on: the image and prompt logits carry no log-prob.
-        logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, pixel_values, rows.labels, rows.image_index)
+        logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, images, rows.labels, rows.image_index)
         return sequence_logps(logits, labels)
 
     def _reference_logps(self, batch: PreferenceBatch, rows: ConcatenatedRows) -> torch.Tensor:
@@ -180,7 +179,7 @@ class MISPDPOModule(VLMModule):
                 rows.input_ids[need], rows.attention_mask[need], rows.labels[need], image_index, rows.batch_size, rows.k
             )
             with reference_mode(self.model, self.reference) as reference:
-                computed = self._logps(reference, subset, batch.images.tensors["pixel_values"][images]).double().cpu()
+                computed = self._logps(reference, subset, batch.images.select(images)).double().cpu()
             values[missing] = computed
             if self.reference_cache is not None:
                 self.reference_cache.store([keys[i] for i in need.tolist()], computed)
@@ -190,7 +189,7 @@ class MISPDPOModule(VLMModule):
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id)
         b, k = rows.batch_size, rows.k
-        policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch.images.tensors["pixel_values"]), b, k))
+        policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch.images), b, k))
         reference = SequenceLogps(*split_rows(self._reference_logps(batch, rows), b, k))
         log_q = batch.log_q if k else None
         log_q_phi = None
