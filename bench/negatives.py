@@ -48,13 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--neg-variants", default=",".join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
 
 
-def _plain_logps(model, rows, pixel_values: torch.Tensor) -> torch.Tensor:
-    """One image per row, through the model's own forward: the positive is encoded for both its rows."""
+def _plain_logps(model, rows, images) -> torch.Tensor:
+    """One image per row, through the model's own forward: the positive is encoded for both its rows (a
+    LLaVA-style model, whose ``ImageInputs`` hold one ``[U, 3, H, W]`` pixel tensor)."""
     from misp.logprobs import sequence_logps
     from misp.models.forward import position_ids_from_mask
 
     out = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask,
-                pixel_values=pixel_values[rows.image_index], position_ids=position_ids_from_mask(rows.attention_mask),
+                pixel_values=images.tensors["pixel_values"][rows.image_index], position_ids=position_ids_from_mask(rows.attention_mask),
                 use_cache=False)
     return sequence_logps(out.logits, rows.labels)
 

@@ -153,7 +153,13 @@ class FiniteWeightsCheck(L.Callback):
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn not in (TrainerFn.VALIDATING, TrainerFn.TESTING):
             return  # inside a fit, FiniteLossGuard stops training before a non-finite update
+        # A quantised layer's weight holds packed integers (stored as bf16 under FSDP, so that it flattens
+        # with the rest): its bit patterns are not numbers, and any of them may read as NaN.
+        packed = {id(m.weight) for m in pl_module.modules()
+                  if type(m).__name__ in ("Linear4bit", "Linear8bitLt") and getattr(m, "weight", None) is not None}
         for name, param in pl_module.named_parameters():
+            if id(param) in packed:
+                continue
             if param.is_floating_point() and param.numel() and not bool(torch.isfinite(param.detach()).all()):
                 bad = int((~torch.isfinite(param.detach())).sum())
                 source = f"checkpoint {trainer.ckpt_path}" if trainer.ckpt_path else "the model (no --ckpt_path)"
