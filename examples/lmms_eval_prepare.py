@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
-from misp.hparams import plain
-from misp.models.vlm import LoraSpec, VLMSpec, load_vlm
+from misp.testing.lora_checkpoint import write_lora_checkpoint
 
 OBJECTS = ("dog", "cat", "person", "car", "bus", "cow", "bottle", "chair")
 
@@ -40,26 +38,6 @@ def build_base(family: str, out: Path) -> None:
         save_qwen25vl_hub_files(model, processor, out)
     else:
         raise SystemExit(f"--family: unknown family {family!r}; one of llava15, qwen25vl")
-
-
-def write_checkpoint(base: Path, path: Path) -> None:
-    """A checkpoint as a misp preference run writes it (LoRA weights and the run's settings), with the LoRA
-    B matrices drawn non-zero so that the merge visibly changes the model."""
-    spec = VLMSpec(path=str(base), lora=LoraSpec(r=4, alpha=8, dropout=0.0))
-    model, _ = load_vlm(spec)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-    state = {f"model.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({
-        "pytorch-lightning_version": "2.5.0",
-        "state_dict": state,
-        "hyper_parameters": {"vlm": plain(spec), "objective": {"beta": 0.1, "terms": [
-            {"class_path": "misp.dpo.terms.TextDPO", "init_args": {"weight": 1.0}}]}},
-        "datamodule_hyper_parameters": {"records_file": "data/prefs.jsonl", "source": "sae", "k": 4},
-    }, path)
 
 
 def write_pope_parquet(path: Path, n: int = 8) -> None:
@@ -98,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     build_base(args.family, args.out / "base")
-    write_checkpoint(args.out / "base", args.out / "last.ckpt")
+    write_lora_checkpoint(args.out / "base", args.out / "last.ckpt")
     write_pope_parquet(args.out / "pope" / "test.parquet")
     print(f"wrote {args.out}/base, {args.out}/last.ckpt, {args.out}/pope/test.parquet")
 
