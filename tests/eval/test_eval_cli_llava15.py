@@ -18,9 +18,8 @@ from PIL import Image
 
 from misp.cli import main
 from misp.eval.scoring import response_logps_per_image
-from misp.hparams import plain
 from misp.models.llava15 import Llava15Sizes, build_llava15, save_hub_files
-from misp.models.vlm import LoraSpec, VLMSpec, load_vlm
+from misp.testing.lora_checkpoint import write_lora_checkpoint
 
 N_POPE = 24
 
@@ -91,22 +90,7 @@ def test_misp_eval_resumes_after_a_kill_without_answering_twice(workspace, tmp_p
 
 def _checkpoint(workspace: Path, path: Path) -> torch.nn.Module:
     """A checkpoint as a misp preference run writes it: the LoRA weights and the run's settings."""
-    spec = VLMSpec(path=str(workspace / "base"), lora=LoraSpec(r=4, alpha=8, dropout=0.0))
-    model, _ = load_vlm(spec)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # trained adapters: B is zero at initialisation
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-    state = {f"model.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({
-        "pytorch-lightning_version": "2.5.0",
-        "state_dict": state,
-        "hyper_parameters": {"vlm": plain(spec), "objective": {"beta": 0.1, "terms": [
-            {"class_path": "misp.dpo.terms.TextDPO", "init_args": {"weight": 1.0}}]}},
-        "datamodule_hyper_parameters": {"records_file": "data/prefs.jsonl", "source": "sae", "k": 4},
-    }, path)
-    return model.eval()
+    return write_lora_checkpoint(workspace / "base", path)
 
 
 def test_export_merge_gives_the_log_probs_of_adapter_plus_base(workspace, tmp_path):
