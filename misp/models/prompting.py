@@ -164,8 +164,8 @@ def encode_example(
     prompt: str,
     response: str | None = None,
     max_length: int | None = None,
-    history: Sequence[tuple[str, str]] = (),
     image_tokens: int | Sequence[int] | None = None,
+    history: Sequence[tuple[str, str]] = (),
 ) -> dict[str, list[int]]:
     """Token ids and labels of one (prompt, response) example in the template of the processor's family.
 
