@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
-from misp.testing.llava15 import _corpus, _default_dtype
+from misp.testing.llava15 import _corpus, seeded_model
 
 HUB_REPO_ID = "google/gemma-3-4b-it"
 """The hub id of the model this module stands in for."""
@@ -155,12 +155,7 @@ def build_gemma3(
     sizes = sizes or Gemma3Sizes()
     processor = build_gemma3_processor(sizes)
     tok = processor.tokenizer
-    device = torch.device(device or "cpu")
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), _default_dtype(dtype), device:
-        torch.manual_seed(seed)
-        model = Gemma3ForConditionalGeneration(gemma3_config(sizes, tok))
-    model.eval()
+    model = seeded_model(Gemma3ForConditionalGeneration, gemma3_config(sizes, tok), seed, device, dtype)
     gen = model.generation_config
     gen.bos_token_id, gen.pad_token_id = tok.bos_token_id, tok.pad_token_id
     gen.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]

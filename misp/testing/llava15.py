@@ -241,6 +241,18 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(saved)
 
 
+def seeded_model(model_class, config, seed: int = 0, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+    """``model_class(config)`` with transformers' initialisation under ``seed``, in a private RNG stream (so
+    that building a model leaves the caller's random state alone), on ``device`` in ``dtype``, in eval mode."""
+    device = torch.device(device or "cpu")
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), _default_dtype(dtype), device:
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.eval()
+
+
 def build_llava15(
     sizes: Llava15Sizes | None = None,
     seed: int = 0,
@@ -262,13 +274,7 @@ def build_llava15(
     processor = build_llava15_processor(sizes)
     tok = processor.tokenizer
     config = llava15_config(sizes, tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id)
-    device = torch.device(device or "cpu")
-    # A private RNG stream, so that building a model leaves the caller's random state alone.
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), _default_dtype(dtype), device:
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.eval()
+    model = seeded_model(LlavaForConditionalGeneration, config, seed, device, dtype)
     gen = model.generation_config
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     return model, processor

@@ -31,7 +31,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from misp.testing.hub_cache import publish_snapshot
-from misp.testing.llava15 import _corpus, _default_dtype
+from misp.testing.llava15 import _corpus, seeded_model
 
 HUB_REPO_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 """The hub id of the model this module stands in for."""
@@ -197,12 +197,7 @@ def build_qwen25vl(
     processor = build_qwen25vl_processor(sizes)
     tok = processor.tokenizer
     config = qwen25vl_config(sizes, tok)
-    device = torch.device(device or "cpu")
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), _default_dtype(dtype), device:
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.eval()
+    model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed, device, dtype)
     gen = model.generation_config
     gen.bos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
     gen.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from misp.testing.hub_cache import publish_snapshot
-from misp.testing.llava15 import _default_dtype
+from misp.testing.llava15 import seeded_model
 from misp.testing.qwen25vl import SPECIAL_TOKENS, build_qwen2_tokenizer
 
 HUB_REPO_ID = "Qwen/Qwen3-VL-8B-Instruct"
@@ -140,12 +140,7 @@ def build_qwen3vl(
     sizes = sizes or Qwen3VLSizes()
     processor = build_qwen3vl_processor(sizes)
     tok = processor.tokenizer
-    device = torch.device(device or "cpu")
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), _default_dtype(dtype), device:
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(qwen3vl_config(sizes, tok))
-    model.eval()
+    model = seeded_model(Qwen3VLForConditionalGeneration, qwen3vl_config(sizes, tok), seed, device, dtype)
     gen = model.generation_config
     gen.bos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
     gen.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
