@@ -10,6 +10,7 @@ results merge exactly across batches and ranks.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torchmetrics import Metric
 
-from misp.data.records import RecordError
+from misp.data.records import RecordError, read_utf8
 from misp.images import verify_image
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise RecordError(path, None, None, f"not found: the {what} (see docs/evaluation.md for the layout)")
     return path
+
+
+def read_json_array(path: Path) -> list:
+    """The records of a question file that holds one JSON array, or a ``RecordError`` naming file and line."""
+    try:
+        rows = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise RecordError(path, e.lineno, None, f"not valid JSON: {e.msg}") from None
+    if not isinstance(rows, list):
+        raise RecordError(path, None, None, "must hold one JSON array of question records")
+    return rows
 
 
 def check_images(questions: Sequence[Question], source: Path) -> None:

@@ -19,15 +19,14 @@ ground truth; an unreadable answer is "uncertain" (the official correctness "2")
 
 from __future__ import annotations
 
-import json
-
-from misp.data.records import RecordError, read_utf8
+from misp.data.records import RecordError
 from misp.eval.answers import read_yes_no
 from misp.eval.benchmark import (
     Benchmark,
     GroupAccuracyMetric,
     Question,
     check_images,
+    read_json_array,
     require_file,
     warn_unreadable,
 )
@@ -47,12 +46,7 @@ class HallusionBench(Benchmark):
     def questions(self) -> list[Question]:
         path = require_file(self.root / "HallusionBench.json", "HallusionBench.json of tianyi-lab/HallusionBench")
         self.source = path
-        try:
-            rows = json.loads(read_utf8(path))
-        except json.JSONDecodeError as e:
-            raise RecordError(path, e.lineno, None, f"not valid JSON: {e.msg}") from None
-        if not isinstance(rows, list):
-            raise RecordError(path, None, None, "must hold one JSON array of question records")
+        rows = read_json_array(path)
         out = []
         for i, row in enumerate(rows, 1):
             if not isinstance(row, dict):

@@ -15,14 +15,21 @@ average per ``question_type``. Without a judge (``--judge.url`` or MISP_JUDGE_UR
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torchmetrics import Metric
 
-from misp.data.records import RecordError, read_utf8
-from misp.eval.benchmark import Benchmark, Question, check_images, ratio, require_file, warn_unreadable
+from misp.data.records import RecordError
+from misp.eval.benchmark import (
+    Benchmark,
+    Question,
+    check_images,
+    ratio,
+    read_json_array,
+    require_file,
+    warn_unreadable,
+)
 from misp.eval.judge import ChatJudge
 
 QUESTION_TYPES = ("attribute", "adversarial", "comparison", "counting", "relation", "environment", "holistic", "other")
@@ -131,12 +138,7 @@ class MMHalBench(Benchmark):
                               "set --judge.url (or MISP_JUDGE_URL) to an OpenAI-compatible endpoint")
         path = require_file(self.root / "response_template.json", "MMHal-Bench response_template.json")
         self.source = path
-        try:
-            rows = json.loads(read_utf8(path))
-        except json.JSONDecodeError as e:
-            raise RecordError(path, e.lineno, None, f"not valid JSON: {e.msg}") from None
-        if not isinstance(rows, list):
-            raise RecordError(path, None, None, "must hold one JSON array of question records")
+        rows = read_json_array(path)
         out = []
         for i, row in enumerate(rows, 1):
             for key in _FIELDS:
