@@ -54,3 +54,14 @@ def sae_dir(clip_dir, tmp_path_factory):
     from misp.smoke import smoke_sae
 
     return smoke_sae(clip_dir, tmp_path_factory.mktemp("sae"))
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A tiny random-weight Qwen2.5-VL saved in the hub's file layout (misp.testing.qwen25vl)."""
+    from misp.testing.qwen25vl import build_qwen25vl, save_qwen25vl_hub_files
+
+    folder = tmp_path_factory.mktemp("qwen25vl")
+    model, processor = build_qwen25vl()
+    save_qwen25vl_hub_files(model, processor, folder)
+    return folder

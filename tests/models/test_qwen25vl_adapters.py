@@ -16,15 +16,6 @@ from misp.models.sharding import decoder_layers
 from misp.models.vlm import LoraSpec, VLMSpec, load_vlm, save_vlm
 from misp.testing.gemma3 import build_gemma3, save_gemma3_hub_files
 from misp.testing.qwen3vl import build_qwen3vl, save_qwen3vl_hub_files
-from misp.testing.qwen25vl import build_qwen25vl, save_qwen25vl_hub_files
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen25vl")
-    model, processor = build_qwen25vl()
-    save_qwen25vl_hub_files(model, processor, folder)
-    return folder
 
 
 def _inputs(processor):

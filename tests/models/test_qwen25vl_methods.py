@@ -11,18 +11,9 @@ import pytest
 
 from misp.cli import main
 from misp.demo import method_configs
-from misp.testing.qwen25vl import build_qwen25vl, save_qwen25vl_hub_files
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["dpo", "mdpo", "chip", "random_neg", "misp_dpo"]
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen25vl")
-    model, processor = build_qwen25vl()
-    save_qwen25vl_hub_files(model, processor, folder)
-    return folder
 
 
 def _overrides(world: Path, qwen_dir: Path) -> list[str]:
