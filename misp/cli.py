@@ -53,6 +53,7 @@ from misp.callbacks import FiniteLossGuard, FiniteWeightsCheck, SettingsCheck, T
 from misp.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, method_mismatches, read_checkpoint
 from misp.config_build import instantiate_config
 from misp.config_checks import check_config_files, check_pairing, check_values
+from misp.config_layers import merged_terms_args
 from misp.errors import (
     CheckpointError,
     ConfigError,
@@ -199,13 +200,22 @@ class MispCLI(LightningCLI):
             run=run,
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # Layered files merge the method's terms key by key (jsonargparse would replace the map wholesale).
+        if not isinstance(args, (dict, Namespace)):
+            given = sys.argv[1:] if args is None else list(args)
+            merged = merged_terms_args(given)
+            if merged != given:
+                # Straight to the parser: LightningCLI warns when `args` and sys.argv are both given.
+                self.config = parser.parse_args(merged)
+                return
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
-        # The method (objective terms x negative source x K) is checked before any model or data loads.
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         derive_run_dirs(config)
         check_values(config, self.subcommand)
         check_pairing(config)
-        check_configured_method(config)
 
     def _attach(self) -> None:
         # The one explicit handshake between the data and the module (misp.data.handshake).
@@ -326,23 +336,6 @@ def derive_run_dirs(config) -> None:
     model_args = getattr(getattr(config, "model", None), "init_args", None)
     if model_args is not None and "export_dir" in model_args and model_args.get("export_dir") is None:
         model_args["export_dir"] = f"{root}/export"
-
-
-def check_configured_method(config) -> None:
-    """``check_method`` on a parsed config whose model has an ``objective`` and whose data has a ``source``."""
-    from misp.dpo.method import check_method
-    from misp.dpo.objective import build_objective
-
-    model = getattr(config, "model", None)
-    data = getattr(config, "data", None)
-    model_args = getattr(model, "init_args", None)
-    data_args = getattr(data, "init_args", None)
-    objective = getattr(model_args, "objective", None) if model_args is not None else None
-    source = getattr(data_args, "source", None) if data_args is not None else None
-    if objective is None or source is None or getattr(data_args, "serve", "preferences") != "preferences":
-        return
-    as_dict = objective.as_dict() if hasattr(objective, "as_dict") else vars(objective)
-    check_method(build_objective(as_dict), source, int(getattr(data_args, "k", 0)))
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from jsonargparse import ArgumentParser, Namespace
 
-from misp.errors import ConfigError, innermost_reason
+from misp.errors import ConfigError, UserError, innermost_reason
 
 
 def instantiate_config(parser: ArgumentParser, cfg: Namespace) -> Namespace:
@@ -17,6 +17,8 @@ def instantiate_config(parser: ArgumentParser, cfg: Namespace) -> Namespace:
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     try:
         return instantiate(cfg)
+    except UserError:
+        raise  # already one line naming the option (a MethodError lists every contradiction)
     except (ValueError, TypeError) as e:
         # Only dataclass configs are built here, so any such error is a refused value.
         raise ConfigError(innermost_reason(e)) from e

@@ -4,7 +4,7 @@ world -> contrastive CLIP -> SFT (the base model) -> its evaluation -> SAE -> MI
 then a table of base vs MISP-DPO. Each stage is the same ``misp`` command a user would type. A stage
 whose output exists, from the same command and config file contents, is skipped, so an interrupted demo
 resumes where it stopped; a stage whose config changed reruns, and so does everything after it. ``--force``
-reruns everything and ``--all-methods`` adds every other method with a file in ``configs/*/methods``
+reruns everything and ``--all-methods`` adds every other method with a file in ``configs/methods``
 (``misp.methods``: DPO, mDPO, CHiP-style, random multi-negative, CLIP-DPO, ...), trained from the same base.
 """
 
@@ -26,11 +26,12 @@ MAIN_METHOD = "misp_dpo"
 
 
 def method_configs(name: str, root: Path = Path(".")) -> list[str]:
-    """The ``--config`` flags of a stage: ``configs/shapes/<name>.yaml``, or for a preference method (a file
-    under ``configs/*/methods/``, ``misp.methods``) its world's preference base plus the method's file."""
-    files = methods.method_files(root / "configs")
-    if name in files:
-        return ["--config", str(files[name].parent.parent / "preference.yaml"), "--config", str(files[name])]
+    """The flags of a stage: ``--config configs/shapes/<name>.yaml``, or for a preference method (a file in
+    ``configs/methods/``, ``misp.methods``) the world's preference base, the method's file, the world's side
+    of the method if any (``misp.methods.run_configs``), and its run folder ``runs/shapes/<name>``."""
+    if name in methods.method_files(root / "configs"):
+        files = methods.run_configs(name, root / "configs/shapes")
+        return [a for path in files for a in ("--config", str(path))] + [f"--trainer.default_root_dir={RUNS / name}"]
     return ["--config", str(root / f"configs/shapes/{name}.yaml")]
 
 

@@ -1,9 +1,11 @@
-"""Where the methods are: one YAML file each under ``configs/<world>/methods/``, and nowhere else.
+"""Where the methods are: one YAML file each under ``configs/methods/``, and nowhere else.
 
-A method file layers on its world's preference base (``configs/<world>/preference.yaml``) and names the
-objective's terms and the negatives it needs. Everything that lists methods (the demo, ``misp
-experiment``'s report, ``PreferenceObjective.preset``, the tests) asks this module, so a new method is
-one new file. A file's first line may be ``# label: <text>``: its name in tables (the file's name
+A method file says the method and nothing else (``model.init_args.method``: beta, named terms, negative
+source and K; ``misp.dpo.method.Method``); it layers on any preference base, a world's
+(``configs/shapes/preference.yaml``) or a real model's (``configs/llava.yaml``, ``configs/qwen25vl.yaml``),
+which hold the paths. A base that names no method runs ``DEFAULT_METHOD``. Everything that lists methods
+(the demo, ``misp experiment``'s report, ``Method.preset``, the tests) asks this module, so a new method
+is one new file. A file's first line may be ``# label: <text>``: its name in tables (the file's name
 otherwise); an ablation file (``configs/experiments/ablations/``) may carry ``# label: <suffix>`` that a
 variant built with it adds to its method's label.
 """
@@ -16,44 +18,47 @@ import yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 """The shipped configs folder (beside the package in a checkout or an editable install)."""
+DEFAULT_METHOD = "misp_dpo"
+"""The method a preference base runs when no method file is layered on it (the paper's)."""
 BASE_LABELS = {"sft": "base (SFT)", "base": "base (SFT)"}
 """Names of the runs that are no method (the SFT model every method starts from)."""
 
 
 class UnknownMethod(ValueError):
-    """A method name with no file under ``configs/*/methods/``."""
+    """A method name with no file under ``configs/methods/``."""
 
 
 def method_files(configs: Path = CONFIGS) -> dict[str, Path]:
-    """Every method by name (its file's stem): ``configs/*/methods/*.yaml``.
-
-    Raises:
-        ValueError: two worlds ship a method of the same name (the name would be ambiguous).
-    """
-    found: dict[str, Path] = {}
-    for path in sorted(configs.glob("*/methods/*.yaml")):
-        if path.stem in found:
-            raise ValueError(f"method {path.stem!r} is defined twice: {found[path.stem]} and {path}")
-        found[path.stem] = path
-    return found
+    """Every method by name (its file's stem): ``configs/methods/*.yaml``."""
+    return {path.stem: path for path in sorted((configs / "methods").glob("*.yaml"))}
 
 
 def method_file(name: str, configs: Path = CONFIGS) -> Path:
     """The file of method ``name``; ``UnknownMethod`` naming the known ones when there is none."""
     files = method_files(configs)
     if name not in files:
-        raise UnknownMethod(f"unknown method {name!r}; the methods are {sorted(files)} (files in {configs}/*/methods/)")
+        raise UnknownMethod(f"unknown method {name!r}; the methods are {sorted(files)} (files in {configs}/methods/)")
     return files[name]
 
 
 def method_config(name: str, configs: Path = CONFIGS) -> dict:
-    """Method ``name``'s file as YAML data (what it adds to its world's preference base)."""
+    """Method ``name``'s file as YAML data (what it adds to a preference base)."""
     return yaml.safe_load(method_file(name, configs).read_text()) or {}
 
 
-def preference_base(name: str, configs: Path = CONFIGS) -> Path:
-    """The preference base method ``name`` layers on: ``preference.yaml`` of its world's folder."""
-    return method_file(name, configs).parent.parent / "preference.yaml"
+def run_configs(name: str, world: Path) -> list[Path]:
+    """The ``--config`` files of method ``name`` on a world: the world's ``preference.yaml``, the method's
+    file, and the world's side of that method if it has one (``<world>/<name>_data.yaml``: data the method
+    needs there, e.g. CLIP-DPO's generated pairs). The world is a config folder (``configs/shapes``); its
+    ``methods`` are those of ``configs/methods`` beside it."""
+    files = [world / "preference.yaml", method_file(name, world.parent)]
+    own = world / f"{name}_data.yaml"
+    return files + ([own] if own.is_file() else [])
+
+
+def is_method_file(path: Path, configs: Path = CONFIGS) -> bool:
+    """Whether ``path`` is one of the shipped method files."""
+    return Path(path).resolve() in {p.resolve() for p in method_files(configs).values()}
 
 
 def file_label(path: Path) -> str | None:

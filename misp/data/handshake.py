@@ -3,10 +3,11 @@
 It runs one way in each direction and hands over values, never the objects themselves:
 
 - the module hands the data the values it needs (``module.data_values() -> ModuleValues``): the VLM's
-  processor, the CLIP bundle, a reader of the proposal q_phi;
+  processor, the CLIP bundle, a reader of the proposal q_phi, and the method's negatives (source and K:
+  the method is their one home, ``misp.dpo.method``);
 - the data hands the module a typed description of itself (``module.attach_data(DataDescription)``): the
-  evaluation and validation sets, the negatives it draws (source, K, q_phi's features indexed by record),
-  the SAE's difference vectors.
+  evaluation and validation sets, q_phi's features of the negatives it mined (indexed by record), the
+  SAE's difference vectors.
 
 misp's CLI calls ``attach`` after building both; in Python, call ``data.attach(module)`` before
 ``Trainer.fit``. Forgetting it is the same one-line ``NotAttachedError`` (a ``misp.errors.UserError``)
@@ -46,6 +47,8 @@ class ModuleValues:
     """The CLIP bundle (model, transforms, tokenizer) a CLIP datamodule prepares images and captions with."""
     proposal_log_q: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
     """``(features [R, M, F], valid [R, M]) -> log q_phi [R, M]`` (or None: uniform), between steps."""
+    negatives: Any = None
+    """The method's negatives (``misp.dpo.method.Negatives``: source and K) a preference datamodule draws."""
 
 
 @dataclass
@@ -67,12 +70,9 @@ class ProposalFeatures:
 
 @dataclass
 class NegativesDescription:
-    """The negatives a preference datamodule draws."""
+    """What a preference datamodule knows of the negatives it draws that its module reads (source and K are
+    the method's, which the module already holds)."""
 
-    source: str
-    """The registered source (``misp.negatives.sources``)."""
-    k: int
-    """Negatives per record per step, as the source draws them (0 for a source that draws none)."""
     proposal_features: Callable[[], ProposalFeatures | None] = lambda: None
     """q_phi's features (known once mining ran; None for sources other than ``sae``)."""
 
@@ -111,12 +111,17 @@ class AttachesToModule:
     def attach(self, module) -> None:
         """Take the values this data needs from ``module``; hand ``module`` this data's description."""
         values = getattr(module, "data_values", None)
-        # A module without data_values (a notebook's stand-in) hands over its processor, if it has one.
-        self._module_values = values() if values is not None else ModuleValues(getattr(module, "processor", None))
+        # A module without data_values (a notebook's stand-in) hands over its processor and negatives, if it has them.
+        self._module_values = values() if values is not None else ModuleValues(
+            getattr(module, "processor", None), negatives=getattr(module, "negatives", None))
+        self.take_values(self._module_values)
         self.processor = self._module_values.processor
         attach_data = getattr(module, "attach_data", None)
         if attach_data is not None:
             attach_data(self.describe())
+
+    def take_values(self, values: ModuleValues) -> None:
+        """Hook: a datamodule that derives state from the module's values (its negatives) does it here."""
 
     def describe(self) -> DataDescription:
         """This data as its module needs to know it (datamodules with negatives or vectors add them)."""

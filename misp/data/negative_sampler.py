@@ -3,12 +3,13 @@
 Mining (CLIP embedding, retrieval, SAE scoring, greedy selection) runs once in ``prepare_data`` on one
 process per node and is cached, so every rank then loads identical results in ``setup``. Each epoch
 (``reload_dataloaders_every_n_epochs=1``) ``train_dataloader`` draws K negatives per record from the
-configured source, the ``sae`` source through the DPO module's current proposal q_phi.
+method's source (``misp.dpo.method.Negatives``, handed over by the module in ``attach``: K has one home,
+the method), the ``sae`` source through the DPO module's current proposal q_phi.
 
 With ``serve: differences`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule;
 with ``serve: preferences`` a ``misp.batch.PreferenceBatch`` per step for MISPDPOModule. What the module
-needs from it (the evaluation sets, the negatives' source and K, q_phi's features by record, the
-difference vectors) it hands over once, in ``attach`` (``misp.data.handshake``).
+needs from it (the evaluation sets, q_phi's features by record, the difference vectors) it hands over
+once, in ``attach`` (``misp.data.handshake``), where it takes the method's negatives in return.
 
 Its parts: mining (here, cached), per-epoch drawing (``misp.data.drawing``), encoding and collation
 (``misp.data.collate``), and the resume state (``misp.data.epoch_state``).
@@ -35,8 +36,10 @@ from misp.data.handshake import (
     AttachesToModule,
     DataDescription,
     DifferenceVectors,
+    ModuleValues,
     NegativesDescription,
     ProposalFeatures,
+    not_attached,
 )
 from misp.data.layouts import RatingRule
 from misp.data.pixel_cache import PixelCache
@@ -44,6 +47,7 @@ from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
+from misp.errors import ConfigError
 from misp.hparams import save_plain_hyperparameters
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.prompting import (
@@ -53,6 +57,7 @@ from misp.models.prompting import (
 )
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import NegativeDraws, get_source, uniform_log_q
+from misp.negatives.spec import Negatives
 from misp.sae.io import SAEFormatError, load_sae
 
 log = logging.getLogger(__name__)
@@ -83,15 +88,14 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         records_file: preference records: a JSON Lines file or a JSON array, or a dataset as published (a
             ``.parquet`` or ``.arrow`` file, a dataset folder or a hub id; docs/data.md); see ``layout``.
         serve: what the dataloaders yield: ``preferences`` (preference batches for MISPDPOModule) or
-            ``differences`` (CLIP-space difference vectors for SAEModule). Not to be confused with
-            ``source: sae``, the negatives an SAE selected.
-        source: where negatives come from, a name in ``misp.negatives.sources.REGISTRY``: sae, random,
-            counterfactual, given, crop, noise or none (or one registered by the user).
-        k: negatives drawn per record per epoch (with replacement for the pool sources).
+            ``differences`` (CLIP-space difference vectors for SAEModule). Not to be confused with the
+            method's ``negatives.source: sae``, the negatives an SAE selected. The negatives' source and K
+            are the method's (``model.init_args.method.negatives``), handed over in ``attach``.
         pool: the candidate pool: a JSON Lines file with ``image`` rows, a folder of images, or a dataset
             whose ``pool_column`` holds the images (embedded or paths).
         clip: the CLIP that embeds records and pool (needed by the sae and random sources and to serve differences).
-        sae_path: a directory written by SAEModule's export (needed by the sae source).
+        sae_path: a directory written by SAEModule's export (needed by the sae source; unused by the others,
+            so a world's base config may name it for every method).
         mining: retrieval and selection settings; ``mining.record_candidates`` adds each record's own images
             (counterfactual renders or its ``negatives``) to its retrieved candidates (the mixed pool).
         evaluation: the POPE, captioning, MMVP and grounding sets ``test`` reports (the test split).
@@ -135,8 +139,6 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self,
         records_file: str,
         serve: Literal["preferences", "differences"] = "preferences",
-        source: str = "sae",
-        k: int = 3,
         pool: str | None = None,
         clip: ClipSpec | None = None,
         sae_path: str | None = None,
@@ -167,14 +169,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     ) -> None:
         super().__init__()
         save_plain_hyperparameters(self)
-        negatives = get_source(source)
-        needs_pool = serve == "differences" or negatives.needs_pool
-        if needs_pool and (pool is None or clip is None):
-            raise ValueError(f"serve={serve!r} source={source!r} needs both `pool` and `clip`")
-        if serve == "preferences" and negatives.needs_sae and sae_path is None:
-            raise ValueError(f"source={source!r} needs `sae_path` (the export_dir of a trained SAEModule)")
-        if serve == "preferences" and negatives.draws_negatives and k < 1:
-            raise ValueError(f"k must be >= 1 for source={source!r}")
+        if serve == "differences" and (pool is None or clip is None):
+            raise ValueError("serve='differences' needs both `pool` and `clip`")
         # Dataclass arguments are kept as given: under LightningCLI `hparams` holds their raw dict form.
         self.clip = clip
         self.mining = mining or MiningConfig()
@@ -185,16 +181,41 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.candidates: Candidates | None = None
         self.selection: Selection | None = None
         self.pool_paths: list[Path] = []
-        self.drawer = NegativeDrawer(source, k, seed, records_file, image_root)
+        self.negatives: Negatives | None = None  # the method's, from `attach`
+        self.drawer: NegativeDrawer | None = None
         self.epoch_state = EpochState()
         self.pixel_cache = PixelCache.from_mb(image_cache_mb)
 
-    # mining ---------------------------------------------------------------------------------------
+    # the method's negatives, from the handshake ----------------------------------------------------
+    def take_values(self, values: ModuleValues) -> None:
+        """Take the method's negatives (a module that names none gets batches without negatives) and check
+        that this data has what their source needs."""
+        if self.hparams.serve != "preferences":
+            return
+        negatives = values.negatives or Negatives()
+        source, h = get_source(negatives.source), self.hparams
+        missing = [name for name, value, needed in (
+            ("pool", h.pool, source.needs_pool), ("clip", self.clip, source.needs_pool),
+            ("sae_path", h.sae_path, source.needs_sae)) if needed and value is None]
+        if missing:
+            raise ConfigError(
+                f"the method's negatives.source={negatives.source!r} needs data.init_args.{' and data.init_args.'.join(missing)}"
+                + (" (the export_dir of a trained SAEModule)" if "sae_path" in missing else "")
+            )
+        self.negatives = negatives
+        self.drawer = NegativeDrawer(negatives.source, negatives.k, h.seed, h.records_file, h.image_root)
+
+    def _negatives(self) -> Negatives:
+        if self.negatives is None:
+            raise not_attached(self, "module's negatives")
+        return self.negatives
+
     @property
     def k(self) -> int:
-        """K as drawn: ``k`` for a source that draws negatives, 0 for one that draws none. The one value the
-        module is handed (``NegativesDescription.k``); a batch carries exactly this many columns."""
-        return self.hparams.k if get_source(self.hparams.source).draws_negatives else 0
+        """K as drawn (the method's ``negatives.drawn``): a batch carries exactly this many columns."""
+        return self._negatives().drawn
+
+    # mining ---------------------------------------------------------------------------------------
 
     def _read_records(self) -> list[PreferenceRecord]:
         h = self.hparams
@@ -212,7 +233,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         h = self.hparams
         if self.records is None:
             self.records = self._read_records()
-        if not (h.serve == "differences" or get_source(h.source).needs_pool):
+        if not (h.serve == "differences" or get_source(self._negatives().source).needs_pool):
             self._warn_unused_record_candidates()
             return
         if self.candidates is not None:
@@ -227,7 +248,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
             self.mining, self._cache_dir(), progress=progress, own_images=own,
         )
-        if h.serve == "preferences" and get_source(h.source).needs_sae:
+        if h.serve == "preferences" and get_source(self._negatives().source).needs_sae:
             sae, meta = load_sae(h.sae_path)
             expected = self.candidates.joint.metadata()
             if meta.get("joint") is None:
@@ -283,7 +304,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             self._warned_unused_own = True
             log.warning(
                 "mining.record_candidates=%r has no effect with source=%r, which mines no candidates (it applies "
-                "to the sae and random sources and to serve: differences)", self.mining.record_candidates, self.hparams.source,
+                "to the sae and random sources and to serve: differences)", self.mining.record_candidates, self.negatives.source,
             )
 
     def prepare_data(self) -> None:
@@ -331,7 +352,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                 dim=lambda: self.difference_dim, sample=self.sample_differences, metadata=self.sae_metadata
             )
         else:
-            description.negatives = NegativesDescription(self.hparams.source, self.k, self.proposal_features)
+            description.negatives = NegativesDescription(self.proposal_features)
         return description
 
     def proposal_features(self) -> ProposalFeatures | None:
@@ -404,17 +425,17 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
     def _warn_repeats(self) -> None:
         """Warn once, with the count, when K exceeds the candidates some records have (draws then repeat)."""
         h = self.hparams
-        source = get_source(h.source)
-        if h.serve != "preferences" or not source.needs_pool:
+        if h.serve != "preferences" or not get_source(self._negatives().source).needs_pool:
             return
+        k, source = self.negatives.k, get_source(self.negatives.source)
         valid = self.selection.valid if source.needs_sae else self.candidates.indices >= 0
         counts = valid.sum(1)
-        short = int((counts < h.k).sum())
+        short = int((counts < k).sum())
         if short:
             option = "mining.pool_size" if source.needs_sae else "mining.n_candidates"
             log.warning(
                 "k=%d negatives are drawn from fewer candidates for %d of %d records (fewest: %d; %s=%d): their "
-                "draws repeat negatives. Lower k or raise %s", h.k, short, len(counts), int(counts.min()), option,
+                "draws repeat negatives. Lower k or raise %s", k, short, len(counts), int(counts.min()), option,
                 getattr(self.mining, option.split(".")[1]), option,
             )
 

@@ -31,9 +31,16 @@ def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return F.pad(x, (0, length - x.shape[1]), value=value)
 
 
-def concatenate_rows(batch: PreferenceBatch, pad_token_id: int) -> ConcatenatedRows:
-    """Stack chosen, rejected and chosen-per-negative rows (right padding to one length)."""
-    b, k = batch.batch_size, batch.k
+def concatenate_rows(batch: PreferenceBatch, pad_token_id: int, k: int | None = None) -> ConcatenatedRows:
+    """Stack chosen, rejected and chosen-per-negative rows (right padding to one length).
+
+    ``k``: the method's K (``Method.negatives.drawn``), which the batch must carry; None takes the batch's.
+    """
+    b = batch.batch_size
+    if k is not None and batch.k != k:
+        raise ValueError(f"the batch carries {batch.k} negative(s) per record, the method draws {k}: the data was "
+                         "not attached to this module (`datamodule.attach(module)`)")
+    k = batch.k
     length = max(batch.chosen.input_ids.shape[1], batch.rejected.input_ids.shape[1])
     parts = {}
     for name, value in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", -100)):

@@ -21,7 +21,7 @@ from misp.batch import ImageInputs, PreferenceBatch
 from misp.data.handshake import DataDescription, ModuleValues, NegativesDescription, ProposalFeatures
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
 from misp.dpo.diagnostics import gradient_shares
-from misp.dpo.method import check_method
+from misp.dpo.method import Method
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_terms, sum_terms
 from misp.dpo.reference import (
     ReferenceCache,
@@ -32,7 +32,8 @@ from misp.dpo.reference import (
 )
 from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
-from misp.hparams import save_plain_hyperparameters
+from misp.hparams import plain, save_plain_hyperparameters
+from misp.methods import DEFAULT_METHOD
 from misp.logprobs import sequence_logps
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
@@ -44,11 +45,13 @@ log = logging.getLogger(__name__)
 
 
 class MISPDPOModule(VLMModule):
-    """DPO, mDPO, CHiP-style, random multi-negative and MISP-DPO, chosen by ``objective`` and the data source.
+    """DPO, mDPO, CHiP-style, random multi-negative and MISP-DPO, chosen by ``method``.
 
     Args:
         vlm: the policy: usually the SFT export (Shapes) or a pretrained LLaVA with 4-bit base and LoRA.
-        objective: beta and the weighted terms summed into the loss (misp.dpo.terms).
+        method: the objective's beta and named terms, and the negatives they need (source, K), checked when
+            built (``misp.dpo.method``); a method file of ``configs/methods/``. None: the paper's,
+            ``configs/methods/misp_dpo.yaml``. The data draws the negatives it names (``attach``).
         proposal_eps: defensive floor of q_phi: every importance weight is at most M / eps.
         proposal_lr: learning rate of q_phi's parameters (w, log tau), trained by the ProposalFit term.
         cache_reference: keep reference log-probs per (record, response, image) across epochs.
@@ -71,7 +74,7 @@ class MISPDPOModule(VLMModule):
     def __init__(
         self,
         vlm: VLMSpec,
-        objective: PreferenceObjective | None = None,
+        method: Method | None = None,
         proposal_eps: float = 0.1,
         proposal_lr: float = 1e-2,
         cache_reference: bool = True,
@@ -85,13 +88,16 @@ class MISPDPOModule(VLMModule):
         if diagnostics_every_n_steps < 0:
             raise ConfigError(f"model.diagnostics_every_n_steps must be >= 0 (0: off), got {diagnostics_every_n_steps}")
         super().__init__(vlm, generation, lr, weight_decay, warmup_steps, export_dir)
+        self.method = method if method is not None else Method.preset(DEFAULT_METHOD)
         save_plain_hyperparameters(self)
-        self.objective = objective or PreferenceObjective()
+        # The method as run (the default filled in), so that checkpoints and model cards name it.
+        self.hparams["method"] = plain(self.method)
+        self.objective: PreferenceObjective = self.method.objective
         # q_phi exists to be trained (ProposalFit); without that term the draws stay uniform over the M selected.
-        self.proposal = ProposalNet(eps=proposal_eps) if self.objective.uses_proposal else None
+        self.proposal = ProposalNet(eps=proposal_eps) if self.method.uses_proposal else None
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
         self.reference_cache = ReferenceCache() if cache_reference else None
-        self.negatives: NegativesDescription | None = None  # the data's source and K, from `datamodule.attach`
+        self.negatives: NegativesDescription | None = None  # q_phi's features, from `datamodule.attach`
         if self.reference_cache is not None:
             # Now, while every weight is whole on this process: sharding wraps and splits them later.
             self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
@@ -122,15 +128,14 @@ class MISPDPOModule(VLMModule):
             return proposal.log_probs(features.to(param.device, param.dtype), mask.to(param.device)).double().cpu()
 
     def data_values(self) -> ModuleValues:
-        """The handshake's first half: the processor, and q_phi's reader the data draws each epoch through."""
-        return ModuleValues(processor=self.processor, proposal_log_q=self.proposal_log_q)
+        """The handshake's first half: the processor, q_phi's reader the data draws each epoch through, and
+        the method's negatives (source and K) for the data to draw."""
+        return ModuleValues(processor=self.processor, proposal_log_q=self.proposal_log_q, negatives=self.method.negatives)
 
     def attach_data(self, data: DataDescription) -> None:
-        """The handshake's second half: also the data's negative source and K, checked against the objective."""
+        """The handshake's second half: also q_phi's features of the data's mined negatives."""
         super().attach_data(data)
         self.negatives = data.negatives
-        if self.negatives is not None:
-            check_method(self.objective, self.negatives.source, self.negatives.k)
 
     def _features(self, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """q_phi's features ``[B, M, F]`` and mask ``[B, M]`` of the records ``ids`` (from the handshake)."""
@@ -138,7 +143,7 @@ class MISPDPOModule(VLMModule):
         if store is None:
             raise ConfigError(
                 f"{type(self).__name__} trains q_phi, but its data has no SAE-selected negatives' features: "
-                "use data.source: sae and call `datamodule.attach(module)` before Trainer.fit"
+                "use method.negatives.source: sae and call `datamodule.attach(module)` before Trainer.fit"
             )
         return store.for_records(ids, self.device)
 
@@ -151,8 +156,7 @@ class MISPDPOModule(VLMModule):
                 f"but the policy is sharded ({type(self.trainer.strategy).__name__}): measure gradient shares on one "
                 "device or under DDP, or set it to 0"
             )
-        k = self.negatives.k if self.negatives is not None else 0
-        if k > 0 and self.trainer.reload_dataloaders_every_n_epochs != 1:
+        if self.method.negatives.drawn > 0 and self.trainer.reload_dataloaders_every_n_epochs != 1:
             log.warning(
                 "trainer.reload_dataloaders_every_n_epochs is %s: negatives are drawn once and reused; "
                 "set it to 1 so each epoch draws fresh ones (method.md 4.4)",
@@ -187,7 +191,7 @@ class MISPDPOModule(VLMModule):
 
     # training ---------------------------------------------------------------------------------------
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id)
+        rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id, self.method.negatives.drawn)
         b, k = rows.batch_size, rows.k
         policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch.images), b, k))
         reference = SequenceLogps(*split_rows(self._reference_logps(batch, rows), b, k))

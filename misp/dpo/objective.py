@@ -1,6 +1,7 @@
 """A preference objective: one beta and a weighted sum of named terms (``misp.dpo.terms``).
 
-Every method of method.md is a list of terms, written out in its file (``configs/*/methods/``, ``misp.methods``):
+Every method of method.md is a set of named terms and a negative source, written out in its file
+(``configs/methods/``, ``misp.methods``) and built as a ``misp.dpo.method.Method``, whose ``objective`` this is:
 
 | method                 | terms                                                       | source   |
 | ---------------------- | ----------------------------------------------------------- | -------- |
@@ -10,8 +11,7 @@ Every method of method.md is a list of terms, written out in its file (``configs
 | random multi-negative  | TextDPO + PlackettLuce                                       | random   |
 | MISP-DPO               | PlackettLuce(importance_sampling) + lambda TextDPO + ProposalFit | sae  |
 
-``PreferenceObjective.preset("misp_dpo")`` builds a method file's objective in code (notebooks, tests), by
-:func:`build_objective`, the way jsonargparse builds ``MISPDPOModule(objective=...)`` for ``misp fit``.
+``PreferenceObjective.preset("misp_dpo")`` is a method file's objective in code (notebooks, tests).
 """
 
 from __future__ import annotations
@@ -53,13 +53,10 @@ class PreferenceObjective:
 
     @classmethod
     def preset(cls, method: str, beta: float | None = None) -> PreferenceObjective:
-        """The objective of method file ``configs/*/methods/<method>.yaml`` (at its beta unless given)."""
-        from misp.methods import method_config
+        """The objective of method file ``configs/methods/<method>.yaml`` (at its beta unless given)."""
+        from misp.dpo.method import Method
 
-        config = dict(method_config(method).get("model", {}).get("init_args", {}).get("objective") or {})
-        if beta is not None:
-            config["beta"] = beta
-        return build_objective(config)
+        return Method.preset(method, beta).objective
 
     @property
     def uses_negatives(self) -> bool:
@@ -69,27 +66,6 @@ class PreferenceObjective:
     def uses_proposal(self) -> bool:
         """A learnable q_phi is read (importance sampling over its draws) or trained."""
         return any(t.trains_proposal for t in self.terms)
-
-
-def build_objective(config) -> PreferenceObjective:
-    """An objective from a config's ``objective`` mapping (terms as ``{class_path, init_args}``, short class
-    names too), built by jsonargparse exactly as ``misp fit`` builds ``MISPDPOModule(objective=...)``.
-
-    Raises:
-        misp.errors.ConfigError: a value the objective or a term refuses, or a mapping that does not parse.
-    """
-    from jsonargparse import ArgumentParser
-
-    from misp.config_build import instantiate_config
-    from misp.errors import ConfigError
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--objective", type=PreferenceObjective)
-    try:
-        cfg = parser.parse_object({"objective": config})
-    except Exception as e:  # noqa: BLE001 - jsonargparse's ArgumentError: the mapping itself is malformed
-        raise ConfigError(f"objective: {e}") from e
-    return instantiate_config(parser, cfg).objective
 
 
 def preference_terms(
@@ -125,4 +101,4 @@ def preference_loss(
     return sum_terms(losses).mean(), metrics
 
 
-__all__ = ["PreferenceObjective", "build_objective", "SequenceLogps", "preference_loss", "preference_terms", "sum_terms"]
+__all__ = ["PreferenceObjective", "SequenceLogps", "preference_loss", "preference_terms", "sum_terms"]

@@ -12,7 +12,7 @@ from misp.errors import ConfigError
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
 """A variant or method name: one plain path component (a run's folder, a config file's stem)."""
 
-BETA = "model.init_args.objective.beta"
+BETA = "model.init_args.method.beta"
 LR = "model.init_args.lr"
 
 
@@ -23,12 +23,12 @@ class Variant:
     name: str
     """Its name in the results (``misp_k1``); also its folder under the experiment's runs."""
     method: str
-    """A method config in ``<configs>/methods`` by file stem (``misp_dpo``)."""
+    """A method file in ``configs/methods`` (``misp.methods``) by file stem (``misp_dpo``)."""
     set: dict[str, Any] = field(default_factory=dict)
-    """Settings changed from the method config, as command-line keys (``data.init_args.k: 1``)."""
+    """Settings changed from the method config, as command-line keys (``model.init_args.method.negatives.k: 1``)."""
     extra: list[str] = field(default_factory=list)
     """Config files layered after the method config (relative to where misp runs), for changes the
-    command line cannot say, such as another list of objective terms."""
+    command line cannot say, such as terms changed, added or dropped (``configs/experiments/ablations``)."""
     like: str | None = None
     """Ablations only: the tuned method whose chosen grid values this variant trains with (default: the
     experiment's ``main`` method), so an ablation changes one thing and nothing else."""
@@ -73,8 +73,9 @@ class ExperimentConfig:
     ``runs/shapes/...``, ``cache/shapes``) land inside it, so experiments never touch each other or the
     demo. Holds ``results.jsonl`` (one row per evaluated run)."""
     configs: str = "configs/shapes"
-    """The config folder of the chain (``clip.yaml``, ``sft.yaml``, ``sae.yaml``), the preference base
-    (``preference.yaml``) and the methods (``methods/<name>.yaml``)."""
+    """The world's config folder: the chain (``clip.yaml``, ``sft.yaml``, ``sae.yaml``), the preference base
+    (``preference.yaml``) and a method's side of the world (``<method>_data.yaml``, ``<method>_sae.yaml``,
+    ``<method>_prefs.yaml``); the methods are the files of ``methods/`` beside it (``misp.methods``)."""
     world: str | None = None
     """A YAML of WorldConfig fields at its top level, as ``misp world --world`` takes it (a file nesting them
     under ``world:``, as ``misp world --config`` takes it, works too); None: the default world."""

@@ -39,6 +39,7 @@ from misp.demo import own_data_stages
 from misp.errors import ConfigError, UserError
 from misp.experiment.config import ExperimentConfig, Variant
 from misp.experiment.results import ResultsLog, training_curve_summary
+from misp.methods import run_configs
 from misp.pipeline import Stage, StageRunner, fingerprint
 from misp.utils.io import atomic_write_json
 from misp.utils.lock import FolderLock
@@ -54,7 +55,7 @@ def cli_value(value: Any) -> str:
 
 
 def short_key(key: str) -> str:
-    """``model.init_args.objective.beta`` -> ``beta``: the name a grid value goes by in run ids and tables."""
+    """``model.init_args.method.beta`` -> ``beta``: the name a grid value goes by in run ids and tables."""
     return key.rsplit(".", 1)[-1]
 
 
@@ -182,7 +183,8 @@ class Experiment:
             raise ConfigError(f"experiment {self.config.name!r}: config file(s) not found: {missing}")
 
     def method_file(self, variant: Variant) -> Path:
-        return self.configs / "methods" / f"{variant.method}.yaml"
+        """The variant's method file (``misp.methods``: ``configs/methods`` beside the world's folder)."""
+        return self.configs.parent / "methods" / f"{variant.method}.yaml"
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.config.methods + self.config.ablations if v.name == name)
@@ -262,7 +264,7 @@ class Experiment:
     # preference runs -----------------------------------------------------------------------------------
     def run_args(self, run: Run, root: Path) -> list[str]:
         v = run.variant
-        args = ["--config", str(self.configs / "preference.yaml"), "--config", str(self.method_file(v))]
+        args = [a for path in run_configs(v.method, self.configs) for a in ("--config", str(path))]
         for extra in v.extra:
             args += ["--config", str(self.repo / extra)]
         args += ["--seed_everything", str(run.seed), "--data.init_args.seed", str(run.seed),
