@@ -194,8 +194,8 @@ def _datamodule(processor, args: argparse.Namespace):
 
     class Data(L.LightningDataModule):
         def describe(self) -> DataDescription:
-            """The handshake's data side: the source and K the objective is checked against, q_phi's features."""
-            return DataDescription(negatives=NegativesDescription("sae", args.k, data.features))
+            """The handshake's data side: q_phi's features (source and K are the module's method's)."""
+            return DataDescription(negatives=NegativesDescription(data.features))
 
         def train_dataloader(self):
             return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
@@ -334,7 +334,11 @@ def run(args: argparse.Namespace) -> dict:
     import lightning as L
 
     from misp.dpo import MISPDPOModule
-    from misp.dpo.objective import build_objective
+    from dataclasses import replace
+
+    from misp.dpo.method import Method
+    from misp.methods import DEFAULT_METHOD
+    from misp.negatives.spec import Negatives
     from misp.models.families import family_for_processor
     from misp.models.vlm import LoraSpec, VLMSpec, unwrap_peft
     from misp.testing import qwen25vl
@@ -390,7 +394,8 @@ def run(args: argparse.Namespace) -> dict:
         with use_hub_cache(cache):
             module = MISPDPOModule(
                 vlm=VLMSpec(**vlm, lora=LoraSpec(**lora)),
-                objective=build_objective(init.get("objective", {})),
+                # The paper's method at this check's K (the base config names none: it runs DEFAULT_METHOD).
+                method=replace(Method.preset(DEFAULT_METHOD), negatives=Negatives("sae", args.k)),
                 cache_reference=False,  # every step computes its reference, as the first epoch does
                 lr=float(init.get("lr", 1e-5)), warmup_steps=1,
             )

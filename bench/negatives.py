@@ -91,7 +91,8 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     from misp.data.handshake import DataDescription, NegativesDescription, ProposalFeatures
     from misp.dpo.batching import concatenate_rows
     from misp.dpo.module import MISPDPOModule
-    from misp.dpo.objective import PreferenceObjective
+    from misp.dpo.method import Method
+    from misp.negatives.spec import Negatives
     from misp.dpo.reference import ReferenceCache
     from misp.models.prompting import encode_example
     from misp.models.vlm import VLMSpec
@@ -99,7 +100,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="misp-bench-neg-") as tmp:
         build_model(cfg["model"], f"{tmp}/model")
-        modules = {loss: MISPDPOModule(VLMSpec(path=f"{tmp}/model"), objective=PreferenceObjective.preset(loss))
+        modules = {loss: MISPDPOModule(VLMSpec(path=f"{tmp}/model"), method=Method.preset(loss))
                    for loss in ("dpo", "misp_dpo")}
     for module in modules.values():
         module.train()
@@ -119,7 +120,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     stores = {c: ProposalFeatures(f, torch.ones(f.shape[:2], dtype=torch.bool), {rid: i for i, rid in enumerate(batches[c].ids)})
               for c, f in features.items()}
     current = [configs[0]]
-    modules["misp_dpo"].attach_data(DataDescription(negatives=NegativesDescription("sae", 3, lambda: stores[current[0]])))
+    modules["misp_dpo"].attach_data(DataDescription(negatives=NegativesDescription(lambda: stores[current[0]])))
     for k, m in configs:
         current[0] = (k, m)
         module = modules["misp_dpo" if k else "dpo"]
@@ -143,6 +144,8 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
         # Cold: an empty cache (the first epoch), refilled by this step and dropped; warm: the full one.
         module.reference_cache = warm_caches[(k, m)] if cache == "warm" else ReferenceCache()
         current[0] = (k, m)
+        if k:  # the method at this configuration's K (K has one home, the module's method)
+            module.method.negatives = Negatives("sae", k)
         loss = module.training_step(batches[(k, m)], 0)
         loss.backward()
         optimizers[loss_name].step()

@@ -159,12 +159,12 @@ class MispContender:
     def __init__(self, model_dir: str, records: list[dict[str, Any]], warm: bool, all_logits: bool = False,
                  checkpointing: bool = False) -> None:
         from misp.dpo.module import MISPDPOModule
-        from misp.dpo.objective import PreferenceObjective
+        from misp.dpo.method import Method
         from misp.models.prompting import encode_example
         from misp.models.vlm import VLMSpec
 
         self.module = MISPDPOModule(VLMSpec(path=model_dir, gradient_checkpointing=checkpointing),
-                                    objective=PreferenceObjective.preset("dpo", beta=BETA),
+                                    method=Method.preset("dpo", beta=BETA),
                                     cache_reference=True)
         self.module.train()
         if checkpointing and not getattr(self.module.model, "is_gradient_checkpointing", False):

@@ -44,11 +44,11 @@ LIGHTNING_KEY = "pytorch-lightning_version"
 """Every Lightning checkpoint holds this key; exports and plain state dicts do not."""
 
 METHOD_KEYS = {
-    "hyper_parameters": ("_class_path", "objective"),
-    "datamodule_hyper_parameters": ("_class_path", "serve", "source", "k"),
+    "hyper_parameters": ("_class_path", "method"),
+    "datamodule_hyper_parameters": ("_class_path", "serve"),
 }
-"""Settings that make a checkpoint another method's: the module class and its objective, and the data's
-class, what it serves, negative source and K. A difference in any of them is an error; other differences are
+"""Settings that make a checkpoint another method's: the module class and its method (terms, negative
+source and K), and the data's class and what it serves. A difference in any of them is an error; other differences are
 reported in a warning (the config's values are used)."""
 
 

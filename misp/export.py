@@ -96,14 +96,16 @@ def load_checkpoint_model(ckpt_path: str | Path) -> tuple[nn.Module, ProcessorMi
 def model_card(info: Mapping[str, Any], merged: bool) -> str:
     """A ``README.md`` with the hub's metadata header and the run's method, data and base model."""
     hp, data = info.get("hyper_parameters", {}), info.get("datamodule_hyper_parameters", {})
-    objective = hp.get("objective") or {}
+    method = hp.get("method") or {}
+    method = method if isinstance(method, Mapping) else {}
     terms = [t.get("class_path", str(t)).rsplit(".", 1)[-1] if isinstance(t, Mapping) else str(t)
-             for t in objective.get("terms", [])] if isinstance(objective, Mapping) else []
+             for t in (method.get("terms") or {}).values() if t is not None]
+    negatives = method.get("negatives") or {}
     rows = {
-        "method": " + ".join(terms) or ("SFT" if not objective else "?"),
-        "beta": objective.get("beta", "-") if isinstance(objective, Mapping) else "-",
-        "K (negatives per record)": data.get("k", "-"),
-        "negative source": data.get("source", "-"),
+        "method": " + ".join(terms) or ("SFT" if not hp.get("method") else "?"),
+        "beta": method.get("beta", "-"),
+        "K (negatives per record)": negatives.get("k", "-"),
+        "negative source": negatives.get("source", "-"),
         "data": data.get("records_file") or data.get("train_file") or "-",
         "base model": info.get("base", "-"),
         "misp version": misp.__version__,
