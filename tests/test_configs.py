@@ -19,20 +19,32 @@ CONFIGS = [p for p in ALL_CONFIGS if "class_path" in (yaml.safe_load(p.read_text
 METHODS = sorted(methods.method_files(ROOT / "configs").values())
 
 
+BASES = ["configs/shapes/preference.yaml", "configs/llava.yaml", "configs/qwen25vl.yaml"]
+"""The preference bases: a world's and the real models'. Each is method-free and takes any method file."""
+
+
 def test_there_are_configs():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
     stages = {f"shapes/{n}.yaml" for n in ("clip", "sft", "sae", "preference")}
-    # The methods are whatever files configs/*/methods/ holds (misp.methods); the paper's are among them.
+    # The methods are whatever files configs/methods/ holds (misp.methods); the paper's are among them.
     methods = {p.relative_to(ROOT / "configs").as_posix() for p in METHODS}
-    assert {f"shapes/methods/{n}.yaml" for n in ("dpo", "mdpo", "chip", "random_neg", "misp_dpo")} <= methods
-    assert stages | {"llava.yaml", "llava_sae.yaml"} <= names
+    assert {f"methods/{n}.yaml" for n in ("dpo", "mdpo", "chip", "random_neg", "misp_dpo")} <= methods
+    assert stages | {"llava.yaml", "llava_sae.yaml", "qwen25vl.yaml"} <= names
     tools = {p.relative_to(ROOT / "configs").as_posix() for p in ALL_CONFIGS} - names
-    # Method files add to the preference base (loaded together below); prefs configs belong to `misp prefs`;
-    # a method's own SAE layers on sae.yaml; experiments belong to `misp experiment`, their ablation files
-    # layer on a method.
+    # Method files layer on a preference base (loaded together below), and so do a world's sides of a method
+    # (<method>_data.yaml); prefs configs belong to `misp prefs`; a method's own SAE layers on sae.yaml;
+    # experiments belong to `misp experiment`, their ablation files layer on a method.
     experiments = {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs/experiments").rglob("*.yaml")}
     assert "experiments/shapes.yaml" in experiments
-    assert tools == methods | experiments | {"shapes/clip_dpo_prefs.yaml", "shapes/misp_mixed_sae.yaml"}
+    world_sides = {"shapes/clip_dpo_data.yaml", "shapes/misp_mixed_data.yaml"}
+    assert tools == methods | experiments | world_sides | {"shapes/clip_dpo_prefs.yaml", "shapes/misp_mixed_sae.yaml"}
+
+
+def _printed(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err[-2000:]
+    return yaml.safe_load(capsys.readouterr().out)
 
 
 def _shipped_experiment() -> dict:
@@ -42,22 +54,18 @@ def _shipped_experiment() -> dict:
 @pytest.mark.parametrize("variant", _shipped_experiment()["methods"] + _shipped_experiment()["ablations"],
                          ids=lambda v: v["name"])
 def test_every_variant_of_the_shipped_experiment_is_a_consistent_method(variant, capsys, monkeypatch):
-    """Each method and ablation `misp experiment` trains composes (base + method + its extra files + its
-    settings) and passes the method check, as the runner will build it."""
-    from misp.dpo.method import check_method
-    from misp.dpo.objective import build_objective
+    """Each method and ablation `misp experiment` trains composes (base + method + the world's side of it +
+    its extra files + its settings) into a method that builds, as the runner will build it."""
+    from misp.dpo.method import build_method
 
     monkeypatch.chdir(ROOT)
-    args = ["fit", "--config", "configs/shapes/preference.yaml", "--config", f"configs/shapes/methods/{variant['method']}.yaml"]
+    args = [a for path in methods.run_configs(variant["method"], Path("configs/shapes")) for a in ("--config", str(path))]
     for extra in variant.get("extra", []):
         args += ["--config", extra]
     for key, value in variant.get("set", {}).items():
         args += [f"--{key}", str(value)]
-    with pytest.raises(SystemExit):
-        main([*args, "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)
-    objective = build_objective(printed["model"]["init_args"]["objective"])
-    check_method(objective, printed["data"]["init_args"]["source"], printed["data"]["init_args"]["k"])
+    printed = _printed(args, capsys)
+    build_method(printed["model"]["init_args"]["method"])
     for key, value in variant.get("set", {}).items():
         node = printed
         for part in key.split("."):
@@ -65,31 +73,60 @@ def test_every_variant_of_the_shipped_experiment_is_a_consistent_method(variant,
         assert node == value
 
 
+def test_an_ablation_overrides_one_term_by_key(capsys, monkeypatch):
+    """jsonargparse replaces a dict-typed value across --config files wholesale; misp merges the method's
+    terms key by key, so lambda_quarter.yaml changes the text weight and keeps MISP-DPO's other terms, in order."""
+    from misp.dpo.method import build_method
+
+    monkeypatch.chdir(ROOT)
+    printed = _printed(["--config", "configs/shapes/preference.yaml", "--config", "configs/methods/misp_dpo.yaml",
+                        "--config", "configs/experiments/ablations/lambda_quarter.yaml"], capsys)
+    method = build_method(printed["model"]["init_args"]["method"])
+    assert [(key, type(t).__name__, t.weight) for key, t in method.terms.items()] == [
+        ("image", "PlackettLuce", 1.0), ("text", "TextDPO", 0.25), ("proposal", "ProposalFit", 1.0)]
+    assert method.terms["image"].importance_sampling and method.negatives.k == 3
+    # null drops a term; a later command-line option still wins over the merged files.
+    printed = _printed(["--config", "configs/shapes/preference.yaml", "--config", "configs/methods/misp_dpo.yaml",
+                        "--config", "configs/experiments/ablations/image_only.yaml",
+                        "--model.init_args.method.terms.image.init_args.weight=2.0"], capsys)
+    terms = printed["model"]["init_args"]["method"]["terms"]
+    assert list(terms) == ["image", "proposal"] and terms["image"]["init_args"]["weight"] == 2.0
+
+
+def test_two_method_files_are_refused(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", BASES[0], "--config", "configs/methods/dpo.yaml", "--config", "configs/methods/mdpo.yaml",
+              "--print_config"])
+    assert exit_info.value.code == 2 and "names 2 method files" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_print_config_resolves_every_shipped_config(config, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = _printed(["--config", str(config)], capsys)
     original = yaml.safe_load(config.read_text())
     assert printed["model"]["class_path"] == original["model"]["class_path"]
     assert printed["data"]["class_path"] == original["data"]["class_path"]
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda p: p.stem)
-def test_each_method_composes_with_the_preference_base(method, capsys, monkeypatch):
-    """A method file says the method once; the base supplies the rest, and the run directories follow
-    the method's default_root_dir."""
+@pytest.mark.parametrize("base", BASES)
+def test_every_method_layers_on_every_base(base, capsys, monkeypatch):
+    """A method file says the method once and nothing of a world; a base says everything else and no
+    method (alone, it runs misp.methods.DEFAULT_METHOD), so every method layers on every base."""
+    from misp.dpo.method import build_method
+
     monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", "configs/shapes/preference.yaml", "--config", str(method), "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)
-    own = yaml.safe_load(method.read_text())
-    assert printed["trainer"]["default_root_dir"] == own["trainer"]["default_root_dir"] == f"runs/shapes/{method.stem}"
-    assert printed["model"]["class_path"] == "misp.dpo.MISPDPOModule"
-    assert printed["model"]["init_args"]["objective"]["beta"] == own["model"]["init_args"]["objective"]["beta"]
-    assert printed["data"]["init_args"]["source"] == own["data"]["init_args"]["source"]
+    alone = _printed(["--config", base], capsys)
+    assert alone["model"]["init_args"]["method"] is None  # the module runs DEFAULT_METHOD
+    data = alone["data"]["init_args"]
+    assert data["pool"] and data["clip"] and data["sae_path"]  # the resources any method may read
+    for method in METHODS:
+        printed = _printed(["--config", base, "--config", str(method)], capsys)
+        said = yaml.safe_load(method.read_text())["model"]["init_args"]["method"]
+        built = build_method(printed["model"]["init_args"]["method"])
+        assert built.beta == said["beta"] and list(built.terms) == list(said["terms"])
+        assert printed["data"]["init_args"] == data and printed["trainer"] == alone["trainer"]
 
 
 def test_run_directories_follow_default_root_dir():
@@ -142,6 +179,7 @@ def test_llava_fsdp_strategy_wraps_and_checkpoints_decoder_layers():
     assert isinstance(policy, TrainableLeafWrapPolicy) and policy._module_classes == {LlamaDecoderLayer}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
     assert config["trainer"]["precision"] == "bf16-mixed"  # bf16-true would round LoRA updates away
+    assert "method" not in config["model"]["init_args"]  # a method-free base: it runs DEFAULT_METHOD alone
     vlm = config["model"]["init_args"]["vlm"]
     assert vlm["load_in_4bit"] and vlm["bnb_4bit_quant_type"] == "nf4"
     assert vlm["bnb_4bit_quant_storage"] == vlm["dtype"] == "bfloat16"  # FSDP shards 4-bit weights as bf16

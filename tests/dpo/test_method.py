@@ -14,54 +14,73 @@ from PIL import ImageOps
 from misp import methods
 from misp.cli import main
 from misp.demo import method_configs
-from misp.dpo.method import MethodError, check_method, method_problems
-from misp.dpo.objective import PreferenceObjective, SequenceLogps, build_objective, preference_loss
-from misp.dpo.terms import LossTerm, PlackettLuce, TermInputs, TextDPO
+from misp.dpo.method import Method, MethodError, build_method
+from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_loss
+from misp.dpo.terms import LossTerm, PlackettLuce, ProposalFit, TermInputs, TextDPO
 from misp.errors import ConfigError
 from misp.losses import anchor_loss, dpo_loss, plackett_luce_loss, proposal_loss
 from misp.negatives.sources import REGISTRY, NegativeSource, register_source, transform_draws
+from misp.negatives.spec import Negatives
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _method(name: str, source: str, k: int) -> Method:
+    preset = Method.preset(name)
+    return Method(preset.beta, preset.terms, Negatives(source, k))
 
 
 # The table of issue 12: accepted before, now one clear error each (or, for mDPO + crop, a clean run).
 @pytest.mark.parametrize(
     ("method", "source", "k", "error"),
     [
-        ("dpo", "crop", 2, "no objective term uses"),
+        ("dpo", "crop", 2, "no term uses"),
         ("misp_dpo", "crop", 2, "no proposal distribution"),
         ("misp_dpo", "random", 2, "does not draw from it"),
-        ("mdpo", "none", 1, "need negative images"),
-        ("mdpo", "crop", 0, "need negative images"),
+        ("mdpo", "none", 0, "need negative images"),
+        ("mdpo", "crop", 0, "k must be >= 1"),
+        ("dpo", "none", 1, "draws no negatives"),
         ("mdpo", "crop", 2, None),
         ("misp_dpo", "sae", 3, None),
-        ("dpo", "none", 1, None),
+        ("dpo", "none", 0, None),
     ],
 )
 def test_method_check(method, source, k, error):
-    objective = PreferenceObjective.preset(method)
     if error is None:
-        check_method(objective, source, k)
+        assert _method(method, source, k).negatives == Negatives(source, k)
     else:
         with pytest.raises(MethodError, match=error):
-            check_method(objective, source, k)
+            _method(method, source, k)
 
 
-def test_every_contradiction_is_reported_once():
-    problems = method_problems(PreferenceObjective.preset("misp_dpo"), "crop", 2)
-    assert len(problems) == 2  # IS over transforms, and a proposal nothing draws from
-    assert sum("importance_sampling" in p for p in problems) == 1
+def test_every_contradiction_is_reported_together_once():
+    with pytest.raises(MethodError) as info:
+        Method(0.0, {"txt": TextDPO(), "proposal": ProposalFit(),
+                     "image": PlackettLuce(importance_sampling=True)}, Negatives("crop", 2))
+    problems = str(info.value).splitlines()[1:]
+    assert len(problems) == 4, problems  # beta, a key that is not the term's name, IS over transforms, q_phi not drawn
+    assert sum("importance_sampling" in p for p in problems) == 1 and any("key it 'text'" in p for p in problems)
+    assert isinstance(info.value, ConfigError)
 
 
 def test_the_cli_refuses_a_contradictory_method_before_loading_anything(tmp_path, capsys):
     # A VLM path that does not exist: had the model been loaded first, this would be a FileNotFoundError.
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *method_configs("dpo", ROOT), "--data.source=crop", "--data.k=2",
+        main(["fit", *method_configs("dpo", ROOT), "--model.init_args.method.negatives.source=crop",
+              "--model.init_args.method.negatives.k=2",
               f"--model.init_args.vlm.path={tmp_path / 'missing'}", f"--data.records_file={tmp_path / 'missing.jsonl'}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "misp: error: the method contradicts itself" in err and "data.source='crop' draws 2" in err
+    assert "misp: error: the method contradicts itself" in err and "source='crop' draws 2" in err
     assert "Traceback" not in err
+
+
+def test_the_data_has_no_k_of_its_own(tmp_path, capsys):
+    """K has one home, the method: a data-side K is refused, not silently used or ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *method_configs("mdpo", ROOT), "--data.init_args.k=2", "--print_config"])
+    assert exit_info.value.code == 2
+    assert "k" in capsys.readouterr().err
 
 
 def _fixed_batch(b: int = 4, k: int = 3) -> tuple[SequenceLogps, SequenceLogps, torch.Tensor]:
@@ -102,37 +121,40 @@ def test_presets_reproduce_the_old_objectives(method):
 
 
 @pytest.mark.parametrize("method", sorted(methods.method_files()), ids=str)
-def test_each_method_file_builds_and_is_consistent(method):
-    """Every file under configs/*/methods/ is a method: its objective builds, and agrees with its negatives."""
+def test_each_method_file_is_method_only_builds_and_is_consistent(method):
+    """Every file under configs/methods/ is a method and nothing else: its terms, beta and negatives."""
     config = methods.method_config(method)
-    objective = PreferenceObjective.preset(method)
-    assert objective.beta == config["model"]["init_args"]["objective"]["beta"]
-    assert len(objective.terms) == len(config["model"]["init_args"]["objective"]["terms"])
-    data = yaml.safe_load(methods.preference_base(method).read_text())["data"]["init_args"] | config["data"]["init_args"]
-    check_method(objective, data["source"], data.get("k", 3))
-    assert methods.labels()[method] and methods.preference_base(method).exists()
+    assert set(config) == {"model"} and set(config["model"]) == {"init_args"}
+    assert set(config["model"]["init_args"]) == {"method"}
+    built = Method.preset(method)
+    said = config["model"]["init_args"]["method"]
+    assert built.beta == said["beta"] and list(built.terms) == list(said["terms"])
+    assert built.negatives == Negatives(**said["negatives"])
+    assert methods.labels()[method]
 
 
 def test_an_unknown_method_names_the_known_ones():
     with pytest.raises(methods.UnknownMethod, match="misp_dpo"):
-        PreferenceObjective.preset("no_such_method")
+        Method.preset("no_such_method")
 
 
-def test_the_objective_has_one_builder_and_it_takes_short_class_names():
-    """What `misp fit` accepts, the pre-check accepts (the old second builder failed on `class_path: TextDPO`)."""
-    built = build_objective({"beta": 0.1, "terms": [{"class_path": "TextDPO"}, {"class_path": "PlackettLuce"}]})
-    assert [type(t).__name__ for t in built.terms] == ["TextDPO", "PlackettLuce"] and built.beta == 0.1
-    with pytest.raises(ConfigError, match="beta must be > 0"):
-        build_objective({"beta": 0.0})
+def test_the_method_has_one_builder_and_it_takes_short_class_names():
+    built = build_method({"beta": 0.1, "terms": {"text": {"class_path": "TextDPO"}, "image": {"class_path": "PlackettLuce"}},
+                          "negatives": {"source": "crop", "k": 1}})
+    assert [type(t).__name__ for t in built.objective.terms] == ["TextDPO", "PlackettLuce"] and built.beta == 0.1
+    with pytest.raises(MethodError, match="beta must be > 0"):
+        build_method({"beta": 0.0})
 
 
-def test_the_cli_pre_check_accepts_short_term_names(tmp_path, capsys):
+def test_short_term_names_work_in_a_layered_file(tmp_path, capsys):
     extra = tmp_path / "short.yaml"
-    extra.write_text(yaml.safe_dump({"model": {"init_args": {"objective": {"terms": [{"class_path": "TextDPO"}]}}}}))
+    extra.write_text(yaml.safe_dump({"model": {"init_args": {"method": {"terms": {"text": {"class_path": "TextDPO",
+                                                                                            "init_args": {"weight": 2.0}}}}}}}))
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *method_configs("dpo", ROOT), "--config", str(extra), "--print_config"])
     assert exit_info.value.code in (0, None)
-    assert "misp.dpo.terms.TextDPO" in capsys.readouterr().out
+    terms = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["method"]["terms"]
+    assert terms == {"text": {"class_path": "misp.dpo.terms.TextDPO", "init_args": {"weight": 2.0}}}
 
 
 # Extending misp from a test file alone: a negative source and a loss term, registered and configured.
@@ -161,13 +183,11 @@ def test_a_source_and_a_term_added_from_a_test_file_fit_a_step(tiny_world, vlm_d
     assert "mirror" in REGISTRY
     monkeypatch.chdir(tmp_path)
     extra = tmp_path / "toy.yaml"
-    extra.write_text(yaml.safe_dump({
-        "model": {"init_args": {"objective": {"beta": 0.1, "terms": [
-            {"class_path": "misp.dpo.terms.TextDPO"},
-            {"class_path": f"{__name__}.ImageHinge", "init_args": {"margin": 0.5}},
-        ]}}},
-        "data": {"init_args": {"source": "mirror", "k": 1}},
-    }))
+    extra.write_text(yaml.safe_dump({"model": {"init_args": {"method": {
+        "beta": 0.1,
+        "terms": {"hinge": {"class_path": f"{__name__}.ImageHinge", "init_args": {"margin": 0.5}}},
+        "negatives": {"source": "mirror", "k": 1},
+    }}}}))
     main(["fit", *method_configs("dpo", ROOT), "--config", str(extra),
           f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
           f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
