@@ -67,9 +67,8 @@ def test_the_reference_cache_keys_on_refs_keeps_files_only_and_survives_a_safe_c
 def test_forgetting_the_handshake_is_one_user_error_line_for_every_datamodule(tiny_world, tmp_path):
     from misp.data.sft_data import SFTDataModule
 
-    preference = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="none",
+    preference = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"),
                                            cache_dir=str(tmp_path), progress=False, preview_records=0)
-    preference.prepare_data()
     sft = SFTDataModule(train_file=str(tiny_world / "sft.jsonl"))
     for data in (preference, sft):
         with pytest.raises(NotAttachedError, match=r"call `datamodule.attach\(module\)`") as error:
@@ -89,18 +88,22 @@ def test_forgetting_the_handshake_is_the_same_error_for_every_module(vlm_dir):
         SAEModule().configure_model()
 
 
-def test_the_data_hands_the_module_its_negatives_and_k(tiny_world, vlm_dir, tmp_path):
-    from misp.dpo import MISPDPOModule, PreferenceObjective
+def test_the_module_hands_the_data_its_methods_negatives(tiny_world, vlm_dir, tmp_path):
+    """K has one home, the method: the module hands it to the data in the handshake; batches carry it."""
+    from misp.dpo import MISPDPOModule
+    from misp.dpo.method import Method
     from misp.models.vlm import VLMSpec
 
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("mdpo"))
-    data = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="crop", k=2,
-                                     cache_dir=str(tmp_path), progress=False, preview_records=0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("mdpo"))
+    data = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), cache_dir=str(tmp_path),
+                                     progress=False, preview_records=0, batch_size=4)
     data.attach(module)
-    assert (module.negatives.source, module.negatives.k) == ("crop", 2)
+    assert data.negatives is module.method.negatives and data.k == 1 and data.drawer.k == 1
     assert module.negatives.proposal_features() is None  # no SAE selection: nothing for q_phi to read
     assert module.eval_data is data.evaluation and data.processor is module.processor
-    dpo = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("dpo"))
-    NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="none", k=3,
-                              cache_dir=str(tmp_path), progress=False).attach(dpo)
-    assert dpo.negatives.k == 0  # a source that draws nothing: K is 0, whatever data.k says
+    data.prepare_data()
+    data.setup("fit")
+    assert next(iter(data.train_dataloader())).k == 1
+    dpo = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("dpo"))
+    data.attach(dpo)
+    assert data.k == 0 and data.draws_for_epoch(0) is None  # the DPO method draws nothing

@@ -238,10 +238,11 @@ def test_k_above_a_records_given_negatives_is_a_counted_warning(tiny_world, capl
 
 def test_proposal_eps_zero_is_a_warning(vlm_dir, caplog):
     from misp.callbacks import SettingsCheck
-    from misp.dpo import MISPDPOModule, PreferenceObjective
+    from misp.dpo import MISPDPOModule
+    from misp.dpo.method import Method
     from misp.models.vlm import VLMSpec
 
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), proposal_eps=0.0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("misp_dpo"), proposal_eps=0.0)
     with caplog.at_level(logging.WARNING):
         SettingsCheck().on_fit_start(None, module)
     assert "model.init_args.proposal_eps is 0" in caplog.text and "unbounded" in caplog.text
@@ -374,13 +375,13 @@ def test_encoding_errors_name_file_line_and_record(tmp_path, tiny_world, vlm_dir
         bad = [dict(r) for r in rows]
         bad[index][field] = text
         path = _write_jsonl(tmp_path / f"pref{index}.jsonl", bad)
-        dm = NegativeSamplerDataModule(records_file=str(path), source="none", progress=False, preview_records=0)
+        dm = NegativeSamplerDataModule(records_file=str(path), progress=False, preview_records=0)
         dm.attach(SimpleNamespace(processor=processor))
         dm.prepare_data()
         expected = rf"pref{index}.jsonl:{index + 1}: field '{field}': record '{rows[index]['id']}': .*{re.escape(message)}"
         with pytest.raises(RecordError, match=expected):
             dm.setup("fit")
-    dm = NegativeSamplerDataModule(records_file=str(path), source="none", progress=False, preview_records=0,
+    dm = NegativeSamplerDataModule(records_file=str(path), progress=False, preview_records=0,
                                    on_bad_record="skip", batch_size=4)
     dm.attach(SimpleNamespace(processor=processor))
     dm.prepare_data()

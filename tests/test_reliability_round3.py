@@ -158,7 +158,7 @@ def test_configuration_errors_name_the_option_or_file(tmp_path, capsys, monkeypa
         (["fit", *dpo, "--config", str(bad_yaml)], rf"--config {re.escape(str(bad_yaml))}: not valid YAML: line 4, column 1"),
         (["fit", *dpo, "--model.init_args.lr=-1e-4"], r"model.init_args.lr: a learning rate must be positive, got -0.0001"),
         (["fit", *dpo, "--model.init_args.lr=0"], r"model.init_args.lr: a learning rate of 0 trains nothing"),
-        (["fit", *dpo, "--model.init_args.objective.beta=.inf"], r"model.init_args.objective.beta: inf is not a finite number"),
+        (["fit", *dpo, "--model.init_args.method.beta=.inf"], r"model.init_args.method.beta: inf is not a finite number"),
         (["fit", *dpo, "--trainer.max_epochs=0"], r"trainer.max_epochs is 0: the fit would train nothing"),
         (["fit", *dpo, f"--model.init_args.export_dir={a_file}"],
          rf"model.init_args.export_dir {re.escape(str(a_file))}: is an existing file, not a folder"),
@@ -225,7 +225,7 @@ def test_a_special_token_string_inside_a_record_is_refused_not_tokenised(tmp_pat
         bad[index][field] = text
         path = tmp_path / f"pref{index}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in bad))
-        dm = NegativeSamplerDataModule(records_file=str(path), source="none", progress=False, preview_records=0)
+        dm = NegativeSamplerDataModule(records_file=str(path), progress=False, preview_records=0)
         dm.attach(SimpleNamespace(processor=processor))
         dm.prepare_data()
         expected = (rf"pref{index}.jsonl:{index + 1}: field '{field}': record '{rows[index]['id']}': the "

@@ -6,28 +6,32 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
 from misp.data.negative_sampler import NegativeSamplerDataModule
-from misp.dpo import MISPDPOModule, PreferenceObjective
+from misp.dpo import MISPDPOModule
+from misp.dpo.method import Method
 from misp.models.clip import ClipSpec, load_clip
 from misp.models.vlm import VLMSpec
 from misp.negatives.embed import embed_images, embed_texts
 from misp.negatives.mining import MiningConfig, merge_own_candidates, own_image_index
+from misp.negatives.spec import Negatives
 
 # A random-init CLIP maps all Shapes images within cosine ~0.99 of each other: keep them all as candidates.
 MINING = MiningConfig(n_candidates=8, pool_size=4, embed_batch_size=64, dup_threshold=0.99999)
 MIXED = replace(MINING, record_candidates="counterfactual")
 
 
-def make(tiny_world, clip_dir, tmp_path, mining=MIXED, **kwargs) -> NegativeSamplerDataModule:
+def make(tiny_world, clip_dir, tmp_path, mining=MIXED, source="random", k=3, **kwargs) -> NegativeSamplerDataModule:
     defaults = dict(records_file=str(tiny_world / "pref.jsonl"), cache_dir=str(tmp_path / "cache"), batch_size=4,
-                    mining=mining, progress=False, preview_records=0, source="random", k=3,
+                    mining=mining, progress=False, preview_records=0,
                     pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)))
     dm = NegativeSamplerDataModule(**(defaults | kwargs))
+    dm.attach(SimpleNamespace(negatives=Negatives(source, k)))  # a stand-in module whose method draws these
     dm.prepare_data()
     return dm
 
@@ -176,9 +180,9 @@ def test_merge_keeps_an_own_image_that_is_also_retrieved_once():
 @pytest.mark.slow
 def test_misp_dpo_trains_on_the_mixed_pool(tiny_world, clip_dir, sae_dir, vlm_dir, tmp_path):
     L.seed_everything(0)
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), lr=1e-3)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("misp_dpo"), lr=1e-3)
     dm = NegativeSamplerDataModule(
-        records_file=str(tiny_world / "pref.jsonl"), source="sae", k=3, pool=str(tiny_world / "pool.jsonl"),
+        records_file=str(tiny_world / "pref.jsonl"), pool=str(tiny_world / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(sae_dir), mining=MIXED, batch_size=8,
         cache_dir=str(tmp_path / "cache"), progress=False, preview_records=2,
     )

@@ -7,11 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from misp.data.handshake import NotAttachedError
 from misp.data.negative_sampler import NegativeSamplerDataModule
+from misp.errors import ConfigError
 from misp.models.clip import ClipSpec
 from misp.models.prompting import num_image_tokens
 from misp.models.vlm import VLMSpec, load_vlm
 from misp.negatives.mining import MiningConfig
+from misp.negatives.spec import Negatives
 
 # A random-init CLIP maps all Shapes images within cosine ~0.99 of each other: keep them all as candidates.
 MINING = MiningConfig(n_candidates=8, pool_size=4, embed_batch_size=64, dup_threshold=0.99999)
@@ -22,10 +25,14 @@ def processor(vlm_dir):
     return load_vlm(VLMSpec(path=str(vlm_dir)))[1]
 
 
-def make(tiny_world, tmp_path, **kwargs) -> NegativeSamplerDataModule:
+def make(tiny_world, tmp_path, source: str | None = None, k: int = 0, processor=None, **kwargs) -> NegativeSamplerDataModule:
+    """The datamodule; given a ``source``, attached to a stand-in module whose method draws ``k`` from it."""
     defaults = dict(records_file=str(tiny_world / "pref.jsonl"), cache_dir=str(tmp_path / "cache"), batch_size=4,
                     mining=MINING, progress=False, preview_records=0)
-    return NegativeSamplerDataModule(**(defaults | kwargs))
+    dm = NegativeSamplerDataModule(**(defaults | kwargs))
+    if source is not None:
+        dm.attach(SimpleNamespace(processor=processor, negatives=Negatives(source, k)))
+    return dm
 
 
 def test_sae_mode_serves_exact_difference_vectors(tiny_world, clip_dir, tmp_path):
@@ -74,8 +81,7 @@ def test_every_source_yields_batches_of_the_right_shape(source, k, tiny_world, c
         extra = dict(pool=str(tiny_world / "pool.jsonl"), clip=ClipSpec(checkpoint=str(clip_dir)))
     if source == "sae":
         extra["sae_path"] = str(sae_dir)
-    dm = make(tiny_world, tmp_path, source=source, k=k, **extra)
-    dm.attach(SimpleNamespace(processor=processor))
+    dm = make(tiny_world, tmp_path, source=source, k=k, processor=processor, **extra)
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -122,12 +128,17 @@ def test_transform_sources_follow_seed_and_epoch(tiny_world, tmp_path):
 
 
 def test_configuration_errors_are_clear(tiny_world, tmp_path):
-    with pytest.raises(ValueError, match="needs both `pool` and `clip`"):
-        make(tiny_world, tmp_path, source="random")
-    with pytest.raises(ValueError, match="sae_path"):
-        make(tiny_world, tmp_path, source="sae", pool="p", clip=ClipSpec(checkpoint="c"))
+    with pytest.raises(ConfigError, match="source='random' needs data.init_args.pool and data.init_args.clip"):
+        make(tiny_world, tmp_path, source="random", k=3)
+    with pytest.raises(ConfigError, match="needs data.init_args.sae_path"):
+        make(tiny_world, tmp_path, source="sae", k=3, pool="p", clip=ClipSpec(checkpoint="c"))
     with pytest.raises(ValueError, match="unknown negative source .bogus.; registered"):
-        make(tiny_world, tmp_path, source="bogus")
+        make(tiny_world, tmp_path, source="bogus", k=1)
+    with pytest.raises(ValueError, match="serve='differences' needs both `pool` and `clip`"):
+        make(tiny_world, tmp_path, serve="differences")
+    # Serving preferences without the handshake: one line saying so, not a silent default.
+    with pytest.raises(NotAttachedError, match="has no module's negatives"):
+        make(tiny_world, tmp_path).prepare_data()
 
 
 def test_given_source_draws_from_each_records_own_negatives(tiny_world, processor, tmp_path):
@@ -138,8 +149,7 @@ def test_given_source_draws_from_each_records_own_negatives(tiny_world, processo
         row["negatives"] = row["meta"]["counterfactuals"][:2]
     records = tiny_world / "pref_given.jsonl"
     records.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dm = make(tiny_world, tmp_path, records_file=str(records), source="given", k=3)
-    dm.attach(SimpleNamespace(processor=processor))
+    dm = make(tiny_world, tmp_path, records_file=str(records), source="given", k=3, processor=processor)
     dm.prepare_data()
     dm.setup("fit")
     draws = dm.draws_for_epoch(0)

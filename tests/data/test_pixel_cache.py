@@ -109,12 +109,13 @@ def test_sft_batches_are_bitwise_the_same_with_and_without_the_cache(tiny_world,
 
 def test_preference_batches_cache_files_but_never_crops(tiny_world, processor, tmp_path):
     from misp.data.negative_sampler import NegativeSamplerDataModule
+    from misp.negatives.spec import Negatives
 
     def data(mb: int) -> NegativeSamplerDataModule:
-        dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="crop", k=2,
+        dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"),
                                        cache_dir=str(tmp_path / "cache"), batch_size=4, progress=False,
                                        preview_records=0, image_cache_mb=mb)
-        dm.attach(SimpleNamespace(processor=processor))
+        dm.attach(SimpleNamespace(processor=processor, negatives=Negatives("crop", 2)))
         dm.prepare_data()
         dm.setup("fit")
         return dm

@@ -12,7 +12,8 @@ import torch
 from misp.cli import main
 from misp.data.negative_sampler import NegativeSamplerDataModule
 from misp.demo import method_configs
-from misp.dpo import MISPDPOModule, PreferenceObjective
+from misp.dpo import MISPDPOModule
+from misp.dpo.method import Method
 from misp.dpo.batching import concatenate_rows
 from misp.models.clip import ClipSpec
 from misp.models.vlm import LoraSpec, VLMSpec
@@ -78,7 +79,7 @@ def test_every_method_config_fits(method, tiny_world, clip_dir, sae_dir, vlm_dir
 
 
 def crop_data(tiny_world, tmp_path, module) -> NegativeSamplerDataModule:
-    dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="crop", k=1, batch_size=4,
+    dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), batch_size=4,
                                    cache_dir=str(tmp_path / "cache"), progress=False, preview_records=0)
     dm.attach(module)
     dm.prepare_data()
@@ -89,7 +90,7 @@ def crop_data(tiny_world, tmp_path, module) -> NegativeSamplerDataModule:
 def test_lora_reference_stays_the_base_while_the_policy_moves(tiny_world, vlm_dir, tmp_path):
     torch.manual_seed(0)
     module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0)),
-                           objective=PreferenceObjective.preset("mdpo"), cache_reference=False)
+                           method=Method.preset("mdpo"), cache_reference=False)
     assert module.reference is None  # no second copy: the reference is the policy with adapters off
     batch = next(iter(crop_data(tiny_world, tmp_path, module).train_dataloader()))
     rows = concatenate_rows(batch, module.processor.tokenizer.pad_token_id)
@@ -114,7 +115,7 @@ def test_4bit_qlora_trains_on_cpu(tiny_world, vlm64_dir, tmp_path):
     import bitsandbytes as bnb
 
     spec = VLMSpec(path=str(vlm64_dir), load_in_4bit=True, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
-    module = MISPDPOModule(spec, objective=PreferenceObjective.preset("mdpo"), lr=1e-2, cache_reference=False)
+    module = MISPDPOModule(spec, method=Method.preset("mdpo"), lr=1e-2, cache_reference=False)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.model.modules())
     dm = crop_data(tiny_world, tmp_path, module)
     batch = next(iter(dm.train_dataloader()))
@@ -142,9 +143,9 @@ class _Crash(L.Callback):
 
 def _misp_run(root: Path, tiny_world, clip_dir, sae_dir, vlm_dir, crash=False, ckpt_path=None) -> list[dict]:
     L.seed_everything(0)
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"), lr=1e-3)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("misp_dpo"), lr=1e-3)
     dm = NegativeSamplerDataModule(
-        records_file=str(tiny_world / "pref.jsonl"), source="sae", k=3, pool=str(tiny_world / "pool.jsonl"),
+        records_file=str(tiny_world / "pref.jsonl"), pool=str(tiny_world / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(sae_dir), mining=MINING, batch_size=8,
         cache_dir=str(root.parent / "cache"), progress=False, preview_records=0,
     )
@@ -186,7 +187,7 @@ def test_4bit_checkpoint_holds_the_trainable_state_and_restores_it(tiny_world, v
     spec = VLMSpec(path=str(vlm64_dir), load_in_4bit=True, lora=LoraSpec(r=4, alpha=8, dropout=0.0))
 
     def module():
-        return MISPDPOModule(spec, objective=PreferenceObjective.preset("mdpo"), lr=1e-2)
+        return MISPDPOModule(spec, method=Method.preset("mdpo"), lr=1e-2)
 
     trained = module()
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path,
@@ -207,7 +208,7 @@ def test_4bit_checkpoint_holds_the_trainable_state_and_restores_it(tiny_world, v
 
 
 def test_a_checkpoint_without_the_models_adapters_is_refused(vlm_dir):
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8)), objective=PreferenceObjective.preset("dpo"))
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8)), method=Method.preset("dpo"))
     with pytest.raises(ValueError, match="lacks .* trainable weights"):
         module.on_load_checkpoint({"state_dict": {"proposal.w": torch.zeros(4)}})
 
@@ -217,7 +218,7 @@ def test_a_checkpoint_without_the_models_adapters_is_refused(vlm_dir):
 
 def test_gradient_diagnostics_are_logged_on_the_configured_steps_only(tiny_world, vlm_dir, tmp_path):
     torch.manual_seed(0)
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("mdpo"),
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("mdpo"),
                            diagnostics_every_n_steps=2, lr=1e-3)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", log_every_n_steps=1, limit_val_batches=0,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -240,7 +241,7 @@ def test_gradient_diagnostics_are_logged_on_the_configured_steps_only(tiny_world
 
 def test_gradient_diagnostics_leave_the_steps_gradients_unchanged(tiny_world, vlm_dir, tmp_path, monkeypatch):
     module = MISPDPOModule(VLMSpec(path=str(vlm_dir), lora=LoraSpec(r=4, alpha=8, dropout=0.0)),
-                           objective=PreferenceObjective.preset("mdpo"), cache_reference=False)
+                           method=Method.preset("mdpo"), cache_reference=False)
     with torch.no_grad():  # LoRA B starts at zero: move off it, or the image and anchor gradients start degenerate
         for name, p in module.model.named_parameters():
             if "lora_B" in name:
@@ -285,7 +286,7 @@ def test_gradient_diagnostics_leave_the_steps_gradients_unchanged(tiny_world, vl
 
 
 def test_gradient_diagnostics_leave_the_proposal_term_out(vlm_dir):
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("misp_dpo"),
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("misp_dpo"),
                            diagnostics_every_n_steps=1)
     w = module.trainable_parameters()[0]
     q = next(module.proposal.parameters())
@@ -299,7 +300,7 @@ def test_gradient_diagnostics_are_refused_under_fsdp(vlm_dir):
     from misp.errors import ConfigError
     from misp.training.fsdp import FSDPStrategy
 
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("dpo"),
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("dpo"),
                            diagnostics_every_n_steps=5)
     module.trainer = L.Trainer(strategy=FSDPStrategy(), accelerator="cpu", devices=1, logger=False,
                                enable_progress_bar=False)
