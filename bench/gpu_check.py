@@ -331,16 +331,16 @@ def _peak_memory_gib(device: torch.device) -> dict[str, float]:
 # the check -----------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
     """Build, save, load and train as the module docstring says; returns the results (also written to args.out)."""
+    from dataclasses import replace
+
     import lightning as L
 
     from misp.dpo import MISPDPOModule
-    from dataclasses import replace
-
     from misp.dpo.method import Method
     from misp.methods import DEFAULT_METHOD
-    from misp.negatives.spec import Negatives
     from misp.models.families import family_for_processor
     from misp.models.vlm import LoraSpec, VLMSpec, unwrap_peft
+    from misp.negatives.spec import Negatives
     from misp.testing import qwen25vl
     from misp.testing.hub_cache import publish_snapshot, use_hub_cache
     from misp.testing.llava15 import HUB_REPO_ID, Llava15Sizes, build_llava15, write_hub_cache

@@ -90,12 +90,12 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     """Child: every variant and (K, M); peak memory of each, then interleaved timing of all of them."""
     from misp.data.handshake import DataDescription, NegativesDescription, ProposalFeatures
     from misp.dpo.batching import concatenate_rows
-    from misp.dpo.module import MISPDPOModule
     from misp.dpo.method import Method
-    from misp.negatives.spec import Negatives
+    from misp.dpo.module import MISPDPOModule
     from misp.dpo.reference import ReferenceCache
     from misp.models.prompting import encode_example
     from misp.models.vlm import VLMSpec
+    from misp.negatives.spec import Negatives
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="misp-bench-neg-") as tmp:

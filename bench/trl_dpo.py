@@ -158,8 +158,8 @@ class MispContender:
 
     def __init__(self, model_dir: str, records: list[dict[str, Any]], warm: bool, all_logits: bool = False,
                  checkpointing: bool = False) -> None:
-        from misp.dpo.module import MISPDPOModule
         from misp.dpo.method import Method
+        from misp.dpo.module import MISPDPOModule
         from misp.models.prompting import encode_example
         from misp.models.vlm import VLMSpec
 

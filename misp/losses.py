@@ -37,15 +37,6 @@ def _check_same_shape(name: str, ref_shape: torch.Size, **tensors: Tensor) -> No
             raise ValueError(f"{name}: {key} has shape {tuple(t.shape)}, expected {tuple(ref_shape)}")
 
 
-def _check_mask(name: str, mask: Tensor | None, shape: torch.Size) -> None:
-    if mask is None:
-        return
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name}: mask must be a bool tensor, got {mask.dtype}")
-    if mask.shape != shape:
-        raise ValueError(f"{name}: mask has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-
-
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -118,12 +109,9 @@ def image_advantages(
     return beta * (neg_r - pos_r.unsqueeze(-1))
 
 
-def _is_log_weights(a: Tensor, log_q: Tensor | None, mask: Tensor | None) -> Tensor:
-    """``log w_k = a_k - log q(i_k)`` (or ``a_k`` without a proposal), ``-inf`` on padded draws."""
-    log_w = a if log_q is None else a - log_q
-    if mask is not None:
-        log_w = log_w.masked_fill(~mask, float("-inf"))
-    return log_w
+def _is_log_weights(a: Tensor, log_q: Tensor | None) -> Tensor:
+    """``log w_k = a_k - log q(i_k)`` (or ``a_k`` without a proposal)."""
+    return a if log_q is None else a - log_q
 
 
 def plackett_luce_loss(
@@ -133,7 +121,6 @@ def plackett_luce_loss(
     ref_neg_logps: Tensor,
     beta: float,
     log_q: Tensor | None = None,
-    mask: Tensor | None = None,
 ) -> Tensor:
     """Plackett-Luce multi-negative image loss ``L_img`` and its importance-sampled form ``L_img^IS``.
 
@@ -155,7 +142,7 @@ def plackett_luce_loss(
     count once per draw, as the estimator requires.
 
     Both are computed as ``logsumexp([0, x_1, ..., x_K])``, which is ``softplus(LSE x)`` without an
-    intermediate that can be ``-inf`` (so a fully padded row gives loss 0 and zero gradient).
+    intermediate that can be ``-inf``.
 
     Args:
         policy_pos_logps: ``[B]`` policy log-probs of ``y_p`` under the positive image.
@@ -164,19 +151,16 @@ def plackett_luce_loss(
         ref_neg_logps: ``[B, K]`` reference log-probs of ``y_p`` under each drawn negative image.
         beta: KL-penalty strength, > 0.
         log_q: optional ``[B, K]`` proposal log-probabilities of the draws; gives ``L_img^IS``.
-        mask: optional ``[B, K]`` bool, True for real negatives; False entries (padding) are ignored and
-            K becomes the per-row count of real draws.
 
     Returns:
         ``[B]`` losses.
     """
     a = image_advantages(policy_pos_logps, policy_neg_logps, ref_pos_logps, ref_neg_logps, beta)
-    _check_mask("plackett_luce_loss", mask, a.shape)
     if log_q is not None:
         _check_same_shape("plackett_luce_loss", a.shape, log_q=log_q)
-    x = _is_log_weights(a, log_q, mask)
+    x = _is_log_weights(a, log_q)
     if log_q is not None:
-        k = a.new_full(a.shape[:1], a.shape[1]) if mask is None else mask.sum(-1).to(a.dtype)
+        k = a.new_full(a.shape[:1], a.shape[1])
         x = x - k.clamp_min(1).log().unsqueeze(-1)
     zeros = x.new_zeros(x.shape[0], 1)
     return torch.logsumexp(torch.cat([zeros, x], dim=-1), dim=-1)
@@ -202,9 +186,7 @@ def anchor_loss(
 
 
 @torch.no_grad()
-def importance_weight_stats(
-    a: Tensor, log_q: Tensor | None, mask: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def importance_weight_stats(a: Tensor, log_q: Tensor | None) -> tuple[Tensor, Tensor]:
     """Effective sample size and largest normalised weight of the importance weights ``w_k = exp(a_k)/q(i_k)``.
 
     Computed in log space so huge advantages cannot overflow::
@@ -218,7 +200,6 @@ def importance_weight_stats(
     Args:
         a: ``[B, K]`` image advantages of the draws.
         log_q: ``[B, K]`` proposal log-probabilities of the draws, or None for equal proposal weights.
-        mask: optional ``[B, K]`` bool, True for real draws.
 
     Returns:
         ``(ess, max_normalised_weight)``, each ``[B]``, detached. Rows without a real draw give 0 and 0.
@@ -227,8 +208,7 @@ def importance_weight_stats(
         raise ValueError(f"importance_weight_stats: a must be [B, K], got shape {tuple(a.shape)}")
     if log_q is not None:
         _check_same_shape("importance_weight_stats", a.shape, log_q=log_q)
-    _check_mask("importance_weight_stats", mask, a.shape)
-    log_w = _is_log_weights(a, log_q, mask)
+    log_w = _is_log_weights(a, log_q)
     lse = torch.logsumexp(log_w, dim=-1)
     empty = torch.isneginf(lse)
     ess = torch.exp(2 * lse - torch.logsumexp(2 * log_w, dim=-1))
@@ -236,9 +216,7 @@ def importance_weight_stats(
     return ess.masked_fill(empty, 0.0), max_w.masked_fill(empty, 0.0)
 
 
-def proposal_loss(
-    a_detached: Tensor, log_q_draw: Tensor, log_q_phi: Tensor, mask: Tensor | None = None
-) -> Tensor:
+def proposal_loss(a_detached: Tensor, log_q_draw: Tensor, log_q_phi: Tensor) -> Tensor:
     """Self-normalised IS estimate of ``KL(p_theta || q_phi)`` (up to a phi-independent constant).
 
     The target is the model's own preference over the example's pool, ``p_theta(i) = exp(a_i) / Z``,
@@ -267,7 +245,6 @@ def proposal_loss(
         a_detached: ``[B, K]`` image advantages of the draws (detached here regardless).
         log_q_draw: ``[B, K]`` log-probabilities of the draws under the proposal that made them.
         log_q_phi: ``[B, K]`` log-probabilities of the same draws under the current (trainable) q_phi.
-        mask: optional ``[B, K]`` bool, True for real draws.
 
     Returns:
         ``[B]`` losses; rows without a real draw give 0.
@@ -275,12 +252,8 @@ def proposal_loss(
     if a_detached.dim() != 2:
         raise ValueError(f"proposal_loss: a must be [B, K], got shape {tuple(a_detached.shape)}")
     _check_same_shape("proposal_loss", a_detached.shape, log_q_draw=log_q_draw, log_q_phi=log_q_phi)
-    _check_mask("proposal_loss", mask, a_detached.shape)
-    log_w = _is_log_weights(a_detached.detach(), log_q_draw.detach(), mask)
+    log_w = _is_log_weights(a_detached.detach(), log_q_draw.detach())
     lse = torch.logsumexp(log_w, dim=-1, keepdim=True)
     # A fully padded row has lse = -inf; give it zero weights instead of NaN.
     wbar = torch.where(torch.isneginf(lse), torch.zeros_like(log_w), torch.exp(log_w - lse))
-    if mask is not None:
-        # Padded entries may hold -inf log-probs; 0 * -inf would be NaN.
-        log_q_phi = log_q_phi.masked_fill(~mask, 0.0)
     return -(wbar * log_q_phi).sum(dim=-1)

@@ -59,17 +59,19 @@ def test_the_demo_reruns_a_stage_whose_config_changed_and_everything_after_it(tm
 
 
 def test_the_demo_finds_its_methods_in_the_configs(monkeypatch):
-    """`--all-methods` runs every file in configs/shapes/methods on the preference base, no list in code;
-    a method with a `<name>_prefs.yaml` generates its pairs first."""
+    """`--all-methods` runs every file in configs/methods on the Shapes preference base, no list in code, each
+    in its run folder, with the world's side of the method when it has one; a method with a
+    `<name>_prefs.yaml` generates its pairs first."""
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
-    methods = {p.stem for p in (root / "configs/shapes/methods").glob("*.yaml")}
+    methods = {p.stem for p in (root / "configs/methods").glob("*.yaml")}
     assert set(demo.baselines()) == methods - {demo.MAIN_METHOD}
     stages = {s.name: s for s in demo.pipeline(all_methods=True)}
     for name in methods:
         assert stages[name].args[:5] == ["fit", "--config", "configs/shapes/preference.yaml", "--config",
-                                         f"configs/shapes/methods/{name}.yaml"]
-        assert Path(stages[name].args[4]).exists()
+                                         f"configs/methods/{name}.yaml"]
+        assert Path(stages[name].args[4]).exists() and f"--trainer.default_root_dir=runs/shapes/{name}" in stages[name].args
+    assert "configs/shapes/clip_dpo_data.yaml" in stages["clip_dpo"].args
     names = list(stages)
     assert names.index("clip_dpo-prefs") < names.index("clip_dpo")
     assert demo.method_configs("sft") == ["--config", "configs/shapes/sft.yaml"]

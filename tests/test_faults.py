@@ -42,7 +42,7 @@ def _merged(base: dict, over: dict) -> dict:
 def _config(root: Path, world: Path, clip: Path, sae: Path, vlm: Path, kill_at: int | None = None) -> Path:
     """configs/shapes/preference.yaml + methods/misp_dpo.yaml at smoke size, checkpointing every 2 steps, logging every step, under ``root``."""
     config = _merged(yaml.safe_load((ROOT / "configs/shapes/preference.yaml").read_text()),
-                     yaml.safe_load((ROOT / "configs/shapes/methods/misp_dpo.yaml").read_text()))
+                     yaml.safe_load((ROOT / "configs/methods/misp_dpo.yaml").read_text()))
     trainer = config["trainer"] | {
         "max_epochs": 2, "limit_train_batches": STEPS_PER_EPOCH, "limit_val_batches": 0, "log_every_n_steps": 1,
         "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu",

@@ -26,11 +26,11 @@ def _logps(b: int, k: int | None = None, scale: float = 3.0, gen: torch.Generato
     return (torch.randn(shape, dtype=D, generator=gen) * scale - 20.0).requires_grad_()
 
 
-def _pl_from_advantages(a: torch.Tensor, log_q: torch.Tensor | None = None, beta: float = 0.5, mask=None):
+def _pl_from_advantages(a: torch.Tensor, log_q: torch.Tensor | None = None, beta: float = 0.5):
     """Call plackett_luce_loss so that its advantages are exactly ``a`` (zero reference, zero positive)."""
     b = a.shape[0]
     zeros = torch.zeros(b, dtype=a.dtype)
-    return plackett_luce_loss(zeros, a / beta, zeros, torch.zeros_like(a), beta, log_q=log_q, mask=mask)
+    return plackett_luce_loss(zeros, a / beta, zeros, torch.zeros_like(a), beta, log_q=log_q)
 
 
 def test_dpo_loss_matches_definition_and_rewards_are_detached():
@@ -121,11 +121,8 @@ def test_plackett_luce_gradcheck():
     torch.manual_seed(5)
     pp, rp, pn, rn = _logps(3, scale=1), _logps(3, scale=1), _logps(3, 4, scale=1), _logps(3, 4, scale=1)
     log_q = torch.log_softmax(torch.randn(3, 4, dtype=D), -1)
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
     assert torch.autograd.gradcheck(lambda *x: plackett_luce_loss(*x, 0.5), (pp, pn, rp, rn))
-    assert torch.autograd.gradcheck(
-        lambda *x: plackett_luce_loss(*x, 0.5, log_q=log_q, mask=mask), (pp, pn, rp, rn)
-    )
+    assert torch.autograd.gradcheck(lambda *x: plackett_luce_loss(*x, 0.5, log_q=log_q), (pp, pn, rp, rn))
 
 
 def test_is_correction_semantics():
@@ -141,26 +138,6 @@ def test_is_correction_semantics():
     torch.testing.assert_close(
         _pl_from_advantages(a, torch.full_like(a, -math.log(3))), _pl_from_advantages(a)
     )
-
-
-def test_mask_equals_loss_on_the_unpadded_negatives():
-    torch.manual_seed(7)
-    a = torch.randn(2, 4, dtype=D)
-    log_q = torch.log_softmax(torch.randn(2, 4, dtype=D), -1)
-    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
-    # Garbage in padded slots must not leak into the loss or its gradient.
-    a_pad = a.clone()
-    a_pad[~mask] = float("nan")
-    lq_pad = log_q.clone()
-    lq_pad[~mask] = float("-inf")
-    a_pad.requires_grad_()
-    loss = _pl_from_advantages(a_pad, lq_pad, mask=mask)
-    keep = mask[0]
-    ref0 = _pl_from_advantages(a[:1, keep], log_q[:1, keep])
-    torch.testing.assert_close(loss[0], ref0[0])
-    assert loss[1].item() == 0.0
-    (g,) = torch.autograd.grad(loss.sum(), [a_pad])
-    assert torch.isfinite(g).all() and (g[~mask] == 0).all()
 
 
 def _is_losses(a_pool: torch.Tensor, q: torch.Tensor, k: int, reps: int, seed: int):
@@ -256,18 +233,12 @@ def test_importance_weight_stats_limits():
     log_q = torch.log(torch.tensor([[1e-9, 0.25, 0.25, 0.25, 0.25]]))
     ess, wmax = importance_weight_stats(torch.zeros(1, k), log_q)
     assert ess.item() == pytest.approx(1.0, abs=1e-6) and wmax.item() == pytest.approx(1.0, abs=1e-6)
-    # Against the definition on random weights, and with padding.
+    # Against the definition on random weights.
     a, lq = torch.randn(4, k, dtype=D), torch.randn(4, k, dtype=D)
     w = torch.exp(a - lq)
     ess, wmax = importance_weight_stats(a, lq)
     torch.testing.assert_close(ess, w.sum(-1) ** 2 / (w**2).sum(-1))
     torch.testing.assert_close(wmax, w.amax(-1) / w.sum(-1))
-    mask = torch.ones(4, k, dtype=torch.bool)
-    mask[1, 3:] = False
-    mask[2] = False
-    ess_m, _ = importance_weight_stats(a, lq, mask)
-    torch.testing.assert_close(ess_m[1], w[1, :3].sum() ** 2 / (w[1, :3] ** 2).sum())
-    assert ess_m[2].item() == 0.0
 
 
 def test_proposal_loss_is_consistent_cross_entropy_and_ignores_a_gradient():

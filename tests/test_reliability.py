@@ -29,6 +29,7 @@ from misp.data.pool import read_pool
 from misp.data.records import RecordError, read_preference_records
 from misp.demo import method_configs
 from misp.models.tokenizer import read_vocabulary
+from misp.negatives.spec import Negatives
 from misp.smoke import SMOKE_WORLD
 from misp.utils.cache import load_cache, save_cache
 from misp.world import WorldConfig
@@ -211,10 +212,11 @@ def test_degenerate_pools_and_k_are_counted_warnings(tmp_path, tiny_world, clip_
     pool.append(dict(pool[0], id="copy"))  # the same image listed twice
     _write_jsonl(tmp_path / "pool.jsonl", pool)
     dm = NegativeSamplerDataModule(
-        records_file=str(tiny_world / "pref.jsonl"), source="random", k=7, pool=str(tmp_path / "pool.jsonl"),
+        records_file=str(tiny_world / "pref.jsonl"), pool=str(tmp_path / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), mining=MiningConfig(n_candidates=8, dup_threshold=0.99999),
         cache_dir=str(tmp_path / "cache"), progress=False, preview_records=0,
     )
+    dm.attach(SimpleNamespace(negatives=Negatives("random", 7)))
     with caplog.at_level(logging.WARNING):
         dm.prepare_data()
     text = caplog.text
@@ -227,8 +229,8 @@ def test_degenerate_pools_and_k_are_counted_warnings(tmp_path, tiny_world, clip_
 def test_k_above_a_records_given_negatives_is_a_counted_warning(tiny_world, caplog):
     from misp.data.negative_sampler import NegativeSamplerDataModule
 
-    dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="counterfactual", k=6,
-                                   progress=False, preview_records=0)
+    dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), progress=False, preview_records=0)
+    dm.attach(SimpleNamespace(negatives=Negatives("counterfactual", 6)))
     dm.prepare_data()
     with caplog.at_level(logging.WARNING):
         draws = dm.draws_for_epoch(0)
@@ -278,8 +280,9 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path, tiny_world, vlm_dir
     monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "misp_dpo.ckpt"
     torch.save({"pytorch-lightning_version": "2.6", "state_dict": {},
-                "hyper_parameters": {"_class_path": "misp.dpo.MISPDPOModule", "objective": {"loss": "misp", "beta": 0.5}},
-                "datamodule_hyper_parameters": {"source": "sae", "k": 3}}, ckpt)
+                "hyper_parameters": {"_class_path": "misp.dpo.MISPDPOModule",
+                                     "method": {"beta": 0.5, "negatives": {"source": "sae", "k": 3}}},
+                "datamodule_hyper_parameters": {"serve": "preferences"}}, ckpt)
     err = _cli_error([
         "test", *method_configs("dpo", ROOT), "--ckpt_path", str(ckpt),
         f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
@@ -289,7 +292,8 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path, tiny_world, vlm_dir
         f"--data.validation.captions_file={tiny_world / 'val.jsonl'}", "--data.progress=false",
     ], capsys)
     assert f"misp: error: checkpoint {ckpt} was trained by another method than this config's" in err
-    assert "model.objective.beta: checkpoint 0.5, config 0.1" in err and "data.source: checkpoint 'sae', config 'none'" in err
+    assert "model.method.beta: checkpoint 0.5, config 0.1" in err
+    assert "model.method.negatives.source: checkpoint 'sae', config 'none'" in err
 
 
 # --- item 7: SAE exports --------------------------------------------------------------------------------
@@ -318,10 +322,11 @@ def test_broken_sae_exports_name_their_files(tmp_path, sae_dir, tiny_world, clip
     del meta["joint"]
     (bare / "sae.json").write_text(json.dumps(meta))
     dm = NegativeSamplerDataModule(
-        records_file=str(tiny_world / "pref.jsonl"), source="sae", pool=str(tiny_world / "pool.jsonl"),
+        records_file=str(tiny_world / "pref.jsonl"), pool=str(tiny_world / "pool.jsonl"),
         clip=ClipSpec(checkpoint=str(clip_dir)), sae_path=str(bare), cache_dir=str(tmp_path / "cache"),
         mining=MiningConfig(n_candidates=8, pool_size=4, dup_threshold=0.99999), progress=False,
     )
+    dm.attach(SimpleNamespace(negatives=Negatives("sae", 3)))
     with pytest.raises(SAEFormatError, match=rf"SAE {bare / 'sae.json'}: no 'joint' metadata"):
         dm.prepare_data()
 
@@ -422,8 +427,9 @@ def test_a_dataclass_refusal_reaches_the_user_as_its_own_message(tmp_path, tiny_
     for option in ("n_candidates", "pool_size"):
         err = _cli_error(base + [f"--data.init_args.mining.{option}=0"], capsys)
         assert err.strip().splitlines()[-1] == f"misp: error: mining.{option} must be a positive integer, got 0", err
-    err = _cli_error(base + ["--model.init_args.objective.beta=-1"], capsys)
-    assert err.strip().splitlines()[-1] == "misp: error: objective.beta must be > 0, got -1.0", err
+    err = _cli_error(base + ["--model.init_args.method.beta=-1"], capsys)
+    assert err.strip().splitlines()[-2:] == ["misp: error: the method contradicts itself:",
+                                             "  - method.beta must be > 0, got -1.0"], err
     err = _cli_error(["world", "--out", str(tmp_path / "w"), "--image_size", "3"], capsys)
     assert err.strip() == "misp: error: image_size must be >= 16, got 3", err
 

@@ -33,8 +33,8 @@ from misp.dpo.reference import (
 from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
 from misp.hparams import plain, save_plain_hyperparameters
-from misp.methods import DEFAULT_METHOD
 from misp.logprobs import sequence_logps
+from misp.methods import DEFAULT_METHOD
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec

@@ -140,6 +140,12 @@ def _check_fit_command(args: list[str]) -> None:
 
         def before_instantiate_classes(self) -> None:
             super().before_instantiate_classes()
+            # Nothing is instantiated here but the method: its construction is its check (misp.dpo.method).
+            method = self.config[self.subcommand].get("model.init_args.method")
+            if method is not None:
+                from misp.dpo.method import build_method
+
+                build_method(method.as_dict() if hasattr(method, "as_dict") else method)
             raise _Parsed
 
     try:

@@ -305,7 +305,7 @@ def _rlaifv_parquet(tmp: Path, world: Path, n: int) -> Path:
     return _parquet(tmp, "rlaifv-train", [build(r) for r in _world_rows(world, n)], images)
 
 
-BASE = ["--config", "configs/shapes/preference.yaml", "--config", "configs/shapes/methods/dpo.yaml"]
+BASE = ["--config", "configs/shapes/preference.yaml", "--config", "configs/methods/dpo.yaml"]
 
 
 def test_misp_data_inspect_tells_what_the_fit_will_see(tiny_world, vlm_dir, processor, tmp_path, monkeypatch, capsys):

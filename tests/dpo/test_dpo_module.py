@@ -13,8 +13,8 @@ from misp.cli import main
 from misp.data.negative_sampler import NegativeSamplerDataModule
 from misp.demo import method_configs
 from misp.dpo import MISPDPOModule
-from misp.dpo.method import Method
 from misp.dpo.batching import concatenate_rows
+from misp.dpo.method import Method
 from misp.models.clip import ClipSpec
 from misp.models.vlm import LoraSpec, VLMSpec
 from misp.negatives.mining import MiningConfig

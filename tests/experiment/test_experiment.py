@@ -79,7 +79,7 @@ def _config(tmp_path: Path, **kw) -> ExperimentConfig:
         name="t", workspace=str(tmp_path / "ws"), configs=str(REPO / "configs/shapes"), seeds=[0, 1],
         grid={BETA: [0.1, 0.5], LR: [5e-5, 1e-4]},
         methods=[Variant("dpo", "dpo"), Variant("misp_dpo", "misp_dpo")],
-        ablations=[Variant("misp_k1", "misp_dpo", set={"data.init_args.k": 1})],
+        ablations=[Variant("misp_k1", "misp_dpo", set={"model.init_args.method.negatives.k": 1})],
         report=str(tmp_path / "report/results.md"),
     )
     return ExperimentConfig(**(settings | kw)).resolved()
@@ -104,7 +104,7 @@ def test_tunes_on_validation_then_trains_the_chosen_values_on_every_seed(tmp_pat
     assert sorted(_arg(c, "--data.init_args.seed") for c in tested) == ["0", "0", "0", "1", "1", "1"]
     # the ablation changes one setting, on its method's chosen values
     k1 = [c for c in tested if "misp_k1" in _arg(c, "--trainer.default_root_dir")]
-    assert len(k1) == 2 and all(_arg(c, "--data.init_args.k") == "1" for c in k1)
+    assert len(k1) == 2 and all(_arg(c, "--model.init_args.method.negatives.k") == "1" for c in k1)
     # the chosen point's seed-0 fit is the tuning fit itself (fits: 8 tuning + 1 more seed x 2 + ablation x 2)
     assert len(_runs(fake, "fit")) == 8 + 2 + 2
     rows = [json.loads(x) for x in (tmp_path / "ws/results.jsonl").read_text().splitlines()]
@@ -127,7 +127,7 @@ def test_resumes_without_redoing_finished_runs_and_reruns_what_a_change_touches(
     # a changed ablation setting reruns that ablation only
     fake.calls.clear()
     config = _config(tmp_path, seeds=[0, 1, 2])
-    config.ablations[0].set["data.init_args.k"] = 2
+    config.ablations[0].set["model.init_args.method.negatives.k"] = 2
     Experiment(config).execute()
     assert {"misp_k1" in _arg(c, "--trainer.default_root_dir") for c in fake.calls} == {True}
 
@@ -144,12 +144,12 @@ def test_a_fit_that_died_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert len(fits) == 1 and _arg(fits[0], "--ckpt_path") == "runs/shapes/exp/misp_k1/beta0.5_lr0.0001-s1/checkpoints/last.ckpt"
     # a checkpoint left by an attempt with other settings is never resumed from
     config = _config(tmp_path)
-    config.ablations[0].set["data.init_args.k"] = 2
+    config.ablations[0].set["model.init_args.method.negatives.k"] = 2
     fake.fail_on = "misp_k1/beta0.5_lr0.0001-s0"
     with pytest.raises(subprocess.CalledProcessError):
         Experiment(config).execute()
     fake.fail_on = None
-    config.ablations[0].set["data.init_args.k"] = 3
+    config.ablations[0].set["model.init_args.method.negatives.k"] = 3
     fake.calls.clear()
     Experiment(config).execute()
     assert all("--ckpt_path" not in c for c in _runs(fake, "fit"))
@@ -223,7 +223,7 @@ def test_quick_mode_runs_the_real_chain_and_methods_end_to_end(tmp_path):
     args = ["--config", str(exp), "--quick", "true", "--workspace", str(tmp_path / "ws"),
             "--configs", str(REPO / "configs/shapes"), "--methods",
             json.dumps([{"name": "dpo", "method": "dpo"}, {"name": "misp_dpo", "method": "misp_dpo"}]),
-            "--ablations", json.dumps([{"name": "misp_k1", "method": "misp_dpo", "set": {"data.init_args.k": 1}}]),
+            "--ablations", json.dumps([{"name": "misp_k1", "method": "misp_dpo", "set": {"model.init_args.method.negatives.k": 1}}]),
             "--quick_mode.grid", json.dumps({BETA: [0.1, 0.5], LR: [1e-4]}), "--wandb", "true"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     first = subprocess.run([sys.executable, "-m", "misp.cli", "experiment", *args], cwd=tmp_path, env=env,
@@ -283,7 +283,7 @@ def test_names_grid_keys_and_select_metric_are_checked_before_the_work_they_woul
         Experiment(_config(tmp_path, methods=[Variant("../escape", "dpo"), Variant("misp_dpo", "misp_dpo")]))
     with pytest.raises(ConfigError, match=r"grid x: value 'a/b' cannot be part of a run's folder"):
         Experiment(_config(tmp_path, grid={"x": ["a/b"]}))
-    bad_key = _config(tmp_path, grid={"model.init_args.objective.betta": [0.1]})
+    bad_key = _config(tmp_path, grid={"model.init_args.method.betta": [0.1]})
     with pytest.raises(ConfigError, match=r"variant 'dpo' .* refuses it: .*'betta'"):
         Experiment(bad_key).execute()
     bad_value = _config(tmp_path, grid={BETA: [0.1, float("inf")]})

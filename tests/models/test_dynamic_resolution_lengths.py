@@ -125,7 +125,7 @@ def test_misp_data_inspect_counts_each_images_tokens(tiny_world, tmp_path, monke
                                               "captions_file": str(tiny_world / "val.jsonl")}}},
     }))
     monkeypatch.chdir(ROOT)
-    main(["data", "inspect", "--config", "configs/shapes/preference.yaml", "--config", "configs/shapes/methods/dpo.yaml",
+    main(["data", "inspect", "--config", "configs/shapes/preference.yaml", "--config", "configs/methods/dpo.yaml",
           "--config", str(override)])
     out = capsys.readouterr().out
     assert "image tokens per image (from its size):" in out

@@ -458,7 +458,8 @@ def test_clip_dpo_training_config_loads(capsys, monkeypatch):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     data, model = printed["data"]["init_args"], printed["model"]["init_args"]
-    assert data["records_file"] == "runs/shapes/clip_dpo/prefs.jsonl" and data["source"] == "none"
-    terms = [t["class_path"] for t in model["objective"]["terms"]]
-    assert terms == ["misp.dpo.terms.TextDPO"] and model["objective"]["beta"] == 0.1  # plain DPO
+    method = model["method"]
+    assert data["records_file"] == "runs/shapes/clip_dpo/prefs.jsonl" and method["negatives"]["source"] == "none"
+    terms = [t["class_path"] for t in method["terms"].values()]
+    assert terms == ["misp.dpo.terms.TextDPO"] and method["beta"] == 0.1  # plain DPO
     assert model["vlm"]["path"] == "runs/shapes/sft/export"
