@@ -11,7 +11,7 @@ with ``serve: preferences`` a ``misp.batch.PreferenceBatch`` per step for MISPDP
 needs from it (the evaluation sets, q_phi's features by record, the difference vectors) it hands over
 once, in ``attach`` (``misp.data.handshake``), where it takes the method's negatives in return.
 
-Its parts: mining (here, cached), per-epoch drawing (``misp.data.drawing``), encoding and collation
+Its parts: mining (``misp.data.mining_cache``, cached), per-epoch drawing (``misp.data.drawing``), encoding and collation
 (``misp.data.collate``), and the resume state (``misp.data.epoch_state``).
 """
 
@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from misp.data.collate import PreferenceEpoch, collate_preferences
-from misp.data.drawing import NegativeDrawer, record_images
+from misp.data.drawing import NegativeDrawer
 from misp.data.encoding import encode_records
 from misp.data.epoch_state import EpochState
 from misp.data.eval_data import EvalData, eval_dataloaders
@@ -42,23 +42,22 @@ from misp.data.handshake import (
     not_attached,
 )
 from misp.data.layouts import RatingRule
+from misp.data.mining_cache import MiningPass
 from misp.data.pixel_cache import PixelCache
-from misp.data.pool import read_pool
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
 from misp.data.sampler import EpochShuffleSampler, ResumableDataLoader
 from misp.errors import ConfigError
 from misp.hparams import save_plain_hyperparameters
-from misp.models.clip import ClipSpec, load_clip
+from misp.models.clip import ClipSpec
 from misp.models.prompting import (
     encode_example,
     encode_preference_records,
     record_image_tokens,
 )
-from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
+from misp.negatives.mining import Candidates, MiningConfig, Selection
 from misp.negatives.sources import NegativeDraws, get_source, uniform_log_q
 from misp.negatives.spec import Negatives
-from misp.sae.io import SAEFormatError, load_sae
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +177,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.evaluation = evaluation or EvalData()
         self.validation = validation or self.evaluation
         self.records: list[PreferenceRecord] | None = None
-        self.candidates: Candidates | None = None
-        self.selection: Selection | None = None
-        self.pool_paths: list[Path] = []
+        self.mined = MiningPass(pool, pool_column, split, self.clip, self.mining, sae_path, Path(cache_dir),
+                                records_file, image_root)
         self.negatives: Negatives | None = None  # the method's, from `attach`
         self.drawer: NegativeDrawer | None = None
         self.epoch_state = EpochState()
@@ -230,82 +228,26 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         return Path(self.hparams.cache_dir)
 
     def _mine(self, progress: bool) -> None:
-        h = self.hparams
+        """Read the records and run the mining pass their negatives (or the SAE's vectors) need, once."""
         if self.records is None:
             self.records = self._read_records()
-        if not (h.serve == "differences" or get_source(self._negatives().source).needs_pool):
-            self._warn_unused_record_candidates()
-            return
-        if self.candidates is not None:
-            return
-        own = self._own_candidates()
-        self.pool_paths = read_pool(
-            h.pool, verify=True, column=h.pool_column, split=h.split, image_store=self._cache_dir() / "images"
-        )
-        self._warn_small_pool()
-        clip = load_clip(self.clip, device=self.mining.device)
-        self.candidates = mine_candidates(
-            [r.image for r in self.records], [r.prompt for r in self.records], self.pool_paths, clip,
-            self.mining, self._cache_dir(), progress=progress, own_images=own,
-        )
-        if h.serve == "preferences" and get_source(self._negatives().source).needs_sae:
-            sae, meta = load_sae(h.sae_path)
-            expected = self.candidates.joint.metadata()
-            if meta.get("joint") is None:
-                # Without it nothing says the SAE reads this CLIP's joint embedding: its scores may mean nothing.
-                raise SAEFormatError(
-                    f"SAE {Path(h.sae_path) / 'sae.json'}: no 'joint' metadata (the joint embedding it was trained "
-                    "in); export it with SAEModule (`misp fit --config configs/shapes/sae.yaml`)"
-                )
-            if meta["joint"] != expected:
-                raise SAEFormatError(
-                    f"the SAE in {h.sae_path} was trained in another joint embedding ({meta['joint']}) than "
-                    f"this data's ({expected}); retrain it or match clip/mining.proj_dim"
-                )
-            if sae.config.d_in != self.candidates.dim:
-                raise SAEFormatError(
-                    f"SAE {h.sae_path}: input dimension {sae.config.d_in}, the data's difference vectors have "
-                    f"{self.candidates.dim}; retrain it on this data"
-                )
-            self.selection = select_negatives(
-                self.candidates, sae, meta["identity"], self.mining, self._cache_dir(), progress=progress
-            )
-        self._warn_repeats()
+        differences = self.hparams.serve == "differences"
+        self.mined.run(self.records, None if differences else self._negatives(), progress)
 
-    def _own_candidates(self) -> list[list[Path]] | None:
-        """Per record, the images ``mining.record_candidates`` adds to its candidates (None for ``none``).
+    @property
+    def candidates(self) -> Candidates | None:
+        """Every record's mined candidates (None until mined, and for sources that need none)."""
+        return self.mined.candidates
 
-        Raises when no record carries that list: the run would otherwise mine the pool alone while its
-        config says it mixes. Warns, with the count, when only some do (those keep their retrieved ones).
-        """
-        kind = self.mining.record_candidates
-        if kind == "none":
-            return None
-        h = self.hparams
-        lists = [[Path(p) for p in record_images(r, kind, h.records_file, h.image_root)] for r in self.records]
-        missing = [r.id for r, x in zip(self.records, lists, strict=True) if not x]
-        what = "meta.counterfactuals" if kind == "counterfactual" else "negatives"
-        if lists and len(missing) == len(lists):
-            raise ValueError(
-                f"mining.record_candidates={kind!r}: no record in {self.hparams.records_file} carries a `{what}` "
-                f"list (e.g. record {missing[0]!r}); set mining.record_candidates to the list the records carry, "
-                "or to 'none'"
-            )
-        if missing:
-            log.warning(
-                "mining.record_candidates=%r: %d of %d records in %s carry no `%s` (e.g. %s): their candidates are "
-                "the retrieved pool images alone", kind, len(missing), len(lists), self.hparams.records_file, what,
-                missing[:3],
-            )
-        return lists
+    @property
+    def selection(self) -> Selection | None:
+        """The SAE's selection among them (``sae`` source only)."""
+        return self.mined.selection
 
-    def _warn_unused_record_candidates(self) -> None:
-        if self.mining.record_candidates != "none" and not getattr(self, "_warned_unused_own", False):
-            self._warned_unused_own = True
-            log.warning(
-                "mining.record_candidates=%r has no effect with source=%r, which mines no candidates (it applies "
-                "to the sae and random sources and to serve: differences)", self.mining.record_candidates, self.negatives.source,
-            )
+    @property
+    def pool_paths(self) -> list[Path]:
+        """The pool's images, as mined."""
+        return self.mined.pool_paths
 
     def prepare_data(self) -> None:
         # One process per node mines and writes the caches; setup() on every rank then reads them.
@@ -410,34 +352,6 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             epoch, self.records, self.candidates, self.selection,
             lambda: self.epoch_state.proposal_log_q(epoch, self._proposal_log_q),
         )
-
-    # degenerate settings: the run is correct, but not what the config suggests ----------------------
-    def _warn_small_pool(self) -> None:
-        # (Repeated images are counted by read_pool.)
-        n_pool, m = len(self.pool_paths), self.mining
-        for option, value in (("mining.n_candidates", m.n_candidates), ("mining.pool_size", m.pool_size)):
-            if n_pool < value:
-                log.warning(
-                    "the pool %s holds %d images, fewer than %s=%d: every record gets at most %d retrieved",
-                    self.hparams.pool, n_pool, option, value, n_pool,
-                )
-
-    def _warn_repeats(self) -> None:
-        """Warn once, with the count, when K exceeds the candidates some records have (draws then repeat)."""
-        h = self.hparams
-        if h.serve != "preferences" or not get_source(self._negatives().source).needs_pool:
-            return
-        k, source = self.negatives.k, get_source(self.negatives.source)
-        valid = self.selection.valid if source.needs_sae else self.candidates.indices >= 0
-        counts = valid.sum(1)
-        short = int((counts < k).sum())
-        if short:
-            option = "mining.pool_size" if source.needs_sae else "mining.n_candidates"
-            log.warning(
-                "k=%d negatives are drawn from fewer candidates for %d of %d records (fewest: %d; %s=%d): their "
-                "draws repeat negatives. Lower k or raise %s", k, short, len(counts), int(counts.min()), option,
-                getattr(self.mining, option.split(".")[1]), option,
-            )
 
     # dataloaders ----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
