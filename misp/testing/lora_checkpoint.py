@@ -13,8 +13,8 @@ from misp.models.vlm import LoraSpec, VLMSpec, load_vlm
 
 def write_lora_checkpoint(base: str | os.PathLike, path: str | os.PathLike, seed: int = 0) -> torch.nn.Module:
     """Write to ``path`` a checkpoint of a LoRA (r 4, alpha 8) on the model folder ``base`` as a misp DPO run
-    writes it: the trainable weights under ``model.``, the run's VLM spec and objective (TextDPO, beta 0.1)
-    and its data settings (K 4, negatives from the SAE).
+    writes it: the trainable weights under ``model.``, the run's VLM spec and method (TextDPO, beta 0.1)
+    (K 4, negatives from the SAE) and its data settings.
 
     The LoRA B matrices, zero at initialisation, are drawn from N(0, 0.5^2) with ``seed``, so that the
     adapter visibly changes the model, as training does.
@@ -33,8 +33,9 @@ def write_lora_checkpoint(base: str | os.PathLike, path: str | os.PathLike, seed
     torch.save({
         "pytorch-lightning_version": "2.5.0",
         "state_dict": state,
-        "hyper_parameters": {"vlm": plain(spec), "objective": {"beta": 0.1, "terms": [
-            {"class_path": "misp.dpo.terms.TextDPO", "init_args": {"weight": 1.0}}]}},
-        "datamodule_hyper_parameters": {"records_file": "data/prefs.jsonl", "source": "sae", "k": 4},
+        "hyper_parameters": {"vlm": plain(spec), "method": {"beta": 0.1, "terms": {
+            "text": {"class_path": "misp.dpo.terms.TextDPO", "init_args": {"weight": 1.0}}},
+            "negatives": {"source": "sae", "k": 4}}},
+        "datamodule_hyper_parameters": {"records_file": "data/prefs.jsonl"},
     }, path)
     return model.eval()
