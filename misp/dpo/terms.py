@@ -2,7 +2,7 @@
 
 A term takes the step's log-probs (``TermInputs``: policy and reference, the image advantages computed once,
 the draws' proposal log q) and returns per-example losses ``[B]`` and its own metrics. It declares what it
-needs, so a method is checked before anything loads (``misp.dpo.method.check_method``):
+needs, so a method is checked before anything loads (``misp.dpo.method.Method``):
 
 | term              | loss (method.md)                              | needs                                        |
 | ----------------- | --------------------------------------------- | -------------------------------------------- |
