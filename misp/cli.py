@@ -53,7 +53,7 @@ from misp.callbacks import FiniteLossGuard, FiniteWeightsCheck, SettingsCheck, T
 from misp.checkpoints import SPECIAL_PATHS, AtomicCheckpointIO, method_mismatches, read_checkpoint
 from misp.config_build import instantiate_config
 from misp.config_checks import check_config_files, check_pairing, check_values
-from misp.config_layers import merged_terms_args
+from misp.config_layers import check_method_home, merged_terms_args
 from misp.errors import (
     CheckpointError,
     ConfigError,
@@ -204,6 +204,7 @@ class MispCLI(LightningCLI):
         # Layered files merge the method's terms key by key (jsonargparse would replace the map wholesale).
         if not isinstance(args, (dict, Namespace)):
             given = sys.argv[1:] if args is None else list(args)
+            check_method_home(given)
             merged = merged_terms_args(given)
             if merged != given:
                 # Straight to the parser: LightningCLI warns when `args` and sys.argv are both given.

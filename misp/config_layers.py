@@ -71,6 +71,42 @@ def merge_terms(maps: list[dict]) -> dict:
     return merged
 
 
+MOVED = {"source": "source", "k": "k"}
+"""Options that were the data's and are the method's now (``model.init_args.method.negatives.<name>``)."""
+
+
+def _moved_option(key: str) -> str | None:
+    parts = key.split(".")
+    if parts[:1] == ["data"]:
+        rest = parts[2:] if parts[1:2] == ["init_args"] else parts[1:]
+        if len(rest) == 1 and rest[0] in MOVED:
+            return rest[0]
+    return None
+
+
+def check_method_home(argv: Sequence[str]) -> None:
+    """Refuse, in one line, a data-side ``source`` or ``k`` (in a ``--config`` file or on the command line):
+    the negatives are the method's, and K has one home.
+
+    Raises:
+        ConfigError: naming the file or option and where the setting lives.
+    """
+    for i, path in _config_positions(argv):
+        if not path.is_file():
+            continue
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        node = data.get("data") if isinstance(data, dict) else None
+        node = node.get("init_args", node) if isinstance(node, dict) else None
+        for name in MOVED:
+            if isinstance(node, dict) and name in node:
+                raise ConfigError(f"--config {path}: data.init_args.{name} is the method's now: set "
+                                  f"model.init_args.method.negatives.{name} (a method file of configs/methods)")
+    for token in argv:
+        if token.startswith("--") and (name := _moved_option(token[2:].split("=", 1)[0])):
+            raise ConfigError(f"{token.split('=', 1)[0]} is the method's now: use "
+                              f"--model.init_args.method.negatives.{name}")
+
+
 def merged_terms_args(argv: Sequence[str]) -> list[str]:
     """``argv`` with the ``--config`` files' term maps merged key by key (unchanged when fewer than two name terms).
 

@@ -225,8 +225,9 @@ def run_inspect(argv: list[str]) -> dict[str, Any]:
     from misp.errors import ConfigError
 
     parser = inspect_parser()
-    from misp.config_layers import merged_terms_args
+    from misp.config_layers import check_method_home, merged_terms_args
 
+    check_method_home(argv)
     cfg = parser.parse_args(merged_terms_args(argv))  # layered files merge the method's terms as `misp fit` does
     data_parser = ArgumentParser()
     import lightning as L

@@ -77,10 +77,17 @@ def test_the_cli_refuses_a_contradictory_method_before_loading_anything(tmp_path
 
 def test_the_data_has_no_k_of_its_own(tmp_path, capsys):
     """K has one home, the method: a data-side K is refused, not silently used or ignored."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *method_configs("mdpo", ROOT), "--data.init_args.k=2", "--print_config"])
-    assert exit_info.value.code == 2
-    assert "k" in capsys.readouterr().err
+    for option in ("--data.init_args.k=2", "--data.k=2", "--data.source=crop"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", *method_configs("mdpo", ROOT), option, "--print_config"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"misp: error: {option.split('=')[0]} is the method's now: use --model.init_args.method"), err
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  init_args:\n    source: crop\n    k: 1\n")
+    with pytest.raises(SystemExit):
+        main(["fit", *method_configs("mdpo", ROOT), "--config", str(old), "--print_config"])
+    assert f"--config {old}: data.init_args.source is the method's now" in capsys.readouterr().err
 
 
 def _fixed_batch(b: int = 4, k: int = 3) -> tuple[SequenceLogps, SequenceLogps, torch.Tensor]:
