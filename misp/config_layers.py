@@ -91,7 +91,7 @@ def check_method_home(argv: Sequence[str]) -> None:
     Raises:
         ConfigError: naming the file or option and where the setting lives.
     """
-    for i, path in _config_positions(argv):
+    for _, path in _config_positions(argv):
         if not path.is_file():
             continue
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
