@@ -3,7 +3,7 @@
 Mining (CLIP embedding, retrieval, SAE scoring, greedy selection) runs once in ``prepare_data`` on one
 process per node and is cached, so every rank then loads identical results in ``setup``. Each epoch
 (``reload_dataloaders_every_n_epochs=1``) ``train_dataloader`` draws K negatives per record from the
-method's source (``misp.dpo.method.Negatives``, handed over by the module in ``attach``: K has one home,
+method's source (``misp.negatives.spec.Negatives``, handed over by the module in ``attach``: K has one home,
 the method), the ``sae`` source through the DPO module's current proposal q_phi.
 
 With ``serve: differences`` it serves difference vectors ``d = e(m_p, x) - e(m_i, x)`` for SAEModule;
