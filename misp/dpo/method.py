@@ -16,6 +16,15 @@ class MethodError(ConfigError):
     """The objective and the data's negatives contradict each other (``misp`` prints it without a traceback)."""
 
 
+SOURCE_NEEDS = [
+    ("needs_ranked_negatives", "ranked", "the negatives in rank order (data.source: occlude)"),
+    ("needs_paired_responses", "paired_responses", "each negative image's own correct response (response pairs)"),
+    ("needs_edit_spans", "edit_spans", "the token spans each edit changes (token_mask: false reads whole responses)"),
+    ("needs_in_context", "in_context", "the pairs in a two-image context"),
+]
+"""(term need, source attribute, what is missing) for the needs a source must answer."""
+
+
 def method_problems(objective: PreferenceObjective, source: str, k: int) -> list[str]:
     """Each contradiction between ``objective``'s terms and ``data.source`` / ``data.k``, as one sentence."""
     negatives = get_source(source)
@@ -38,6 +47,9 @@ def method_problems(objective: PreferenceObjective, source: str, k: int) -> list
                 "the positive with no proposal distribution; use importance_sampling: false, or a source that draws "
                 "from a candidate list (sae, random, given, counterfactual)"
             )
+        for need, gives, what in SOURCE_NEEDS:
+            if getattr(term, need) and draws and not getattr(negatives, gives):
+                problems.append(f"{term!r} needs {what}, but data.source={source!r} gives none")
         if term.trains_proposal and draws and negatives.proposal != "learned":
             problems.append(
                 f"{term!r} trains the proposal q_phi, but data.source={source!r} does not draw from it; remove the "
