@@ -3,8 +3,8 @@
 LPOI (Pesaran Zadeh et al., ACL 2025) masks a key object and builds a list of images in which the masked
 share of the object grows, 25%, 50%, 75%, 100% for a list of four; its released code reads these images
 from a download (``ours_cmask_until25`` ... ``until100``) and publishes no code that makes them. Preference
-records carry no object boxes (the Shapes world's pref records name objects and grid cells, not pixels),
-so misp finds the object from the pixels and occludes it by growing patches (method.md 9.3):
+records carry no object boxes (the Shapes world's name objects and their grid cells; published sets carry
+nothing), so misp finds the object from the pixels and occludes it by growing patches (method.md 9.3):
 
 1. the image is cut into square patches, ``grid`` along its shorter side (any size and aspect ratio);
 2. a pixel is foreground where it differs from the background colour (the median of the border pixels)

@@ -21,8 +21,8 @@ def scene(size=(64, 48), boxes=((8, 8, 24, 20),), colours=((220, 30, 30),), mode
     """A uniform background with filled rectangles (left, top, right, bottom)."""
     pixels = np.zeros((size[1], size[0], 3), np.uint8)
     pixels[:] = BG
-    for (l, t, r, b), c in zip(boxes, colours, strict=True):
-        pixels[t:b, l:r] = c
+    for (left, t, r, b), c in zip(boxes, colours, strict=True):
+        pixels[t:b, left:r] = c
     return Image.fromarray(pixels).convert(mode)
 
 
@@ -40,7 +40,7 @@ def test_each_level_hides_more_of_the_object_and_the_last_removes_it():
     image = scene()
     object_pixels = (np.asarray(image) != BG).any(-1)
     masks = [hidden(image, x) for x in levels(image, seed=0, k=4)]
-    for before, after in zip(masks, masks[1:]):
+    for before, after in zip(masks, masks[1:], strict=False):
         assert (after >= before).all() and after.sum() > before.sum()  # nested, strictly growing
     assert (masks[-1] == object_pixels).all()  # level K: the object is gone, the rest untouched
     assert (np.asarray(levels(image, 0, 4)[-1]) == BG).all()
@@ -97,5 +97,5 @@ def test_the_source_draws_a_ranked_list_per_record_and_epoch(tmp_path: Path):
     scene().save(path)
     images = [materialise(r, path, Image.open) for r in draws.refs[0]]
     masks = [hidden(scene(), x) for x in images]
-    assert all((b >= a).all() for a, b in zip(masks, masks[1:])) and masks[-1].any()
+    assert all((b >= a).all() for a, b in zip(masks, masks[1:], strict=False)) and masks[-1].any()
     assert NegativeRef("crop", seed=3).key() == "crop:3"  # other sources' keys are as before
