@@ -36,9 +36,12 @@ class NegativeRef(NamedTuple):
     path: str | None = None
     """The image file, for sources whose negatives are files."""
     index: int | None = None
-    """The index in the candidate pool, for pool sources."""
+    """The index in the candidate pool, for pool sources; for a source that makes a ranked list of versions
+    of the positive (``occlude``), the version's rank, 1..``levels``."""
     seed: int | None = None
     """The seed of the transform of the positive, for sources that generate the negative."""
+    levels: int | None = None
+    """The length of the ranked list the version ``index`` belongs to (None for every other source)."""
 
     @property
     def names_file(self) -> bool:
@@ -48,7 +51,7 @@ class NegativeRef(NamedTuple):
     def key(self) -> str:
         """A stable string for caches and logs."""
         if self.seed is not None:
-            return f"{self.source}:{self.seed}"
+            return f"{self.source}:{self.seed}" + ("" if self.levels is None else f":{self.index}/{self.levels}")
         return f"{self.source}:{self.path if self.index is None else self.index}"
 
 
