@@ -32,7 +32,7 @@ def edits_world(tmp_path_factory):
     """The tiny world's vocabulary (so the tiny VLM reads it) with partner scenes and object edits, and
     without the splits these tests never read."""
     out = tmp_path_factory.mktemp("edits_world")
-    small = SMOKE_WORLD | dict(n_clip=0, n_sft=20, n_pref=4, n_pool=0, test_counterfactuals=0, val_counterfactuals=0)
+    small = SMOKE_WORLD | dict(n_clip=0, n_sft=20, n_pref=4, n_pool=0, n_val=4, test_counterfactuals=0, val_counterfactuals=0)
     write_world(out, WorldConfig(**small, partner_scenes=5, object_edits=1), progress=False)
     return out
 
