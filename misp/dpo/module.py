@@ -210,7 +210,8 @@ class MISPDPOModule(VLMModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log_dict(metrics, batch_size=b)
         if k:  # per epoch: the share of drawn negatives the positive image does not yet beat by the margin
-            a = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, self.objective.beta)
+            a = image_advantages(policy.chosen.detach(), policy.negatives.detach(), reference.chosen,
+                                 reference.negatives, self.objective.beta)
             self.log("train/unsolved_share", unsolved_share(a), on_step=False, on_epoch=True, batch_size=b)
         return loss
 
