@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from misp.batch import ImageInputs, PreferenceBatch
 from misp.data.handshake import DataDescription, ModuleValues, NegativesDescription, ProposalFeatures
 from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
-from misp.dpo.diagnostics import gradient_shares
+from misp.dpo.diagnostics import gradient_shares, unsolved_share
 from misp.dpo.method import Method
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_terms, sum_terms
 from misp.dpo.reference import (
@@ -35,6 +35,7 @@ from misp.eval.loop import GenerationEval
 from misp.hparams import plain, save_plain_hyperparameters
 from misp.methods import DEFAULT_METHOD
 from misp.logprobs import sequence_logps
+from misp.losses import image_advantages
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec
@@ -212,6 +213,10 @@ class MISPDPOModule(VLMModule):
             metrics["reference/cache_hit_rate"] = torch.tensor(self.reference_cache.hits / total)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log_dict(metrics, batch_size=b)
+        if k:  # per epoch: the share of drawn negatives the positive image does not yet beat by the margin
+            a = image_advantages(policy.chosen.detach(), policy.negatives.detach(), reference.chosen,
+                                 reference.negatives, self.objective.beta)
+            self.log("train/unsolved_share", unsolved_share(a), on_step=False, on_epoch=True, batch_size=b)
         return loss
 
     def _sharded_training(self) -> bool:
