@@ -42,6 +42,9 @@ class NegativeRef(NamedTuple):
     """The seed of the transform of the positive, for sources that generate the negative."""
     levels: int | None = None
     """The length of the ranked list the version ``index`` belongs to (None for every other source)."""
+    response: str | None = None
+    """The negative image's own correct response (its caption), for sources that pair responses (``edits``);
+    None for every other source. Part of the ref, so two captions of one image file are two negatives."""
 
     @property
     def names_file(self) -> bool:
@@ -52,7 +55,8 @@ class NegativeRef(NamedTuple):
         """A stable string for caches and logs."""
         if self.seed is not None:
             return f"{self.source}:{self.seed}" + ("" if self.levels is None else f":{self.index}/{self.levels}")
-        return f"{self.source}:{self.path if self.index is None else self.index}"
+        base = f"{self.source}:{self.path if self.index is None else self.index}"
+        return base if self.response is None else f"{base}|{self.response}"
 
 
 @dataclass
@@ -123,6 +127,23 @@ class TokenRows:
 
 
 @dataclass
+class ResponsePairRows:
+    """Each negative's own correct response ``y_k`` on its record's prompt (response pairs: SymMPO, IC-VCO).
+
+    The model runs these rows twice: under the negative image (``(m_k, y_k)``) and under the positive
+    (``(m_p, y_k)``), see ``misp.dpo.batching``.
+    """
+
+    responses: TokenRows
+    """``[B*K, T']`` record-major (record r's k-th at ``r*K + k``), tokenised as ``chosen`` is."""
+    chosen_span: torch.Tensor | None = None
+    """``[B, K, L]`` bool over ``y_p``'s response tokens (its labels, EOS included, in order): those edit k
+    changes (``misp.data.pairs.edit_spans``); None when no term reads spans."""
+    own_span: torch.Tensor | None = None
+    """``[B, K, L']`` bool over ``y_k``'s response tokens: those its edit changes; None alike."""
+
+
+@dataclass
 class PreferenceBatch:
     """One preference step of B records, each with the K negatives its method drew (K may be 0).
 
@@ -145,6 +166,8 @@ class PreferenceBatch:
     """``[B, K]`` float32: log-probability of each draw under the proposal that drew it (0: no proposal)."""
     draw_index: torch.Tensor
     """``[B, K]`` long: each draw's index in its record's candidate list (``M`` selected ones for ``sae``)."""
+    pairs: ResponsePairRows | None = None
+    """Each negative's own response, for a source that gives them (``paired_responses``); None otherwise."""
 
     @property
     def batch_size(self) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from misp.batch import NegativeRef
+from misp.negatives.edits import SOURCE as EDITS, edit_refs
 from misp.negatives.mining import Candidates, Selection
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source
 
@@ -79,7 +80,15 @@ class NegativeDrawer:
 
     def _record_lists(self, records: list, kind: str) -> list[list[NegativeRef]]:
         """The image lists records carry; warns once when some hold fewer than K, since their draws then repeat."""
+        if kind == EDITS:  # edited images with their own responses: the refs carry the response
+            refs = [edit_refs(r, self.records_file, self.image_root) for r in records]
+            self._warn_short(records, refs, kind)
+            return refs
         lists = [record_images(r, kind, self.records_file, self.image_root) for r in records]
+        self._warn_short(records, lists, kind)
+        return [[NegativeRef(self.source, path) for path in x] for x in lists]
+
+    def _warn_short(self, records: list, lists: list[list], kind: str) -> None:
         short = [r.id for r, x in zip(records, lists, strict=True) if 0 < len(x) < self.k]
         if short and not self._warned_short_lists:
             self._warned_short_lists = True
@@ -87,4 +96,3 @@ class NegativeDrawer:
                 "source=%r: %d of %d records in %s have fewer than k=%d negatives (e.g. %s): their draws repeat "
                 "negatives", self.source, len(short), len(lists), self.records_file, self.k, short[:3],
             )
-        return [[NegativeRef(self.source, path) for path in x] for x in lists]

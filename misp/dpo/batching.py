@@ -3,6 +3,11 @@
 Rows, for B records and K negatives: ``[chosen on positive (B); rejected on positive (B); chosen on
 each negative (B*K, record-major)]``. Images: the B positives then the B*K negatives, each encoded
 once; ``image_index`` maps rows to them, so the positive serves both its chosen and rejected row.
+
+With response pairs (``PreferenceBatch.pairs``: each negative's own response ``y_k``) two more blocks follow,
+``[y_k on negative k (B*K); y_k on the positive (B*K)]``, record-major, reading the same images: the rows
+``(m_k, y_k)`` and ``(m_p, y_k)`` of the pairs (``split_pair_rows``). Without pairs the rows are exactly
+the three blocks above.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ class ConcatenatedRows:
     image_index: torch.Tensor
     batch_size: int
     k: int
+    pairs: bool = False
+    """Whether the two response-pair blocks follow the first three."""
 
 
 def _pad_to(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -41,21 +48,42 @@ def concatenate_rows(batch: PreferenceBatch, pad_token_id: int, k: int | None = 
         raise ValueError(f"the batch carries {batch.k} negative(s) per record, the method draws {k}: the data was "
                          "not attached to this module (`datamodule.attach(module)`)")
     k = batch.k
+    pairs = batch.pairs.responses if batch.pairs is not None and k else None
     length = max(batch.chosen.input_ids.shape[1], batch.rejected.input_ids.shape[1])
+    if pairs is not None:
+        length = max(length, pairs.input_ids.shape[1])
     parts = {}
     for name, value in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", -100)):
         chosen = _pad_to(getattr(batch.chosen, name), length, value)
         rejected = _pad_to(getattr(batch.rejected, name), length, value)
-        parts[name] = torch.cat([chosen, rejected, chosen.repeat_interleave(k, dim=0)])
+        blocks = [chosen, rejected, chosen.repeat_interleave(k, dim=0)]
+        if pairs is not None:
+            own = _pad_to(getattr(pairs, name), length, value)
+            blocks += [own, own]
+        parts[name] = torch.cat(blocks)
     device = parts["input_ids"].device
     positives = torch.arange(b, device=device)
-    image_index = torch.cat([positives, positives, b + torch.arange(b * k, device=device)])
-    return ConcatenatedRows(parts["input_ids"], parts["attention_mask"], parts["labels"], image_index, b, k)
+    negatives = b + torch.arange(b * k, device=device)
+    blocks = [positives, positives, negatives]
+    if pairs is not None:
+        blocks += [negatives, positives.repeat_interleave(k)]
+    image_index = torch.cat(blocks)
+    return ConcatenatedRows(parts["input_ids"], parts["attention_mask"], parts["labels"], image_index, b, k,
+                            pairs is not None)
 
 
 def split_rows(values: torch.Tensor, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[2B + BK]`` per-row values -> (chosen [B], rejected [B], chosen under negatives [B, K])."""
-    return values[:b], values[b : 2 * b], values[2 * b :].reshape(b, k)
+    """``[2B + BK (+ 2BK), ...]`` per-row values -> (chosen [B], rejected [B], chosen under negatives [B, K])."""
+    return values[:b], values[b : 2 * b], values[2 * b : 2 * b + b * k].reshape(b, k, *values.shape[1:])
+
+
+def split_pair_rows(values: torch.Tensor, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The response-pair blocks of ``[2B + 3BK, ...]`` per-row values -> (y_k under m_k, y_k under m_p), each
+    ``[B, K, ...]``."""
+    start = 2 * b + b * k
+    own = values[start : start + b * k]
+    swapped = values[start + b * k : start + 2 * b * k]
+    return own.reshape(b, k, *own.shape[1:]), swapped.reshape(b, k, *swapped.shape[1:])
 
 
 RowKey = tuple[str, str, "NegativeRef | str"]
@@ -63,10 +91,19 @@ RowKey = tuple[str, str, "NegativeRef | str"]
 
 
 def row_keys(batch: PreferenceBatch) -> list[RowKey]:
-    """A cache key per row: (record id, response, image), in the concatenated row order."""
+    """A cache key per row: (record id, response, image), in the concatenated row order.
+
+    A pair row's response is the edit's own, ``"response:" + y_k``; its image is the negative's ref (which
+    carries ``y_k`` too) or ``"positive"``.
+    """
     ids, negatives = batch.ids, batch.negatives
-    return (
+    keys: list[RowKey] = (
         [(rid, "chosen", "positive") for rid in ids]
         + [(rid, "rejected", "positive") for rid in ids]
         + [(rid, "chosen", key) for rid, keys in zip(ids, negatives, strict=True) for key in keys]
     )
+    if batch.pairs is not None and batch.k:
+        drawn = [(rid, ref) for rid, refs in zip(ids, negatives, strict=True) for ref in refs]
+        keys += [(rid, f"response:{ref.response}", ref) for rid, ref in drawn]
+        keys += [(rid, f"response:{ref.response}", "positive") for rid, ref in drawn]
+    return keys

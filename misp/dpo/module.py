@@ -23,6 +23,7 @@ from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, spli
 from misp.dpo.diagnostics import gradient_shares, unsolved_share
 from misp.dpo.method import Method
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_terms, sum_terms
+from misp.dpo.pairs import edit_spans, paired_responses
 from misp.dpo.reference import (
     ReferenceCache,
     frozen_copy,
@@ -34,7 +35,7 @@ from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
 from misp.hparams import plain, save_plain_hyperparameters
 from misp.methods import DEFAULT_METHOD
-from misp.logprobs import sequence_logps
+from misp.logprobs import response_token_logps, sequence_logps
 from misp.losses import image_advantages
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
@@ -171,6 +172,12 @@ class MISPDPOModule(VLMModule):
         logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, images, rows.labels, rows.image_index)
         return sequence_logps(logits, labels)
 
+    @staticmethod
+    def _token_logps(model, rows: ConcatenatedRows, images: ImageInputs) -> torch.Tensor:
+        """Per-token response log-probs ``[N, L]`` (for terms that read edited spans)."""
+        logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, images, rows.labels, rows.image_index)
+        return response_token_logps(logits, labels)
+
     def _reference_logps(self, batch: PreferenceBatch, rows: ConcatenatedRows) -> torch.Tensor:
         keys = row_keys(batch)
         if self.reference_cache is not None:
@@ -194,14 +201,27 @@ class MISPDPOModule(VLMModule):
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id, self.method.negatives.drawn)
         b, k = rows.batch_size, rows.k
-        policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch.images), b, k))
-        reference = SequenceLogps(*split_rows(self._reference_logps(batch, rows), b, k))
+        spans = None
+        if rows.pairs and self.objective.uses_edit_spans:
+            # Terms over edited spans read per-token log-probs of every cell, the reference's too: those rows go
+            # through the reference each step (the summed values of other methods stay cached).
+            policy_tokens = self._token_logps(self.model, rows, batch.images)
+            with reference_mode(self.model, self.reference) as ref_model:
+                reference_tokens = self._token_logps(ref_model, rows, batch.images).float()
+            policy_values, reference_values = policy_tokens.sum(-1), reference_tokens.sum(-1)
+            spans = edit_spans(batch, policy_tokens, reference_tokens)
+        else:
+            policy_values = self._logps(self.model, rows, batch.images)
+            reference_values = self._reference_logps(batch, rows)
+        policy = SequenceLogps(*split_rows(policy_values, b, k))
+        reference = SequenceLogps(*split_rows(reference_values, b, k))
+        paired = paired_responses(policy_values, reference_values, b, k) if rows.pairs else None
         log_q = batch.log_q if k else None
         log_q_phi = None
         if self.proposal is not None:
             # Through forward, so that FSDP gathers q_phi's parameters.
             log_q_phi = gather_log_q(self.proposal(*self._features(batch.ids)), batch.draw_index)
-        term_losses, metrics = preference_terms(self.objective, policy, reference, log_q, log_q_phi)
+        term_losses, metrics = preference_terms(self.objective, policy, reference, log_q, log_q_phi, paired, spans)
         loss = sum_terms(term_losses).mean()
         every = self.hparams.diagnostics_every_n_steps
         if every and self.global_step % every == 0:

@@ -17,6 +17,7 @@ side never does (a ref says itself whether it names a file). A new source is one
 | crop           | K random resized crops of the positive (mDPO, 1%-20% of the area) | 0 (no proposal) |
 | noise          | K forward-diffusion noisings of the positive at t (CHiP-style)    | 0 (no proposal) |
 | occlude        | the positive with 1/K, 2/K, ..., K/K of an object hidden (LPOI), in that rank order | 0 (no proposal) |
+| edits          | K of the record's edited images, each with its own response (``misp.negatives.edits``) | -log (#edits) |
 | none           | no negatives (plain DPO)                                          | -              |
 
 With ``mining.record_candidates`` set (the mixed pool), the candidates of ``sae`` and ``random`` also hold
@@ -225,4 +226,13 @@ register_source(NegativeSource(
     materialise=lambda ref, positive, loader: occlude(
         loader(positive), torch.Generator().manual_seed(ref.seed), ref.index, ref.levels),
 ))
+def _draw_edits(c: DrawContext, epoch: int) -> NegativeDraws:
+    # A record without edits draws None: the datamodule has refused it (on_bad_record: raise) or left it out
+    # (skip) with its file and line before any epoch is drawn (misp.data.pairs.check_edits).
+    lists = [list(x) or [None] for x in c.record_lists("edits")]
+    padded, valid = padded_lists(lists)
+    return draw_from_lists(uniform_log_q(valid), padded, c.k, c.seed, epoch, c.ids)
+
+
+register_source(NegativeSource("edits", _draw_edits, paired_responses=True, edit_spans=True))
 register_source(NegativeSource("none", None, proposal="none"))

@@ -1,0 +1,156 @@
+"""Response pairs in the data: each drawn edit's own response, tokenised, and the token span its edit changes.
+
+A source that gives paired responses (``edits``, ``misp.negatives.edits``) draws refs that carry the edit's
+own correct response ``y_k``. The datamodule encodes every record's edit responses once, at setup
+(:func:`encode_edits`), so that a bad one fails the run at start-up naming its file, line and field; each
+item then carries the encodings of its K drawn responses and their spans (:meth:`EditResponses.item`), and
+:func:`collate_pairs` pads them into a ``misp.batch.ResponsePairRows``.
+
+**The span rule** (:func:`edit_spans`). IC-VCO's single-image branch sums each log-prob over the tokens an
+edit changes. misp finds them from the token ids alone, the same way for every data set: over the response
+tokens of ``y_p`` and ``y_k`` (their labels, EOS included), strip the longest common prefix, then the longest
+common suffix of what remains; the tokens left in each are its span. A one-attribute edit ("red" -> "purple")
+gives the changed word's tokens in both; removing an object gives its sentence in ``y_p`` and an empty span
+in ``y_k`` (and the reverse for an insertion), so the masked pair compares that sentence under the two
+images. Identical responses give two empty spans (the masked pair is then 0 and sends no gradient).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from misp.batch import NegativeRef, ResponsePairRows, TokenRows
+from misp.data.records import OnBadRecord, ReadResult, RecordError
+from misp.models.prompting import IGNORE_INDEX, collate_examples, encode_example
+from misp.negatives.edits import FIELD, missing_edits_reason, record_edits
+
+log = logging.getLogger(__name__)
+
+
+def response_ids(example: dict) -> list[int]:
+    """The response's token ids of an encoded example (its labels that are scored, EOS included), in order."""
+    return [t for t in example["labels"] if t != IGNORE_INDEX]
+
+
+def edit_spans(chosen: list[int], edited: list[int]) -> tuple[list[bool], list[bool]]:
+    """The tokens of ``chosen`` and of ``edited`` inside the span the edit changes (the module docstring's rule)."""
+    n = min(len(chosen), len(edited))
+    p = 0
+    while p < n and chosen[p] == edited[p]:
+        p += 1
+    s = 0
+    while s < n - p and chosen[-1 - s] == edited[-1 - s]:
+        s += 1
+    return ([p <= t < len(chosen) - s for t in range(len(chosen))],
+            [p <= t < len(edited) - s for t in range(len(edited))])
+
+
+@dataclass
+class EditResponses:
+    """Every kept record's edit responses, encoded on the record's prompt, by record position and response."""
+
+    encoded: list[dict[str, dict] | None]
+    """Per record (in file order), its responses' encodings by response text (None: record left out)."""
+    spans: bool = True
+    """Whether items carry the edit spans (only terms with ``token_mask`` read them)."""
+
+    def item(self, i: int, chosen: dict, refs: list[NegativeRef]) -> dict:
+        """The pair part of record ``i``'s item: its K drawn responses' encodings and spans."""
+        table = self.encoded[i]
+        responses = [table[ref.response] for ref in refs]
+        out: dict = {"responses": responses}
+        if self.spans:
+            ids = response_ids(chosen)
+            spans = [edit_spans(ids, response_ids(e)) for e in responses]
+            out["chosen_span"] = [c for c, _ in spans]
+            out["own_span"] = [o for _, o in spans]
+        return out
+
+
+def encode_edits(
+    read: ReadResult,
+    encoded: list,
+    processor,
+    max_length: int,
+    on_bad_record: OnBadRecord,
+    records_file: str,
+    image_root: str | None,
+    spans: bool = True,
+) -> EditResponses:
+    """Encode each kept record's edit responses on its prompt, as its chosen response is encoded.
+
+    A response longer than ``max_length`` allows is cut to fit (it then keeps no EOS), as ``truncation:
+    truncate`` cuts chosen ones; the span rule then reads the cut ids. A record that carries no edits, or an
+    edit that cannot be encoded, is a ``RecordError`` naming the file, line and field ``edits`` (with
+    ``on_bad_record: skip``: left out, ``encoded[i]`` set to None, and counted in the raised error only when
+    no record is left).
+
+    Args:
+        read: the records as read (their file and lines name them in errors).
+        encoded: per record, its (chosen, rejected) encodings or None (left out); updated in place.
+        processor: the VLM's processor.
+        max_length: the datamodule's ``max_length``.
+        on_bad_record: ``raise`` or ``skip``.
+        records_file, image_root: where the Shapes world's captioned counterfactuals are relative to.
+        spans: whether items carry the edit spans.
+    """
+    lines = read.lines or [None] * len(read.records)
+    out: list[dict[str, dict] | None] = [None] * len(read.records)
+    skipped: list[RecordError] = []
+    for i, (record, line) in enumerate(zip(read.records, lines, strict=True)):
+        if encoded[i] is None:
+            continue
+        try:
+            edits = record_edits(record, records_file, image_root)
+            if not edits:
+                raise RecordError(Path(read.path), line, FIELD, f"record {record.id!r}: {missing_edits_reason()}",
+                                  split=read.split)
+            chosen = encoded[i][0]
+            extra = {"history": record.history} if record.history else {}
+            if "image_tokens" in chosen:
+                extra["image_tokens"] = chosen["image_tokens"]
+            table: dict[str, dict] = {}
+            for j, (_, response) in enumerate(edits):
+                if response in table:
+                    continue
+                try:
+                    table[response] = encode_example(processor, record.prompt, response, max_length, **extra)
+                except ValueError as e:
+                    raise RecordError(Path(read.path), line, FIELD, f"record {record.id!r}: item {j}: {e}",
+                                      split=read.split) from None
+        except RecordError as e:
+            if on_bad_record == "raise":
+                raise
+            skipped.append(e)
+            encoded[i] = None
+            continue
+        out[i] = table
+    if skipped:
+        if all(e is None for e in encoded):
+            raise RecordError(read.path, None, FIELD, f"no record has usable edits; first: {skipped[0]}", split=read.split)
+        log.warning("skipped %d of %d records in %s without usable edits: first: %s",
+                    len(skipped), len(read.records), read.path, skipped[0])
+    return EditResponses(out, spans)
+
+
+def collate_pairs(items: list[dict], pad_token_id: int) -> ResponsePairRows:
+    """The pair parts of B items (K responses each) -> ``ResponsePairRows`` (record-major rows, padded spans)."""
+    rows = collate_examples([e for it in items for e in it["responses"]], pad_token_id)
+    responses = TokenRows(rows["input_ids"], rows["attention_mask"], rows["labels"])
+    if "chosen_span" not in items[0]:
+        return ResponsePairRows(responses)
+
+    def padded(name: str) -> torch.Tensor:
+        width = max((len(s) for it in items for s in it[name]), default=0)
+        k = len(items[0][name])
+        mask = torch.zeros(len(items), k, width, dtype=torch.bool)
+        for r, it in enumerate(items):
+            for j, s in enumerate(it[name]):
+                mask[r, j, : len(s)] = torch.tensor(s, dtype=torch.bool)
+        return mask
+
+    return ResponsePairRows(responses, padded("chosen_span"), padded("own_span"))

@@ -1,0 +1,50 @@
+"""The response-pair inputs of the terms (``TermInputs.paired``, ``.spans``) from one step's row log-probs.
+
+The rows are ``misp.dpo.batching``'s: chosen, rejected, chosen under each negative, then each negative's own
+response ``y_k`` under the negative and under the positive. Summed log-probs give ``PairedResponses``; the
+per-token ones (``misp.logprobs.response_token_logps``, for terms with ``token_mask``) with the batch's span
+masks give ``EditSpans``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from misp.batch import PreferenceBatch
+from misp.dpo.batching import split_pair_rows, split_rows
+from misp.dpo.terms import CellTokenLogps, EditSpans, PairedLogps, PairedResponses
+
+
+def paired_responses(policy: Tensor, reference: Tensor, b: int, k: int) -> PairedResponses:
+    """``[2B + 3BK]`` summed log-probs of the policy and the reference -> the pairs' cells ``[B, K]``."""
+    return PairedResponses(PairedLogps(*split_pair_rows(policy, b, k)), PairedLogps(*split_pair_rows(reference, b, k)))
+
+
+def _fit(tokens: Tensor, width: int) -> Tensor:
+    """``[..., L]`` cut or zero-padded to ``[..., width]`` (entries past a response's end are 0 anyway)."""
+    if tokens.shape[-1] >= width:
+        return tokens[..., :width]
+    return F.pad(tokens, (0, width - tokens.shape[-1]))
+
+
+def cell_tokens(tokens: Tensor, b: int, k: int, chosen_width: int, own_width: int) -> CellTokenLogps:
+    """``[2B + 3BK, L]`` per-token log-probs -> the four cells, y_p's at ``chosen_width``, y_k's at ``own_width``."""
+    chosen, _, chosen_edit = split_rows(tokens, b, k)
+    own, swapped = split_pair_rows(tokens, b, k)
+    return CellTokenLogps(
+        _fit(chosen, chosen_width), _fit(chosen_edit, chosen_width), _fit(own, own_width), _fit(swapped, own_width)
+    )
+
+
+def edit_spans(batch: PreferenceBatch, policy_tokens: Tensor, reference_tokens: Tensor) -> EditSpans:
+    """The span inputs of IC-VCO's single-image branch: the four cells per token, and the batch's span masks."""
+    pairs = batch.pairs
+    if pairs is None or pairs.chosen_span is None:
+        raise ValueError("a term reads edit spans, but the batch carries none (its source gives no edit_spans)")
+    b, k = batch.batch_size, batch.k
+    chosen_mask, own_mask = pairs.chosen_span.to(torch.bool), pairs.own_span.to(torch.bool)
+    wc, wo = chosen_mask.shape[-1], own_mask.shape[-1]
+    return EditSpans(cell_tokens(policy_tokens, b, k, wc, wo), cell_tokens(reference_tokens, b, k, wc, wo),
+                     chosen_mask, own_mask)
