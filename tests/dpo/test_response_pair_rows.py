@@ -1,0 +1,125 @@
+"""The model side of response pairs: the pair rows in the one forward, their cells equal to each row run alone,
+their reference log-probs cached under keys that include the response, per-token log-probs for spans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from misp.batch import ImageInputs, NegativeRef, PreferenceBatch, ResponsePairRows, TokenRows
+from misp.data.negative_sampler import NegativeSamplerDataModule
+from misp.dpo import MISPDPOModule
+from misp.dpo.batching import concatenate_rows, row_keys, split_pair_rows, split_rows
+from misp.dpo.method import Method, MethodError
+from misp.dpo.terms import ResponsePairs
+from misp.logprobs import response_token_logps, sequence_logps
+from misp.models.vlm import VLMSpec
+
+
+def _batch(b: int = 2, k: int = 2, pairs: bool = True) -> PreferenceBatch:
+    rows = TokenRows(torch.ones(b, 5, dtype=torch.long), torch.ones(b, 5, dtype=torch.long), torch.ones(b, 5, dtype=torch.long))
+    own = TokenRows(torch.full((b * k, 7), 2), torch.ones(b * k, 7, dtype=torch.long), torch.full((b * k, 7), 2))
+    images = ImageInputs({"pixel_values": torch.randn(b + b * k, 3, 4, 4)}, torch.full((b + b * k,), 4))
+    refs = [[NegativeRef("edits", f"e{r}.png", j, response=f"caption {j}") for j in range(k)] for r in range(b)]
+    return PreferenceBatch([f"r{i}" for i in range(b)], rows, rows, images, refs, torch.zeros(b, k),
+                           torch.zeros(b, k, dtype=torch.long), ResponsePairRows(own) if pairs else None)
+
+
+def test_the_pair_rows_follow_the_three_blocks_and_read_the_right_images():
+    with_pairs, without = concatenate_rows(_batch(), 0), concatenate_rows(_batch(pairs=False), 0)
+    b, k = 2, 2
+    assert with_pairs.pairs and not without.pairs
+    assert with_pairs.input_ids.shape == (2 * b + 3 * b * k, 7) and without.input_ids.shape == (2 * b + b * k, 5)
+    # (m_k, y_k) reads negative image B + r*K + k; (m_p, y_k) reads record r's positive
+    assert with_pairs.image_index.tolist() == [0, 1, 0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 0, 0, 1, 1]
+    assert torch.equal(with_pairs.input_ids[: 2 * b + b * k, :5], without.input_ids)
+    values = torch.arange(2 * b + 3 * b * k, dtype=torch.float)
+    chosen, rejected, negatives = split_rows(values, b, k)
+    own, swapped = split_pair_rows(values, b, k)
+    assert negatives.tolist() == [[4, 5], [6, 7]] and own.tolist() == [[8, 9], [10, 11]]
+    assert swapped.tolist() == [[12, 13], [14, 15]]
+
+
+def test_pair_keys_name_the_response_so_two_captions_of_one_image_are_two_rows():
+    batch = _batch()
+    keys = row_keys(batch)
+    assert len(keys) == len(set(keys)) == 2 * 2 + 3 * 4
+    ref = batch.negatives[1][0]
+    assert keys[4 + 4 + 2] == ("r1", "response:caption 0", ref) and keys[4 + 8 + 2] == ("r1", "response:caption 0", "positive")
+    other = ref._replace(response="another caption")
+    assert other != ref and hash(other) != hash(ref)
+    assert NegativeRef(*list(ref)) == ref  # the reference cache's checkpoint form round-trips
+
+
+def test_response_token_logps_are_each_tokens_log_prob_in_order():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 3, 4, 5, -100], [-100, 1, 2, -100, -100, -100], [-100] * 6])
+    tokens = response_token_logps(logits, labels)
+    logp = logits.log_softmax(-1)
+    expected = torch.zeros(3, 3, dtype=torch.float64)
+    for n in range(3):
+        scored = [(t, int(labels[n, t + 1])) for t in range(5) if labels[n, t + 1] != -100]
+        for j, (t, y) in enumerate(scored):
+            expected[n, j] = logp[n, t, y]
+    torch.testing.assert_close(tokens, expected)
+    torch.testing.assert_close(tokens.sum(-1), sequence_logps(logits, labels))
+
+
+def test_the_in_context_branch_is_refused_with_the_edits_source_in_one_line():
+    with pytest.raises(MethodError) as e:
+        Method(beta=0.1, terms={"pairs_ic": ResponsePairs(context="in_context")}, negatives={"source": "edits", "k": 1})
+    lines = [x for x in str(e.value).splitlines() if x.strip().startswith("-")]
+    assert len(lines) == 1 and "two-image context" in lines[0] and "'edits'" in lines[0]
+
+
+@pytest.fixture
+def edits_records(tiny_world, tmp_path) -> Path:
+    """The tiny world's first records, each with two edits: its counterfactual renders, its rejected caption as
+    one's response and a made-up one as the other's (only the numbers matter here)."""
+    rows = [json.loads(line) for line in (tiny_world / "pref.jsonl").read_text().splitlines()[:4]]
+    for r in rows:
+        r["image"] = str(tiny_world / r["image"])
+        r["edits"] = [{"image": str(tiny_world / r["meta"]["counterfactuals"][0]), "response": r["rejected"]},
+                      {"image": str(tiny_world / r["meta"]["counterfactuals"][1]), "response": "a small red circle."}]
+    f = tmp_path / "edits.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return f
+
+
+def test_each_pair_cell_is_the_rows_own_log_prob_and_its_reference_is_cached(edits_records, vlm_dir, tmp_path):
+    from misp.data.pixel_cache import image_inputs
+    from misp.models.forward import response_logits
+    from misp.models.prompting import collate_examples, encode_example
+
+    torch.manual_seed(0)
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("symmpo"))
+    dm = NegativeSamplerDataModule(records_file=str(edits_records), batch_size=2, cache_dir=str(tmp_path / "cache"),
+                                   progress=False, preview_records=0)
+    dm.attach(module)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.pairs is not None and batch.k == 1 and batch.negatives[0][0].response
+    rows = concatenate_rows(batch, module.processor.tokenizer.pad_token_id, 1)
+    with torch.no_grad():
+        values = module._logps(module.model, rows, batch.images)
+    own, swapped = split_pair_rows(values, batch.batch_size, 1)
+    records = {r.id: r for r in dm.records}
+    for r, rid in enumerate(batch.ids):
+        ref = batch.negatives[r][0]
+        row = collate_examples([encode_example(module.processor, records[rid].prompt, ref.response)],
+                               module.processor.tokenizer.pad_token_id)
+        for image, cell in ((Path(ref.path), own[r, 0]), (records[rid].image, swapped[r, 0])):
+            with torch.no_grad():
+                logits, labels = response_logits(module.model, row["input_ids"], row["attention_mask"],
+                                                 image_inputs(module.processor, [image]), row["labels"])
+            torch.testing.assert_close(cell, sequence_logps(logits, labels)[0], atol=1e-4, rtol=1e-4)
+    first = module._reference_logps(batch, rows)
+    hits = module.reference_cache.hits
+    again = module._reference_logps(batch, rows)
+    assert module.reference_cache.hits - hits == len(row_keys(batch))  # every pair row came from the cache
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(first, values, atol=1e-5, rtol=1e-5)  # untrained: reference = policy
