@@ -141,6 +141,9 @@ class ResponsePairRows:
     changes (``misp.data.pairs.edit_spans``); None when no term reads spans."""
     own_span: torch.Tensor | None = None
     """``[B, K, L']`` bool over ``y_k``'s response tokens: those its edit changes; None alike."""
+    valid: torch.Tensor | None = None
+    """``[B, K]`` bool: the draws that have their own response (a mixed pool draws retrieved images too, whose
+    rows hold ``y_p`` as a placeholder and are masked out of the pair terms); None: every draw has one."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from misp.batch import NegativeRef
-from misp.negatives.edits import SOURCE as EDITS, edit_refs
+from misp.negatives.edits import SOURCE as EDITS, edit_refs, record_edits
 from misp.negatives.mining import Candidates, Selection
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source
 
@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 
 
 def record_images(record, kind: str, records_file: str, image_root: str | None) -> list[str]:
-    """The image files a record carries: its ``given`` negatives, or its ``counterfactual`` renders
-    (``meta.counterfactuals``, relative to ``image_root`` or the records file's folder)."""
+    """The image files a record carries: its ``given`` negatives, its ``counterfactual`` renders
+    (``meta.counterfactuals``, relative to ``image_root`` or the records file's folder), or its ``edits``
+    (``misp.negatives.edits``: images with their own responses)."""
     if kind == "given":
         return [str(p) for p in record.negatives]
+    if kind == EDITS:
+        return [path for path, _ in record_edits(record, records_file, image_root)]
     root = Path(image_root) if image_root else Path(records_file).parent
     return [str(root / p) for p in record.meta.get("counterfactuals", [])]
 
@@ -63,10 +66,19 @@ class NegativeDrawer:
         if source.draw is None:
             return None
 
+        # A pool source that pairs responses: a candidate that is one of the record's own edits carries its response.
+        # Keyed by the resolved file, as mining keys a record's own images (one that is also a pool image keeps
+        # the pool's path).
+        own = ([{str(Path(p).resolve()): y for p, y in record_edits(r, self.records_file, self.image_root)} for r in records]
+               if source.paired_responses and source.needs_pool else None)
+
         def refs(index: torch.Tensor) -> list[list[NegativeRef | None]]:
             # Candidate indices name the pool's images and then the records' own (mining.record_candidates).
             files = candidates.paths
-            return [[NegativeRef(self.source, str(files[i]), i) if i >= 0 else None for i in row.tolist()] for row in index]
+            return [[NegativeRef(self.source, str(files[i]), i,
+                                 response=None if own is None else own[r].get(str(Path(files[i]).resolve())))
+                     if i >= 0 else None
+                     for i in row.tolist()] for r, row in enumerate(index)]
 
         context = DrawContext(
             ids=[r.id for r in records], k=self.k, seed=self.seed, source=self.source,

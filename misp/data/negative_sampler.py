@@ -286,7 +286,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         h = self.hparams
         lists = [[Path(p) for p in record_images(r, kind, h.records_file, h.image_root)] for r in self.records]
         missing = [r.id for r, x in zip(self.records, lists, strict=True) if not x]
-        what = "meta.counterfactuals" if kind == "counterfactual" else "negatives"
+        what = {"counterfactual": "meta.counterfactuals", "edits": "edits (or meta.captioned_counterfactuals)"}.get(kind, "negatives")
         if lists and len(missing) == len(lists):
             raise ValueError(
                 f"mining.record_candidates={kind!r}: no record in {self.hparams.records_file} carries a `{what}` "
@@ -323,8 +323,10 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             source = get_source(self._negatives().source)
             if source.paired_responses and self.k > 0:
                 h = self.hparams
+                # A pool source pairs only the draws that are a record's own edits: a record without any is fine.
                 self.pairs = encode_edits(self._read, self.encoded, self.processor, h.max_length, h.on_bad_record,
-                                          h.records_file, h.image_root, spans=source.edit_spans)
+                                          h.records_file, h.image_root, spans=source.edit_spans,
+                                          require=not source.needs_pool)
 
     def encode_pairs(self, processor: Any) -> tuple[list[tuple[dict, dict] | None], list[tuple[dict, dict] | None]]:
         """Each record's (chosen, rejected) encoding as training uses it, and as encoded before ``max_length``.

@@ -59,10 +59,15 @@ class EditResponses:
     """Whether items carry the edit spans (only terms with ``token_mask`` read them)."""
 
     def item(self, i: int, chosen: dict, refs: list[NegativeRef]) -> dict:
-        """The pair part of record ``i``'s item: its K drawn responses' encodings and spans."""
-        table = self.encoded[i]
-        responses = [table[ref.response] for ref in refs]
-        out: dict = {"responses": responses}
+        """The pair part of record ``i``'s item: its K drawn responses' encodings and spans.
+
+        A draw without a response of its own (a retrieved image of a mixed pool) gets ``y_p``'s encoding as a
+        placeholder and ``valid`` False, so the pair terms leave it out.
+        """
+        table = self.encoded[i] or {}
+        valid = [ref.response is not None for ref in refs]
+        responses = [table[ref.response] if ok else chosen for ref, ok in zip(refs, valid, strict=True)]
+        out: dict = {"responses": responses, "valid": valid}
         if self.spans:
             ids = response_ids(chosen)
             spans = [edit_spans(ids, response_ids(e)) for e in responses]
@@ -80,6 +85,7 @@ def encode_edits(
     records_file: str,
     image_root: str | None,
     spans: bool = True,
+    require: bool = True,
 ) -> EditResponses:
     """Encode each kept record's edit responses on its prompt, as its chosen response is encoded.
 
@@ -97,6 +103,8 @@ def encode_edits(
         on_bad_record: ``raise`` or ``skip``.
         records_file, image_root: where the Shapes world's captioned counterfactuals are relative to.
         spans: whether items carry the edit spans.
+        require: a record without edits is an error (the ``edits`` source); False for a mixed pool, where
+            such a record's draws are all retrieved images (no pairs).
     """
     lines = read.lines or [None] * len(read.records)
     out: list[dict[str, dict] | None] = [None] * len(read.records)
@@ -106,7 +114,7 @@ def encode_edits(
             continue
         try:
             edits = record_edits(record, records_file, image_root)
-            if not edits:
+            if not edits and require:
                 raise RecordError(Path(read.path), line, FIELD, f"record {record.id!r}: {missing_edits_reason()}",
                                   split=read.split)
             chosen = encoded[i][0]
@@ -141,8 +149,10 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> ResponsePairRows:
     """The pair parts of B items (K responses each) -> ``ResponsePairRows`` (record-major rows, padded spans)."""
     rows = collate_examples([e for it in items for e in it["responses"]], pad_token_id)
     responses = TokenRows(rows["input_ids"], rows["attention_mask"], rows["labels"])
+    flags = [it.get("valid") for it in items]
+    valid = None if all(f is None or all(f) for f in flags) else torch.tensor(flags, dtype=torch.bool)
     if "chosen_span" not in items[0]:
-        return ResponsePairRows(responses)
+        return ResponsePairRows(responses, valid=valid)
 
     def padded(name: str) -> torch.Tensor:
         width = max((len(s) for it in items for s in it[name]), default=0)
@@ -153,4 +163,4 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> ResponsePairRows:
                 mask[r, j, : len(s)] = torch.tensor(s, dtype=torch.bool)
         return mask
 
-    return ResponsePairRows(responses, padded("chosen_span"), padded("own_span"))
+    return ResponsePairRows(responses, padded("chosen_span"), padded("own_span"), valid)

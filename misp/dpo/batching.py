@@ -104,6 +104,7 @@ def row_keys(batch: PreferenceBatch) -> list[RowKey]:
     )
     if batch.pairs is not None and batch.k:
         drawn = [(rid, ref) for rid, refs in zip(ids, negatives, strict=True) for ref in refs]
-        keys += [(rid, f"response:{ref.response}", ref) for rid, ref in drawn]
-        keys += [(rid, f"response:{ref.response}", "positive") for rid, ref in drawn]
+        # A draw without its own response holds y_p as a placeholder: those rows are (y_p, m_k) and (y_p, m_p).
+        keys += [(rid, "chosen" if ref.response is None else f"response:{ref.response}", ref) for rid, ref in drawn]
+        keys += [(rid, "chosen" if ref.response is None else f"response:{ref.response}", "positive") for rid, ref in drawn]
     return keys

@@ -215,7 +215,7 @@ class MISPDPOModule(VLMModule):
             reference_values = self._reference_logps(batch, rows)
         policy = SequenceLogps(*split_rows(policy_values, b, k))
         reference = SequenceLogps(*split_rows(reference_values, b, k))
-        paired = paired_responses(policy_values, reference_values, b, k) if rows.pairs else None
+        paired = paired_responses(policy_values, reference_values, b, k, batch.pairs.valid) if rows.pairs else None
         log_q = batch.log_q if k else None
         log_q_phi = None
         if self.proposal is not None:

@@ -17,9 +17,11 @@ from misp.dpo.batching import split_pair_rows, split_rows
 from misp.dpo.terms import CellTokenLogps, EditSpans, PairedLogps, PairedResponses
 
 
-def paired_responses(policy: Tensor, reference: Tensor, b: int, k: int) -> PairedResponses:
-    """``[2B + 3BK]`` summed log-probs of the policy and the reference -> the pairs' cells ``[B, K]``."""
-    return PairedResponses(PairedLogps(*split_pair_rows(policy, b, k)), PairedLogps(*split_pair_rows(reference, b, k)))
+def paired_responses(policy: Tensor, reference: Tensor, b: int, k: int, valid: Tensor | None = None) -> PairedResponses:
+    """``[2B + 3BK]`` summed log-probs of the policy and the reference -> the pairs' cells ``[B, K]`` (``valid``:
+    the draws with their own response, ``ResponsePairRows.valid``)."""
+    return PairedResponses(PairedLogps(*split_pair_rows(policy, b, k)), PairedLogps(*split_pair_rows(reference, b, k)),
+                           None if valid is None else valid.to(policy.device))
 
 
 def _fit(tokens: Tensor, width: int) -> Tensor:

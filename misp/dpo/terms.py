@@ -79,6 +79,9 @@ class PairedResponses:
 
     policy: PairedLogps
     reference: PairedLogps
+    valid: Tensor | None = None
+    """[B, K] bool: the draws that have their own response (a mixed pool draws retrieved images too); the pair
+    terms average over these only, and an example with none gives 0. None: every draw has one."""
 
 
 @dataclass
@@ -420,6 +423,23 @@ class _PairTerm(LossTerm):
     def needs_in_context(self) -> bool:  # type: ignore[override]
         return self.context == "in_context"
 
+    @staticmethod
+    def edit_mean(losses: Tensor, x: TermInputs) -> Tensor:
+        """``[B, K]`` -> ``[B]``: the mean over the edits, or over the draws with their own response only."""
+        valid = x.paired.valid if x.paired is not None else None
+        if valid is None:
+            return losses.mean(-1)
+        v = valid.to(losses.dtype)
+        return (losses * v).sum(-1) / v.sum(-1).clamp_min(1)
+
+    @staticmethod
+    def valid_share(values: Tensor, x: TermInputs) -> Tensor:
+        """The mean of ``values [B, K]`` over the draws with their own response (a metric)."""
+        valid = x.paired.valid if x.paired is not None else None
+        if valid is None:
+            return values.float().mean()
+        return values.float()[valid].mean() if bool(valid.any()) else values.new_zeros((), dtype=torch.float)
+
     def logits(self, x: TermInputs) -> tuple[Tensor, Tensor]:
         pc, rc = _cells(x, self.context, self.token_mask)
         return response_pair_logits(pc.chosen, pc.swapped, pc.own, pc.chosen_edit,
@@ -445,10 +465,10 @@ class ResponsePairs(_PairTerm):
     def __call__(self, x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
         l_p, l_i = self.logits(x)
         losses = -F.logsigmoid(x.beta * l_p) - F.logsigmoid(x.beta * l_i)
-        return losses.mean(-1), {
-            f"{self.name}/accuracy_positive": (l_p > 0).float().mean().detach(),
-            f"{self.name}/accuracy_edit": (l_i > 0).float().mean().detach(),
-            f"{self.name}/margin": (x.beta * (l_p + l_i) / 2).detach().mean(),
+        return self.edit_mean(losses, x), {
+            f"{self.name}/accuracy_positive": self.valid_share(l_p > 0, x).detach(),
+            f"{self.name}/accuracy_edit": self.valid_share(l_i > 0, x).detach(),
+            f"{self.name}/margin": self.valid_share(x.beta * (l_p + l_i) / 2, x).detach(),
         }
 
 
@@ -466,7 +486,7 @@ class PairMargin(_PairTerm):
 
     def __call__(self, x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
         l_p, l_i = self.logits(x)
-        return (l_p - l_i).pow(2).mean(-1), {}
+        return self.edit_mean((l_p - l_i).pow(2), x), {}
 
 
 class PairAnchors(_PairTerm):
@@ -492,7 +512,7 @@ class PairAnchors(_PairTerm):
         k = pc.own.shape[-1]
         chosen = anchor_loss(pc.chosen.reshape(-1), rc.chosen.reshape(-1), x.beta, self.delta).view(-1, k)
         own = anchor_loss(pc.own.reshape(-1), rc.own.reshape(-1), x.beta, self.delta).view(-1, k)
-        return (chosen + own).mean(-1), {}
+        return self.edit_mean(chosen + own, x), {}
 
 
 class VCDist(_PairTerm):

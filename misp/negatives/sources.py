@@ -18,6 +18,7 @@ side never does (a ref says itself whether it names a file). A new source is one
 | noise          | K forward-diffusion noisings of the positive at t (CHiP-style)    | 0 (no proposal) |
 | occlude        | the positive with 1/K, 2/K, ..., K/K of an object hidden (LPOI), in that rank order | 0 (no proposal) |
 | edits          | K of the record's edited images, each with its own response (``misp.negatives.edits``) | -log (#edits) |
+| sae_pairs      | as ``sae``; a draw that is one of the record's edits (``mining.record_candidates: edits``) carries its response | log q_phi |
 | none           | no negatives (plain DPO)                                          | -              |
 
 With ``mining.record_candidates`` set (the mixed pool), the candidates of ``sae`` and ``random`` also hold
@@ -235,4 +236,10 @@ def _draw_edits(c: DrawContext, epoch: int) -> NegativeDraws:
 
 
 register_source(NegativeSource("edits", _draw_edits, paired_responses=True, edit_spans=True))
+# The mixed pool of misp_ground: retrieved images and the record's own edits, the SAE choosing, q_phi drawing.
+# Only the draws that are edits have a response; the pair terms mask the others (ResponsePairRows.valid).
+register_source(NegativeSource(
+    "sae_pairs", lambda c, epoch: draw_from_lists(c.proposal_log_q(), c.selected_refs(), c.k, c.seed, epoch, c.ids),
+    needs_pool=True, needs_sae=True, proposal="learned", paired_responses=True,
+))
 register_source(NegativeSource("none", None, proposal="none"))

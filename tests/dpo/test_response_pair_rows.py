@@ -123,3 +123,29 @@ def test_each_pair_cell_is_the_rows_own_log_prob_and_its_reference_is_cached(edi
     assert module.reference_cache.hits - hits == len(row_keys(batch))  # every pair row came from the cache
     torch.testing.assert_close(again, first)
     torch.testing.assert_close(first, values, atol=1e-5, rtol=1e-5)  # untrained: reference = policy
+
+
+def test_the_pair_terms_average_over_the_draws_with_their_own_response_only():
+    from misp.dpo.terms import PairAnchors, PairedLogps, PairedResponses, PairMargin, SequenceLogps, TermInputs
+
+    torch.manual_seed(0)
+    b, k = 3, 2
+
+    def seq():
+        return SequenceLogps(torch.randn(b), torch.randn(b), torch.randn(b, k))
+
+    policy, reference = seq(), seq()
+    cells = PairedLogps(torch.randn(b, k), torch.randn(b, k)), PairedLogps(torch.randn(b, k), torch.randn(b, k))
+    valid = torch.tensor([[True, False], [True, True], [False, False]])
+    full = TermInputs(policy, reference, 0.5, paired=PairedResponses(*cells))
+    masked = TermInputs(policy, reference, 0.5, paired=PairedResponses(*cells, valid=valid))
+    for term in (ResponsePairs(), PairMargin(), PairAnchors()):
+        def column(s: SequenceLogps, j: int) -> SequenceLogps:
+            return SequenceLogps(s.chosen, s.rejected, s.negatives[:, j:j + 1])
+
+        per_draw = torch.stack([term(TermInputs(column(policy, j), column(reference, j), 0.5, paired=PairedResponses(
+            PairedLogps(cells[0].own[:, j:j + 1], cells[0].swapped[:, j:j + 1]),
+            PairedLogps(cells[1].own[:, j:j + 1], cells[1].swapped[:, j:j + 1]))))[0] for j in range(k)], dim=1)
+        torch.testing.assert_close(term(full)[0], per_draw.mean(1))
+        expected = torch.stack([per_draw[0, 0], per_draw[1].mean(), torch.tensor(0.0)])
+        torch.testing.assert_close(term(masked)[0], expected)

@@ -76,3 +76,34 @@ def test_icvco_fits_on_the_edited_spans(edits_world, tmp_path, monkeypatch):
     assert "loss/text" not in _logged(rows)
     losses = _losses(rows)
     assert len(losses) == 2 and torch.isfinite(losses).all()
+
+
+@pytest.mark.slow
+def test_misp_ground_fits_on_the_mixed_pool_and_pairs_only_the_edits(edits_world, clip_dir, sae_dir, tmp_path,
+                                                                      monkeypatch):
+    world, vlm = edits_world
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    from misp.dpo import module as dpo_module
+
+    step = dpo_module.MISPDPOModule.training_step
+
+    def recorded(self, batch, i):
+        seen.append(batch)
+        return step(self, batch, i)
+
+    monkeypatch.setattr(dpo_module.MISPDPOModule, "training_step", recorded)
+    rows = _fit("misp_ground", world, vlm, tmp_path, f"--data.pool={world / 'pool.jsonl'}",
+                f"--data.clip.checkpoint={clip_dir}", f"--data.sae_path={sae_dir}", "--data.mining.n_candidates=8",
+                "--data.mining.pool_size=6", "--data.mining.dup_threshold=0.99999")
+    assert {"loss/image", "loss/text", "loss/anchor", "loss/pairs", "loss/proposal", "cool/weight_mean",
+            "is/ess"} <= _logged(rows)
+    assert torch.isfinite(_losses(rows)).all()
+    refs = [ref for batch in seen for record in batch.negatives for ref in record]
+    edits = [ref for ref in refs if ref.response is not None]
+    assert edits and all("pref_cf" in ref.path for ref in edits)  # only the record's own edits carry a caption
+    assert all(ref.response is None for ref in refs if "pref_cf" not in ref.path)
+    for batch in seen:
+        flags = batch.pairs.valid
+        expected = torch.tensor([[ref.response is not None for ref in r] for r in batch.negatives])
+        assert torch.equal(flags, expected) if flags is not None else bool(expected.all())
