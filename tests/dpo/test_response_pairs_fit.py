@@ -4,6 +4,7 @@ rows run through the policy and the reference, and the pair terms trained on."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -67,15 +68,52 @@ def test_symmpo_fits_on_the_worlds_captioned_edits(edits_world, tmp_path, monkey
     assert float(first["loss/pairs"]) == pytest.approx(2 * torch.log(torch.tensor(2.0)).item(), abs=1e-4)
 
 
-@pytest.mark.slow
-def test_icvco_fits_on_the_edited_spans(edits_world, tmp_path, monkeypatch):
+def test_icvco_trains_on_the_tokens_each_edit_changes(edits_world, tmp_path):
+    """IC-VCO's single-image step on the world's captioned edits: the spans follow the rule (what is left once the
+    common prefix and suffix are stripped), the per-token cells sum to the summed ones, and the untrained loss is
+    the release's value at policy = reference."""
+    from misp.data.negative_sampler import NegativeSamplerDataModule
+    from misp.data.pairs import response_ids
+    from misp.dpo import MISPDPOModule
+    from misp.dpo.batching import concatenate_rows, split_pair_rows, split_rows
+    from misp.dpo.method import Method
+    from misp.dpo.pairs import edit_spans
+    from misp.models.vlm import VLMSpec
+
     world, vlm = edits_world
-    monkeypatch.chdir(tmp_path)
-    rows = _fit("icvco", world, vlm, tmp_path)
-    assert {"loss/pairs_span", "loss/pair_anchors_span", "pairs_span/accuracy_positive"} <= _logged(rows)
-    assert "loss/text" not in _logged(rows)
-    losses = _losses(rows)
-    assert len(losses) == 2 and torch.isfinite(losses).all()
+    module = MISPDPOModule(VLMSpec(path=str(vlm)), method=Method.preset("icvco"))
+    dm = NegativeSamplerDataModule(records_file=str(world / "pref.jsonl"), batch_size=4, progress=False,
+                                   cache_dir=str(tmp_path / "cache"), preview_records=0)
+    dm.attach(module)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    pairs, tokenizer = batch.pairs, module.processor.tokenizer
+    records = {r.id: r for r in dm.records}
+    for r, rid in enumerate(batch.ids):
+        ref = batch.negatives[r][0]
+        chosen = response_ids({"labels": tokenizer(records[rid].chosen)["input_ids"]})
+        kept_c = [t for t, m in zip(batch.chosen.labels[r][batch.chosen.labels[r] != -100].tolist(),
+                                    pairs.chosen_span[r, 0].tolist()) if not m]
+        own_labels = pairs.responses.labels[r][pairs.responses.labels[r] != -100].tolist()
+        kept_o = [t for t, m in zip(own_labels, pairs.own_span[r, 0].tolist()) if not m]
+        assert kept_c == kept_o and chosen  # outside the spans the two responses are the same tokens
+        changed = tokenizer.decode([t for t, m in zip(own_labels, pairs.own_span[r, 0].tolist()) if m])
+        assert changed.strip() in ref.response  # the span is a piece of the edit's own caption
+    rows = concatenate_rows(batch, tokenizer.pad_token_id, 1)
+    with torch.no_grad():
+        tokens = module._token_logps(module.model, rows, batch.images)
+        summed = module._logps(module.model, rows, batch.images)
+    cells = edit_spans(batch, tokens, tokens).policy
+    own, swapped = split_pair_rows(summed, 4, 1)
+    chosen, _, chosen_edit = split_rows(summed, 4, 1)
+    for got, want in ((cells.own.sum(-1), own), (cells.swapped.sum(-1), swapped), (cells.chosen.sum(-1), chosen),
+                      (cells.chosen_edit.sum(-1), chosen_edit)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    loss = module.training_step(batch, 0)
+    # policy = reference: every pair logit is 0 and every anchor -log sigma(0); 1.75/4 (two pairs + two anchors)
+    assert float(loss) == pytest.approx(0.4375 * 4 * math.log(2), abs=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
 
 
 @pytest.mark.slow
