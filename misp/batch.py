@@ -141,6 +141,10 @@ class ResponsePairRows:
     changes (``misp.data.pairs.edit_spans``); None when no term reads spans."""
     own_span: torch.Tensor | None = None
     """``[B, K, L']`` bool over ``y_k``'s response tokens: those its edit changes; None alike."""
+    in_context: TokenRows | None = None
+    """``[4*B*K, T'']`` IC-VCO's two-image rows ``[m_p, m_k]``, cell-major (the cells ``y_p | first``, ``y_k |
+    first``, ``y_k | second``, ``y_p | second``: "answer based on the first / second image"), record-major
+    within a cell; None unless a term reads the in-context pairs."""
     valid: torch.Tensor | None = None
     """``[B, K]`` bool: the draws that have their own response (a mixed pool draws retrieved images too, whose
     rows hold ``y_p`` as a placeholder and are masked out of the pair terms); None: every draw has one."""

@@ -186,6 +186,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.drawer: NegativeDrawer | None = None
         self.epoch_state = EpochState()
         self.pairs: EditResponses | None = None  # each record's edit responses (a source pairing responses)
+        self.in_context = False  # a term reads IC-VCO's two-image rows (from `attach`)
         self.pixel_cache = PixelCache.from_mb(image_cache_mb)
 
     # the method's negatives, from the handshake ----------------------------------------------------
@@ -205,6 +206,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                 + (" (the export_dir of a trained SAEModule)" if "sae_path" in missing else "")
             )
         self.negatives = negatives
+        self.in_context = bool(values.in_context)
         self.drawer = NegativeDrawer(negatives.source, negatives.k, h.seed, h.records_file, h.image_root)
 
     def _negatives(self) -> Negatives:
@@ -326,7 +328,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                 # A pool source pairs only the draws that are a record's own edits: a record without any is fine.
                 self.pairs = encode_edits(self._read, self.encoded, self.processor, h.max_length, h.on_bad_record,
                                           h.records_file, h.image_root, spans=source.edit_spans,
-                                          require=not source.needs_pool)
+                                          require=not source.needs_pool,
+                                          in_context=self.in_context and source.in_context)
 
     def encode_pairs(self, processor: Any) -> tuple[list[tuple[dict, dict] | None], list[tuple[dict, dict] | None]]:
         """Each record's (chosen, rejected) encoding as training uses it, and as encoded before ``max_length``.

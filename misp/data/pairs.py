@@ -25,10 +25,24 @@ import torch
 
 from misp.batch import NegativeRef, ResponsePairRows, TokenRows
 from misp.data.records import OnBadRecord, ReadResult, RecordError
+from misp.models.families.base import IMAGE_MARKER
 from misp.models.prompting import IGNORE_INDEX, collate_examples, encode_example
 from misp.negatives.edits import FIELD, missing_edits_reason, record_edits
 
 log = logging.getLogger(__name__)
+
+
+IN_CONTEXT_ANCHORS = {"first": " Answer based on the first image.", "second": " Answer based on the second image."}
+"""IC-VCO's anchor prompts of its two-image branch: the first image is the positive, the second the edit."""
+IN_CONTEXT_CELLS = (("first", None), ("first", "edit"), ("second", "edit"), ("second", None))
+"""The in-context rows of each edit, in order: (anchor, response), None for y_p, "edit" for the edit's own:
+``y_p | first``, ``y_k | first``, ``y_k | second``, ``y_p | second`` (``ResponseCells``' chosen, swapped,
+own, chosen_edit)."""
+
+
+def in_context_prompt(prompt: str, anchor: str) -> str:
+    """The two-image prompt: both images (positive, then edit) before the record's prompt and its anchor."""
+    return f"{IMAGE_MARKER}{IMAGE_MARKER}{prompt}{IN_CONTEXT_ANCHORS[anchor]}"
 
 
 def response_ids(example: dict) -> list[int]:
@@ -57,6 +71,8 @@ class EditResponses:
     """Per record (in file order), its responses' encodings by response text (None: record left out)."""
     spans: bool = True
     """Whether items carry the edit spans (only terms with ``token_mask`` read them)."""
+    in_context: list[dict[tuple[str, str], dict] | None] | None = None
+    """Per record, its two-image rows' encodings by (anchor, response) (None: no term reads them)."""
 
     def item(self, i: int, chosen: dict, refs: list[NegativeRef]) -> dict:
         """The pair part of record ``i``'s item: its K drawn responses' encodings and spans.
@@ -68,6 +84,11 @@ class EditResponses:
         valid = [ref.response is not None for ref in refs]
         responses = [table[ref.response] if ok else chosen for ref, ok in zip(refs, valid, strict=True)]
         out: dict = {"responses": responses, "valid": valid}
+        if self.in_context is not None:
+            ic = self.in_context[i]
+            chosen_text = ic["chosen"]
+            out["in_context"] = [[ic[(anchor, chosen_text if which is None else ref.response)] for ref in refs]
+                                 for anchor, which in IN_CONTEXT_CELLS]
         if self.spans:
             ids = response_ids(chosen)
             spans = [edit_spans(ids, response_ids(e)) for e in responses]
@@ -86,6 +107,7 @@ def encode_edits(
     image_root: str | None,
     spans: bool = True,
     require: bool = True,
+    in_context: bool = False,
 ) -> EditResponses:
     """Encode each kept record's edit responses on its prompt, as its chosen response is encoded.
 
@@ -105,9 +127,12 @@ def encode_edits(
         spans: whether items carry the edit spans.
         require: a record without edits is an error (the ``edits`` source); False for a mixed pool, where
             such a record's draws are all retrieved images (no pairs).
+        in_context: also encode IC-VCO's two-image rows (``in_context_prompt``) of ``y_p`` and each edit
+            response, under both anchors (a model family that takes two images per prompt).
     """
     lines = read.lines or [None] * len(read.records)
     out: list[dict[str, dict] | None] = [None] * len(read.records)
+    two: list | None = [None] * len(read.records) if in_context else None
     skipped: list[RecordError] = []
     for i, (record, line) in enumerate(zip(read.records, lines, strict=True)):
         if encoded[i] is None:
@@ -130,6 +155,18 @@ def encode_edits(
                 except ValueError as e:
                     raise RecordError(Path(read.path), line, FIELD, f"record {record.id!r}: item {j}: {e}",
                                       split=read.split) from None
+            if two is not None:
+                extra.pop("image_tokens", None)  # two images: the forward counts them, max_length cuts the response
+                ic: dict = {"chosen": record.chosen}
+                for response in [record.chosen, *table]:
+                    for anchor in IN_CONTEXT_ANCHORS:
+                        try:
+                            ic[(anchor, response)] = encode_example(
+                                processor, in_context_prompt(record.prompt, anchor), response, max_length, **extra)
+                        except ValueError as e:
+                            raise RecordError(Path(read.path), line, FIELD,
+                                              f"record {record.id!r}: the two-image prompt: {e}", split=read.split) from None
+                two[i] = ic
         except RecordError as e:
             if on_bad_record == "raise":
                 raise
@@ -142,7 +179,7 @@ def encode_edits(
             raise RecordError(read.path, None, FIELD, f"no record has usable edits; first: {skipped[0]}", split=read.split)
         log.warning("skipped %d of %d records in %s without usable edits: first: %s",
                     len(skipped), len(read.records), read.path, skipped[0])
-    return EditResponses(out, spans)
+    return EditResponses(out, spans, two)
 
 
 def collate_pairs(items: list[dict], pad_token_id: int) -> ResponsePairRows:
@@ -151,8 +188,13 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> ResponsePairRows:
     responses = TokenRows(rows["input_ids"], rows["attention_mask"], rows["labels"])
     flags = [it.get("valid") for it in items]
     valid = None if all(f is None or all(f) for f in flags) else torch.tensor(flags, dtype=torch.bool)
+    in_context = None
+    if "in_context" in items[0]:
+        ic = collate_examples([e for cell in range(len(IN_CONTEXT_CELLS)) for it in items for e in it["in_context"][cell]],
+                              pad_token_id)
+        in_context = TokenRows(ic["input_ids"], ic["attention_mask"], ic["labels"])
     if "chosen_span" not in items[0]:
-        return ResponsePairRows(responses, valid=valid)
+        return ResponsePairRows(responses, valid=valid, in_context=in_context)
 
     def padded(name: str) -> torch.Tensor:
         width = max((len(s) for it in items for s in it[name]), default=0)
@@ -163,4 +205,4 @@ def collate_pairs(items: list[dict], pad_token_id: int) -> ResponsePairRows:
                 mask[r, j, : len(s)] = torch.tensor(s, dtype=torch.bool)
         return mask
 
-    return ResponsePairRows(responses, padded("chosen_span"), padded("own_span"), valid)
+    return ResponsePairRows(responses, padded("chosen_span"), padded("own_span"), in_context, valid)

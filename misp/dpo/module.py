@@ -19,11 +19,19 @@ from torch.distributed.fsdp import fully_shard
 
 from misp.batch import ImageInputs, PreferenceBatch
 from misp.data.handshake import DataDescription, ModuleValues, NegativesDescription, ProposalFeatures
-from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
+from misp.dpo.batching import (
+    ConcatenatedRows,
+    concatenate_rows,
+    row_keys,
+    select_rows,
+    split_in_context,
+    split_rows,
+)
 from misp.dpo.diagnostics import gradient_shares, unsolved_share
 from misp.dpo.method import Method
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_terms, sum_terms
 from misp.dpo.pairs import edit_spans, paired_responses
+from misp.dpo.terms import InContextPairs, ResponseCells
 from misp.dpo.reference import (
     ReferenceCache,
     frozen_copy,
@@ -95,6 +103,7 @@ class MISPDPOModule(VLMModule):
         # The method as run (the default filled in), so that checkpoints and model cards name it.
         self.hparams["method"] = plain(self.method)
         self.objective: PreferenceObjective = self.method.objective
+        self._check_images_per_prompt()
         # q_phi exists to be trained (ProposalFit); without that term the draws stay uniform over the M selected.
         self.proposal = ProposalNet(eps=proposal_eps) if self.method.uses_proposal else None
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
@@ -103,6 +112,19 @@ class MISPDPOModule(VLMModule):
         if self.reference_cache is not None:
             # Now, while every weight is whole on this process: sharding wraps and splits them later.
             self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
+
+    def _check_images_per_prompt(self) -> None:
+        """IC-VCO's two-image terms need a family that takes two images in one prompt: refuse others in one line."""
+        from misp.models.families import family_for_processor
+
+        family = family_for_processor(self.processor)
+        wanting = [t.name for t in self.objective.terms if t.needs_in_context]
+        if wanting and family.max_images is not None and family.max_images < 2:
+            raise ConfigError(
+                f"terms {wanting} read pairs in a two-image context, but a {family.name} model takes "
+                f"{family.max_images} image per prompt: drop them (the single-image branch runs alone) or use a "
+                "family that takes several (Qwen2.5-VL, Qwen3-VL, Gemma 3)"
+            )
 
     # setup ----------------------------------------------------------------------------------------
     def vlms(self) -> list[torch.nn.Module]:
@@ -132,7 +154,8 @@ class MISPDPOModule(VLMModule):
     def data_values(self) -> ModuleValues:
         """The handshake's first half: the processor, q_phi's reader the data draws each epoch through, and
         the method's negatives (source and K) for the data to draw."""
-        return ModuleValues(processor=self.processor, proposal_log_q=self.proposal_log_q, negatives=self.method.negatives)
+        return ModuleValues(processor=self.processor, proposal_log_q=self.proposal_log_q, negatives=self.method.negatives,
+                            in_context=self.objective.uses_in_context)
 
     def attach_data(self, data: DataDescription) -> None:
         """The handshake's second half: also q_phi's features of the data's mined negatives."""
@@ -186,10 +209,7 @@ class MISPDPOModule(VLMModule):
             values, missing = torch.zeros(len(keys), dtype=torch.float64), torch.ones(len(keys), dtype=torch.bool)
         if bool(missing.any()):
             need = missing.nonzero().squeeze(1).to(rows.input_ids.device)
-            images, image_index = rows.image_index[need].unique(return_inverse=True)
-            subset = ConcatenatedRows(
-                rows.input_ids[need], rows.attention_mask[need], rows.labels[need], image_index, rows.batch_size, rows.k
-            )
+            subset, images = select_rows(rows, need)
             with reference_mode(self.model, self.reference) as reference:
                 computed = self._logps(reference, subset, batch.images.select(images)).double().cpu()
             values[missing] = computed
@@ -216,12 +236,17 @@ class MISPDPOModule(VLMModule):
         policy = SequenceLogps(*split_rows(policy_values, b, k))
         reference = SequenceLogps(*split_rows(reference_values, b, k))
         paired = paired_responses(policy_values, reference_values, b, k, batch.pairs.valid) if rows.pairs else None
+        in_context = None
+        if rows.in_context:
+            in_context = InContextPairs(ResponseCells(*split_in_context(policy_values, b, k)),
+                                        ResponseCells(*split_in_context(reference_values, b, k)))
         log_q = batch.log_q if k else None
         log_q_phi = None
         if self.proposal is not None:
             # Through forward, so that FSDP gathers q_phi's parameters.
             log_q_phi = gather_log_q(self.proposal(*self._features(batch.ids)), batch.draw_index)
-        term_losses, metrics = preference_terms(self.objective, policy, reference, log_q, log_q_phi, paired, spans)
+        term_losses, metrics = preference_terms(self.objective, policy, reference, log_q, log_q_phi, paired, spans,
+                                                in_context)
         loss = sum_terms(term_losses).mean()
         every = self.hparams.diagnostics_every_n_steps
         if every and self.global_step % every == 0:

@@ -71,6 +71,11 @@ class PreferenceObjective:
         return any(t.needs_edit_spans for t in self.terms)
 
     @property
+    def uses_in_context(self) -> bool:
+        """A term reads the pairs in IC-VCO's two-image context, so the data builds those rows."""
+        return any(t.needs_in_context for t in self.terms)
+
+    @property
     def uses_proposal(self) -> bool:
         """A learnable q_phi is read (importance sampling over its draws) or trained."""
         return any(t.trains_proposal for t in self.terms)

@@ -235,7 +235,9 @@ def _draw_edits(c: DrawContext, epoch: int) -> NegativeDraws:
     return draw_from_lists(uniform_log_q(valid), padded, c.k, c.seed, epoch, c.ids)
 
 
-register_source(NegativeSource("edits", _draw_edits, paired_responses=True, edit_spans=True))
+# in_context: the data builds IC-VCO's two-image rows [m_p, m_k] when a term reads them (a family that takes
+# several images per prompt; MISPDPOModule refuses them for one that does not).
+register_source(NegativeSource("edits", _draw_edits, paired_responses=True, edit_spans=True, in_context=True))
 # The mixed pool of misp_ground: retrieved images and the record's own edits, the SAE choosing, q_phi drawing.
 # Only the draws that are edits have a response; the pair terms mask the others (ResponsePairRows.valid).
 register_source(NegativeSource(

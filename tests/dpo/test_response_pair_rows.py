@@ -69,11 +69,12 @@ def test_response_token_logps_are_each_tokens_log_prob_in_order():
     torch.testing.assert_close(tokens.sum(-1), sequence_logps(logits, labels))
 
 
-def test_the_in_context_branch_is_refused_with_the_edits_source_in_one_line():
+def test_the_in_context_branch_is_refused_by_a_source_that_builds_no_two_image_rows_in_one_line():
+    Method(beta=0.1, terms={"pairs_ic": ResponsePairs(context="in_context")}, negatives={"source": "edits", "k": 1})
     with pytest.raises(MethodError) as e:
-        Method(beta=0.1, terms={"pairs_ic": ResponsePairs(context="in_context")}, negatives={"source": "edits", "k": 1})
+        Method(beta=0.1, terms={"pairs_ic": ResponsePairs(context="in_context")}, negatives={"source": "sae_pairs", "k": 1})
     lines = [x for x in str(e.value).splitlines() if x.strip().startswith("-")]
-    assert len(lines) == 1 and "two-image context" in lines[0] and "'edits'" in lines[0]
+    assert len(lines) == 1 and "two-image context" in lines[0] and "'sae_pairs'" in lines[0]
 
 
 @pytest.fixture
@@ -149,3 +150,72 @@ def test_the_pair_terms_average_over_the_draws_with_their_own_response_only():
         torch.testing.assert_close(term(full)[0], per_draw.mean(1))
         expected = torch.stack([per_draw[0, 0], per_draw[1].mean(), torch.tensor(0.0)])
         torch.testing.assert_close(term(masked)[0], expected)
+
+
+IC_TERMS = {
+    "pairs_span": {"class_path": "misp.dpo.terms.ResponsePairs", "init_args": {"weight": 0.4375, "token_mask": True}},
+    "pair_anchors_span": {"class_path": "misp.dpo.terms.PairAnchors", "init_args": {"weight": 0.4375, "token_mask": True}},
+    "pairs_ic": {"class_path": "misp.dpo.terms.ResponsePairs", "init_args": {"weight": 0.1875, "context": "in_context"}},
+    "pair_anchors_ic": {"class_path": "misp.dpo.terms.PairAnchors", "init_args": {"weight": 0.1875, "context": "in_context"}},
+    "vcdist": {"class_path": "misp.dpo.terms.VCDist", "init_args": {"weight": 0.2}},
+}
+
+
+def _full_icvco() -> Method:
+    from misp.dpo.method import build_method
+
+    return build_method({"beta": 0.1, "terms": IC_TERMS, "negatives": {"source": "edits", "k": 1}})
+
+
+def test_a_single_image_family_refuses_the_two_image_branch_in_one_line(vlm_dir):
+    from misp.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=_full_icvco())
+    assert "\n" not in str(e.value) and "two-image context" in str(e.value) and "llava" in str(e.value)
+
+
+def test_the_two_image_rows_read_both_images_and_equal_each_row_alone(edits_records, qwen_dir, tmp_path):
+    """IC-VCO's full objective on a family that takes several images: each two-image cell equals its row run
+    alone on [m_p, m_k], the reference of those rows is cached, and a step trains every term."""
+    from misp.data.pairs import in_context_prompt
+    from misp.data.pixel_cache import image_inputs
+    from misp.dpo.batching import split_in_context
+    from misp.models.forward import response_logits
+    from misp.models.prompting import collate_examples, encode_example
+
+    torch.manual_seed(0)
+    module = MISPDPOModule(VLMSpec(path=str(qwen_dir)), method=_full_icvco())
+    dm = NegativeSamplerDataModule(records_file=str(edits_records), batch_size=2, cache_dir=str(tmp_path / "cache"),
+                                   progress=False, preview_records=0, max_length=1024)
+    dm.attach(module)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.pairs.in_context is not None and batch.pairs.in_context.input_ids.shape[0] == 4 * 2
+    rows = concatenate_rows(batch, module.processor.tokenizer.pad_token_id, 1)
+    assert rows.in_context and rows.image_index.shape[0] == 2 * 2 + 3 * 2 + 2 * 4 * 2
+    module.model.eval()
+    with torch.no_grad():
+        values = module._logps(module.model, rows, batch.images)
+    cells = split_in_context(values, 2, 1)
+    records = {r.id: r for r in dm.records}
+    for r, rid in enumerate(batch.ids):
+        record, ref = records[rid], batch.negatives[r][0]
+        for (anchor, response), cell in zip((("first", record.chosen), ("first", ref.response),
+                                             ("second", ref.response), ("second", record.chosen)), cells, strict=True):
+            row = collate_examples([encode_example(module.processor, in_context_prompt(record.prompt, anchor), response)],
+                                   module.processor.tokenizer.pad_token_id)
+            with torch.no_grad():
+                logits, labels = response_logits(module.model, row["input_ids"], row["attention_mask"],
+                                                 image_inputs(module.processor, [record.image, Path(ref.path)]),
+                                                 row["labels"], torch.tensor([0, 1]))
+            torch.testing.assert_close(cell[r, 0], sequence_logps(logits, labels)[0], atol=1e-4, rtol=1e-4)
+    first = module._reference_logps(batch, rows)
+    torch.testing.assert_close(first, values, atol=1e-4, rtol=1e-4)  # untrained: reference = policy
+    hits = module.reference_cache.hits
+    module._reference_logps(batch, rows)
+    assert module.reference_cache.hits - hits == len(row_keys(batch)) == rows.input_ids.shape[0]
+    module.model.train()
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
