@@ -30,7 +30,7 @@ from misp.dpo.batching import (
 from misp.dpo.diagnostics import gradient_shares, unsolved_share
 from misp.dpo.method import Method
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_terms, sum_terms
-from misp.dpo.pairs import edit_spans, paired_responses
+from misp.dpo.pairs import TokenReferenceCache, edit_spans, paired_responses
 from misp.dpo.terms import InContextPairs, ResponseCells
 from misp.dpo.reference import (
     ReferenceCache,
@@ -43,7 +43,7 @@ from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
 from misp.hparams import plain, save_plain_hyperparameters
 from misp.methods import DEFAULT_METHOD
-from misp.logprobs import response_token_logps, sequence_logps
+from misp.logprobs import response_token_counts, response_token_logps, sequence_logps
 from misp.losses import image_advantages
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
@@ -109,9 +109,14 @@ class MISPDPOModule(VLMModule):
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
         self.reference_cache = ReferenceCache() if cache_reference else None
         self.negatives: NegativesDescription | None = None  # q_phi's features, from `datamodule.attach`
+        # Terms over edited spans read the reference per token: those rows are cached per token too.
+        self.reference_token_cache = (TokenReferenceCache() if cache_reference and self.objective.uses_edit_spans
+                                      else None)
         if self.reference_cache is not None:
             # Now, while every weight is whole on this process: sharding wraps and splits them later.
             self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
+            if self.reference_token_cache is not None:
+                self.reference_token_cache.bind(self.reference_cache.fingerprint)
 
     def _check_images_per_prompt(self) -> None:
         """IC-VCO's two-image terms need a family that takes two images in one prompt: refuse others in one line."""
@@ -217,17 +222,34 @@ class MISPDPOModule(VLMModule):
                 self.reference_cache.store([keys[i] for i in need.tolist()], computed)
         return values.to(rows.input_ids.device, torch.float32)
 
+    def _reference_token_logps(self, batch: PreferenceBatch, rows: ConcatenatedRows, width: int) -> torch.Tensor:
+        """Per-token reference log-probs ``[N, width]`` of every row, the rows seen before from the token cache."""
+        keys = row_keys(batch)
+        cache = self.reference_token_cache
+        if cache is not None:
+            values, missing = cache.lookup(keys, width)
+        else:
+            values, missing = torch.zeros(len(keys), width, dtype=torch.float64), torch.ones(len(keys), dtype=torch.bool)
+        if bool(missing.any()):
+            need = missing.nonzero().squeeze(1).to(rows.input_ids.device)
+            subset, images = select_rows(rows, need)
+            with reference_mode(self.model, self.reference) as reference:
+                computed = self._token_logps(reference, subset, batch.images.select(images)).double().cpu()
+            columns = min(width, computed.shape[1])
+            values[missing, :columns] = computed[:, :columns]
+            if cache is not None:
+                cache.store([keys[i] for i in need.tolist()], computed, response_token_counts(subset.labels).cpu())
+        return values.to(rows.input_ids.device, torch.float32)
+
     # training ---------------------------------------------------------------------------------------
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id, self.method.negatives.drawn)
         b, k = rows.batch_size, rows.k
         spans = None
         if rows.pairs and self.objective.uses_edit_spans:
-            # Terms over edited spans read per-token log-probs of every cell, the reference's too: those rows go
-            # through the reference each step (the summed values of other methods stay cached).
+            # Terms over edited spans read per-token log-probs of every cell, the reference's too (cached per token).
             policy_tokens = self._token_logps(self.model, rows, batch.images)
-            with reference_mode(self.model, self.reference) as ref_model:
-                reference_tokens = self._token_logps(ref_model, rows, batch.images).float()
+            reference_tokens = self._reference_token_logps(batch, rows, policy_tokens.shape[1])
             policy_values, reference_values = policy_tokens.sum(-1), reference_tokens.sum(-1)
             spans = edit_spans(batch, policy_tokens, reference_tokens)
         else:
@@ -306,8 +328,12 @@ class MISPDPOModule(VLMModule):
         super().on_save_checkpoint(checkpoint)
         if self.reference_cache is not None:
             checkpoint["reference_cache"] = self.reference_cache.state_dict()
+        if self.reference_token_cache is not None:
+            checkpoint["reference_token_cache"] = self.reference_token_cache.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if self.reference_cache is not None and "reference_cache" in checkpoint:
             self.reference_cache.load_state_dict(checkpoint["reference_cache"])
+        if self.reference_token_cache is not None and "reference_token_cache" in checkpoint:
+            self.reference_token_cache.load_state_dict(checkpoint["reference_token_cache"])

@@ -50,3 +50,60 @@ def edit_spans(batch: PreferenceBatch, policy_tokens: Tensor, reference_tokens: 
     wc, wo = chosen_mask.shape[-1], own_mask.shape[-1]
     return EditSpans(cell_tokens(policy_tokens, b, k, wc, wo), cell_tokens(reference_tokens, b, k, wc, wo),
                      chosen_mask, own_mask)
+
+
+class TokenReferenceCache:
+    """Per-token reference log-probs of rows, by the reference cache's row keys, for terms over edited spans.
+
+    ``misp.dpo.reference.ReferenceCache`` keeps one summed value per row; IC-VCO's single-image branch sums
+    the reference's tokens over each edit's span, so it needs each row's tokens. Rows are kept trimmed to their
+    own response length; a key whose image is a seeded transform (new every epoch) is not kept. Bound to the
+    reference's fingerprint like the summed cache, and saved in checkpoints as plain lists.
+    """
+
+    def __init__(self) -> None:
+        self.fingerprint: str | None = None
+        self.values: dict = {}
+        self.hits = 0
+        self.misses = 0
+
+    def bind(self, fingerprint: str) -> None:
+        """Use the cache for the reference with this fingerprint, dropping entries of any other."""
+        if fingerprint != self.fingerprint:
+            self.values.clear()
+            self.fingerprint = fingerprint
+
+    def lookup(self, keys: list, width: int) -> tuple[Tensor, Tensor]:
+        """``[N, width]`` cached rows (0 where missing or past a row's end) and the mask of rows to compute."""
+        values = torch.zeros(len(keys), width, dtype=torch.float64)
+        missing = torch.ones(len(keys), dtype=torch.bool)
+        for i, key in enumerate(keys):
+            row = self.values.get(key)
+            if row is not None:
+                values[i, : len(row)] = torch.tensor(row, dtype=torch.float64)
+                missing[i] = False
+        self.hits += int((~missing).sum())
+        self.misses += int(missing.sum())
+        return values, missing
+
+    def store(self, keys: list, tokens: Tensor, counts: Tensor) -> None:
+        """Keep each row's first ``counts[i]`` token log-probs (``tokens [N, L]``)."""
+        from misp.dpo.reference import ReferenceCache
+
+        for key, row, n in zip(keys, tokens.tolist(), counts.tolist(), strict=True):
+            if ReferenceCache.cacheable(key):
+                self.values[key] = tuple(row[: int(n)])
+
+    def state_dict(self) -> dict:
+        from misp.batch import NegativeRef
+
+        return {"fingerprint": self.fingerprint,
+                "values": [[a, b, list(c) if isinstance(c, NegativeRef) else c, list(v)]
+                           for (a, b, c), v in self.values.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        from misp.batch import NegativeRef
+
+        self.fingerprint = state.get("fingerprint")
+        self.values = {(a, b, NegativeRef(*c) if isinstance(c, (list, tuple)) else c): tuple(v)
+                       for a, b, c, v in state.get("values", [])}

@@ -118,7 +118,7 @@ def test_the_edits_source_draws_each_records_edits_with_their_responses_reproduc
     ctx = DrawContext(ids=["a", "b"], k=3, seed=5, source="edits",
                       record_lists=lambda kind: [lists["a"], lists["b"]] if kind == "edits" else None)
     source = get_source("edits")
-    assert source.paired_responses and source.edit_spans and not source.in_context
+    assert source.paired_responses and source.edit_spans and source.in_context
     draws = source.draw(ctx, 0)
     assert all(ref in lists["a"] for ref in draws.refs[0]) and draws.refs[1] == lists["b"] * 3
     assert torch.allclose(draws.log_q[0], torch.full((3,), -math.log(2))) and (draws.log_q[1] == 0).all()

@@ -4,6 +4,7 @@ rows run through the policy and the reference, and the pair terms trained on."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_icvco_trains_on_the_tokens_each_edit_changes(edits_world, tmp_path):
     from misp.dpo import MISPDPOModule
     from misp.dpo.batching import concatenate_rows, split_pair_rows, split_rows
     from misp.dpo.method import Method
-    from misp.dpo.pairs import edit_spans
+    from misp.dpo.pairs import TokenReferenceCache, edit_spans
     from misp.models.vlm import VLMSpec
 
     world, vlm = edits_world
@@ -109,6 +110,18 @@ def test_icvco_trains_on_the_tokens_each_edit_changes(edits_world, tmp_path):
     for got, want in ((cells.own.sum(-1), own), (cells.swapped.sum(-1), swapped), (cells.chosen.sum(-1), chosen),
                       (cells.chosen_edit.sum(-1), chosen_edit)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the reference's tokens: computed once, then from the token cache, which survives a weights-only checkpoint
+    reference = module._reference_token_logps(batch, rows, tokens.shape[1])
+    torch.testing.assert_close(reference, tokens, atol=1e-5, rtol=1e-5)  # untrained: reference = policy
+    hits = module.reference_token_cache.hits
+    torch.testing.assert_close(module._reference_token_logps(batch, rows, tokens.shape[1]), reference)
+    assert module.reference_token_cache.hits - hits == rows.input_ids.shape[0]
+    buffer = io.BytesIO()
+    torch.save(module.reference_token_cache.state_dict(), buffer)
+    buffer.seek(0)
+    restored = TokenReferenceCache()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.values == module.reference_token_cache.values
     loss = module.training_step(batch, 0)
     # policy = reference: every pair logit is 0 and every anchor -log sigma(0); 1.75/4 (two pairs + two anchors)
     assert float(loss) == pytest.approx(0.4375 * 4 * math.log(2), abs=1e-5)
