@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from misp.batch import NegativeRef
-from misp.negatives.edits import SOURCE as EDITS, edit_refs, record_edits
+from misp.negatives.edits import SOURCE as EDITS
+from misp.negatives.edits import edit_refs, record_edits
 from misp.negatives.mining import Candidates, Selection
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source
 

@@ -31,7 +31,6 @@ from misp.dpo.diagnostics import gradient_shares, unsolved_share
 from misp.dpo.method import Method
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_terms, sum_terms
 from misp.dpo.pairs import TokenReferenceCache, edit_spans, paired_responses
-from misp.dpo.terms import InContextPairs, ResponseCells
 from misp.dpo.reference import (
     ReferenceCache,
     frozen_copy,
@@ -39,12 +38,13 @@ from misp.dpo.reference import (
     reference_mode,
     uses_adapters,
 )
+from misp.dpo.terms import InContextPairs, ResponseCells
 from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
 from misp.hparams import plain, save_plain_hyperparameters
-from misp.methods import DEFAULT_METHOD
 from misp.logprobs import response_token_counts, response_token_logps, sequence_logps
 from misp.losses import image_advantages
+from misp.methods import DEFAULT_METHOD
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
 from misp.models.vlm import VLMSpec

@@ -127,7 +127,14 @@ def test_each_pair_cell_is_the_rows_own_log_prob_and_its_reference_is_cached(edi
 
 
 def test_the_pair_terms_average_over_the_draws_with_their_own_response_only():
-    from misp.dpo.terms import PairAnchors, PairedLogps, PairedResponses, PairMargin, SequenceLogps, TermInputs
+    from misp.dpo.terms import (
+        PairAnchors,
+        PairedLogps,
+        PairedResponses,
+        PairMargin,
+        SequenceLogps,
+        TermInputs,
+    )
 
     torch.manual_seed(0)
     b, k = 3, 2

@@ -93,12 +93,14 @@ def test_icvco_trains_on_the_tokens_each_edit_changes(edits_world, tmp_path):
     for r, rid in enumerate(batch.ids):
         ref = batch.negatives[r][0]
         chosen = response_ids({"labels": tokenizer(records[rid].chosen)["input_ids"]})
-        kept_c = [t for t, m in zip(batch.chosen.labels[r][batch.chosen.labels[r] != -100].tolist(),
-                                    pairs.chosen_span[r, 0].tolist()) if not m]
+        chosen_labels = batch.chosen.labels[r][batch.chosen.labels[r] != -100].tolist()
         own_labels = pairs.responses.labels[r][pairs.responses.labels[r] != -100].tolist()
-        kept_o = [t for t, m in zip(own_labels, pairs.own_span[r, 0].tolist()) if not m]
+        chosen_mask = pairs.chosen_span[r, 0, : len(chosen_labels)].tolist()
+        own_mask = pairs.own_span[r, 0, : len(own_labels)].tolist()
+        kept_c = [t for t, m in zip(chosen_labels, chosen_mask, strict=True) if not m]
+        kept_o = [t for t, m in zip(own_labels, own_mask, strict=True) if not m]
         assert kept_c == kept_o and chosen  # outside the spans the two responses are the same tokens
-        changed = tokenizer.decode([t for t, m in zip(own_labels, pairs.own_span[r, 0].tolist()) if m])
+        changed = tokenizer.decode([t for t, m in zip(own_labels, own_mask, strict=True) if m])
         assert changed.strip() in ref.response  # the span is a piece of the edit's own caption
     rows = concatenate_rows(batch, tokenizer.pad_token_id, 1)
     with torch.no_grad():
