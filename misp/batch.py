@@ -36,9 +36,15 @@ class NegativeRef(NamedTuple):
     path: str | None = None
     """The image file, for sources whose negatives are files."""
     index: int | None = None
-    """The index in the candidate pool, for pool sources."""
+    """The index in the candidate pool, for pool sources; for a source that makes a ranked list of versions
+    of the positive (``occlude``), the version's rank, 1..``levels``."""
     seed: int | None = None
     """The seed of the transform of the positive, for sources that generate the negative."""
+    levels: int | None = None
+    """The length of the ranked list the version ``index`` belongs to (None for every other source)."""
+    response: str | None = None
+    """The negative image's own correct response (its caption), for sources that pair responses (``edits``);
+    None for every other source. Part of the ref, so two captions of one image file are two negatives."""
 
     @property
     def names_file(self) -> bool:
@@ -48,8 +54,9 @@ class NegativeRef(NamedTuple):
     def key(self) -> str:
         """A stable string for caches and logs."""
         if self.seed is not None:
-            return f"{self.source}:{self.seed}"
-        return f"{self.source}:{self.path if self.index is None else self.index}"
+            return f"{self.source}:{self.seed}" + ("" if self.levels is None else f":{self.index}/{self.levels}")
+        base = f"{self.source}:{self.path if self.index is None else self.index}"
+        return base if self.response is None else f"{base}|{self.response}"
 
 
 @dataclass
@@ -120,6 +127,30 @@ class TokenRows:
 
 
 @dataclass
+class ResponsePairRows:
+    """Each negative's own correct response ``y_k`` on its record's prompt (response pairs: SymMPO, IC-VCO).
+
+    The model runs these rows twice: under the negative image (``(m_k, y_k)``) and under the positive
+    (``(m_p, y_k)``), see ``misp.dpo.batching``.
+    """
+
+    responses: TokenRows
+    """``[B*K, T']`` record-major (record r's k-th at ``r*K + k``), tokenised as ``chosen`` is."""
+    chosen_span: torch.Tensor | None = None
+    """``[B, K, L]`` bool over ``y_p``'s response tokens (its labels, EOS included, in order): those edit k
+    changes (``misp.data.pairs.edit_spans``); None when no term reads spans."""
+    own_span: torch.Tensor | None = None
+    """``[B, K, L']`` bool over ``y_k``'s response tokens: those its edit changes; None alike."""
+    in_context: TokenRows | None = None
+    """``[4*B*K, T'']`` IC-VCO's two-image rows ``[m_p, m_k]``, cell-major (the cells ``y_p | first``, ``y_k |
+    first``, ``y_k | second``, ``y_p | second``: "answer based on the first / second image"), record-major
+    within a cell; None unless a term reads the in-context pairs."""
+    valid: torch.Tensor | None = None
+    """``[B, K]`` bool: the draws that have their own response (a mixed pool draws retrieved images too, whose
+    rows hold ``y_p`` as a placeholder and are masked out of the pair terms); None: every draw has one."""
+
+
+@dataclass
 class PreferenceBatch:
     """One preference step of B records, each with the K negatives its method drew (K may be 0).
 
@@ -142,6 +173,8 @@ class PreferenceBatch:
     """``[B, K]`` float32: log-probability of each draw under the proposal that drew it (0: no proposal)."""
     draw_index: torch.Tensor
     """``[B, K]`` long: each draw's index in its record's candidate list (``M`` selected ones for ``sae``)."""
+    pairs: ResponsePairRows | None = None
+    """Each negative's own response, for a source that gives them (``paired_responses``); None otherwise."""
 
     @property
     def batch_size(self) -> int:

@@ -1,7 +1,7 @@
 """The ``misp`` command: LightningCLI for every training stage, plus tool subcommands.
 
     misp fit --config configs/shapes/sft.yaml          any stage is `misp fit` with its config(s)
-    misp fit --config configs/shapes/preference.yaml --config configs/shapes/methods/misp_dpo.yaml
+    misp fit --config configs/shapes/preference.yaml --config configs/methods/misp_dpo.yaml
     misp test --config ... --ckpt_path ...             POPE and CHAIR on the test split
     misp world --out DIR [--seed S] [...]              writes a Shapes world dataset to DIR
     misp prefs --config configs/shapes/clip_dpo_prefs.yaml   CLIP-DPO pairs sampled from a VLM
@@ -86,6 +86,10 @@ def _run_world(argv: Sequence[str]) -> None:
     info = write_world(cfg.out, config, progress=not cfg.quiet)
     counts = ", ".join(f"{k} {v}" for k, v in info.get("counts", {}).items())
     print(f"wrote the Shapes world to {cfg.out}: {counts}")
+    for split, n in info.get("counts", {}).get("partner_present", {}).items():
+        print(f"{split}: {n['cases']} partner-present cases for partner_present_rate ({n['split_scenes']} in the "
+              f"split's scenes, {n['partner_scenes']} in its partner scenes), {n['partner_removals']} partner "
+              "removals for probe/partner_logp_gap")
 
 
 def _flatten_world_args(argv: Sequence[str]) -> list[str]:

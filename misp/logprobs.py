@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["IGNORE_INDEX", "response_token_counts", "sequence_logps"]
+__all__ = ["IGNORE_INDEX", "response_token_counts", "response_token_logps", "sequence_logps"]
 
 IGNORE_INDEX = -100
 """Label value of positions that are not scored (prompt, image tokens, padding)."""
@@ -126,3 +126,25 @@ def sequence_logps(
     if average:
         totals = totals / scored.sum(dim=-1).clamp_min(1).to(totals.dtype)
     return totals
+
+
+def response_token_logps(logits: Tensor, labels: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """Each response token's log-probability, in response order: ``[N, L]``, L the most scored tokens of a row.
+
+    Row n's j-th entry is the log-prob of its j-th scored label (after the causal shift); entries past a
+    row's own count are 0, so ``.sum(-1)`` is :func:`sequence_logps` (up to summation order). Masks over a
+    response's tokens (IC-VCO's edited span, ``misp.losses.masked_logps``) index this layout.
+    """
+    _check_inputs(logits, labels)
+    n, _, v = logits.shape
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_ELEMENTS // max(v, 1))
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    rows_n, rows_t = scored.nonzero(as_tuple=True)
+    token_logps = _TokenLogProbs.apply(logits, rows_n, rows_t, targets[rows_n, rows_t].long(), chunk_rows)
+    # nonzero is row-major: a token's place in its response is its rank among its row's scored positions.
+    place = torch.cumsum(scored.long(), dim=-1)[rows_n, rows_t] - 1
+    width = int(scored.sum(-1).max()) if n else 0
+    out = token_logps.new_zeros(n, width)
+    return out.index_put((rows_n, place), token_logps)

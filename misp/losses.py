@@ -18,11 +18,17 @@ from torch import Tensor
 
 __all__ = [
     "anchor_loss",
+    "cool_gradient",
+    "cooling_weights",
+    "distillation_loss",
     "dpo_loss",
     "image_advantages",
     "importance_weight_stats",
+    "masked_logps",
     "plackett_luce_loss",
     "proposal_loss",
+    "ranking_loss",
+    "response_pair_logits",
 ]
 
 
@@ -257,3 +263,160 @@ def proposal_loss(a_detached: Tensor, log_q_draw: Tensor, log_q_phi: Tensor) -> 
     # A fully padded row has lse = -inf; give it zero weights instead of NaN.
     wbar = torch.where(torch.isneginf(lse), torch.zeros_like(log_w), torch.exp(log_w - lse))
     return -(wbar * log_q_phi).sum(dim=-1)
+
+
+# --- the anchors' objectives (method.md section 9): SymMPO, IC-VCO, LPOI, and CW-DPO's cooling weight ---------
+
+
+def masked_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """A response's log-probability summed over the tokens ``mask`` selects (IC-VCO's edited span).
+
+    Args:
+        token_logps: ``[..., T]`` per-token log-probabilities (any value where ``mask`` is False, padding too).
+        mask: ``[..., T]`` bool, True on the tokens that count.
+
+    Returns:
+        ``[...]`` sums; a row whose mask selects nothing gives 0.
+    """
+    _check_mask("masked_logps", mask, token_logps.shape)
+    return token_logps.masked_fill(~mask, 0.0).sum(-1)
+
+
+def response_pair_logits(
+    chosen: Tensor,
+    swapped: Tensor,
+    own: Tensor,
+    chosen_edit: Tensor,
+    ref_chosen: Tensor,
+    ref_swapped: Tensor,
+    ref_own: Tensor,
+    ref_chosen_edit: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The two response pairs an edited image ``m_i`` with its own correct response ``y_i`` makes (no beta).
+
+    Each pair shares its context (the image, or IC-VCO's two-image context), so the context's partition
+    function cancels from the pair, which a single-response image term ``a_i`` cannot do::
+
+        l_p = r(y_p | c_p) - r(y_i | c_p)      y_p over y_i under the positive's context
+        l_i = r(y_i | c_i) - r(y_p | c_i)      y_i over y_p under the edit's context
+
+    SymMPO's ``logits_1`` and ``logits_2``; IC-VCO's two ``dpo_loss`` logits per example. All arguments
+    have one shape (``[B, K]``: K edits per example), policy first, then the reference.
+
+    Args:
+        chosen: log p(y_p | c_p).
+        swapped: log p(y_i | c_p).
+        own: log p(y_i | c_i).
+        chosen_edit: log p(y_p | c_i).
+        ref_chosen, ref_swapped, ref_own, ref_chosen_edit: the reference model's same four.
+
+    Returns:
+        ``(l_p, l_i)``, each of the arguments' shape, differentiable.
+    """
+    _check_same_shape(
+        "response_pair_logits", chosen.shape, swapped=swapped, own=own, chosen_edit=chosen_edit,
+        ref_chosen=ref_chosen, ref_swapped=ref_swapped, ref_own=ref_own, ref_chosen_edit=ref_chosen_edit,
+    )
+    l_p = (chosen - swapped) - (ref_chosen - ref_swapped)
+    l_i = (own - chosen_edit) - (ref_own - ref_chosen_edit)
+    return l_p, l_i
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, beta: float, threshold: float = 0.5) -> tuple[Tensor, Tensor]:
+    """IC-VCO's VCDist: a gated binary cross-entropy pulling the single-image pair toward the in-context one.
+
+    With ``s = beta * student`` and the target ``p = sigmoid(beta * teacher)`` (stop-gradient)::
+
+        BCE(sigmoid(s), p) = p * softplus(-s) + (1 - p) * softplus(s)
+
+    counted only where the teacher is right (``p > threshold``) and the student is less sure of it
+    (``sigmoid(s) < p``). The released code's ``F.binary_cross_entropy`` on probabilities is the same value
+    while ``|s| < 100``; the logit form stays finite beyond.
+
+    Args:
+        student: ``[...]`` pair logits of the single-image branch (:func:`response_pair_logits`, no beta).
+        teacher: ``[...]`` the same pairs' logits in the two-image context (detached here).
+        beta: KL-penalty strength, > 0.
+        threshold: the teacher's correctness gate on ``p``.
+
+    Returns:
+        ``(losses, active)``: per-pair BCE ``[...]`` (0 where the gate is shut) and the gate, a bool mask.
+    """
+    _check_beta(beta)
+    _check_same_shape("distillation_loss", student.shape, teacher=teacher)
+    s = beta * student
+    p = torch.sigmoid(beta * teacher.detach())
+    active = (p > threshold) & (torch.sigmoid(s.detach()) < p)
+    bce = p * F.softplus(-s) + (1 - p) * F.softplus(s)
+    return bce.masked_fill(~active, 0.0), active
+
+
+def ranking_loss(
+    policy_pos_logps: Tensor,
+    policy_neg_logps: Tensor,
+    ref_pos_logps: Tensor,
+    ref_neg_logps: Tensor,
+    beta: float,
+) -> Tensor:
+    """LPOI's listwise loss: the Plackett-Luce likelihood of the full ranking ``m_p > m_1 > ... > m_K``.
+
+    With scores ``s_0 = beta r(y_p|x,m_p)`` and ``s_k = beta r(y_p|x,m_k)`` for the K negatives in their
+    ranked order (occlusion level k: more of the object hidden as k grows)::
+
+        L_list = sum_{k=0}^{K-1} [ LSE_{j >= k} s_j - s_k ]
+
+    Its k = 0 term is ``L_img`` over all K negatives (``softplus(LSE_i a_i)``), so with K = 1 it is mDPO's
+    conditional loss. Computed with a reversed ``logcumsumexp``, never exponentiating a score.
+
+    Args:
+        policy_pos_logps: ``[B]`` policy log-probs of ``y_p`` under the positive image.
+        policy_neg_logps: ``[B, K]`` policy log-probs of ``y_p`` under each negative, in rank order.
+        ref_pos_logps: ``[B]`` reference log-probs of ``y_p`` under the positive image.
+        ref_neg_logps: ``[B, K]`` reference log-probs, same order.
+        beta: KL-penalty strength, > 0.
+
+    Returns:
+        ``[B]`` losses.
+    """
+    _check_beta(beta)
+    if policy_neg_logps.dim() != 2:
+        raise ValueError(f"ranking_loss: negatives must be [B, K], got shape {tuple(policy_neg_logps.shape)}")
+    b = policy_neg_logps.shape[0]
+    _check_same_shape("ranking_loss", torch.Size([b]), policy_pos_logps=policy_pos_logps, ref_pos_logps=ref_pos_logps)
+    _check_same_shape("ranking_loss", policy_neg_logps.shape, ref_neg_logps=ref_neg_logps)
+    pos = (policy_pos_logps - ref_pos_logps).unsqueeze(-1)
+    s = beta * torch.cat([pos, policy_neg_logps - ref_neg_logps], dim=-1)
+    tail_lse = torch.logcumsumexp(s.flip(-1), dim=-1).flip(-1)  # [B, K+1]: LSE_{j >= k} s_j
+    return (tail_lse - s)[:, :-1].sum(-1)
+
+
+@torch.no_grad()
+def cooling_weights(a: Tensor, floor: float, tau: float) -> Tensor:
+    """CW-DPO's cooling weight on each negative, read off its image advantage: ``w = sigmoid((a - floor) / tau)``.
+
+    A negative the model has solved (``a_i`` far below ``floor``) gets a weight near 0 and stops pushing;
+    one it still confuses with the positive (``a_i`` near or above 0) keeps a weight near 1. Detached: the
+    weight scales a gradient, it is not itself trained.
+
+    Args:
+        a: ``[...]`` image advantages ``beta [r(y_p|m_i) - r(y_p|m_p)]``.
+        floor: the advantage at which the weight is 1/2.
+        tau: the width of the transition, > 0.
+
+    Returns:
+        ``[...]`` weights in (0, 1).
+    """
+    if not tau > 0:
+        raise ValueError(f"cooling tau must be > 0, got {tau}")
+    return torch.sigmoid((a.detach() - floor) / tau)
+
+
+def cool_gradient(x: Tensor, weight: Tensor) -> Tensor:
+    """``x`` with its value unchanged and its gradient multiplied by ``weight`` (``w x + (1 - w) sg(x)``).
+
+    Cooling a negative's log-probability this way leaves every loss value, and the gradient every other
+    negative receives, exactly as without cooling; only the cooled negative's own push shrinks.
+    """
+    _check_same_shape("cool_gradient", x.shape, weight=weight)
+    weight = weight.detach().to(x.dtype)
+    return weight * x + (1 - weight) * x.detach()

@@ -36,8 +36,11 @@ def test_there_are_configs():
     # experiments belong to `misp experiment`, their ablation files layer on a method.
     experiments = {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs/experiments").rglob("*.yaml")}
     assert "experiments/shapes.yaml" in experiments
-    world_sides = {"shapes/clip_dpo_data.yaml", "shapes/misp_mixed_data.yaml"}
-    assert tools == methods | experiments | world_sides | {"shapes/clip_dpo_prefs.yaml", "shapes/misp_mixed_sae.yaml"}
+    world_sides = {"shapes/clip_dpo_data.yaml", "shapes/misp_mixed_data.yaml", "shapes/misp_ground_data.yaml"}
+    # world files belong to `misp world --world` (configs/worlds/)
+    worlds = {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs/worlds").glob("*.yaml")}
+    assert tools == methods | experiments | world_sides | worlds | {
+        "shapes/clip_dpo_prefs.yaml", "shapes/misp_mixed_sae.yaml", "shapes/misp_ground_sae.yaml"}
 
 
 def _printed(args: list[str], capsys) -> dict:

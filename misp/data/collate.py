@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from misp.batch import PreferenceBatch, TokenRows
+from misp.data.pairs import EditResponses, collate_pairs
 from misp.data.pixel_cache import PixelCache, image_inputs
 from misp.images import load_rgb
 from misp.models.prompting import collate_examples
@@ -25,10 +26,11 @@ class PreferenceEpoch(Dataset):
         records: the preference records, in file order (``draws`` is indexed by the same positions).
         encoded: per record, its (chosen, rejected) encoded examples, or None when it was left out.
         draws: this epoch's negatives (None: the method draws none).
+        pairs: each record's edit responses, for a source that pairs responses (None: no pairs).
     """
 
-    def __init__(self, records, encoded: list, draws: NegativeDraws | None) -> None:
-        self.records, self.encoded, self.draws = records, encoded, draws
+    def __init__(self, records, encoded: list, draws: NegativeDraws | None, pairs: EditResponses | None = None) -> None:
+        self.records, self.encoded, self.draws, self.pairs = records, encoded, draws, pairs
         self.kept = [i for i, e in enumerate(encoded) if e is not None]
 
     def __len__(self) -> int:
@@ -38,7 +40,7 @@ class PreferenceEpoch(Dataset):
         i = self.kept[j]
         r = self.records[i]
         refs = self.draws.refs[i] if self.draws is not None else []
-        return {
+        item = {
             "id": r.id,
             "chosen": self.encoded[i][0],
             "rejected": self.encoded[i][1],
@@ -48,6 +50,9 @@ class PreferenceEpoch(Dataset):
             "log_q": self.draws.log_q[i] if self.draws is not None else torch.zeros(0),
             "draw_index": self.draws.draw_index[i] if self.draws is not None else torch.zeros(0, dtype=torch.long),
         }
+        if self.pairs is not None:
+            item["pairs"] = self.pairs.item(i, self.encoded[i][0], refs)
+        return item
 
 
 def collate_preferences(items: list[dict], processor, cache: PixelCache | None = None) -> PreferenceBatch:
@@ -64,4 +69,5 @@ def collate_preferences(items: list[dict], processor, cache: PixelCache | None =
         negatives=[it["refs"] for it in items],
         log_q=torch.stack([it["log_q"] for it in items]).float(),
         draw_index=torch.stack([it["draw_index"] for it in items]),
+        pairs=collate_pairs([it["pairs"] for it in items], pad) if "pairs" in items[0] else None,
     )

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from misp.batch import NegativeRef
+from misp.negatives.edits import SOURCE as EDITS
+from misp.negatives.edits import edit_refs, record_edits
 from misp.negatives.mining import Candidates, Selection
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source
 
@@ -22,10 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def record_images(record, kind: str, records_file: str, image_root: str | None) -> list[str]:
-    """The image files a record carries: its ``given`` negatives, or its ``counterfactual`` renders
-    (``meta.counterfactuals``, relative to ``image_root`` or the records file's folder)."""
+    """The image files a record carries: its ``given`` negatives, its ``counterfactual`` renders
+    (``meta.counterfactuals``, relative to ``image_root`` or the records file's folder), or its ``edits``
+    (``misp.negatives.edits``: images with their own responses)."""
     if kind == "given":
         return [str(p) for p in record.negatives]
+    if kind == EDITS:
+        return [path for path, _ in record_edits(record, records_file, image_root)]
     root = Path(image_root) if image_root else Path(records_file).parent
     return [str(root / p) for p in record.meta.get("counterfactuals", [])]
 
@@ -62,10 +67,19 @@ class NegativeDrawer:
         if source.draw is None:
             return None
 
+        # A pool source that pairs responses: a candidate that is one of the record's own edits carries its response.
+        # Keyed by the resolved file, as mining keys a record's own images (one that is also a pool image keeps
+        # the pool's path).
+        own = ([{str(Path(p).resolve()): y for p, y in record_edits(r, self.records_file, self.image_root)} for r in records]
+               if source.paired_responses and source.needs_pool else None)
+
         def refs(index: torch.Tensor) -> list[list[NegativeRef | None]]:
             # Candidate indices name the pool's images and then the records' own (mining.record_candidates).
             files = candidates.paths
-            return [[NegativeRef(self.source, str(files[i]), i) if i >= 0 else None for i in row.tolist()] for row in index]
+            return [[NegativeRef(self.source, str(files[i]), i,
+                                 response=None if own is None else own[r].get(str(Path(files[i]).resolve())))
+                     if i >= 0 else None
+                     for i in row.tolist()] for r, row in enumerate(index)]
 
         context = DrawContext(
             ids=[r.id for r in records], k=self.k, seed=self.seed, source=self.source,
@@ -79,7 +93,15 @@ class NegativeDrawer:
 
     def _record_lists(self, records: list, kind: str) -> list[list[NegativeRef]]:
         """The image lists records carry; warns once when some hold fewer than K, since their draws then repeat."""
+        if kind == EDITS:  # edited images with their own responses: the refs carry the response
+            refs = [edit_refs(r, self.records_file, self.image_root) for r in records]
+            self._warn_short(records, refs, kind)
+            return refs
         lists = [record_images(r, kind, self.records_file, self.image_root) for r in records]
+        self._warn_short(records, lists, kind)
+        return [[NegativeRef(self.source, path) for path in x] for x in lists]
+
+    def _warn_short(self, records: list, lists: list[list], kind: str) -> None:
         short = [r.id for r, x in zip(records, lists, strict=True) if 0 < len(x) < self.k]
         if short and not self._warned_short_lists:
             self._warned_short_lists = True
@@ -87,4 +109,3 @@ class NegativeDrawer:
                 "source=%r: %d of %d records in %s have fewer than k=%d negatives (e.g. %s): their draws repeat "
                 "negatives", self.source, len(short), len(lists), self.records_file, self.k, short[:3],
             )
-        return [[NegativeRef(self.source, path) for path in x] for x in lists]

@@ -4,6 +4,7 @@ pairs and likelihood-grounding captions."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +19,12 @@ from misp.data.records import (
     read_prompt_records,
 )
 from misp.eval.grounding import ATTRIBUTES
+from misp.eval.partner_probe import partner_removal_cases, read_edit_records
 from misp.images import load_rgb
 from misp.world.config import EVAL_SPLITS
-from misp.world.generate import eval_file_key, read_manifest
+from misp.world.generate import EDITS_KIND, eval_file_key, read_manifest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +53,13 @@ class EvalData:
     under every counterfactual, per attribute. None: the grounding file of the captions file's split in a
     ``world.json`` beside it (grounding.jsonl for test.jsonl, val_grounding.jsonl for val.jsonl), if there
     is one and it holds records; "": off."""
+    edits_file: str | None = None
+    """A world's partner scenes with their captioned object edits, JSON Lines (``image``, ``prompt``,
+    ``caption``, ``objects``, ``counterfactuals``: docs/world.md): their captions add present-partner
+    cases to ``cooccurrence/partner_present_rate``, and their partner removals give the partner-token
+    probe ``probe/partner_logp_gap`` (``misp.eval.partner_probe``). None: the edits file of the captions
+    file's split in a ``world.json`` beside it (edits.jsonl for test.jsonl, val_edits.jsonl for val.jsonl),
+    if the world has one (format 6 with ``partner_scenes``); "": off."""
     image_root: str | None = None
     """Folder image paths are relative to (default: each file's folder)."""
     objects: list[str] = field(default_factory=list)
@@ -122,6 +133,10 @@ class EvalData:
     def grounding_path(self) -> str | None:
         """The likelihood-grounding records to score, or None (see ``grounding_file``)."""
         return self._world_file(self.grounding_file, "grounding")
+
+    def edits_path(self) -> str | None:
+        """The partner scenes' edits file to evaluate, or None (see ``edits_file``)."""
+        return self._world_file(self.edits_file, EDITS_KIND)
 
     def synonyms(self) -> dict[str, str]:
         if self.synonyms_file is None:
@@ -206,6 +221,18 @@ def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
             for p in pairs
         ]
         sets.append(_EvalDataset("mmvp", rows))
+    if edits := cfg.edits_path():
+        records = read_edit_records(Path(edits), image_root=cfg.image_root)[: cfg.limit]
+        rows = [{"task": "partner_caption", "id": r["id"], "image": r["image"], "prompt": r["prompt"],
+                 "objects": r["objects"]} for r in records]
+        sets.append(_EvalDataset("partner_caption", rows))
+        cases = [{"task": "partner_logp", **case} for case in partner_removal_cases(records)]
+        if cases:
+            sets.append(_EvalDataset("partner_logp", cases))
+    elif cfg.captions_file and cfg.edits_file is None and cfg._world() is not None:
+        log.info("probe/partner_logp_gap skipped: the world beside %s has no partner scenes with partner-removed "
+                 "counterfactuals (generate it with partner_scenes > 0, e.g. configs/worlds/shapes_edits.yaml)",
+                 cfg.captions_file)
     if grounding := cfg.grounding_path():
         read = read_grounding_records(Path(grounding), image_root=cfg.image_root)
         records = _check_attributes(read, "attributes")[: cfg.limit]

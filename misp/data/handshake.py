@@ -49,6 +49,8 @@ class ModuleValues:
     """``(features [R, M, F], valid [R, M]) -> log q_phi [R, M]`` (or None: uniform), between steps."""
     negatives: Any = None
     """The method's negatives (``misp.dpo.method.Negatives``: source and K) a preference datamodule draws."""
+    in_context: bool = False
+    """A term reads IC-VCO's two-image pairs: a source that pairs responses also builds those rows."""
 
 
 @dataclass

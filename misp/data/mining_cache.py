@@ -104,7 +104,7 @@ class MiningPass:
             return None
         lists = [[Path(p) for p in record_images(r, kind, self.records_file, self.image_root)] for r in records]
         missing = [r.id for r, x in zip(records, lists, strict=True) if not x]
-        what = "meta.counterfactuals" if kind == "counterfactual" else "negatives"
+        what = {"counterfactual": "meta.counterfactuals", "edits": "edits (or meta.captioned_counterfactuals)"}.get(kind, "negatives")
         if lists and len(missing) == len(lists):
             raise ValueError(
                 f"mining.record_candidates={kind!r}: no record in {self.records_file} carries a `{what}` "

@@ -43,6 +43,7 @@ from misp.data.handshake import (
 )
 from misp.data.layouts import RatingRule
 from misp.data.mining_cache import MiningPass
+from misp.data.pairs import EditResponses, encode_edits
 from misp.data.pixel_cache import PixelCache
 from misp.data.preview import log_negatives_preview
 from misp.data.records import PreferenceRecord, read_preference_records
@@ -182,6 +183,8 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
         self.negatives: Negatives | None = None  # the method's, from `attach`
         self.drawer: NegativeDrawer | None = None
         self.epoch_state = EpochState()
+        self.pairs: EditResponses | None = None  # each record's edit responses (a source pairing responses)
+        self.in_context = False  # a term reads IC-VCO's two-image rows (from `attach`)
         self.pixel_cache = PixelCache.from_mb(image_cache_mb)
 
     # the method's negatives, from the handshake ----------------------------------------------------
@@ -201,6 +204,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                 + (" (the export_dir of a trained SAEModule)" if "sae_path" in missing else "")
             )
         self.negatives = negatives
+        self.in_context = bool(values.in_context)
         self.drawer = NegativeDrawer(negatives.source, negatives.k, h.seed, h.records_file, h.image_root)
 
     def _negatives(self) -> Negatives:
@@ -260,6 +264,14 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
             # A record left out by encoding stays in the mined arrays (indexed by position) but is encoded as
             # None, which the epoch leaves out.
             self.encoded = self.encode_pairs(self.processor)[0]
+            source = get_source(self._negatives().source)
+            if source.paired_responses and self.k > 0:
+                h = self.hparams
+                # A pool source pairs only the draws that are a record's own edits: a record without any is fine.
+                self.pairs = encode_edits(self._read, self.encoded, self.processor, h.max_length, h.on_bad_record,
+                                          h.records_file, h.image_root, spans=source.edit_spans,
+                                          require=not source.needs_pool,
+                                          in_context=self.in_context and source.in_context)
 
     def encode_pairs(self, processor: Any) -> tuple[list[tuple[dict, dict] | None], list[tuple[dict, dict] | None]]:
         """Each record's (chosen, rejected) encoding as training uses it, and as encoded before ``max_length``.
@@ -362,7 +374,7 @@ class NegativeSamplerDataModule(AttachesToModule, L.LightningDataModule):
                               num_workers=h.num_workers, collate_fn=self._pairs_collate)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         draws = self.draws_for_epoch(epoch)
-        dataset = PreferenceEpoch(self.records, self.encoded, draws)
+        dataset = PreferenceEpoch(self.records, self.encoded, draws, self.pairs)
         if self.trainer is not None and self.trainer.is_global_zero and draws is not None and h.preview_records:
             log_negatives_preview(self.trainer, self, dataset, draws, epoch, h.preview_records)
         # Shuffle order is a function of (seed, epoch) too, so a resumed run sees the same batches; resumed

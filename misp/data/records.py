@@ -124,6 +124,16 @@ class RecordError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
+class EditedImage:
+    """A negative image with its own correct response: an edit of the positive and what is true of it."""
+
+    image: Path
+    """The edited image, absolute."""
+    response: str
+    """Its own correct response to the record's prompt (e.g. its caption)."""
+
+
+@dataclass(frozen=True)
 class PreferenceRecord:
     """One preference example: an image, a prompt and a chosen/rejected response pair."""
 
@@ -145,6 +155,9 @@ class PreferenceRecord:
     """The turns before ``prompt`` when the prompt is a conversation, as (role, text) with role "system",
     "user" or "assistant"; rendered with the model family's chat template (``ModelFamily.format_prompt``). Empty
     for a single-turn record, which is encoded exactly as before."""
+    edits: tuple[EditedImage, ...] = ()
+    """Optional negative images each with its own correct response (the ``edits`` source's response pairs;
+    docs/data.md). Empty unless the record carries an ``edits`` list."""
 
 
 @dataclass(frozen=True)
@@ -415,6 +428,25 @@ def _image_list(value: list, ctx: _Context) -> tuple[Path, ...]:
     return tuple(out)
 
 
+def _edit_list(value: list, ctx: _Context) -> tuple[EditedImage, ...]:
+    """``[{"image": ..., "response": ...}, ...]``: negative images with their own correct responses."""
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _Invalid(f"item {i}: expected an object with 'image' and 'response', got {_type_name(item)}")
+        for key in ("image", "response"):
+            if item.get(key) is None:
+                raise _Invalid(f"item {i}: missing '{key}'")
+        if not isinstance(item["response"], str) or not item["response"].strip():
+            raise _Invalid(f"item {i}: 'response': expected a non-empty string, got {item['response']!r}")
+        try:
+            image = _image(item["image"], ctx)
+        except _Invalid as e:
+            raise _Invalid(f"item {i}: 'image': {e}") from None
+        out.append(EditedImage(image, item["response"]))
+    return tuple(out)
+
+
 def _prompt(value: str | list | Conversation, ctx: _Context) -> str | Conversation:
     """A prompt string, or a conversation (messages) ending with the user turn being answered."""
     if isinstance(value, str):
@@ -470,6 +502,7 @@ _PREFERENCE_SCHEMA = (
     _Field("rejected", (str, dict, list), _response, expected="string"),
     _Field("negatives", (list,), _image_list, required=False),
     _META,
+    _Field("edits", (list,), _edit_list, required=False),
 )
 _CAPTION_SCHEMA = (_OPTIONAL_ID, _IMAGE, _text_field("caption"))
 _SFT_SCHEMA = (_OPTIONAL_ID, _IMAGE, _text_field("prompt"), _text_field("response"))

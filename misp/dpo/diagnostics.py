@@ -7,6 +7,7 @@ to first order, where norms alone do not (see :func:`gradient_shares`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 
@@ -103,3 +104,18 @@ def gradient_shares(
 
 
 __all__ = ["gradient_shares"]
+
+
+UNSOLVED_MARGIN = math.log(9.0)
+"""A drawn negative counts as solved once ``a_i <= -UNSOLVED_MARGIN``: the positive image beats it by a
+margin of ln 9 ~ 2.2 in beta-scaled implicit reward, where the negative's own pairwise loss
+``softplus(a_i)`` (mDPO's conditional loss) has a gradient ``sigmoid(a_i) <= 0.1``, a tenth of what an
+unsolved negative gets. Above it the negative still pushes (docs/evaluation.md, "Probes")."""
+
+
+def unsolved_share(advantages: Tensor, margin: float = UNSOLVED_MARGIN) -> Tensor:
+    """The share of drawn negatives not yet solved: ``mean(a_i > -margin)`` over a ``[B, K]`` batch of
+    image advantages ``a_i = beta [r(y_p|m_i) - r(y_p|m_p)]`` (``misp.losses.image_advantages``)."""
+    if advantages.dim() != 2 or advantages.shape[1] == 0:
+        raise ValueError(f"unsolved_share: advantages must be [B, K] with K >= 1, got {tuple(advantages.shape)}")
+    return (advantages.detach() > -margin).float().mean()

@@ -70,6 +70,15 @@ class Method:
         return self.objective.uses_proposal
 
 
+SOURCE_NEEDS = [
+    ("needs_ranked_negatives", "ranked", "the negatives in rank order (negatives.source: occlude)"),
+    ("needs_paired_responses", "paired_responses", "each negative image's own correct response (response pairs)"),
+    ("needs_edit_spans", "edit_spans", "the token spans each edit changes (token_mask: false reads whole responses)"),
+    ("needs_in_context", "in_context", "the pairs in a two-image context"),
+]
+"""(term need, source attribute, what is missing) for the needs a source must answer."""
+
+
 def method_problems(method: Method) -> list[str]:
     """Each contradiction within ``method`` (its beta, its terms, and its terms against its negatives), as one sentence."""
     from misp.negatives.sources import get_source
@@ -109,6 +118,9 @@ def method_problems(method: Method) -> list[str]:
                 "transforms of the positive with no proposal distribution; use importance_sampling: false, or a source "
                 "that draws from a candidate list (sae, random, given, counterfactual)"
             )
+        for need, gives, what in SOURCE_NEEDS:
+            if getattr(term, need) and draws and not getattr(negatives, gives):
+                problems.append(f"terms.{key} {term!r} needs {what}, but source {source!r} gives none")
         if term.trains_proposal and draws and negatives.proposal != "learned":
             problems.append(
                 f"terms.{key} {term!r} trains the proposal q_phi, but source {source!r} does not draw from it; drop the "

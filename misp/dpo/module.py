@@ -19,10 +19,18 @@ from torch.distributed.fsdp import fully_shard
 
 from misp.batch import ImageInputs, PreferenceBatch
 from misp.data.handshake import DataDescription, ModuleValues, NegativesDescription, ProposalFeatures
-from misp.dpo.batching import ConcatenatedRows, concatenate_rows, row_keys, split_rows
-from misp.dpo.diagnostics import gradient_shares
+from misp.dpo.batching import (
+    ConcatenatedRows,
+    concatenate_rows,
+    row_keys,
+    select_rows,
+    split_in_context,
+    split_rows,
+)
+from misp.dpo.diagnostics import gradient_shares, unsolved_share
 from misp.dpo.method import Method
 from misp.dpo.objective import PreferenceObjective, SequenceLogps, preference_terms, sum_terms
+from misp.dpo.pairs import TokenReferenceCache, edit_spans, paired_responses
 from misp.dpo.reference import (
     ReferenceCache,
     frozen_copy,
@@ -30,10 +38,12 @@ from misp.dpo.reference import (
     reference_mode,
     uses_adapters,
 )
+from misp.dpo.terms import InContextPairs, ResponseCells
 from misp.errors import ConfigError
 from misp.eval.loop import GenerationEval
 from misp.hparams import plain, save_plain_hyperparameters
-from misp.logprobs import sequence_logps
+from misp.logprobs import response_token_counts, response_token_logps, sequence_logps
+from misp.losses import image_advantages
 from misp.methods import DEFAULT_METHOD
 from misp.models.forward import response_logits
 from misp.models.sharding import is_sharded, unsharded
@@ -93,14 +103,33 @@ class MISPDPOModule(VLMModule):
         # The method as run (the default filled in), so that checkpoints and model cards name it.
         self.hparams["method"] = plain(self.method)
         self.objective: PreferenceObjective = self.method.objective
+        self._check_images_per_prompt()
         # q_phi exists to be trained (ProposalFit); without that term the draws stay uniform over the M selected.
         self.proposal = ProposalNet(eps=proposal_eps) if self.method.uses_proposal else None
         self.reference = None if uses_adapters(self.model) else frozen_copy(self.model)
         self.reference_cache = ReferenceCache() if cache_reference else None
         self.negatives: NegativesDescription | None = None  # q_phi's features, from `datamodule.attach`
+        # Terms over edited spans read the reference per token: those rows are cached per token too.
+        self.reference_token_cache = (TokenReferenceCache() if cache_reference and self.objective.uses_edit_spans
+                                      else None)
         if self.reference_cache is not None:
             # Now, while every weight is whole on this process: sharding wraps and splits them later.
             self.reference_cache.bind(reference_fingerprint(self.model, self.reference))
+            if self.reference_token_cache is not None:
+                self.reference_token_cache.bind(self.reference_cache.fingerprint)
+
+    def _check_images_per_prompt(self) -> None:
+        """IC-VCO's two-image terms need a family that takes two images in one prompt: refuse others in one line."""
+        from misp.models.families import family_for_processor
+
+        family = family_for_processor(self.processor)
+        wanting = [t.name for t in self.objective.terms if t.needs_in_context]
+        if wanting and family.max_images is not None and family.max_images < 2:
+            raise ConfigError(
+                f"terms {wanting} read pairs in a two-image context, but a {family.name} model takes "
+                f"{family.max_images} image per prompt: drop them (the single-image branch runs alone) or use a "
+                "family that takes several (Qwen2.5-VL, Qwen3-VL, Gemma 3)"
+            )
 
     # setup ----------------------------------------------------------------------------------------
     def vlms(self) -> list[torch.nn.Module]:
@@ -130,7 +159,8 @@ class MISPDPOModule(VLMModule):
     def data_values(self) -> ModuleValues:
         """The handshake's first half: the processor, q_phi's reader the data draws each epoch through, and
         the method's negatives (source and K) for the data to draw."""
-        return ModuleValues(processor=self.processor, proposal_log_q=self.proposal_log_q, negatives=self.method.negatives)
+        return ModuleValues(processor=self.processor, proposal_log_q=self.proposal_log_q, negatives=self.method.negatives,
+                            in_context=self.objective.uses_in_context)
 
     def attach_data(self, data: DataDescription) -> None:
         """The handshake's second half: also q_phi's features of the data's mined negatives."""
@@ -170,6 +200,12 @@ class MISPDPOModule(VLMModule):
         logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, images, rows.labels, rows.image_index)
         return sequence_logps(logits, labels)
 
+    @staticmethod
+    def _token_logps(model, rows: ConcatenatedRows, images: ImageInputs) -> torch.Tensor:
+        """Per-token response log-probs ``[N, L]`` (for terms that read edited spans)."""
+        logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, images, rows.labels, rows.image_index)
+        return response_token_logps(logits, labels)
+
     def _reference_logps(self, batch: PreferenceBatch, rows: ConcatenatedRows) -> torch.Tensor:
         keys = row_keys(batch)
         if self.reference_cache is not None:
@@ -178,10 +214,7 @@ class MISPDPOModule(VLMModule):
             values, missing = torch.zeros(len(keys), dtype=torch.float64), torch.ones(len(keys), dtype=torch.bool)
         if bool(missing.any()):
             need = missing.nonzero().squeeze(1).to(rows.input_ids.device)
-            images, image_index = rows.image_index[need].unique(return_inverse=True)
-            subset = ConcatenatedRows(
-                rows.input_ids[need], rows.attention_mask[need], rows.labels[need], image_index, rows.batch_size, rows.k
-            )
+            subset, images = select_rows(rows, need)
             with reference_mode(self.model, self.reference) as reference:
                 computed = self._logps(reference, subset, batch.images.select(images)).double().cpu()
             values[missing] = computed
@@ -189,18 +222,53 @@ class MISPDPOModule(VLMModule):
                 self.reference_cache.store([keys[i] for i in need.tolist()], computed)
         return values.to(rows.input_ids.device, torch.float32)
 
+    def _reference_token_logps(self, batch: PreferenceBatch, rows: ConcatenatedRows, width: int) -> torch.Tensor:
+        """Per-token reference log-probs ``[N, width]`` of every row, the rows seen before from the token cache."""
+        keys = row_keys(batch)
+        cache = self.reference_token_cache
+        if cache is not None:
+            values, missing = cache.lookup(keys, width)
+        else:
+            values, missing = torch.zeros(len(keys), width, dtype=torch.float64), torch.ones(len(keys), dtype=torch.bool)
+        if bool(missing.any()):
+            need = missing.nonzero().squeeze(1).to(rows.input_ids.device)
+            subset, images = select_rows(rows, need)
+            with reference_mode(self.model, self.reference) as reference:
+                computed = self._token_logps(reference, subset, batch.images.select(images)).double().cpu()
+            columns = min(width, computed.shape[1])
+            values[missing, :columns] = computed[:, :columns]
+            if cache is not None:
+                cache.store([keys[i] for i in need.tolist()], computed, response_token_counts(subset.labels).cpu())
+        return values.to(rows.input_ids.device, torch.float32)
+
     # training ---------------------------------------------------------------------------------------
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         rows = concatenate_rows(batch, self.processor.tokenizer.pad_token_id, self.method.negatives.drawn)
         b, k = rows.batch_size, rows.k
-        policy = SequenceLogps(*split_rows(self._logps(self.model, rows, batch.images), b, k))
-        reference = SequenceLogps(*split_rows(self._reference_logps(batch, rows), b, k))
+        spans = None
+        if rows.pairs and self.objective.uses_edit_spans:
+            # Terms over edited spans read per-token log-probs of every cell, the reference's too (cached per token).
+            policy_tokens = self._token_logps(self.model, rows, batch.images)
+            reference_tokens = self._reference_token_logps(batch, rows, policy_tokens.shape[1])
+            policy_values, reference_values = policy_tokens.sum(-1), reference_tokens.sum(-1)
+            spans = edit_spans(batch, policy_tokens, reference_tokens)
+        else:
+            policy_values = self._logps(self.model, rows, batch.images)
+            reference_values = self._reference_logps(batch, rows)
+        policy = SequenceLogps(*split_rows(policy_values, b, k))
+        reference = SequenceLogps(*split_rows(reference_values, b, k))
+        paired = paired_responses(policy_values, reference_values, b, k, batch.pairs.valid) if rows.pairs else None
+        in_context = None
+        if rows.in_context:
+            in_context = InContextPairs(ResponseCells(*split_in_context(policy_values, b, k)),
+                                        ResponseCells(*split_in_context(reference_values, b, k)))
         log_q = batch.log_q if k else None
         log_q_phi = None
         if self.proposal is not None:
             # Through forward, so that FSDP gathers q_phi's parameters.
             log_q_phi = gather_log_q(self.proposal(*self._features(batch.ids)), batch.draw_index)
-        term_losses, metrics = preference_terms(self.objective, policy, reference, log_q, log_q_phi)
+        term_losses, metrics = preference_terms(self.objective, policy, reference, log_q, log_q_phi, paired, spans,
+                                                in_context)
         loss = sum_terms(term_losses).mean()
         every = self.hparams.diagnostics_every_n_steps
         if every and self.global_step % every == 0:
@@ -212,6 +280,10 @@ class MISPDPOModule(VLMModule):
             metrics["reference/cache_hit_rate"] = torch.tensor(self.reference_cache.hits / total)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log_dict(metrics, batch_size=b)
+        if k:  # per epoch: the share of drawn negatives the positive image does not yet beat by the margin
+            a = image_advantages(policy.chosen.detach(), policy.negatives.detach(), reference.chosen,
+                                 reference.negatives, self.objective.beta)
+            self.log("train/unsolved_share", unsolved_share(a), on_step=False, on_epoch=True, batch_size=b)
         return loss
 
     def _sharded_training(self) -> bool:
@@ -256,8 +328,12 @@ class MISPDPOModule(VLMModule):
         super().on_save_checkpoint(checkpoint)
         if self.reference_cache is not None:
             checkpoint["reference_cache"] = self.reference_cache.state_dict()
+        if self.reference_token_cache is not None:
+            checkpoint["reference_token_cache"] = self.reference_token_cache.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         if self.reference_cache is not None and "reference_cache" in checkpoint:
             self.reference_cache.load_state_dict(checkpoint["reference_cache"])
+        if self.reference_token_cache is not None and "reference_token_cache" in checkpoint:
+            self.reference_token_cache.load_state_dict(checkpoint["reference_token_cache"])

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from misp.dpo.terms import (
+    EditSpans,
+    InContextPairs,
     LossTerm,
+    PairedResponses,
     SequenceLogps,
     TermInputs,
     TextDPO,
@@ -63,6 +66,16 @@ class PreferenceObjective:
         return uses_negatives(self.terms)
 
     @property
+    def uses_edit_spans(self) -> bool:
+        """A term reads per-token log-probs over edited spans (``token_mask``), so the step computes them."""
+        return any(t.needs_edit_spans for t in self.terms)
+
+    @property
+    def uses_in_context(self) -> bool:
+        """A term reads the pairs in IC-VCO's two-image context, so the data builds those rows."""
+        return any(t.needs_in_context for t in self.terms)
+
+    @property
     def uses_proposal(self) -> bool:
         """A learnable q_phi is read (importance sampling over its draws) or trained."""
         return any(t.trains_proposal for t in self.terms)
@@ -74,18 +87,22 @@ def preference_terms(
     reference: SequenceLogps,
     log_q: Tensor | None = None,
     log_q_phi: Tensor | None = None,
+    paired: PairedResponses | None = None,
+    spans: EditSpans | None = None,
+    in_context: InContextPairs | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Each term's weighted per-example losses ``[B]`` by term name, and the metrics of the terms that ran.
 
     ``sum_terms(losses).mean()`` is :func:`preference_loss`; the terms apart serve diagnostics that need
-    each one's gradient (``MISPDPOModule(diagnostics_every_n_steps=...)``).
+    each one's gradient (``MISPDPOModule(diagnostics_every_n_steps=...)``). ``paired``, ``spans`` and
+    ``in_context`` are the response-pair inputs, for a source that gives them (``misp.dpo.pairs``).
     """
     if objective.uses_negatives and policy.negatives.shape[-1] == 0:
         raise ValueError(f"objective terms {[t.name for t in objective.terms]} need negatives; the data gave none")
     advantages = None
     if policy.negatives.shape[-1]:
         advantages = image_advantages(policy.chosen, policy.negatives, reference.chosen, reference.negatives, objective.beta)
-    inputs = TermInputs(policy, reference, objective.beta, advantages, log_q, log_q_phi)
+    inputs = TermInputs(policy, reference, objective.beta, advantages, log_q, log_q_phi, paired, spans, in_context)
     return weighted_term_losses(objective.terms, inputs)
 
 

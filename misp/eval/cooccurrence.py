@@ -88,8 +88,14 @@ class CooccurrenceMetric(Metric):
         for name in _COUNTS:
             self.add_state(name, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, responses: Sequence[str], gt_objects: Sequence[Sequence[str]]) -> None:
-        """Count one batch of descriptions against their images' ground-truth objects."""
+    def update(
+        self, responses: Sequence[str], gt_objects: Sequence[Sequence[str]], present_only: bool = False
+    ) -> None:
+        """Count one batch of descriptions against their images' ground-truth objects.
+
+        ``present_only`` counts the present-partner cases alone: for scenes chosen because they hold a
+        pair (a world's partner scenes), which would skew every other rate (docs/world.md).
+        """
         if len(responses) != len(gt_objects):
             raise ValueError(f"{len(responses)} responses but {len(gt_objects)} ground-truth object lists")
         c = dict.fromkeys(_COUNTS, 0)
@@ -100,10 +106,12 @@ class CooccurrenceMetric(Metric):
             missing = {p for t, p in self.pairs if t in truth and p not in truth}
             present = {p for t, p in self.pairs if t in truth and p in truth}
             hallucinated = [m for m in mentioned if m not in truth]
-            c["hallucinated"] += len(hallucinated)
-            c["partner_hallucinated"] += sum(m in missing for m in hallucinated)
             c["present_cases"] += len(present)
             c["present_named"] += len(present & set(mentioned))
+            if present_only:
+                continue
+            c["hallucinated"] += len(hallucinated)
+            c["partner_hallucinated"] += sum(m in missing for m in hallucinated)
             if missing:
                 named = set(mentioned)
                 others = vocabulary - truth - missing

@@ -1,5 +1,5 @@
 """Evaluation of a VLM over batches of images and prompts: POPE, CHAIR, co-occurrence and Shapes-MMVP
-from generated answers, and likelihood grounding from scored captions.
+from generated answers, and likelihood grounding and the partner-token probe from scored captions.
 
 Used by every VLM LightningModule's validation and test steps, and usable on its own from a notebook.
 """
@@ -14,6 +14,7 @@ from torch import nn
 from misp.eval.cooccurrence import CooccurrenceMetric
 from misp.eval.grounding import LikelihoodGroundingMetric, MMVPMetric
 from misp.eval.metrics import CHAIRMetric, POPEMetric
+from misp.eval.partner_probe import PartnerLogpGapMetric
 from misp.eval.parsing import parse_yes_no
 from misp.eval.scoring import response_logps_per_image
 from misp.models.generation import generate
@@ -58,6 +59,7 @@ class Evaluator(nn.Module):
         self.cooccurrence = CooccurrenceMetric(pairs, objects, synonyms) if objects and pairs else None
         self.mmvp = MMVPMetric()
         self.grounding = LikelihoodGroundingMetric()
+        self.partner_gap = PartnerLogpGapMetric()
         self.samples: list[dict] = []
         # Every answer with what it was scored on: ``misp test`` writes them to generations/<task>.jsonl.
         self.generations: list[dict] = []
@@ -71,6 +73,13 @@ class Evaluator(nn.Module):
             self.pope.update(answers, batch["label"], batch["split"])
             judgements = [{"split": s, "truth": t, "pred": parse_yes_no(a)}
                           for a, t, s in zip(answers, batch["label"], batch["split"], strict=True)]
+        elif batch["task"] == "partner_caption":
+            # A world's partner scenes: captions for partner_present_rate only (see misp.eval.partner_probe).
+            prompts = [c.caption_prompt or p for p in batch["prompt"]]
+            answers = [a[0] for a in generate(model, processor, batch["image"], prompts, max_new_tokens=c.max_new_tokens)]
+            if self.cooccurrence is not None:
+                self.cooccurrence.update(answers, batch["objects"], present_only=True)
+            judgements = [{"objects": list(gt)} for gt in batch["objects"]]
         elif batch["task"] == "caption":
             if self.chair is None:
                 raise ValueError("captioning evaluation needs an object vocabulary for CHAIR (EvalData.objects)")
@@ -103,6 +112,13 @@ class Evaluator(nn.Module):
         elif batch["task"] == "likelihood":
             self._score_captions(model, processor, batch)
             return  # scores, not answers: nothing to keep as a sample
+        elif batch["task"] == "partner_logp":
+            items = [(p, cap, [a, b]) for p, cap, a, b in
+                     zip(batch["prompt"], batch["caption"], batch["image"], batch["image_b"], strict=True)]
+            scores = response_logps_per_image(model, processor, items, max_rows=self.config.score_rows,
+                                              spans=batch["span"])
+            self.partner_gap.update(torch.stack([s[0] for s in scores]), torch.stack([s[1] for s in scores]))
+            return
         else:
             raise ValueError(f"unknown evaluation task {batch['task']!r}")
         self.generations.extend(
@@ -136,13 +152,13 @@ class Evaluator(nn.Module):
             results.update(self.chair.compute())
         if self.cooccurrence is not None and self.cooccurrence.update_count:
             results.update(self.cooccurrence.compute())
-        for metric in (self.mmvp, self.grounding):
+        for metric in (self.mmvp, self.grounding, self.partner_gap):
             if metric.update_count:
                 results.update(metric.compute())
         return results
 
     def reset(self) -> None:
-        for metric in (self.pope, self.mmvp, self.grounding):
+        for metric in (self.pope, self.mmvp, self.grounding, self.partner_gap):
             metric.reset()
         for metric in (self.chair, self.cooccurrence):
             if metric is not None:

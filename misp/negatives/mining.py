@@ -60,10 +60,12 @@ class MiningConfig:
     """Records scored and selected at once; bounds memory for large datasets."""
     device: str = "cpu"
     """Where CLIP, retrieval and the SAE run during mining (``cuda`` on a GPU machine)."""
-    record_candidates: Literal["none", "counterfactual", "given"] = "none"
+    record_candidates: Literal["none", "counterfactual", "given", "edits"] = "none"
     """The record's own images that join its retrieved candidates before SAE selection (the mixed pool):
     ``counterfactual``, its one-attribute renders in ``meta.counterfactuals`` (Shapes world); ``given``,
-    its ``negatives`` list (edited or near-duplicate images of real data); ``none``, retrieved pool images
+    its ``negatives`` list (edited or near-duplicate images of real data); ``edits``, its edited images with
+    their own responses (``misp.negatives.edits``: the ``edits`` field or format 6's captioned
+    counterfactuals, partner edits included); ``none``, retrieved pool images
     only (method.md 4.1). They are embedded by the same CLIP, never dropped as near-duplicates, and both
     the ``sae`` source (selection and q_phi) and the ``random`` source draw from the mixed list."""
 
@@ -83,7 +85,7 @@ class MiningConfig:
             )
 
 
-RECORD_CANDIDATES = ("none", "counterfactual", "given")
+RECORD_CANDIDATES = ("none", "counterfactual", "given", "edits")
 """The values of ``MiningConfig.record_candidates``."""
 
 

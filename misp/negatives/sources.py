@@ -16,6 +16,9 @@ side never does (a ref says itself whether it names a file). A new source is one
 | given          | K of the record's ``negatives`` list, uniformly                   | -log (#given)  |
 | crop           | K random resized crops of the positive (mDPO, 1%-20% of the area) | 0 (no proposal) |
 | noise          | K forward-diffusion noisings of the positive at t (CHiP-style)    | 0 (no proposal) |
+| occlude        | the positive with 1/K, 2/K, ..., K/K of an object hidden (LPOI), in that rank order | 0 (no proposal) |
+| edits          | K of the record's edited images, each with its own response (``misp.negatives.edits``) | -log (#edits) |
+| sae_pairs      | as ``sae``; a draw that is one of the record's edits (``mining.record_candidates: edits``) carries its response | log q_phi |
 | none           | no negatives (plain DPO)                                          | -              |
 
 With ``mining.record_candidates`` set (the mixed pool), the candidates of ``sae`` and ``random`` also hold
@@ -34,6 +37,7 @@ import torch
 from PIL import Image
 
 from misp.batch import NegativeRef
+from misp.negatives.occlusion import occlude
 from misp.negatives.proposal import draw_negatives, gather_log_q, record_key
 from misp.negatives.transforms import diffusion_noise, random_resized_crop
 
@@ -73,6 +77,16 @@ def transform_draws(kind: str, k: int, seed: int, epoch: int, ids: list[str]) ->
     ]
     zeros = torch.zeros(len(ids), k)
     return NegativeDraws(refs, zeros, torch.arange(k).expand(len(ids), k).clone())
+
+
+def ranked_draws(kind: str, k: int, seed: int, epoch: int, ids: list[str]) -> NegativeDraws:
+    """A ranked list of K versions of each positive, all from one seed per (seed, epoch, id): version j of K."""
+    refs = [
+        [NegativeRef(kind, index=j, seed=record_key(f"{seed}:{epoch}:{rid}") & 0x7FFFFFFFFFFFFFFF, levels=k)
+         for j in range(1, k + 1)]
+        for rid in ids
+    ]
+    return NegativeDraws(refs, torch.zeros(len(ids), k), torch.arange(k).expand(len(ids), k).clone())
 
 
 def padded_lists(lists: list[list[NegativeRef]]) -> tuple[list[list[NegativeRef | None]], torch.Tensor]:
@@ -124,6 +138,14 @@ class NegativeSource:
     materialise: Callable[[NegativeRef, Path, Callable[[Path], Image.Image]], Image.Image] | None = None
     """(ref, positive path, loader) -> image, for the seeded refs a source makes from the positive (which
     are new images every epoch: neither the pixel cache nor the reference cache keeps them)."""
+    ranked: bool = False
+    """Its K draws of a record come in rank order, column k above column k + 1 (``occlude``)."""
+    paired_responses: bool = False
+    """Gives each negative image its own correct response (``TermInputs.paired``)."""
+    edit_spans: bool = False
+    """Gives the token spans each negative's edit changes in both responses (``TermInputs.spans``)."""
+    in_context: bool = False
+    """Gives the pairs in a two-image context (``TermInputs.in_context``)."""
 
     @property
     def draws_negatives(self) -> bool:
@@ -199,5 +221,27 @@ register_source(NegativeSource(
 register_source(NegativeSource(
     "noise", _draw_transform("noise"), proposal="none",
     materialise=_seeded_transform(diffusion_noise),
+))
+register_source(NegativeSource(
+    "occlude", lambda c, epoch: ranked_draws("occlude", c.k, c.seed, epoch, c.ids), proposal="none", ranked=True,
+    materialise=lambda ref, positive, loader: occlude(
+        loader(positive), torch.Generator().manual_seed(ref.seed), ref.index, ref.levels),
+))
+def _draw_edits(c: DrawContext, epoch: int) -> NegativeDraws:
+    # A record without edits draws None: the datamodule has refused it (on_bad_record: raise) or left it out
+    # (skip) with its file and line before any epoch is drawn (misp.data.pairs.check_edits).
+    lists = [list(x) or [None] for x in c.record_lists("edits")]
+    padded, valid = padded_lists(lists)
+    return draw_from_lists(uniform_log_q(valid), padded, c.k, c.seed, epoch, c.ids)
+
+
+# in_context: the data builds IC-VCO's two-image rows [m_p, m_k] when a term reads them (a family that takes
+# several images per prompt; MISPDPOModule refuses them for one that does not).
+register_source(NegativeSource("edits", _draw_edits, paired_responses=True, edit_spans=True, in_context=True))
+# The mixed pool of misp_ground: retrieved images and the record's own edits, the SAE choosing, q_phi drawing.
+# Only the draws that are edits have a response; the pair terms mask the others (ResponsePairRows.valid).
+register_source(NegativeSource(
+    "sae_pairs", lambda c, epoch: draw_from_lists(c.proposal_log_q(), c.selected_refs(), c.k, c.seed, epoch, c.ids),
+    needs_pool=True, needs_sae=True, proposal="learned", paired_responses=True,
 ))
 register_source(NegativeSource("none", None, proposal="none"))

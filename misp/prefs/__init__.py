@@ -1,7 +1,7 @@
 """CLIP-DPO preference data (method.md section 5): the VLM's own samples, ranked by CLIP and rule-filtered.
 
 ``misp prefs --config configs/shapes/clip_dpo_prefs.yaml`` runs :func:`run_prefs`; the records it writes
-train plain DPO (``configs/shapes/methods/clip_dpo.yaml`` on ``configs/shapes/preference.yaml``).
+train plain DPO (``configs/methods/clip_dpo.yaml`` with ``configs/shapes/clip_dpo_data.yaml``).
 """
 
 from misp.prefs.config import FilterConfig, PrefsConfig, SamplingConfig, ScoringConfig

@@ -52,6 +52,10 @@ distribution: hyperparameters are chosen on val, results are reported on test.""
 BIASED_SPLITS: frozenset[str] = frozenset({"sft"})
 """Splits in which the co-occurrence bias holds; every other split breaks it."""
 
+EXTENSION_FIELDS: tuple[str, ...] = ("object_edits", "partner_scenes")
+"""WorldConfig fields format version 6 added: left out of world.json while at their defaults (0), so a
+world that uses none of them keeps version 5's bytes."""
+
 _WORD = re.compile(r"[a-z]+")
 _PHRASE = re.compile(r"[a-z]+( [a-z]+)*")
 _HEX = re.compile(r"#[0-9a-fA-F]{6}")
@@ -168,6 +172,24 @@ class WorldConfig:
     """Val scenes (the first N, capped by n_val) that get one counterfactual render per attribute: the
     val split's val_mmvp.jsonl and val_grounding.jsonl, as test_counterfactuals does for test."""
 
+    object_edits: int = 0
+    """Counterfactuals per preference record (and per partner scene, beside its partner removal) that
+    remove one object or insert one absent object, each with its own true caption, so that response pairs
+    (y_w under m, y'_w under m') can be formed: the bias pairs' own edits first (removing a present partner,
+    inserting a missing partner of a present trigger), then other objects. Above 0, pref records gain
+    ``meta["captioned_counterfactuals"]`` (every counterfactual of the record, the one-attribute ones too,
+    with caption and edit; docs/world.md) and world.json is format version 6. 0 (the default) writes the
+    version-5 world byte for byte."""
+
+    partner_scenes: int = 0
+    """Scenes per evaluation split (test, val) that hold a trigger together with its partner (bias pairs in
+    turn; the other objects drawn as in the split), besides the split's n_test / n_val scenes: edits.jsonl
+    and val_edits.jsonl, each scene with its partner-removed counterfactual (and object_edits more), all
+    captioned. They give partner_present_rate at least this many cases per split and feed the partner
+    log-prob probe; their captions count in the co-occurrence metric only, so CHAIR and POPE keep the
+    split's own unbiased scenes. Own random streams; above 0 world.json is format version 6; 0 (the
+    default) writes none."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -215,6 +237,10 @@ class WorldConfig:
         _int("counterfactuals_per_record", self.counterfactuals_per_record, lo=0)
         _int("test_counterfactuals", self.test_counterfactuals, lo=0)
         _int("val_counterfactuals", self.val_counterfactuals, lo=0)
+        _int("object_edits", self.object_edits, lo=0)
+        _int("partner_scenes", self.partner_scenes, lo=0)
+        if self.partner_scenes and not pairs:
+            raise ValueError("partner_scenes needs bias_pairs: a partner scene holds a trigger and its partner")
 
     def _vocab(self, name: str, values: list[str], known) -> None:
         _str_list(name, values)
@@ -267,6 +293,10 @@ class WorldConfig:
                     f"bias_pairs: partner {p.partner!r} is also a trigger; chains are not supported"
                 )
         return pairs
+
+    def extended(self) -> bool:
+        """Whether the world uses format version 6's additions (object edits or partner scenes)."""
+        return self.object_edits > 0 or self.partner_scenes > 0
 
     def split_sizes(self) -> dict[str, int]:
         """Scene count per split."""

@@ -14,11 +14,20 @@ Layout under ``out_dir`` (image paths in the JSONL files are relative to ``out_d
                   answer differs between the two
     grounding.jsonl  {"id", "image", "prompt", "caption", "counterfactuals", "attributes"}: test captions
                   with one counterfactual render per attribute (likelihood grounding)
+    edits.jsonl   (format 6, ``partner_scenes`` > 0) {"id", "image", "prompt", "caption", "objects",
+                  "counterfactuals": [{"image", "caption", "edit", "partner", "span"}]}: extra test scenes
+                  that hold a trigger with its partner, each with its partner-removed counterfactual (and
+                  ``object_edits`` more object removals or insertions), every image captioned
     val.jsonl, val_pope.jsonl, val_mmvp.jsonl, val_grounding.jsonl
                   the same four evaluation files over the val split (same distribution as test, own
                   random streams, ids prefixed val-, val_pope-, val_mmvp-): for validation during fit
                   and choosing hyperparameters, so that test is only reported
     images/{clip,sft,pref,pref_cf,pool,test,test_cf,val,val_cf}/*.png
+    images/{test_edits,val_edits}/*.png   (format 6: edits.jsonl's and val_edits.jsonl's images)
+
+Format 6 adds, only where ``object_edits`` or ``partner_scenes`` is above 0, the object edits of the pref
+records (``meta["captioned_counterfactuals"]``, their images under images/pref_cf/) and the edits files
+of the evaluation splits; with both at 0 every file, world.json included, is version 5's byte for byte.
 
 Every file is written atomically and ``world.json`` last: it is the world's commit mark. Regenerating
 over an existing world removes the old mark before writing anything, so a run interrupted half-way leaves
@@ -42,7 +51,7 @@ from tqdm.auto import tqdm
 
 from misp.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, sha256_file
 from misp.world import grammar
-from misp.world.config import EVAL_SPLITS, SPLITS, WorldConfig
+from misp.world.config import EVAL_SPLITS, EXTENSION_FIELDS, SPLITS, WorldConfig
 from misp.world.render import png_bytes, render_scene
 from misp.world.scene import (
     ATTRIBUTES,
@@ -52,6 +61,8 @@ from misp.world.scene import (
     generate_scenes,
     hallucinate,
     missing_partners,
+    object_edits,
+    sample_pair_scene,
     split_rng,
 )
 
@@ -60,6 +71,13 @@ WORLD_VERSION = 5
 mmvp.jsonl and grounding.jsonl over test counterfactuals; every other file is byte-identical to 3's;
 5: adds the val split's val.jsonl, val_pope.jsonl, val_mmvp.jsonl and val_grounding.jsonl; every other
 file and image is byte-identical to 4's)."""
+
+EDITS_VERSION = 6
+"""Format version of a world with object edits or partner scenes (``WorldConfig.extended``): version 5's
+files plus pref records' ``meta["captioned_counterfactuals"]`` and the edits files of the evaluation splits."""
+
+READABLE_VERSIONS: tuple[int, ...] = (WORLD_VERSION, EDITS_VERSION)
+"""World format versions this misp reads."""
 
 MANIFEST = "world.json"
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -83,6 +101,9 @@ def counterfactual_path(i: int, j: int) -> str:
 EVAL_KINDS: tuple[str, ...] = ("captions", "pope", "mmvp", "grounding")
 """The evaluation files every split of ``EVAL_SPLITS`` has."""
 
+EDITS_KIND = "edits"
+"""The evaluation file of format 6's partner scenes (``WorldConfig.partner_scenes``): edits.jsonl, val_edits.jsonl."""
+
 
 def eval_file_key(split: str, kind: str) -> str:
     """Manifest ``files`` key (and file stem) of one evaluation file of ``split``.
@@ -93,8 +114,8 @@ def eval_file_key(split: str, kind: str) -> str:
     """
     if split not in EVAL_SPLITS:
         raise ValueError(f"split {split!r} has no evaluation files; those that do: {EVAL_SPLITS}")
-    if kind not in EVAL_KINDS:
-        raise ValueError(f"unknown evaluation file kind {kind!r}; known: {EVAL_KINDS}")
+    if kind not in (*EVAL_KINDS, EDITS_KIND):
+        raise ValueError(f"unknown evaluation file kind {kind!r}; known: {(*EVAL_KINDS, EDITS_KIND)}")
     if kind == "captions":
         return split
     return kind if split == "test" else f"{split}_{kind}"
@@ -217,14 +238,35 @@ def _sft_rows(scenes: list[Scene], config: WorldConfig) -> list[dict]:
 
 def _pref_rows(scenes: list[Scene], config: WorldConfig) -> tuple[list[dict], list[tuple[str, Scene]]]:
     """Preference records and the counterfactual renders they reference."""
+    from misp.world.describe import scene_difference  # describe reads written worlds through this module
+
     hal_rng = split_rng(config.seed, "hallucination/pref")
     cf_rng = split_rng(config.seed, "counterfactual/pref")
+    # Its own stream, so the files of a world without object edits keep their bytes.
+    edit_rng = split_rng(config.seed, "object_edits/pref")
     rows, renders = [], []
     for i, scene in enumerate(scenes):
         rejected, kind, hallucinated = hallucinate(scene, hal_rng, config)
         cfs = counterfactuals(scene, cf_rng, config, config.counterfactuals_per_record)
         cf_paths = [counterfactual_path(i, j) for j in range(len(cfs))]
         renders += zip(cf_paths, cfs, strict=True)
+        meta = {
+            "objects": scene.names,
+            "scene": scene.to_dicts(),
+            "hallucination": {"type": kind, "object": hallucinated},
+            "counterfactuals": cf_paths,
+            "counterfactual_scenes": [cf.to_dicts() for cf in cfs],
+        }
+        if config.object_edits:
+            captioned = [
+                {"image": p, "caption": grammar.caption(cf), "edit": " ".join(scene_difference(scene, cf)), "partner": False}
+                for p, cf in zip(cf_paths, cfs, strict=True)
+            ]
+            edits = object_edits(scene, edit_rng, config, config.object_edits)
+            paths = [f"images/pref_cf/{record_id('pref', i)}-edit{j}.png" for j in range(len(edits))]
+            renders += [(p, e.scene) for p, e in zip(paths, edits, strict=True)]
+            captioned += [_captioned_edit(scene, e, p) for p, e in zip(paths, edits, strict=True)]
+            meta["captioned_counterfactuals"] = captioned
         rows.append(
             {
                 "id": record_id("pref", i),
@@ -232,13 +274,61 @@ def _pref_rows(scenes: list[Scene], config: WorldConfig) -> tuple[list[dict], li
                 "prompt": grammar.CAPTION_PROMPT,
                 "chosen": grammar.caption(scene),
                 "rejected": grammar.caption(rejected),
-                "meta": {
-                    "objects": scene.names,
-                    "scene": scene.to_dicts(),
-                    "hallucination": {"type": kind, "object": hallucinated},
-                    "counterfactuals": cf_paths,
-                    "counterfactual_scenes": [cf.to_dicts() for cf in cfs],
-                },
+                "meta": meta,
+            }
+        )
+    return rows, renders
+
+
+def _captioned_edit(scene: Scene, e, path: str) -> dict:
+    """One object edit as records hold it: its image, its true caption, the edit, whether it is the bias
+    pair's partner, and the ``[start, end)`` character span of the edited object's sentence in the caption
+    that names it (the scene's for a removal, the edited scene's for an insertion)."""
+    named = scene if e.kind == "remove" else e.scene
+    return {
+        "image": path,
+        "caption": grammar.caption(e.scene),
+        "edit": e.label,
+        "partner": e.partner,
+        "span": list(grammar.sentence_span(named, e.object.name)),
+    }
+
+
+def present_partner_cases(scenes: list[Scene], config: WorldConfig) -> int:
+    """(scene, bias pair) cases with both the trigger and the partner in the scene: partner_present_rate's
+    denominator over these scenes."""
+    pairs = config.bias()
+    return sum(p.trigger in s.names and p.partner in s.names for s in scenes for p in pairs)
+
+
+def partner_scenes(config: WorldConfig, split: str) -> list[Scene]:
+    """The ``partner_scenes`` scenes of evaluation split ``split``, bias pairs in turn, from their own stream."""
+    rng = split_rng(config.seed, f"partner_scenes/{split}")
+    pairs = config.bias()
+    return [sample_pair_scene(rng, config, pairs[i % len(pairs)]) for i in range(config.partner_scenes)]
+
+
+def _edit_rows(scenes: list[Scene], config: WorldConfig, split: str) -> tuple[list[dict], list[tuple[str, Scene]]]:
+    """The edits file of evaluation split ``split`` over its partner scenes, and the renders it names."""
+    rng = split_rng(config.seed, f"object_edits/{split}")
+    key = eval_file_key(split, EDITS_KIND)
+    rows, renders = [], []
+    for i, scene in enumerate(scenes):
+        rid = record_id(key, i)
+        image = f"images/{split}_edits/{rid}.png"
+        renders.append((image, scene))
+        # A partner scene's partner is visible and it holds two objects, so its removal comes first.
+        edits = object_edits(scene, rng, config, 1 + config.object_edits)
+        paths = [f"images/{split}_edits/{rid}-e{j}.png" for j in range(len(edits))]
+        renders += [(p, e.scene) for p, e in zip(paths, edits, strict=True)]
+        rows.append(
+            {
+                "id": rid,
+                "image": image,
+                "prompt": grammar.CAPTION_PROMPT,
+                "caption": grammar.caption(scene),
+                "objects": scene.names,
+                "counterfactuals": [_captioned_edit(scene, e, p) for p, e in zip(paths, edits, strict=True)],
             }
         )
     return rows, renders
@@ -406,8 +496,14 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
             scenes[split], config, split
         )
 
+    edit_renders: list[tuple[str, Scene]] = []
+    if config.partner_scenes:
+        for split in EVAL_SPLITS:
+            rows[eval_file_key(split, EDITS_KIND)], more = _edit_rows(partner_scenes(config, split), config, split)
+            edit_renders += more
+
     renders = [(image_path(split, i), s) for split in SPLITS for i, s in enumerate(scenes[split])]
-    renders += cf_renders + [r for split in EVAL_SPLITS for r in eval_cf_renders[split]]
+    renders += cf_renders + [r for split in EVAL_SPLITS for r in eval_cf_renders[split]] + edit_renders
     image_hashes = {}
     for rel, scene in tqdm(renders, desc="rendering Shapes world", unit="img", disable=not progress):
         data = png_bytes(render_scene(scene, config))
@@ -416,15 +512,21 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
 
     files = {}
     names = ["clip", "sft", "pref", "pool"] + [eval_file_key(s, k) for s in EVAL_SPLITS for k in EVAL_KINDS]
+    names += [eval_file_key(s, EDITS_KIND) for s in EVAL_SPLITS if config.partner_scenes]
     for name in names:
         path = out / f"{name}.jsonl"
         atomic_write_jsonl(path, rows[name])
         files[name] = {"path": path.name, "rows": len(rows[name]), "sha256": sha256_file(path)}
 
     hallucinations = Counter(r["meta"]["hallucination"]["type"] for r in rows["pref"])
+    extended = config.extended()
+    recorded = asdict(config)
+    if not extended:  # version 5's manifest did not know these fields
+        for name in EXTENSION_FIELDS:
+            del recorded[name]
     manifest = {
-        "version": WORLD_VERSION,
-        "config": asdict(config),
+        "version": EDITS_VERSION if extended else WORLD_VERSION,
+        "config": recorded,
         "vocabulary": grammar.vocabulary(config),
         "objects": grammar.object_names(config),
         "bias_pairs": [{"trigger": p.trigger, "partner": p.partner} for p in config.bias()],
@@ -443,12 +545,33 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
             "hallucinations": {"partner": hallucinations["partner"], "swap": hallucinations["swap"]},
             "pope": dict(Counter(r["split"] for r in rows["pope"])),
             "val_pope": dict(Counter(r["split"] for r in rows["val_pope"])),
+            **(_edit_counts(rows, edit_renders, config) if extended else {}),
         },
         "statistics": {split: _split_statistics(scenes[split], config) for split in SPLITS},
         "cooccurrence": _top_partners(scenes["sft"], config),
     }
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _edit_counts(rows: dict[str, list[dict]], edit_renders: list, config: WorldConfig) -> dict:
+    """Format 6's generation summary: object-edit images, and per evaluation split the partner-present
+    cases (partner_present_rate's denominator) in the split's own scenes and in its partner scenes, and
+    the partner removals the log-prob probe compares."""
+    pref_edits = [c for r in rows["pref"] for c in r["meta"].get("captioned_counterfactuals", []) if c.get("span")]
+    out = {"pref_object_edits": len(pref_edits), "pref_partner_edits": sum(c["partner"] for c in pref_edits),
+           "edits_images": len(edit_renders), "partner_present": {}}
+    for split in EVAL_SPLITS:
+        edits = rows.get(eval_file_key(split, EDITS_KIND), [])
+        own = present_partner_cases(generate_scenes(config, split), config)
+        extra = present_partner_cases(partner_scenes(config, split), config) if config.partner_scenes else 0
+        out["partner_present"][split] = {
+            "split_scenes": own,
+            "partner_scenes": extra,
+            "cases": own + extra,
+            "partner_removals": sum(c["partner"] and c["edit"].startswith("-") for r in edits for c in r["counterfactuals"]),
+        }
+    return out
 
 
 def _images_hash(hashes: dict[str, str]) -> str:
@@ -468,8 +591,11 @@ def _referenced_images(root: Path, manifest: dict) -> set[str]:
             for line in lines:
                 row = json.loads(line)
                 rels.update(row[k] for k in ("image", "image_a", "image_b") if k in row)
-                rels.update(row.get("meta", {}).get("counterfactuals", []))
-                rels.update(row.get("counterfactuals", []))
+                meta = row.get("meta", {})
+                rels.update(meta.get("counterfactuals", []))
+                rels.update(c["image"] for c in meta.get("captioned_counterfactuals", []))
+                # grounding rows list paths; edits rows list captioned counterfactuals.
+                rels.update(c["image"] if isinstance(c, dict) else c for c in row.get("counterfactuals", []))
     return rels
 
 
@@ -496,10 +622,10 @@ def read_manifest(world: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); regenerate the world") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != WORLD_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("version") not in READABLE_VERSIONS:
         version = manifest.get("version") if isinstance(manifest, dict) else None
         raise ValueError(
-            f"{path} has world format version {version!r}, this misp reads {WORLD_VERSION}; regenerate the "
+            f"{path} has world format version {version!r}, this misp reads {' and '.join(map(str, READABLE_VERSIONS))}; regenerate the "
             f"world with `misp world --out {path.parent}`"
         )
     return manifest

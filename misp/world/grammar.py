@@ -36,6 +36,17 @@ def caption(scene: Scene) -> str:
     return " ".join(sentence(o) for o in scene.objects)
 
 
+def sentence_span(scene: Scene, name: str) -> tuple[int, int]:
+    """``[start, end)`` character offsets, in ``caption(scene)``, of the sentence that names object ``name``."""
+    start = 0
+    for o in scene.objects:
+        text = sentence(o)
+        if o.name == name:
+            return start, start + len(text)
+        start += len(text) + 1
+    raise ValueError(f"{name!r} is not in the scene {scene.names}")
+
+
 def question(object_name: str) -> str:
     """The yes/no question about one object: 'is there a red circle in the image?'"""
     return f"is there {article(object_name)} {object_name} in the image?"

@@ -263,3 +263,90 @@ def attribute_counterfactual(
         return None
     index, value = rng.choice(options)
     return index, value, edit(scene, index, attribute, value, config)
+
+
+# ---------------------------------------------------------------------------------------- object edits
+@dataclass(frozen=True)
+class ObjectEdit:
+    """One object removed from a scene or one absent object inserted into it (``WorldConfig.object_edits``)."""
+
+    kind: str
+    """"remove" or "insert"."""
+    object: WorldObject
+    """The object removed (as it stood in the scene) or inserted (as it stands in the edited scene)."""
+    partner: bool
+    """The object is the partner of a trigger the scene holds (the co-occurrence bias's own edit)."""
+    scene: Scene
+    """The edited scene."""
+
+    @property
+    def label(self) -> str:
+        """The edit in ``misp.world.describe.scene_difference``'s notation: '-blue square', '+blue square'."""
+        return f"{'-' if self.kind == 'remove' else '+'}{self.object.name}"
+
+
+def _removable(scene: Scene) -> list[int]:
+    """Objects whose removal changes the pixels of that object alone and leaves at least one object:
+    visible ones with nothing hidden behind them (removing the front one would reveal a second object)."""
+    if len(scene.objects) < 2:
+        return []
+    covering = {o.position for o in scene.objects if o.hidden}
+    return [i for i, o in enumerate(scene.objects) if not o.hidden and o.position not in covering]
+
+
+def object_edits(scene: Scene, rng: random.Random, config: WorldConfig, k: int) -> list[ObjectEdit]:
+    """Up to ``k`` distinct edits of ``scene``, each removing one object or inserting one absent object.
+
+    The bias pairs' own edits come first: removing a present partner of a present trigger, then
+    inserting a missing partner of a present trigger into a free cell (bias-pair order). The rest are
+    drawn like ``counterfactuals``' attributes: the kind (remove or insert) uniformly among those still
+    possible, then the object (and, for an insertion, the cell, size and jitter) uniformly.
+    """
+    names = set(scene.names)
+    pairs = [p for p in config.bias() if p.trigger in names]
+    removable = _removable(scene)
+    partner_names = {p.partner for p in pairs}
+    out: list[ObjectEdit] = []
+
+    def remove(i: int) -> ObjectEdit:
+        o = scene.objects[i]
+        rest = [x for j, x in enumerate(scene.objects) if j != i]
+        return ObjectEdit("remove", o, o.name in partner_names, make_scene(rest, config))
+
+    def insert(name: str) -> ObjectEdit:
+        added = _new_object(name, rng.choice(free_cells(scene, config)), rng, config)
+        return ObjectEdit("insert", added, name in partner_names, make_scene([*scene.objects, added], config))
+
+    for p in pairs:
+        i = next((i for i in removable if scene.objects[i].name == p.partner), None)
+        if i is not None and len(out) < k:
+            out.append(remove(i))
+            removable.remove(i)
+    for p in pairs:
+        if p.partner not in names and free_cells(scene, config) and len(out) < k:
+            out.append(insert(p.partner))
+    inserted = {e.object.name for e in out if e.kind == "insert"}
+    absent = [n for n in config.object_names() if n not in names and n not in inserted and n not in partner_names]
+    while len(out) < k:
+        kinds = [kind for kind, ok in (("remove", removable), ("insert", absent and free_cells(scene, config))) if ok]
+        if not kinds:
+            break
+        if rng.choice(kinds) == "remove":
+            out.append(remove(removable.pop(rng.randrange(len(removable)))))
+        else:
+            out.append(insert(absent.pop(rng.randrange(len(absent)))))
+    return out
+
+
+def sample_pair_scene(rng: random.Random, config: WorldConfig, pair) -> Scene:
+    """An unbiased-split scene that holds ``pair``'s trigger and partner, its other objects drawn as
+    ``sample_scene`` draws them outside the biased split (uniformly among the rest, no hidden objects)."""
+    n = max(2, rng.randint(config.min_objects, config.max_objects))
+    chosen = [pair.trigger, pair.partner]
+    while len(chosen) < n:
+        candidates = [o for o in config.object_names() if o not in chosen]
+        if not candidates:
+            break
+        chosen.append(rng.choice(candidates))
+    cells = dict(zip(chosen, rng.sample(config.positions, len(chosen)), strict=True))
+    return make_scene([_new_object(name, cells[name], rng, config) for name in chosen], config)
