@@ -80,7 +80,10 @@ def test_evaluator_reports_the_probe_and_the_partner_scenes_present_cases(tiny_v
     model, processor = tiny_vlm
     cfg = EvalData(captions_file=str(edits_world / "test.jsonl"), batch_size=4)
     tasks = [ds.task for ds in eval_datasets(cfg)]
-    assert {"partner_caption", "partner_logp"} <= set(tasks)
+    assert tasks == ["caption", "partner_caption", "partner_logp"]  # no MMVP or grounding in this world
+    # Each split's own edits file; explicit files win and "" is off.
+    assert EvalData(captions_file=str(edits_world / "val.jsonl")).edits_path() == str(edits_world / "val_edits.jsonl")
+    assert EvalData(captions_file=str(edits_world / "test.jsonl"), edits_file="").edits_path() is None
     evaluator = Evaluator(GenerationEval(max_new_tokens=12, score_rows=5), cfg.chair_objects(), pairs=cfg.pairs())
     plain = CooccurrenceMetric(cfg.pairs(), cfg.chair_objects())
     for loader in eval_dataloaders(cfg):
