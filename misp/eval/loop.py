@@ -14,8 +14,8 @@ from torch import nn
 from misp.eval.cooccurrence import CooccurrenceMetric
 from misp.eval.grounding import LikelihoodGroundingMetric, MMVPMetric
 from misp.eval.metrics import CHAIRMetric, POPEMetric
-from misp.eval.partner_probe import PartnerLogpGapMetric
 from misp.eval.parsing import parse_yes_no
+from misp.eval.partner_probe import PartnerLogpGapMetric
 from misp.eval.scoring import response_logps_per_image
 from misp.models.generation import generate
 
