@@ -113,11 +113,13 @@ class Evaluator(nn.Module):
             self._score_captions(model, processor, batch)
             return  # scores, not answers: nothing to keep as a sample
         elif batch["task"] == "partner_logp":
+            # Each case twice: its partner's sentence, then its partner's name alone (misp.eval.partner_probe).
             items = [(p, cap, [a, b]) for p, cap, a, b in
                      zip(batch["prompt"], batch["caption"], batch["image"], batch["image_b"], strict=True)]
-            scores = response_logps_per_image(model, processor, items, max_rows=self.config.score_rows,
-                                              spans=batch["span"])
-            self.partner_gap.update(torch.stack([s[0] for s in scores]), torch.stack([s[1] for s in scores]))
+            scores = torch.stack(response_logps_per_image(model, processor, items + items, max_rows=self.config.score_rows,
+                                                          spans=list(batch["span"]) + list(batch["name_span"])))
+            n = len(items)
+            self.partner_gap.update(scores[:n, 0], scores[:n, 1], scores[n:, 0], scores[n:, 1])
             return
         else:
             raise ValueError(f"unknown evaluation task {batch['task']!r}")

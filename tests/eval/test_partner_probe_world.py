@@ -97,6 +97,10 @@ def test_evaluator_reports_the_probe_and_the_partner_scenes_present_cases(tiny_v
     items = [(c["prompt"], c["caption"], [load_rgb(c["image"]), load_rgb(c["image_b"])]) for c in cases]
     scores = torch.stack(response_logps_per_image(model, processor, items, spans=[c["span"] for c in cases]))
     assert results["probe/partner_logp_gap"] == pytest.approx(float((scores[:, 0] - scores[:, 1]).mean()), abs=1e-4)
+    names = torch.stack(response_logps_per_image(model, processor, items, spans=[c["name_span"] for c in cases]))
+    assert results["probe/partner_name_logp_gap"] == pytest.approx(float((names[:, 0] - names[:, 1]).mean()), abs=1e-4)
+    partners = {p.split("->")[1].strip() for p in cfg.pairs()}
+    assert all(c["caption"][slice(*c["name_span"])] in partners for c in cases)
     assert results["probe/partner_logp_present"] - results["probe/partner_logp_removed"] == pytest.approx(
         results["probe/partner_logp_gap"])
     # Every partner scene is a present-partner case; the test split's own captions give the rest, and
@@ -122,13 +126,14 @@ def test_the_probe_is_skipped_with_a_reason_on_a_world_without_partner_scenes(ti
 
 def test_gap_metric_means_and_bad_edit_records(tmp_path, edits_world):
     metric = PartnerLogpGapMetric()
-    metric.update(torch.tensor([-1.0, -2.0]), torch.tensor([-4.0, -2.5]))
-    metric.update(torch.tensor([-3.0]), torch.tensor([-3.0]))
+    metric.update(torch.tensor([-1.0, -2.0]), torch.tensor([-4.0, -2.5]), torch.tensor([-0.5, -1.0]), torch.tensor([-1.5, -1.0]))
+    metric.update(torch.tensor([-3.0]), torch.tensor([-3.0]), torch.tensor([0.0]), torch.tensor([-2.0]))
     out = metric.compute()
     assert out["probe/partner_logp_gap"] == pytest.approx((3.0 + 0.5 + 0.0) / 3)
+    assert out["probe/partner_name_logp_gap"] == pytest.approx((1.0 + 0.0 + 2.0) / 3)
     assert out["probe/partner_logp_present"] == pytest.approx(-2.0) and out["probe/partner_cases"] == 3.0
     with pytest.raises(ValueError, match="differ in length"):
-        metric.update(torch.zeros(2), torch.zeros(3))
+        metric.update(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2))
     lines = (edits_world / "edits.jsonl").read_text().splitlines()
     bad = json.loads(lines[1])
     bad["counterfactuals"][0]["span"] = [0, 10_000]
