@@ -75,10 +75,11 @@ class Evaluator(nn.Module):
                           for a, t, s in zip(answers, batch["label"], batch["split"], strict=True)]
         elif batch["task"] == "partner_caption":
             # A world's partner scenes: captions for partner_present_rate only (see misp.eval.partner_probe).
+            if self.cooccurrence is None:
+                return  # co-occurrence turned off (no pairs): nothing would read these captions
             prompts = [c.caption_prompt or p for p in batch["prompt"]]
             answers = [a[0] for a in generate(model, processor, batch["image"], prompts, max_new_tokens=c.max_new_tokens)]
-            if self.cooccurrence is not None:
-                self.cooccurrence.update(answers, batch["objects"], present_only=True)
+            self.cooccurrence.update(answers, batch["objects"], present_only=True)
             judgements = [{"objects": list(gt)} for gt in batch["objects"]]
         elif batch["task"] == "caption":
             if self.chair is None:
