@@ -112,6 +112,10 @@ def test_evaluator_reports_the_probe_and_the_partner_scenes_present_cases(tiny_v
     assert results["cooccurrence/cases"] == own["cooccurrence/cases"]
     assert results["cooccurrence/partner_rate"] == own["cooccurrence/partner_rate"]
     assert sum(g["task"] == "partner_caption" for g in evaluator.generations) == len(records)
+    # With co-occurrence off nothing reads the partner scenes' captions, so none are generated.
+    off = Evaluator(GenerationEval(), cfg.chair_objects(), pairs=None)
+    off.update(model, processor, next(iter(eval_dataloaders(cfg)[1])))
+    assert off.generations == [] and off.compute() == {}
     manifest = json.loads((edits_world / "world.json").read_text())
     present = manifest["counts"]["partner_present"]["test"]
     assert present["cases"] == present["split_scenes"] + present["partner_scenes"] and present["partner_scenes"] >= 5
