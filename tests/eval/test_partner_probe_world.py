@@ -55,7 +55,7 @@ def _reference_span_logp(model, processor, prompt: str, caption: str, span, imag
 
 def test_span_scores_match_a_plain_forward_and_add_up(tiny_vlm, edits_world):
     model, processor = tiny_vlm
-    cases = partner_removal_cases(read_edit_records(edits_world / "edits.jsonl"))[:3]
+    cases = partner_removal_cases(read_edit_records(edits_world / "edits.jsonl"))[:2]
     assert cases
     items = [(c["prompt"], c["caption"], [load_rgb(c["image"]), load_rgb(c["image_b"])]) for c in cases]
     scores = response_logps_per_image(model, processor, items, max_rows=3, spans=[c["span"] for c in cases])
@@ -78,7 +78,7 @@ def test_span_scores_match_a_plain_forward_and_add_up(tiny_vlm, edits_world):
 
 def test_evaluator_reports_the_probe_and_the_partner_scenes_present_cases(tiny_vlm, edits_world):
     model, processor = tiny_vlm
-    cfg = EvalData(captions_file=str(edits_world / "test.jsonl"), batch_size=4)
+    cfg = EvalData(captions_file=str(edits_world / "test.jsonl"), batch_size=4, limit=8)
     tasks = [ds.task for ds in eval_datasets(cfg)]
     assert tasks == ["caption", "partner_caption", "partner_logp"]  # no MMVP or grounding in this world
     # Each split's own edits file; explicit files win and "" is off.
