@@ -192,7 +192,8 @@ def _check_attributes(read: ReadResult, field: str) -> list:
 
 
 def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
-    """The POPE, captioning, MMVP and grounding sets named by ``cfg``, validated up front, in that order."""
+    """The POPE, captioning, MMVP, grounding and partner-scene sets named by ``cfg``, validated up front, in
+    that order."""
     sets = []
     if cfg.pope_file:
         questions = _first_per_split(read_pope_questions(
@@ -221,6 +222,17 @@ def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
             for p in pairs
         ]
         sets.append(_EvalDataset("mmvp", rows))
+    if grounding := cfg.grounding_path():
+        read = read_grounding_records(Path(grounding), image_root=cfg.image_root)
+        records = _check_attributes(read, "attributes")[: cfg.limit]
+        rows = [
+            {
+                "task": "likelihood", "id": r.id, "image": r.image, "prompt": r.prompt, "caption": r.caption,
+                "counterfactuals": list(r.counterfactuals), "attributes": list(r.attributes),
+            }
+            for r in records
+        ]
+        sets.append(_EvalDataset("likelihood", rows))
     if edits := cfg.edits_path():
         records = read_edit_records(Path(edits), image_root=cfg.image_root)[: cfg.limit]
         rows = [{"task": "partner_caption", "id": r["id"], "image": r["image"], "prompt": r["prompt"],
@@ -233,17 +245,6 @@ def eval_datasets(cfg: EvalData) -> list[_EvalDataset]:
         log.info("probe/partner_logp_gap skipped: the world beside %s has no partner scenes with partner-removed "
                  "counterfactuals (generate it with partner_scenes > 0, e.g. configs/worlds/shapes_edits.yaml)",
                  cfg.captions_file)
-    if grounding := cfg.grounding_path():
-        read = read_grounding_records(Path(grounding), image_root=cfg.image_root)
-        records = _check_attributes(read, "attributes")[: cfg.limit]
-        rows = [
-            {
-                "task": "likelihood", "id": r.id, "image": r.image, "prompt": r.prompt, "caption": r.caption,
-                "counterfactuals": list(r.counterfactuals), "attributes": list(r.attributes),
-            }
-            for r in records
-        ]
-        sets.append(_EvalDataset("likelihood", rows))
     return sets
 
 

@@ -14,8 +14,8 @@ from torch import nn
 from misp.eval.cooccurrence import CooccurrenceMetric
 from misp.eval.grounding import LikelihoodGroundingMetric, MMVPMetric
 from misp.eval.metrics import CHAIRMetric, POPEMetric
-from misp.eval.partner_probe import PartnerLogpGapMetric
 from misp.eval.parsing import parse_yes_no
+from misp.eval.partner_probe import PartnerLogpGapMetric
 from misp.eval.scoring import response_logps_per_image
 from misp.models.generation import generate
 
@@ -75,10 +75,11 @@ class Evaluator(nn.Module):
                           for a, t, s in zip(answers, batch["label"], batch["split"], strict=True)]
         elif batch["task"] == "partner_caption":
             # A world's partner scenes: captions for partner_present_rate only (see misp.eval.partner_probe).
+            if self.cooccurrence is None:
+                return  # co-occurrence turned off (no pairs): nothing would read these captions
             prompts = [c.caption_prompt or p for p in batch["prompt"]]
             answers = [a[0] for a in generate(model, processor, batch["image"], prompts, max_new_tokens=c.max_new_tokens)]
-            if self.cooccurrence is not None:
-                self.cooccurrence.update(answers, batch["objects"], present_only=True)
+            self.cooccurrence.update(answers, batch["objects"], present_only=True)
             judgements = [{"objects": list(gt)} for gt in batch["objects"]]
         elif batch["task"] == "caption":
             if self.chair is None:
@@ -113,11 +114,13 @@ class Evaluator(nn.Module):
             self._score_captions(model, processor, batch)
             return  # scores, not answers: nothing to keep as a sample
         elif batch["task"] == "partner_logp":
+            # Each case twice: its partner's sentence, then its partner's name alone (misp.eval.partner_probe).
             items = [(p, cap, [a, b]) for p, cap, a, b in
                      zip(batch["prompt"], batch["caption"], batch["image"], batch["image_b"], strict=True)]
-            scores = response_logps_per_image(model, processor, items, max_rows=self.config.score_rows,
-                                              spans=batch["span"])
-            self.partner_gap.update(torch.stack([s[0] for s in scores]), torch.stack([s[1] for s in scores]))
+            scores = torch.stack(response_logps_per_image(model, processor, items + items, max_rows=self.config.score_rows,
+                                                          spans=list(batch["span"]) + list(batch["name_span"])))
+            n = len(items)
+            self.partner_gap.update(scores[:n, 0], scores[:n, 1], scores[n:, 0], scores[n:, 1])
             return
         else:
             raise ValueError(f"unknown evaluation task {batch['task']!r}")

@@ -8,7 +8,10 @@ partner's sentence of the scene's true caption, with the caption before it as co
     gap = log p(partner tokens | prompt, caption before them, image WITH the partner)
         - log p(partner tokens | prompt, caption before them, image WITHOUT it)
 
-``probe/partner_logp_gap`` is the mean gap over the cases (``probe/partner_cases`` of them). A model that
+``probe/partner_logp_gap`` is the mean gap over the cases (``probe/partner_cases`` of them). The
+sentence's tokens include its position words, which an empty cell alone makes unlikely, so
+``probe/partner_name_logp_gap`` scores the partner's name tokens alone ('blue square' of 'a small blue
+square at the top.'), given the sentence's words before them: whether the model tells WHICH object is there. A model that
 names the partner because it sees it has a large positive gap; one that names it from the trigger alone (the
 language prior) has a gap near 0, however likely it finds the words; and one taught to suppress the word
 lowers both log-probabilities alike, so the gap, unlike ``cooccurrence/partner_present_rate``, tells
@@ -100,16 +103,26 @@ def partner_removal_cases(records: Sequence[dict]) -> list[dict]:
     """One case per (record, counterfactual that removes a bias pair's partner): the rows the probe scores.
 
     Each case: ``id`` ("{record id}/{counterfactual index}"), ``image`` (with the partner), ``image_b``
-    (without it), ``prompt``, ``caption`` (the scene's, which names the partner) and ``span`` (the
-    partner's sentence in it).
+    (without it), ``prompt``, ``caption`` (the scene's, which names the partner), ``span`` (the
+    partner's sentence in it) and ``name_span`` (the partner's name, the edit's object, within the sentence).
+
+    Raises:
+        ValueError: a removal whose sentence does not contain the removed object's name.
     """
-    return [
-        {"id": f"{r['id']}/{j}", "image": r["image"], "image_b": cf["image"], "prompt": r["prompt"],
-         "caption": r["caption"], "span": tuple(cf["span"])}
-        for r in records
-        for j, cf in enumerate(r["counterfactuals"])
-        if cf["partner"] and cf["edit"].startswith("-")
-    ]
+    cases = []
+    for r in records:
+        for j, cf in enumerate(r["counterfactuals"]):
+            if not (cf["partner"] and cf["edit"].startswith("-")):
+                continue
+            start, end = cf["span"]
+            name = cf["edit"][1:]
+            at = r["caption"].find(name, start, end)
+            if at < 0:
+                raise ValueError(f"record {r['id']!r}: the sentence {r['caption'][start:end]!r} of its partner removal "
+                                 f"{cf['edit']!r} does not name {name!r}")
+            cases.append({"id": f"{r['id']}/{j}", "image": r["image"], "image_b": cf["image"], "prompt": r["prompt"],
+                          "caption": r["caption"], "span": (start, end), "name_span": (at, at + len(name))})
+    return cases
 
 
 class PartnerLogpGapMetric(Metric):
@@ -117,6 +130,7 @@ class PartnerLogpGapMetric(Metric):
 
     - ``probe/partner_logp_gap``: mean over cases of ``logp(partner tokens | with) - logp(... | without)``.
     - ``probe/partner_logp_present`` and ``probe/partner_logp_removed``: the means of the two terms.
+    - ``probe/partner_name_logp_gap``: the same gap over the partner's name tokens alone (when given).
     - ``probe/partner_cases``: the number of cases.
 
     Means of no case are 0.0 (with ``partner_cases`` 0 saying so).
@@ -127,25 +141,28 @@ class PartnerLogpGapMetric(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        for name in ("present_sum", "removed_sum"):
+        for name in ("present_sum", "removed_sum", "name_gap_sum"):
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("cases", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, present: Tensor, removed: Tensor) -> None:
+    def update(self, present: Tensor, removed: Tensor, name_present: Tensor, name_removed: Tensor) -> None:
         """Count one batch of cases.
 
         Args:
-            present: ``[N]`` log-probability of each case's partner tokens under the image with the partner.
+            present: ``[N]`` log-probability of each case's partner sentence under the image with the partner.
             removed: ``[N]`` the same under its counterfactual without the partner.
+            name_present: ``[N]`` log-probability of the partner's name tokens under the image with it.
+            name_removed: ``[N]`` the same under the counterfactual.
         """
-        present = torch.as_tensor(present).detach().flatten().double()
-        removed = torch.as_tensor(removed).detach().flatten().double()
-        if present.shape != removed.shape:
-            raise ValueError(f"present and removed differ in length: {present.shape[0]}, {removed.shape[0]}")
-        if not bool(torch.isfinite(present).all() and torch.isfinite(removed).all()):
+        values = [torch.as_tensor(t).detach().flatten().double() for t in (present, removed, name_present, name_removed)]
+        if len({v.shape[0] for v in values}) != 1:
+            raise ValueError(f"present, removed, name_present and name_removed differ in length: {[v.shape[0] for v in values]}")
+        if not all(bool(torch.isfinite(v).all()) for v in values):
             raise ValueError("partner log-probabilities must be finite")
+        present, removed, name_present, name_removed = values
         self.present_sum += present.sum().to(self.present_sum.device)
         self.removed_sum += removed.sum().to(self.removed_sum.device)
+        self.name_gap_sum += (name_present - name_removed).sum().to(self.name_gap_sum.device)
         self.cases += present.shape[0]
 
     def compute(self) -> dict[str, float]:
@@ -154,6 +171,7 @@ class PartnerLogpGapMetric(Metric):
         removed = float(self.removed_sum.item()) / n if n else 0.0
         return {
             "probe/partner_logp_gap": present - removed,
+            "probe/partner_name_logp_gap": float(self.name_gap_sum.item()) / n if n else 0.0,
             "probe/partner_logp_present": present,
             "probe/partner_logp_removed": removed,
             "probe/partner_cases": float(n),

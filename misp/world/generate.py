@@ -497,9 +497,10 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
         )
 
     edit_renders: list[tuple[str, Scene]] = []
+    pair_scenes = {split: partner_scenes(config, split) for split in EVAL_SPLITS}
     if config.partner_scenes:
         for split in EVAL_SPLITS:
-            rows[eval_file_key(split, EDITS_KIND)], more = _edit_rows(partner_scenes(config, split), config, split)
+            rows[eval_file_key(split, EDITS_KIND)], more = _edit_rows(pair_scenes[split], config, split)
             edit_renders += more
 
     renders = [(image_path(split, i), s) for split in SPLITS for i, s in enumerate(scenes[split])]
@@ -545,7 +546,7 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
             "hallucinations": {"partner": hallucinations["partner"], "swap": hallucinations["swap"]},
             "pope": dict(Counter(r["split"] for r in rows["pope"])),
             "val_pope": dict(Counter(r["split"] for r in rows["val_pope"])),
-            **(_edit_counts(rows, edit_renders, config) if extended else {}),
+            **(_edit_counts(rows, scenes, pair_scenes, len(edit_renders), config) if extended else {}),
         },
         "statistics": {split: _split_statistics(scenes[split], config) for split in SPLITS},
         "cooccurrence": _top_partners(scenes["sft"], config),
@@ -554,17 +555,23 @@ def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, p
     return manifest
 
 
-def _edit_counts(rows: dict[str, list[dict]], edit_renders: list, config: WorldConfig) -> dict:
+def _edit_counts(
+    rows: dict[str, list[dict]],
+    scenes: dict[str, list[Scene]],
+    pair_scenes: dict[str, list[Scene]],
+    edit_images: int,
+    config: WorldConfig,
+) -> dict:
     """Format 6's generation summary: object-edit images, and per evaluation split the partner-present
     cases (partner_present_rate's denominator) in the split's own scenes and in its partner scenes, and
     the partner removals the log-prob probe compares."""
     pref_edits = [c for r in rows["pref"] for c in r["meta"].get("captioned_counterfactuals", []) if c.get("span")]
     out = {"pref_object_edits": len(pref_edits), "pref_partner_edits": sum(c["partner"] for c in pref_edits),
-           "edits_images": len(edit_renders), "partner_present": {}}
+           "edits_images": edit_images, "partner_present": {}}
     for split in EVAL_SPLITS:
         edits = rows.get(eval_file_key(split, EDITS_KIND), [])
-        own = present_partner_cases(generate_scenes(config, split), config)
-        extra = present_partner_cases(partner_scenes(config, split), config) if config.partner_scenes else 0
+        own = present_partner_cases(scenes[split], config)
+        extra = present_partner_cases(pair_scenes[split], config)
         out["partner_present"][split] = {
             "split_scenes": own,
             "partner_scenes": extra,

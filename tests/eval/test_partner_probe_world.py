@@ -55,7 +55,7 @@ def _reference_span_logp(model, processor, prompt: str, caption: str, span, imag
 
 def test_span_scores_match_a_plain_forward_and_add_up(tiny_vlm, edits_world):
     model, processor = tiny_vlm
-    cases = partner_removal_cases(read_edit_records(edits_world / "edits.jsonl"))[:3]
+    cases = partner_removal_cases(read_edit_records(edits_world / "edits.jsonl"))[:2]
     assert cases
     items = [(c["prompt"], c["caption"], [load_rgb(c["image"]), load_rgb(c["image_b"])]) for c in cases]
     scores = response_logps_per_image(model, processor, items, max_rows=3, spans=[c["span"] for c in cases])
@@ -78,9 +78,12 @@ def test_span_scores_match_a_plain_forward_and_add_up(tiny_vlm, edits_world):
 
 def test_evaluator_reports_the_probe_and_the_partner_scenes_present_cases(tiny_vlm, edits_world):
     model, processor = tiny_vlm
-    cfg = EvalData(captions_file=str(edits_world / "test.jsonl"), batch_size=4)
+    cfg = EvalData(captions_file=str(edits_world / "test.jsonl"), batch_size=4, limit=8)
     tasks = [ds.task for ds in eval_datasets(cfg)]
-    assert {"partner_caption", "partner_logp"} <= set(tasks)
+    assert tasks == ["caption", "partner_caption", "partner_logp"]  # no MMVP or grounding in this world
+    # Each split's own edits file; explicit files win and "" is off.
+    assert EvalData(captions_file=str(edits_world / "val.jsonl")).edits_path() == str(edits_world / "val_edits.jsonl")
+    assert EvalData(captions_file=str(edits_world / "test.jsonl"), edits_file="").edits_path() is None
     evaluator = Evaluator(GenerationEval(max_new_tokens=12, score_rows=5), cfg.chair_objects(), pairs=cfg.pairs())
     plain = CooccurrenceMetric(cfg.pairs(), cfg.chair_objects())
     for loader in eval_dataloaders(cfg):
@@ -94,6 +97,10 @@ def test_evaluator_reports_the_probe_and_the_partner_scenes_present_cases(tiny_v
     items = [(c["prompt"], c["caption"], [load_rgb(c["image"]), load_rgb(c["image_b"])]) for c in cases]
     scores = torch.stack(response_logps_per_image(model, processor, items, spans=[c["span"] for c in cases]))
     assert results["probe/partner_logp_gap"] == pytest.approx(float((scores[:, 0] - scores[:, 1]).mean()), abs=1e-4)
+    names = torch.stack(response_logps_per_image(model, processor, items, spans=[c["name_span"] for c in cases]))
+    assert results["probe/partner_name_logp_gap"] == pytest.approx(float((names[:, 0] - names[:, 1]).mean()), abs=1e-4)
+    partners = {p.split("->")[1].strip() for p in cfg.pairs()}
+    assert all(c["caption"][slice(*c["name_span"])] in partners for c in cases)
     assert results["probe/partner_logp_present"] - results["probe/partner_logp_removed"] == pytest.approx(
         results["probe/partner_logp_gap"])
     # Every partner scene is a present-partner case; the test split's own captions give the rest, and
@@ -105,6 +112,10 @@ def test_evaluator_reports_the_probe_and_the_partner_scenes_present_cases(tiny_v
     assert results["cooccurrence/cases"] == own["cooccurrence/cases"]
     assert results["cooccurrence/partner_rate"] == own["cooccurrence/partner_rate"]
     assert sum(g["task"] == "partner_caption" for g in evaluator.generations) == len(records)
+    # With co-occurrence off nothing reads the partner scenes' captions, so none are generated.
+    off = Evaluator(GenerationEval(), cfg.chair_objects(), pairs=None)
+    off.update(model, processor, next(iter(eval_dataloaders(cfg)[1])))
+    assert off.generations == [] and off.compute() == {}
     manifest = json.loads((edits_world / "world.json").read_text())
     present = manifest["counts"]["partner_present"]["test"]
     assert present["cases"] == present["split_scenes"] + present["partner_scenes"] and present["partner_scenes"] >= 5
@@ -119,13 +130,14 @@ def test_the_probe_is_skipped_with_a_reason_on_a_world_without_partner_scenes(ti
 
 def test_gap_metric_means_and_bad_edit_records(tmp_path, edits_world):
     metric = PartnerLogpGapMetric()
-    metric.update(torch.tensor([-1.0, -2.0]), torch.tensor([-4.0, -2.5]))
-    metric.update(torch.tensor([-3.0]), torch.tensor([-3.0]))
+    metric.update(torch.tensor([-1.0, -2.0]), torch.tensor([-4.0, -2.5]), torch.tensor([-0.5, -1.0]), torch.tensor([-1.5, -1.0]))
+    metric.update(torch.tensor([-3.0]), torch.tensor([-3.0]), torch.tensor([0.0]), torch.tensor([-2.0]))
     out = metric.compute()
     assert out["probe/partner_logp_gap"] == pytest.approx((3.0 + 0.5 + 0.0) / 3)
+    assert out["probe/partner_name_logp_gap"] == pytest.approx((1.0 + 0.0 + 2.0) / 3)
     assert out["probe/partner_logp_present"] == pytest.approx(-2.0) and out["probe/partner_cases"] == 3.0
     with pytest.raises(ValueError, match="differ in length"):
-        metric.update(torch.zeros(2), torch.zeros(3))
+        metric.update(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2))
     lines = (edits_world / "edits.jsonl").read_text().splitlines()
     bad = json.loads(lines[1])
     bad["counterfactuals"][0]["span"] = [0, 10_000]

@@ -27,8 +27,9 @@ from misp.world.grammar import sentence
 from misp.world.scene import generate_scenes, make_scene, scene_from_dicts
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = dict(n_clip=12, n_sft=40, n_pref=30, n_pool=10, n_test=40, n_val=24, image_size=40)
-BASELINE_SMALL_TREE = "9201fb53e268cffd0260d1f4c74a6a8fbd0241ef9b3d63618e6d254803e0298a"
+SMALL = dict(n_clip=4, n_sft=20, n_pref=16, n_pool=4, n_test=12, n_val=8, image_size=24, test_counterfactuals=6,
+             val_counterfactuals=4)
+BASELINE_SMALL_TREE = "be93c4d0d08349a67de3df18fef29c24413e2b6201d8fdd95b4f90ca40e226e2"
 """One SHA-256 over every file (relative path and SHA-256 of its bytes, in path order; world.json included)
 of the world that main's code at 41a965e (world format 5, before object edits) writes for SMALL."""
 
@@ -55,7 +56,7 @@ def default_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def edits_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("edits")
-    write_world(out, WorldConfig(**SMALL, object_edits=2, partner_scenes=12), progress=False)
+    write_world(out, WorldConfig(**SMALL, object_edits=2, partner_scenes=6), progress=False)
     return out
 
 
@@ -69,7 +70,7 @@ def test_the_default_world_is_byte_identical_to_format_5s(default_world):
 def test_edits_leave_every_format_5_file_but_pref_and_the_manifest_unchanged(default_world, edits_world):
     manifest = load_world(edits_world)
     assert manifest["version"] == EDITS_VERSION
-    assert WorldConfig(**manifest["config"]) == WorldConfig(**SMALL, object_edits=2, partner_scenes=12)
+    assert WorldConfig(**manifest["config"]) == WorldConfig(**SMALL, object_edits=2, partner_scenes=6)
     old = {str(p.relative_to(default_world)) for p in default_world.rglob("*") if p.is_file()}
     for rel in old - {"world.json", "pref.jsonl"}:
         assert (default_world / rel).read_bytes() == (edits_world / rel).read_bytes(), rel
@@ -131,12 +132,12 @@ def test_pref_counterfactuals_each_carry_their_own_true_caption(edits_world):
 
 
 def test_partner_scenes_hold_a_pair_and_lead_with_its_partner_removal(edits_world):
-    config = WorldConfig(**SMALL, object_edits=2, partner_scenes=12)
+    config = WorldConfig(**SMALL, object_edits=2, partner_scenes=6)
     manifest = load_world(edits_world)
     seen_ids = set()
     for split in EVAL_SPLITS:
         rows = read_jsonl(edits_world / f"{eval_file_key(split, 'edits')}.jsonl")
-        assert len(rows) == 12 and manifest["files"][eval_file_key(split, "edits")]["rows"] == 12
+        assert len(rows) == 6 and manifest["files"][eval_file_key(split, "edits")]["rows"] == 6
         scenes = partner_scenes(config, split)
         for i, (row, scene) in enumerate(zip(rows, scenes, strict=True)):
             pair = config.bias()[i % len(config.bias())]
@@ -152,16 +153,16 @@ def test_partner_scenes_hold_a_pair_and_lead_with_its_partner_removal(edits_worl
             assert {c["image"] for c in row["counterfactuals"]}.isdisjoint({row["image"]})
             seen_ids.add(row["id"])
         counts = manifest["counts"]["partner_present"][split]
-        assert counts["partner_scenes"] == present_partner_cases(scenes, config) >= 12
+        assert counts["partner_scenes"] == present_partner_cases(scenes, config) >= 6
         assert counts["split_scenes"] == present_partner_cases(generate_scenes(config, split), config)
         assert counts["cases"] == counts["split_scenes"] + counts["partner_scenes"]
-        assert counts["partner_removals"] >= 12
-    assert len(seen_ids) == 24  # test's and val's ids differ
+        assert counts["partner_removals"] >= 6
+    assert len(seen_ids) == 12  # test's and val's ids differ
     # The manifest's image hash covers the edits' images too.
     img = edits_world / read_jsonl(edits_world / "val_edits.jsonl")[0]["counterfactuals"][0]["image"]
     data = img.read_bytes()
     try:
-        img.write_bytes(png_bytes(Image.new("RGB", (40, 40))))
+        img.write_bytes(png_bytes(Image.new("RGB", (24, 24))))
         with pytest.raises(ValueError, match="images under"):
             load_world(edits_world)
     finally:
