@@ -278,7 +278,11 @@ def masked_logps(token_logps: Tensor, mask: Tensor) -> Tensor:
     Returns:
         ``[...]`` sums; a row whose mask selects nothing gives 0.
     """
-    _check_mask("masked_logps", mask, token_logps.shape)
+    if mask.shape != token_logps.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"masked_logps: mask must be a bool tensor of shape {tuple(token_logps.shape)}, got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
     return token_logps.masked_fill(~mask, 0.0).sum(-1)
 
 
