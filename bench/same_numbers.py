@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shlex
 import os
+import shlex
 import subprocess
 import sys
 import tempfile

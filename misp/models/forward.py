@@ -26,6 +26,7 @@ from torch import nn
 from misp.batch import ImageInputs
 from misp.logprobs import IGNORE_INDEX
 from misp.models.families import family_of
+from misp.models.families.base import attention_implementation
 from misp.models.families.llava import find_projector, position_ids_from_mask
 from misp.models.prefix_sharing import (
     block_mask,
@@ -311,8 +312,6 @@ def _shared_response_logits(
         starts = is_image * (torch.diff(is_image, dim=1, prepend=torch.zeros_like(is_image[:, :1])) == 1).long()
         image_blocks = starts.cumsum(1) * is_image
     allow = block_mask(plan, image_blocks).to(device)
-    from misp.models.families.base import attention_implementation
-
     if attention_implementation(model) == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(allow.shape, dtype=torch.float32, device=device)
         mask.masked_fill_(~allow, torch.finfo(torch.float32).min)

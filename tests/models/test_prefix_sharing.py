@@ -20,8 +20,8 @@ from PIL import Image
 
 from misp.logprobs import sequence_logps
 from misp.models.families import family_of
-from misp.models.forward import response_logits
-from misp.models.prefix_sharing import plan_packing
+from misp.models.forward import _image_token_id, expand_image_rows, response_logits
+from misp.models.prefix_sharing import gather_packed, plan_packing
 from misp.models.prompting import collate_examples, encode_example, prepare_images
 from misp.testing.gemma3 import build_gemma3
 from misp.testing.llava15 import Llava15Sizes, build_llava15
@@ -113,17 +113,13 @@ def test_shared_prefix_log_probs_and_gradients_equal_the_unshared_rows(family, d
 def test_rows_are_grouped_by_image_and_prompt_and_positions_restart_after_the_prefix():
     model, processor = build_qwen25vl()
     batch, images, index = _batch(processor, torch.float32)
-    from misp.models.forward import _image_token_id, expand_image_rows
-
     ids, mask, labels = expand_image_rows(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                           _image_token_id(model), images.tokens_per_image[index])
     plan = plan_packing(ids, mask, labels, [(int(i),) for i in index])
     assert plan.groups == GROUPS
     positions = family_of(model).row_position_ids(model, ids, mask, images, index)  # [3, N, T]: M-RoPE
-    from misp.models.prefix_sharing import gather_packed
-
     packed = gather_packed(positions, plan)
-    g, (chosen, rejected, third) = 0, GROUPS[0]
+    g, (chosen, rejected, _third) = 0, GROUPS[0]
     p = int(plan.prefix[g])
     seg = plan.segment[g]
     start_of = {j: int((seg == j).nonzero()[0]) for j in (1, 2, 3)}
