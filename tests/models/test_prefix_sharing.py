@@ -43,10 +43,11 @@ ROWS = [(0, "The image shows a red circle at the top left.", 0), (0, "There is a
         (1, "Yes, there is.", 1), (0, "No.", 0), (1, "A circle at the bottom.", 1)]
 GROUPS = [[0, 1, 5], [2], [3], [4, 6]]  # the packed rows: rows sharing image and prompt
 WEIGHTS = torch.tensor([1.0, -0.5, 0.7, 0.3, -1.2, 0.9, 0.4])
-# (log-prob atol, gradient error relative to the gradient's norm). float32: summation order only. bfloat16:
-# the shared and unshared paths round differently (different matmul shapes) at 8 significant bits through
-# two vision and two text layers; a position or mask error moves log-probs by nats and gradients by their size.
-TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (0.25, 0.05)}
+# (log-prob atol, gradient error relative to the gradient's norm). float32: summation order only (measured
+# <= 4e-6 and 3e-7). bfloat16: the shared and unshared paths round differently (different matmul shapes) at
+# 8 significant bits; measured <= 4.3e-4 nats and 5.2e-3 of the gradient over the four families. A position or
+# mask error moves log-probs by nats and gradients by their own size.
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (0.01, 0.02)}
 
 
 def _images() -> list[Image.Image]:
