@@ -227,3 +227,36 @@ def test_left_padded_rows_and_rows_sharing_nothing_run_unshared():
     assert not plan.shares and plan.groups == [[0], [1]]
     plan = plan_packing(ids, torch.ones_like(ids), labels, [(0,), (0,)])
     assert plan.shares and plan.groups == [[0, 1]] and plan.segment[0].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "gemma-3"])
+def test_rows_of_several_images_share_when_all_their_images_and_prompt_agree(family):
+    """Two-image prompts: the rows that hold the same two images and prompt pack together (the packed row's
+    image slots are its prefix's), one holding the images in another order does not; Gemma 3's
+    bidirectional attention stays within each image."""
+    two = "<image>\n<image>\nWhat differs between the two images?"
+    rows = [(two, "The second one is larger.", (0, 1)), (two, "They are the same.", (0, 1)),
+            (two, "The second one is larger.", (1, 0)), (PROMPTS[0], "A red circle.", (2,))]
+    model, processor = BUILDERS[family]()
+    model.train()
+    batch = collate_examples([encode_example(processor, p, r) for p, r, _ in rows], processor.tokenizer.pad_token_id)
+    images = prepare_images(processor, _images())
+    index = torch.tensor([i for *_, ims in rows for i in ims])
+    weights = torch.tensor([1.0, -0.5, 0.7, 0.3])
+
+    def run(share: bool, seen: list[int]):
+        handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        model.zero_grad(set_to_none=True)
+        try:
+            logits, labels = response_logits(model, batch["input_ids"], batch["attention_mask"], images,
+                                             batch["labels"], index, prefix_sharing=share)
+        finally:
+            handle.remove()
+        logps = sequence_logps(logits, labels)
+        (weights * logps).sum().backward()
+        return logps.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    seen_off, seen_on = [], []
+    unshared, shared = run(False, seen_off), run(True, seen_on)
+    assert seen_off == [4] and seen_on == [3]  # rows 0 and 1 packed; row 2 (images swapped) on its own
+    _assert_same(shared, unshared, torch.float32)
