@@ -29,6 +29,13 @@ Steps, each timed:
 Printed and written to ``--out`` (JSON): per-phase times, the median and per-step time of the steps after
 ``--warmup``, tokens/s, peak device memory, and the model FLOP utilisation (MFU).
 
+Prefix sharing (issue 23, ``MISPDPOModule(prefix_sharing=...)``): ``--prefix-sharing both`` (the default on a
+GPU) trains twice from the same saved model, sharing on (the shipped default: chosen and rejected on the
+positive image run as one packed row, the image and prompt computed once) and off, and reports both; the
+top-level results are the "on" run's, the other run's under ``"prefix_sharing_off"`` (or ``_on``). With
+sharing on, the rows the FLOPs count are the packed rows the forward runs (each shared prefix once; attention
+over the packed row's full length, as the dense block mask computes it).
+
 Model FLOPs of a step (MFU's numerator; the work the algorithm needs: no recomputation from activation
 checkpointing, no 4-bit dequantisation, padding excluded), with P the language model's matmul weights
 per token (decoder linears + LM head), d its width and L its layers, T_r the tokens of row r (image
@@ -106,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix-sharing", choices=("on", "off", "both"), default=None,
+                   help="train with prefix sharing on, off, or both in turn (default: both; --dry-run: on)")
     return p
 
 
@@ -216,6 +225,20 @@ def row_lengths(batch, pad_token_id: int, image_token_id: int) -> list[int]:
     return mask.sum(1).tolist()
 
 
+def packed_row_lengths(batch, pad_token_id: int, image_token_id: int) -> list[int]:
+    """Tokens of each row the forward runs with prefix sharing on: each shared group's packed row
+    (prefix once, then its responses) and every unshared row as it is (``misp.models.prefix_sharing``)."""
+    from misp.dpo.batching import concatenate_rows
+    from misp.models.forward import expand_image_rows
+    from misp.models.prefix_sharing import plan_packing
+
+    rows = concatenate_rows(batch, pad_token_id)
+    per_row = batch.images.tokens_per_image[rows.image_index.to(batch.images.tokens_per_image.device)]
+    ids, mask, labels = expand_image_rows(rows.input_ids, rows.attention_mask, rows.labels, image_token_id, per_row)
+    plan = plan_packing(ids.cpu(), mask.cpu(), labels.cpu(), [(int(i),) for i in rows.image_index.cpu()])
+    return mask.sum(1).tolist() if plan is None else plan.lengths.tolist()
+
+
 def qwen_vision_flops(vision_config, grid: tuple[int, int, int]) -> float:
     """Forward FLOPs of one image of patch grid ``(t, h, w)`` through Qwen2.5-VL's vision model: the 3-D
     patch embedding, every block's projections and MLP, attention within the 112 px windows (or over the
@@ -288,7 +311,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((tf for key, tf in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def _step_timer(pad_token_id: int, image_token_id: int, device: torch.device, warmup: int):
+def _step_timer(pad_token_id: int, image_token_id: int, device: torch.device, warmup: int, sharing: bool = False):
     import lightning as L
 
     class StepTimer(L.Callback):
@@ -309,6 +332,8 @@ def _step_timer(pad_token_id: int, image_token_id: int, device: torch.device, wa
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.steps.append({"seconds": time.perf_counter() - self._t0,
                                "rows": row_lengths(batch, pad_token_id, image_token_id),
+                               "run_rows": (packed_row_lengths if sharing else row_lengths)(batch, pad_token_id,
+                                                                                            image_token_id),
                                "images": len(batch.images),
                                "loss": float(loss)})
 
@@ -390,59 +415,87 @@ def run(args: argparse.Namespace) -> dict:
         if qwen and args.dry_run:  # tiny images at the tiny model's pixel bounds
             vlm |= {"min_pixels": sizes.min_pixels, "max_pixels": sizes.max_pixels}
         lora = init["vlm"].get("lora", {}) | {"r": args.lora_r}
-        t0 = time.perf_counter()
-        with use_hub_cache(cache):
-            module = MISPDPOModule(
-                vlm=VLMSpec(**vlm, lora=LoraSpec(**lora)),
-                # The paper's method at this check's K (the base config names none: it runs DEFAULT_METHOD).
-                method=replace(Method.preset(DEFAULT_METHOD), negatives=Negatives("sae", args.k)),
-                cache_reference=False,  # every step computes its reference, as the first epoch does
-                lr=float(init.get("lr", 1e-5)), warmup_steps=1,
-            )
-        phases["load_s"] = time.perf_counter() - t0
-        lora_params = sum(p.numel() for n, p in module.model.named_parameters() if "lora_" in n)
-        model_config = unwrap_peft(module.model).config
+        settings = {"on": [True], "off": [False], "both": [True, False]}[args.prefix_sharing]
+        runs = {}
+        for sharing in settings:
+            suffix = "" if sharing == settings[0] else "_sharing_" + ("on" if sharing else "off")
+            t0 = time.perf_counter()
+            with use_hub_cache(cache):
+                module = MISPDPOModule(
+                    vlm=VLMSpec(**vlm, lora=LoraSpec(**lora)),
+                    # The paper's method at this check's K (the base config names none: it runs DEFAULT_METHOD).
+                    method=replace(Method.preset(DEFAULT_METHOD), negatives=Negatives("sae", args.k)),
+                    cache_reference=False,  # every step computes its reference, as the first epoch does
+                    lr=float(init.get("lr", 1e-5)), warmup_steps=1, prefix_sharing=sharing,
+                )
+            phases["load" + suffix + "_s"] = time.perf_counter() - t0
+            lora_params = sum(p.numel() for n, p in module.model.named_parameters() if "lora_" in n)
+            model_config = unwrap_peft(module.model).config
 
-        accelerator = "cpu" if device.type == "cpu" else "gpu"
-        use_config = args.strategy == "config" or (args.strategy is None and device.type == "cuda")
-        strategy = config_strategy(config) if use_config else "auto"
-        timer = _step_timer(processor.tokenizer.pad_token_id, family_for_processor(processor).image_token_id(processor),
-                            device, args.warmup)
-        trainer = L.Trainer(
-            accelerator=accelerator, devices=1, strategy=strategy, precision=config["trainer"]["precision"],
-            max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer],
-            default_root_dir=str(work_dir / "run"),
-            gradient_clip_val=config["trainer"].get("gradient_clip_val"),
-            reload_dataloaders_every_n_epochs=config["trainer"].get("reload_dataloaders_every_n_epochs", 0),
-        )
-        t0 = time.perf_counter()
-        data = _datamodule(processor, args)
-        module.attach_data(data.describe())
-        trainer.fit(module, datamodule=data)
-        phases["fit_s"] = time.perf_counter() - t0
+            accelerator = "cpu" if device.type == "cpu" else "gpu"
+            use_config = args.strategy == "config" or (args.strategy is None and device.type == "cuda")
+            strategy = config_strategy(config) if use_config else "auto"
+            timer = _step_timer(processor.tokenizer.pad_token_id, family_for_processor(processor).image_token_id(processor),
+                                device, args.warmup, sharing)
+            trainer = L.Trainer(
+                accelerator=accelerator, devices=1, strategy=strategy, precision=config["trainer"]["precision"],
+                max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer],
+                default_root_dir=str(work_dir / f"run{suffix}"),
+                gradient_clip_val=config["trainer"].get("gradient_clip_val"),
+                reload_dataloaders_every_n_epochs=config["trainer"].get("reload_dataloaders_every_n_epochs", 0),
+            )
+            t0 = time.perf_counter()
+            data = _datamodule(processor, args)
+            module.attach_data(data.describe())
+            trainer.fit(module, datamodule=data)
+            phases["fit" + suffix + "_s"] = time.perf_counter() - t0
+            runs[sharing] = (timer, _peak_memory_gib(device), type(trainer.strategy).__name__)
+            del module, trainer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
     finally:
         if work is not None:
             work.cleanup()
 
-    measured = timer.steps[args.warmup:]
-    if len(timer.steps) != args.steps or not measured:
-        raise RuntimeError(f"ran {len(timer.steps)} of {args.steps} steps")
-    losses = [s["loss"] for s in timer.steps]
-    if not all(math.isfinite(x) for x in losses):
-        raise RuntimeError(f"non-finite loss: {losses}")
-    seconds = statistics.median(s["seconds"] for s in measured)
-    tokens = statistics.median(sum(s["rows"]) for s in measured)
     grid = None
     if qwen:  # the synthetic images share one size, so one grid
         probe = Image.fromarray(np.zeros((400, 500, 3), dtype=np.uint8))
         from misp.models.prompting import prepare_images
 
         grid = tuple(int(x) for x in prepare_images(processor, [probe]).tensors["image_grid_thw"][0])
-    flops = [step_flops(model_config, s["rows"], s["images"], lora_params, args.lora_r, grid) for s in measured]
-    mean_flops = statistics.fmean(f["total"] for f in flops)
     peak = peak_tflops(device, args.peak_tflops)
-    achieved = mean_flops / seconds
+
+    def summary(timer, memory: dict) -> dict:
+        measured = timer.steps[args.warmup:]
+        if len(timer.steps) != args.steps or not measured:
+            raise RuntimeError(f"ran {len(timer.steps)} of {args.steps} steps")
+        losses = [s["loss"] for s in timer.steps]
+        if not all(math.isfinite(x) for x in losses):
+            raise RuntimeError(f"non-finite loss: {losses}")
+        seconds = statistics.median(s["seconds"] for s in measured)
+        tokens = statistics.median(sum(s["rows"]) for s in measured)
+        flops = [step_flops(model_config, s["run_rows"], s["images"], lora_params, args.lora_r, grid) for s in measured]
+        achieved = statistics.fmean(f["total"] for f in flops) / seconds
+        return {
+            "step_s": seconds,
+            "step_s_all": [s["seconds"] for s in timer.steps],
+            "tokens_per_step": tokens,
+            "tokens_per_s": tokens / seconds,
+            "tokens_run_per_step": statistics.median(sum(s["run_rows"]) for s in measured),
+            "losses": losses,
+            **memory,
+            "model_flops_per_step": statistics.fmean(f["total"] for f in flops),
+            "model_flops_split": {k: statistics.fmean(f[k] for f in flops) for k in ("policy", "reference", "vision")},
+            "achieved_tflops": achieved / 1e12,
+            "peak_bf16_tflops": peak,
+            "mfu": achieved / (peak * 1e12) if peak else None,
+        }
+
+    first = settings[0]
+    timer, memory, strategy_name = runs[first]
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "family": args.family,
@@ -450,23 +503,16 @@ def run(args: argparse.Namespace) -> dict:
         "sizes": vars(sizes),
         "parameters": n_params,
         "lora_parameters": lora_params,
-        "strategy": type(trainer.strategy).__name__,
+        "strategy": strategy_name,
         "precision": config["trainer"]["precision"],
         "batch": {"records": args.batch, "k": args.k, "rows": 2 * args.batch + args.batch * args.k,
                   "images": args.batch * (1 + args.k)},
         "phases_s": phases,
-        "step_s": seconds,
-        "step_s_all": [s["seconds"] for s in timer.steps],
-        "tokens_per_step": tokens,
-        "tokens_per_s": tokens / seconds,
-        "losses": losses,
-        **_peak_memory_gib(device),
-        "model_flops_per_step": statistics.fmean(f["total"] for f in flops),
-        "model_flops_split": {k: statistics.fmean(f[k] for f in flops) for k in ("policy", "reference", "vision")},
-        "achieved_tflops": achieved / 1e12,
-        "peak_bf16_tflops": peak,
-        "mfu": achieved / (peak * 1e12) if peak else None,
+        "prefix_sharing": "on" if first else "off",
+        **summary(timer, memory),
     }
+    for sharing in settings[1:]:
+        results["prefix_sharing_" + ("on" if sharing else "off")] = summary(runs[sharing][0], runs[sharing][1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, results)
     return results
@@ -477,14 +523,19 @@ def _report(r: dict) -> str:
            if "peak_allocated_gib" in r else f"peak RSS {r['peak_rss_gib']:.2f} GiB")
     mfu = f"MFU {100 * r['mfu']:.1f}% of {r['peak_bf16_tflops']:.0f} TFLOP/s" if r["mfu"] is not None else "MFU n/a (no peak known)"
     phases = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in r["phases_s"].items())
-    return (f"gpu_check on {r['device']} ({r['strategy']}, {r['precision']}, {r['parameters'] / 1e9:.2f}B params, "
+    return (f"gpu_check on {r['device']} ({r['strategy']}, prefix sharing {r['prefix_sharing']}, {r['precision']}, {r['parameters'] / 1e9:.2f}B params, "
             f"{r['lora_parameters'] / 1e6:.1f}M LoRA)\n"
             f"  phases: {phases}\n"
             f"  step {r['step_s']:.3f}s (median after warm-up; all: {', '.join(f'{s:.2f}' for s in r['step_s_all'])})\n"
             f"  {r['tokens_per_step']:.0f} tokens/step over {r['batch']['rows']} rows, {r['tokens_per_s']:.0f} tokens/s\n"
             f"  {mem}\n"
             f"  model FLOPs/step {r['model_flops_per_step'] / 1e12:.2f} TFLOP, achieved {r['achieved_tflops']:.2f} TFLOP/s, {mfu}\n"
-            f"  losses: {', '.join(f'{x:.4f}' for x in r['losses'])}")
+            f"  losses: {', '.join(f'{x:.4f}' for x in r['losses'])}"
+            + "".join(f"\n  {key.replace('_', ' ')}: step {o['step_s']:.3f}s, {o['tokens_per_s']:.0f} tokens/s, "
+                      f"model FLOPs/step {o['model_flops_per_step'] / 1e12:.2f} TFLOP, "
+                      + (f"MFU {100 * o['mfu']:.1f}%" if o["mfu"] is not None else "MFU n/a")
+                      + f"; sharing {r['prefix_sharing']} is {o['step_s'] / r['step_s']:.2f}x faster"
+                      for key, o in r.items() if key.startswith("prefix_sharing_")))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -492,9 +543,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dry_run:
         # Seconds on a CPU: one record, two steps, short responses (the image geometry stays 576 tokens).
         defaults = _parser().parse_args([])
-        for name, small in (("batch", 1), ("steps", 2), ("warmup", 1), ("response_words", 8), ("lora_r", 8)):
+        for name, small in (("batch", 1), ("steps", 2), ("warmup", 1), ("response_words", 8), ("lora_r", 8),
+                            ("prefix_sharing", "on")):
             if getattr(args, name) == getattr(defaults, name):
                 setattr(args, name, small)
+    if args.prefix_sharing is None:
+        args.prefix_sharing = "both"
     results = run(args)
     print(_report(results))
     print(f"written to {args.out}")

@@ -9,6 +9,12 @@ features). Rows: 2B + BK; images: B + BK distinct. Four variants, each in its ow
 - ``once+cold``: the cache empty (first epoch): every row goes through the reference forward too;
 - ``per-row+warm`` / ``per-row+cold``: the model's plain forward with one image per row
   (``pixel_values[image_index]``: the positive encoded twice), as most trainers do.
+- ``unshared+warm`` / ``unshared+cold``: misp with prefix sharing off (``prefix_sharing=False``: the chosen
+  and rejected rows each compute the image and prompt; ``once`` shares them, issue 23).
+
+With ``--neg-trl`` the same child also steps TRL's pairwise DPO (``bench.trl_dpo.TrlContender``: its
+collator, ``DPOTrainer.compute_loss``, backward, AdamW) on the same B records and model, interleaved with the
+rest: the "time / TRL DPO" column.
 
 One child holds every variant (the same two modules, the encoding switched per step, and the cache: a
 filled one or a fresh empty one): the peak memory of one step per (variant, configuration) with the
@@ -34,7 +40,7 @@ from bench.trl_dpo import MODELS, build_model, make_records
 
 NAME = "negatives"
 
-VARIANTS = ("once+warm", "once+cold", "per-row+warm", "per-row+cold")
+VARIANTS = ("once+warm", "once+cold", "per-row+warm", "per-row+cold", "unshared+warm", "unshared+cold")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--neg-m", type=int, default=16, help="M (selected candidates per record) of the K sweep")
     g.add_argument("--neg-ms", default="4,16,64,256", help="M values at K = 3")
     g.add_argument("--neg-repeat", type=int, default=9, help="timed steps per configuration")
-    g.add_argument("--neg-variants", default=",".join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
+    g.add_argument("--neg-variants", default=",".join(VARIANTS[:4]), help=f"from {', '.join(VARIANTS)}")
+    g.add_argument("--neg-trl", action="store_true", help="also time TRL's pairwise DPO step (needs TRL installed)")
 
 
 def _plain_logps(model, rows, images) -> torch.Tensor:
@@ -98,15 +105,20 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     from misp.negatives.spec import Negatives
 
     torch.manual_seed(0)
+    trl = None
     with tempfile.TemporaryDirectory(prefix="misp-bench-neg-") as tmp:
         build_model(cfg["model"], f"{tmp}/model")
         modules = {loss: MISPDPOModule(VLMSpec(path=f"{tmp}/model"), method=Method.preset(loss))
                    for loss in ("dpo", "misp_dpo")}
+        processor = modules["dpo"].processor
+        side = int((processor.image_processor.crop_size or {}).get("height", 64))
+        records = make_records(cfg["batch"] + 64, 24, side, cfg["seed"])
+        if cfg.get("trl"):
+            from bench.trl_dpo import TrlContender
+
+            trl = TrlContender(f"{tmp}/model", records[: cfg["batch"]], gradient_checkpointing=False, out_dir=f"{tmp}/trl")
     for module in modules.values():
         module.train()
-    processor = modules["dpo"].processor
-    side = int((processor.image_processor.crop_size or {}).get("height", 64))
-    records = make_records(cfg["batch"] + 64, 24, side, cfg["seed"])
     pool = [r["image"] for r in records[cfg["batch"]:]]
     items = [{"id": r["id"], "image": r["image"], "chosen": encode_example(processor, r["prompt"], r["chosen"]),
               "rejected": encode_example(processor, r["prompt"], r["rejected"])} for r in records[: cfg["batch"]]]
@@ -131,16 +143,22 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
     optimizers = {loss: torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-6)
                   for loss, mod in modules.items()}
     keys = [(v, c) for v in cfg["variants"] for c in configs]
+    if trl is not None:
+        keys.append(("trl", (0, cfg["m"])))
 
     def step(key: tuple[str, tuple[int, int]]) -> None:
         variant, (k, m) = key
+        if variant == "trl":
+            trl.step(list(range(cfg["batch"])))
+            return
         encoding, cache = variant.split("+")
         loss_name = "misp_dpo" if k else "dpo"
         module = modules[loss_name]
         if encoding == "per-row":
-            module._logps = _plain_logps  # an instance attribute shadows the staticmethod
+            module._logps = _plain_logps  # an instance attribute shadows the method
         else:
             module.__dict__.pop("_logps", None)
+        module.hparams["prefix_sharing"] = encoding == "once"
         # Cold: an empty cache (the first epoch), refilled by this step and dropped; warm: the full one.
         module.reference_cache = warm_caches[(k, m)] if cache == "warm" else ReferenceCache()
         current[0] = (k, m)
@@ -160,7 +178,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
         variant, (k, m) = key
         res["configs"][f"{variant},{k},{m}"] = {
             "variant": variant, "k": k, "m": m, "peak_bytes": mem.peak_bytes, "rows": 2 * cfg["batch"] + cfg["batch"] * k,
-            "images": len(batches[(k, m)].images)}
+            "images": len(batches[(k, m)].images) if variant != "trl" else 2 * cfg["batch"]}
     res["memory_method"] = mem.method
     allocator_steady()
     for key in keys:
@@ -202,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if any(v not in VARIANTS for v in variants) or args.neg_model not in MODELS:
         raise ValueError(f"--neg-variants from {VARIANTS}, --neg-model from {list(MODELS)}")
     base = {"device": args.device, "seed": 0, "model": args.neg_model, "batch": args.neg_batch,
-            "ks": ks, "m": args.neg_m, "ms": ms, "repeat": args.neg_repeat}
+            "ks": ks, "m": args.neg_m, "ms": ms, "repeat": args.neg_repeat, "trl": args.neg_trl}
     if args.quick:
         base |= {"batch": 2, "ks": [0, 3], "ms": [4, 16], "repeat": 1}
     res = run_child("bench.negatives:negatives_child", {**base, "variants": variants}, args.threads)
@@ -218,6 +236,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "peak_ratio": e["peak_bytes"] / max(dpo["peak_bytes"], 1)}
             if shipped is not None:
                 row["vs_shipped_dpo"] = e["median_s"] / c[f"{shipped},0,{base['m']}"]["median_s"]
+            if base["trl"]:
+                row["vs_trl_dpo"] = e["median_s"] / c[f"trl,0,{base['m']}"]["median_s"]
+                # per repeat (same load): this step over TRL's step of the same repeat
+                ratios = [a / b for a, b in zip(e["times"], c[f"trl,0,{base['m']}"]["times"], strict=True)]
+                row["vs_trl_range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
             k_rows.append(row)
         m0 = c[f"{v},3,{min(base['ms'])}"]
         for m in base["ms"]:
@@ -233,7 +256,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             {"title": f"Cost of K negatives at M={base['m']}: {head}; ratios against K=0 (DPO) of the same variant",
              "columns": [("variant", "variant (encoding + reference cache)"), ("k", "K"), ("rows", "rows"),
                          ("images", "images"), ("step_s", "step (s)"), ("time_ratio", "time / DPO"),
-                         ("vs_shipped_dpo", "time / DPO once+warm"), ("peak_mib", "peak (MiB)"),
+                         ("vs_shipped_dpo", "time / DPO once+warm"), ("vs_trl_dpo", "time / TRL DPO"),
+                         ("vs_trl_range", "per-repeat range"), ("peak_mib", "peak (MiB)"),
                          ("peak_ratio", "peak / DPO")],
              "rows": k_rows},
             {"title": f"Pool size M at K=3: {head}; ratios against the smallest M",

@@ -1,6 +1,10 @@
 """Do two commits train the same numbers? Short smoke fits of DPO, mDPO and MISP-DPO on each, compared bitwise.
 
     python -m bench.same_numbers --baseline e764199 [--methods dpo,mdpo,misp_dpo]   (from the repository root)
+    python -m bench.same_numbers --baseline 41a965e --this-args=--model.init_args.prefix_sharing=false
+
+``--this-args`` adds CLI arguments to this checkout's fits only (a switch the baseline does not know). When
+rows differ, the largest relative difference of a step loss is printed, to judge float noise from a change.
 
 Each tree (this checkout, and ``git archive`` of the baseline into a temporary folder) runs in its own
 process on the same tiny stand-ins (``misp.smoke``: world, CLIP, SAE, VLM, built once by this tree):
@@ -15,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fit(tree: Path, art: Path, methods: list[str], out: Path) -> None:
+def _fit(tree: Path, art: Path, methods: list[str], out: Path, extra: list[str] = ()) -> None:
     """In this process (PYTHONPATH=tree): fit each method and write its step losses and weights hash."""
     import torch
 
@@ -53,7 +58,7 @@ def _fit(tree: Path, art: Path, methods: list[str], out: Path) -> None:
                 f"--data.validation.pope_file={world / 'val_pope.jsonl'}", f"--data.validation.captions_file={world / 'val.jsonl'}",
                 "--trainer.max_steps=4", "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
                 "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                "--data.batch_size=4", "--data.progress=false", "--data.preview_records=0"]
+                "--data.batch_size=4", "--data.progress=false", "--data.preview_records=0", *extra]
         if method.startswith("misp"):
             args += [f"--data.pool={world / 'pool.jsonl'}", f"--data.clip.checkpoint={art / 'clip'}",
                      f"--data.sae_path={art / 'sae'}", "--data.mining.n_candidates=8", "--data.mining.pool_size=4",
@@ -72,11 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="the commit to compare this checkout with")
     parser.add_argument("--methods", default="dpo,mdpo,misp_dpo", help="method files to fit, comma-separated")
+    parser.add_argument("--this-args", default="", help="extra CLI arguments for this checkout's fits (shell-split)")
     parser.add_argument("--_fit", nargs=3, help=argparse.SUPPRESS)  # tree, artifacts, output (the child's side)
     args = parser.parse_args()
     methods = args.methods.split(",")
     if args._fit:
-        _fit(Path(args._fit[0]), Path(args._fit[1]), methods, Path(args._fit[2]))
+        _fit(Path(args._fit[0]), Path(args._fit[1]), methods, Path(args._fit[2]), shlex.split(args.this_args))
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -97,7 +103,8 @@ def main() -> None:
             out = work / f"{name}.json"
             # As a script, so that `misp` (and nothing else) comes from the tree under test.
             subprocess.run([sys.executable, str(Path(__file__).resolve()), "--baseline", args.baseline, "--methods",
-                            args.methods, "--_fit", str(tree), str(art), str(out)], env=env,
+                            args.methods, f"--this-args={args.this_args if name == 'this' else ''}",
+                            "--_fit", str(tree), str(art), str(out)], env=env,
                            check=True, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             results[name] = json.loads(out.read_text())
     same = True
@@ -106,8 +113,11 @@ def main() -> None:
         equal = a == b
         same &= equal
         losses = ", ".join(f"{float.fromhex(x):.9g}" for x in a["losses"])
+        worst = max((abs(float.fromhex(x) - float.fromhex(y)) / max(abs(float.fromhex(x)), 1e-30)
+                     for x, y in zip(a["losses"], b["losses"], strict=True)), default=0.0)
         print(f"{method:10s} {'same' if equal else 'DIFFERENT':9s} losses [{losses}] weights {a['weights'][:12]}"
-              + ("" if equal else f" vs [{', '.join(f'{float.fromhex(x):.9g}' for x in b['losses'])}] {b['weights'][:12]}"))
+              + ("" if equal else f" vs [{', '.join(f'{float.fromhex(x):.9g}' for x in b['losses'])}] {b['weights'][:12]}"
+                 f" (largest relative loss difference {worst:.2e})"))
     sys.exit(0 if same else 1)
 
 

@@ -56,10 +56,12 @@ from bench.forward import WORDS
 NAME = "trl_dpo"
 
 CONTENDERS = ("misp-cold", "misp-warm", "trl", "trl-defaults", "misp-cold-all-logits", "misp-cold-ckpt",
-              "misp-warm-ckpt")
+              "misp-warm-ckpt", "misp-cold-unshared", "misp-warm-unshared")
 """misp with its reference cache empty / full; TRL with gradient checkpointing off / at its default (on);
 misp cold with the LM head on every position (misp before ``response_logits``), for the record; misp
-with gradient checkpointing (``VLMSpec.gradient_checkpointing``), to compare with TRL's default."""
+with gradient checkpointing (``VLMSpec.gradient_checkpointing``), to compare with TRL's default; misp
+with prefix sharing off (``MISPDPOModule(prefix_sharing=False)``: chosen and rejected rows each compute
+the image and prompt), the misp of before issue 23."""
 
 MODELS: dict[str, dict[str, Any]] = {
     # The Shapes demo's tiny LLaVA (configs/shapes: TinyLlavaConfig defaults): 64 px, 64 image tokens.
@@ -157,7 +159,7 @@ class MispContender:
     """misp's DPO step: ``collate_preferences`` then ``MISPDPOModule.training_step``, backward, AdamW."""
 
     def __init__(self, model_dir: str, records: list[dict[str, Any]], warm: bool, all_logits: bool = False,
-                 checkpointing: bool = False) -> None:
+                 checkpointing: bool = False, prefix_sharing: bool = True) -> None:
         from misp.dpo.method import Method
         from misp.dpo.module import MISPDPOModule
         from misp.models.prompting import encode_example
@@ -165,14 +167,14 @@ class MispContender:
 
         self.module = MISPDPOModule(VLMSpec(path=model_dir, gradient_checkpointing=checkpointing),
                                     method=Method.preset("dpo", beta=BETA),
-                                    cache_reference=True)
+                                    cache_reference=True, prefix_sharing=prefix_sharing)
         self.module.train()
         if checkpointing and not getattr(self.module.model, "is_gradient_checkpointing", False):
             raise RuntimeError("VLMSpec.gradient_checkpointing did not switch checkpointing on")
         self.processor = self.module.processor
         self.warm = warm
         if all_logits:
-            self.module._logps = _all_position_logps  # an instance attribute shadows the staticmethod
+            self.module._logps = _all_position_logps  # an instance attribute shadows the method
         # Tokenised once, as NegativeSamplerDataModule.setup does with encode_preference_records.
         self.items = [{
             "id": r["id"], "chosen": encode_example(self.processor, r["prompt"], r["chosen"]),
@@ -323,7 +325,7 @@ def _all_position_logps(model, rows, pixel_values: torch.Tensor) -> torch.Tensor
 def make_contender(name: str, model_dir: str, records: list[dict[str, Any]], tmp: str):
     if name.startswith("misp"):
         return MispContender(model_dir, records, warm=name.startswith("misp-warm"), all_logits=name.endswith("all-logits"),
-                             checkpointing=name.endswith("-ckpt"))
+                             checkpointing=name.endswith("-ckpt"), prefix_sharing=not name.endswith("-unshared"))
     return TrlContender(model_dir, records, gradient_checkpointing=name == "trl-defaults", out_dir=tmp)
 
 

@@ -79,6 +79,11 @@ class MISPDPOModule(VLMModule):
             holds one gradient per term; it does not change the step's gradients. Logged to the loggers on
             exactly those steps (regardless of ``log_every_n_steps``). Single device or DDP (gradients
             averaged across ranks first); refused under FSDP, where a rank holds a shard.
+        prefix_sharing: run the rows that share image and prompt (the chosen and rejected responses on the
+            positive image) as one packed row, the image and prompt computed once, in the policy and the
+            reference forward (``misp.models.prefix_sharing``; same log-probs and gradients to float
+            rounding). Where the model's attention cannot take the block mask (FlashAttention) the
+            unshared rows run and the reason is logged once. false: always the unshared rows.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class MISPDPOModule(VLMModule):
         warmup_steps: int = 10,
         export_dir: str | None = None,
         diagnostics_every_n_steps: int = 0,
+        prefix_sharing: bool = True,
     ) -> None:
         if diagnostics_every_n_steps < 0:
             raise ConfigError(f"model.diagnostics_every_n_steps must be >= 0 (0: off), got {diagnostics_every_n_steps}")
@@ -194,10 +200,10 @@ class MISPDPOModule(VLMModule):
             )
 
     # log-probs --------------------------------------------------------------------------------------
-    @staticmethod
-    def _logps(model, rows: ConcatenatedRows, images: ImageInputs) -> torch.Tensor:
+    def _logps(self, model, rows: ConcatenatedRows, images: ImageInputs) -> torch.Tensor:
         # Logits only from the first response position on: the image and prompt logits carry no log-prob.
-        logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, images, rows.labels, rows.image_index)
+        logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, images, rows.labels, rows.image_index,
+                                          prefix_sharing=self.hparams.get("prefix_sharing", True))
         return sequence_logps(logits, labels)
 
     @staticmethod

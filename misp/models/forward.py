@@ -26,7 +26,16 @@ from torch import nn
 from misp.batch import ImageInputs
 from misp.logprobs import IGNORE_INDEX
 from misp.models.families import family_of
+from misp.models.families.base import attention_implementation
 from misp.models.families.llava import find_projector, position_ids_from_mask
+from misp.models.prefix_sharing import (
+    block_mask,
+    gather_packed,
+    log_fallback_once,
+    packed_keep,
+    plan_packing,
+    unpack_logits,
+)
 
 __all__ = ["expand_image_rows", "find_projector", "images_per_row", "position_ids_from_mask", "positions_to_keep",
            "response_logits", "vlm_logits"]
@@ -234,6 +243,7 @@ def response_logits(
     images: ImageInputs | torch.Tensor,
     labels: torch.Tensor,
     image_index: torch.Tensor | None = None,
+    prefix_sharing: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`vlm_logits` on the positions a loss on ``labels`` reads, with ``labels`` cut to match.
 
@@ -241,6 +251,12 @@ def response_logits(
     labels give (``sequence_logps``, shifted cross-entropy), without the LM head and the logits of the
     image and prompt positions before the first response token of the batch. Rows holding one image
     placeholder are expanded first (``labels`` with them), as :func:`vlm_logits` does.
+
+    With ``prefix_sharing``, rows that hold the same images and the same tokens before their first scored
+    label (a DPO pair's chosen and rejected rows) run as one packed row with a block mask, the prefix
+    computed once (``misp.models.prefix_sharing``); the returned logits are laid out as the unpacked rows'
+    and equal them to float rounding. Where the model cannot run it exactly the unshared rows run, and the
+    reason is logged once.
     """
     image_token_id = _image_token_id(model)
     images = _as_image_inputs(images, input_ids, image_token_id)
@@ -248,5 +264,60 @@ def response_logits(
     per_row = images.tokens_per_image if index is None else images.tokens_per_image[index.to(images.tokens_per_image.device)]
     input_ids, attention_mask, labels = expand_image_rows(input_ids, attention_mask, labels, image_token_id, per_row)
     keep = positions_to_keep(labels)
+    if prefix_sharing:
+        logits = _shared_response_logits(model, input_ids, attention_mask, images, labels, index, keep)
+        if logits is not None:
+            return logits, labels[:, -logits.shape[1] :]
     logits = vlm_logits(model, input_ids, attention_mask, images, image_index, logits_to_keep=keep)
     return logits, labels[:, -logits.shape[1] :]
+
+
+def _shared_response_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: ImageInputs,
+    labels: torch.Tensor, index: torch.Tensor | None, keep: int,
+) -> torch.Tensor | None:
+    """:func:`response_logits`' logits with each shared prefix computed once; None when nothing is shared or
+    the model cannot run it exactly (the caller then runs the unshared rows). Rows are expanded already."""
+    family = family_of(model)
+    reason = family.prefix_sharing_refusal(model, attention_mask)
+    if reason is not None:
+        log_fallback_once(reason)
+        return None
+    image_token_id = _image_token_id(model)
+    n, t = input_ids.shape
+    counts = [1] * n if _slots(input_ids, attention_mask, image_token_id) == n else images_per_row(
+        input_ids, attention_mask, image_token_id)
+    slots = index.tolist() if index is not None else list(range(sum(counts)))
+    bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+    slot_keys = [tuple(slots[bounds[i] : bounds[i + 1]]) for i in range(n)]
+    plan = plan_packing(input_ids, attention_mask, labels, slot_keys)
+    if plan is None:
+        log_fallback_once("the rows are left-padded (packing reads right-padded rows)")
+        return None
+    if not plan.shares:
+        return None
+    device = input_ids.device
+    positions = family.row_position_ids(model, input_ids, attention_mask, images, index)
+    packed_ids = gather_packed(input_ids, plan)
+    packed_real = (plan.segment >= 0).to(device=device, dtype=attention_mask.dtype)
+    packed_slots = [s for members in plan.groups for s in slot_keys[members[0]]]
+    packed_index = _check_index(torch.tensor(packed_slots, dtype=torch.long), len(packed_slots), len(images))
+    if packed_index is not None:
+        packed_index = packed_index.to(device)
+    kwargs = family.forward_inputs(model, packed_ids, packed_real, images, packed_index)
+    kwargs["position_ids"] = gather_packed(positions, plan)
+    image_blocks = None
+    if family.bidirectional_image_attention:
+        is_image = (packed_ids == image_token_id).long().cpu()
+        starts = is_image * (torch.diff(is_image, dim=1, prepend=torch.zeros_like(is_image[:, :1])) == 1).long()
+        image_blocks = starts.cumsum(1) * is_image
+    allow = block_mask(plan, image_blocks).to(device)
+    if attention_implementation(model) == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(allow.shape, dtype=torch.float32, device=device)
+        mask.masked_fill_(~allow, torch.finfo(torch.float32).min)
+    else:
+        mask = allow
+    with family.shared_images(model, images, packed_index):
+        out = model(input_ids=packed_ids, attention_mask=mask, use_cache=False, logits_to_keep=packed_keep(plan),
+                    **kwargs)
+    return unpack_logits(out.logits, plan, keep or t, t)

@@ -99,6 +99,9 @@ class ModelFamily(ABC):
     """Most images one prompt may hold (None: any number)."""
     response_separator: ClassVar[str] = " "
     """Text between the templated prompt and the response (LLaVA-1.5 writes ``ASSISTANT: answer``)."""
+    bidirectional_image_attention: ClassVar[bool] = False
+    """Whether one image's tokens attend to each other both ways (Gemma 3): a packed row's block mask
+    (``misp.models.prefix_sharing``) must then allow it as the model's own mask does."""
 
     # --- recognising ------------------------------------------------------------------------------------
     def matches_config(self, config) -> bool:
@@ -196,6 +199,41 @@ class ModelFamily(ABC):
     def shared_images(self, model: nn.Module, images: ImageInputs, image_index: torch.Tensor | None) -> AbstractContextManager[None]:
         """Within this, the model's forward encodes the U distinct ``images`` once and gives row i the
         features of image ``image_index[i]``. Nothing to do when ``image_index`` is None (row i, image i)."""
+
+
+    # --- prefix sharing (misp.models.prefix_sharing) ---------------------------------------------------
+    def row_position_ids(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         images: ImageInputs, image_index: torch.Tensor | None) -> torch.Tensor:
+        """The position ids the model gives each token of the unpacked rows (``[N, T]``; M-RoPE families
+        ``[3, N, T]``): packed rows take each token's own, so a response's positions restart after its prefix."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def prefix_sharing_refusal(self, model: nn.Module, attention_mask: torch.Tensor) -> str | None:
+        """Why a packed row with a block mask would not be exact for this model and these rows (None: it is).
+        Only attention implementations that take an explicit 4-D mask can run it."""
+        impl = attention_implementation(model)
+        if impl not in ("sdpa", "eager"):
+            return (f"{self.name} with attention implementation {impl!r} takes no 4-D block mask "
+                    "(prefix sharing needs 'sdpa' or 'eager')")
+        return None
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model under peft and FSDP1 wrappers (whose forward signature is generic)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif type(model).__name__ == "FullyShardedDataParallel":
+            model = model.module
+        else:
+            return model
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention implementation of the model's language model (its text config's, else its own)."""
+    config = unwrapped(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
 
 
 def accepts(model: nn.Module, name: str) -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import ProcessorMixin
 
 from misp.batch import ImageInputs
-from misp.models.families.base import ModelFamily
+from misp.models.families.base import ModelFamily, unwrapped
 from misp.models.families.llava import Llava15Family, position_ids_from_mask, rgb
 
 
@@ -27,6 +27,7 @@ class Gemma3Family(ModelFamily):
     examples = "google/gemma-3-4b-it, google/gemma-3-12b-it, google/gemma-3-27b-it"
     unquantized_modules = ("vision_tower", "multi_modal_projector", "lm_head")
     response_separator = ""
+    bidirectional_image_attention = True
 
     def image_token(self, processor: ProcessorMixin) -> str:
         """``<image_soft_token>``, the token the image features replace (the chat template writes
@@ -56,6 +57,20 @@ class Gemma3Family(ModelFamily):
         image_id = int(model.config.image_token_id)
         return {"pixel_values": images.tensors["pixel_values"], "position_ids": position_ids_from_mask(attention_mask),
                 "token_type_ids": (input_ids == image_id).long()}
+
+    def prefix_sharing_refusal(self, model: nn.Module, attention_mask: torch.Tensor) -> str | None:
+        """As every family, and: a 4-D mask replaces both of Gemma 3's masks, the sliding-window layers'
+        too, so packed rows are exact only while no row is longer than the sliding window."""
+        reason = super().prefix_sharing_refusal(model, attention_mask)
+        if reason is not None:
+            return reason
+        text = unwrapped(model).config.get_text_config()
+        window = getattr(text, "sliding_window", None)
+        longest = int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
+        if window is not None and longest > int(window):
+            return (f"{self.name}: a row of {longest} tokens is longer than the sliding window ({window}), which "
+                    "one 4-D block mask cannot express")
+        return None
 
     @contextmanager
     def shared_images(self, model: nn.Module, images: ImageInputs, image_index: torch.Tensor | None) -> Iterator[None]:

@@ -14,21 +14,13 @@ from torch import nn
 from transformers import ProcessorMixin
 
 from misp.batch import ImageInputs
-from misp.models.families.base import ModelFamily, accepts
+from misp.models.families.base import ModelFamily, accepts, unwrapped
 from misp.models.families.llava import rgb
 
 VISION_NAME = "visual"
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model under peft and FSDP1 wrappers (whose forward signature is generic)."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif type(model).__name__ == "FullyShardedDataParallel":
-            model = model.module
-        else:
-            return model
+_unwrapped = unwrapped
 
 
 def find_vision(model: nn.Module) -> nn.Module:
@@ -80,6 +72,20 @@ class Qwen25VLFamily(ModelFamily):
             image_id = _unwrapped(model).config.image_token_id
             kwargs["mm_token_type_ids"] = (input_ids == image_id).to(torch.int32)
         return kwargs
+
+    def row_position_ids(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         images: ImageInputs, image_index: torch.Tensor | None) -> torch.Tensor:
+        """The model's own M-RoPE positions ``[3, N, T]`` of the unpacked rows (``get_rope_index`` on the grid
+        of each row's image), which the packed rows gather: a response's text positions continue from its
+        prefix's largest position, as they do unpacked."""
+        inner = _unwrapped(model)
+        rope_index = getattr(inner, "get_rope_index", None) or inner.model.get_rope_index
+        image_id = inner.config.image_token_id
+        grid = images.tensors["image_grid_thw"]
+        grid = grid if image_index is None else grid.index_select(0, image_index.to(grid.device))
+        positions, _ = rope_index(input_ids, (input_ids == image_id).to(torch.int32), image_grid_thw=grid,
+                                  attention_mask=attention_mask)
+        return positions
 
     @contextmanager
     def shared_images(self, model: nn.Module, images: ImageInputs, image_index: torch.Tensor | None) -> Iterator[None]:
