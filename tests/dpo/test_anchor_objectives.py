@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from misp.dpo.method import MethodError, check_method
+from misp.dpo.method import Method, MethodError, build_method
 from misp.dpo.objective import PreferenceObjective, preference_loss
 from misp.dpo.terms import (
     Anchor,
@@ -39,6 +39,7 @@ from misp.dpo.terms import (
     weighted_term_losses,
 )
 from misp.losses import anchor_loss, dpo_loss, image_advantages, ranking_loss
+from misp.negatives.spec import Negatives
 
 B = 6
 
@@ -365,12 +366,10 @@ def test_a_solved_negative_stops_pushing_and_an_unsolved_one_is_unchanged(term):
 
 
 def test_a_cooled_term_builds_from_a_config():
-    from misp.dpo.objective import build_objective
-
-    objective = build_objective({"beta": 0.5, "terms": [
-        {"class_path": "misp.dpo.terms.PlackettLuce", "init_args": {"importance_sampling": True, "cooling": {"floor": -3.0}}},
-    ]})
-    assert objective.terms[0].cooling == Cooling(floor=-3.0, tau=0.5)
+    method = build_method({"beta": 0.5, "negatives": {"source": "random", "k": 2}, "terms": {
+        "image": {"class_path": "misp.dpo.terms.PlackettLuce", "init_args": {"cooling": {"floor": -3.0}}},
+    }})
+    assert method.terms["image"].cooling == Cooling(floor=-3.0, tau=0.5)
     with pytest.raises(ValueError, match="tau"):
         Cooling(tau=0.0)
 
@@ -386,9 +385,11 @@ def test_a_cooled_term_builds_from_a_config():
 ])
 def test_an_objective_whose_source_cannot_feed_it_is_one_clear_error(terms, source, missing):
     with pytest.raises(MethodError, match=missing) as info:
-        check_method(PreferenceObjective(0.1, terms), source, 2)
-    assert f"data.source={source!r}" in str(info.value)
+        Method(beta=0.1, terms={t.name: t for t in terms}, negatives=Negatives(source, 2))
+    assert f"source {source!r} gives none" in str(info.value)
 
 
 def test_lpoi_method_passes_the_check_on_its_source():
-    check_method(PreferenceObjective.preset("lpoi"), "occlude", 4)
+    method = Method.preset("lpoi")
+    assert (method.negatives.source, method.negatives.k) == ("occlude", 4)
+    assert [type(t).__name__ for t in method.objective.terms] == ["TextDPO", "ImageRanking", "Anchor"]

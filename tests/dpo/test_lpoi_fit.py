@@ -11,7 +11,6 @@ import yaml
 
 from misp.cli import main
 from misp.demo import method_configs
-from misp.dpo.objective import PreferenceObjective
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +26,7 @@ def test_lpoi_fits_on_its_occluded_negatives(tiny_world, vlm_dir, tmp_path, monk
         f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
         f"--data.validation.pope_file={tiny_world / 'val_pope.jsonl'}",
         f"--data.validation.captions_file={tiny_world / 'val.jsonl'}",
-        "--data.k=2", "--data.batch_size=2", "--data.progress=false", "--data.preview_records=0",
+        "--model.init_args.method.negatives.k=2", "--data.batch_size=2", "--data.progress=false", "--data.preview_records=0",
         "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     ])
@@ -45,8 +44,7 @@ def test_lpoi_fits_on_its_occluded_negatives(tiny_world, vlm_dir, tmp_path, monk
 
 def test_the_cooling_ablation_composes_with_misp_dpo(capsys, monkeypatch):
     """configs/experiments/ablations/cooling.yaml on MISP-DPO: the image term cools, the rest is MISP-DPO's."""
-    from misp.dpo.method import check_method
-    from misp.dpo.objective import build_objective
+    from misp.dpo.method import Method, build_method
     from misp.dpo.terms import Cooling, PlackettLuce
 
     monkeypatch.chdir(ROOT)
@@ -54,8 +52,8 @@ def test_the_cooling_ablation_composes_with_misp_dpo(capsys, monkeypatch):
         main(["fit", *method_configs("misp_dpo", ROOT), "--config", "configs/experiments/ablations/cooling.yaml",
               "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    objective = build_objective(printed["model"]["init_args"]["objective"])
-    image = next(t for t in objective.terms if isinstance(t, PlackettLuce))
+    method = build_method(printed["model"]["init_args"]["method"])  # checked as it is built
+    image = method.terms["image"]
+    assert isinstance(image, PlackettLuce)
     assert image.importance_sampling and image.cooling == Cooling(floor=-2.0, tau=0.5)
-    assert [t.name for t in objective.terms] == [t.name for t in PreferenceObjective.preset("misp_dpo").terms]
-    check_method(objective, printed["data"]["init_args"]["source"], printed["data"]["init_args"]["k"])
+    assert list(method.terms) == list(Method.preset("misp_dpo").terms)

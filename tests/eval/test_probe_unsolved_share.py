@@ -11,8 +11,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from misp.data.negative_sampler import NegativeSamplerDataModule
-from misp.dpo import MISPDPOModule, PreferenceObjective
+from misp.dpo import MISPDPOModule
 from misp.dpo.diagnostics import UNSOLVED_MARGIN, unsolved_share
+from misp.dpo.method import Method
 from misp.models.vlm import VLMSpec
 
 
@@ -32,9 +33,9 @@ def test_a_negative_is_solved_once_the_positive_beats_it_by_the_margin():
 
 def test_fit_logs_the_unsolved_share_once_per_epoch(tiny_world, vlm_dir, tmp_path):
     # lr 0: the policy stays the reference, so every a_i is 0 and no negative is solved.
-    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), objective=PreferenceObjective.preset("mdpo"), lr=0.0,
+    module = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("mdpo"), lr=0.0,
                            cache_reference=False)
-    dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), source="crop", k=1, batch_size=2,
+    dm = NegativeSamplerDataModule(records_file=str(tiny_world / "pref.jsonl"), batch_size=2,
                                    cache_dir=str(tmp_path / "cache"), progress=False, preview_records=0)
     dm.attach(module)
     trainer = L.Trainer(max_epochs=2, limit_train_batches=1, accelerator="cpu", logger=CSVLogger(tmp_path),
