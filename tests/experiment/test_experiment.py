@@ -206,8 +206,13 @@ def test_the_shipped_experiment_config_loads_and_names_real_files(monkeypatch):
     cfg = parser.parse_args(["--config", "configs/experiments/shapes.yaml"])
     config = ExperimentConfig(**{k: getattr(parser.instantiate_classes(cfg), k) for k in ExperimentConfig.__dataclass_fields__})
     experiment = Experiment(config.resolved())  # checks every method, ablation and extra config file exists
-    assert experiment.config.report == "docs/results.md"
-    assert {v.name for v in config.methods} >= {"dpo", "mdpo", "chip", "random_neg", "clip_dpo", "misp_dpo"}
+    # the format-6 world: the response-pair methods need its captioned edits
+    assert config.world == "configs/worlds/shapes_edits.yaml"
+    assert experiment.config.report == "docs/results-shapes_edits.md"
+    assert {v.name for v in config.methods} >= {"dpo", "mdpo", "chip", "random_neg", "clip_dpo", "misp_dpo", "symmpo",
+                                                 "icvco", "lpoi", "misp_ground"}
+    assert config.main == "misp_ground"
+    assert config.quick_mode.world["partner_scenes"] == 8  # after the world file: small smoke splits
     quick = config.quick_version()
     assert quick.workspace.endswith("-quick") and quick.report.startswith(quick.workspace) and quick.seeds == [0]
     other = ExperimentConfig(**{**vars(config), "world": "configs/worlds/dense.yaml"}).resolved()
@@ -221,10 +226,10 @@ def test_quick_mode_runs_the_real_chain_and_methods_end_to_end(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text((REPO / "configs/experiments/shapes.yaml").read_text())
     args = ["--config", str(exp), "--quick", "true", "--workspace", str(tmp_path / "ws"),
-            "--configs", str(REPO / "configs/shapes"), "--methods",
+            "--configs", str(REPO / "configs/shapes"), "--world", str(REPO / "configs/worlds/shapes_edits.yaml"), "--methods",
             json.dumps([{"name": "dpo", "method": "dpo"}, {"name": "misp_dpo", "method": "misp_dpo"}]),
             "--ablations", json.dumps([{"name": "misp_k1", "method": "misp_dpo", "set": {"model.init_args.method.negatives.k": 1}}]),
-            "--quick_mode.grid", json.dumps({BETA: [0.1, 0.5], LR: [1e-4]}), "--wandb", "true"]
+            "--quick_mode.grid", json.dumps({BETA: [0.1, 0.5], LR: [1e-4]}), "--wandb", "true", "--main", "misp_dpo"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     first = subprocess.run([sys.executable, "-m", "misp.cli", "experiment", *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True)
