@@ -167,7 +167,8 @@ def plackett_luce_loss(
 
         L_img^JK = K f(Z^) - (K-1)/K sum_j f(Z^_{-j}),     f(z) = log(1 + z)
 
-    every ``f`` a ``logsumexp`` over ``log w`` with draw j masked out (never a difference of exponentials).
+    every ``f`` of a ``logsumexp`` over ``log w``, the one of ``Z^_{-j}`` joining the draws before j and after it
+    (never a difference of exponentials).
     Unlike the plug-in, one draw set's value may fall below 0; its mean is what lies nearer the full-pool loss.
     It needs ``log_q`` (without it the loss over the drawn set is exact) and K >= 2 (one draw has no
     leave-one-out estimate; there is no silent fall-back to the plug-in, so a run labelled jackknife is one).
@@ -218,11 +219,12 @@ def _jackknife_loss(log_w: Tensor) -> Tensor:
             f"plackett_luce_loss: the jackknife leaves one draw out and needs K >= 2 draws, got K={k}"
         )
     log_z = torch.logsumexp(log_w, dim=-1) - math.log(k)
-    # Z^_{-j} as a logsumexp over the other K-1 draws (draw j masked to -inf): subtracting w_j from the sum
-    # would cancel catastrophically when one weight dominates.
-    leave_out = torch.eye(k, dtype=torch.bool, device=log_w.device)
-    others = log_w.unsqueeze(-2).expand(*log_w.shape[:-1], k, k).masked_fill(leave_out, float("-inf"))
-    log_z_minus = torch.logsumexp(others, dim=-1) - math.log(k - 1)  # [B, K]
+    # Z^_{-j} from the draws before j and those after it (prefix and suffix logcumsumexp), O(K): subtracting
+    # w_j from the sum would cancel catastrophically when one weight dominates.
+    none = log_w.new_full((*log_w.shape[:-1], 1), float("-inf"))
+    before = torch.cat([none, torch.logcumsumexp(log_w, dim=-1)[..., :-1]], dim=-1)
+    after = torch.cat([torch.logcumsumexp(log_w.flip(-1), dim=-1).flip(-1)[..., 1:], none], dim=-1)
+    log_z_minus = torch.logaddexp(before, after) - math.log(k - 1)  # [B, K]
     return k * _log1p_exp(log_z) - (k - 1) / k * _log1p_exp(log_z_minus).sum(-1)
 
 
