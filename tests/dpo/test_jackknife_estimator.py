@@ -258,3 +258,30 @@ def test_the_jackknife_ablation_composes_with_its_methods(method, cooling, capsy
     ablation = {"misp_dpo": "misp_jackknife", "misp_ground": "ground_jackknife"}[method]
     assert {"name": ablation, "method": method, "like": method,
             "extra": ["configs/experiments/ablations/jackknife.yaml"]} in experiment["ablations"]
+
+
+@pytest.mark.slow
+def test_misp_dpo_with_the_jackknife_fits_and_logs_its_correction(tiny_world, clip_dir, sae_dir, vlm_dir, tmp_path,
+                                                                   monkeypatch):
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    main([
+        "fit", *method_configs("misp_dpo", ROOT), "--config", str(ROOT / "configs/experiments/ablations/jackknife.yaml"),
+        f"--model.init_args.vlm.path={vlm_dir}", f"--data.records_file={tiny_world / 'pref.jsonl'}",
+        f"--data.evaluation.pope_file={tiny_world / 'pope.jsonl'}",
+        f"--data.evaluation.captions_file={tiny_world / 'test.jsonl'}",
+        f"--data.validation.pope_file={tiny_world / 'val_pope.jsonl'}",
+        f"--data.validation.captions_file={tiny_world / 'val.jsonl'}",
+        f"--data.pool={tiny_world / 'pool.jsonl'}", f"--data.clip.checkpoint={clip_dir}", f"--data.sae_path={sae_dir}",
+        "--data.mining.n_candidates=8", "--data.mining.pool_size=4", "--data.mining.dup_threshold=0.99999",
+        "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.batch_size=4",
+        "--data.progress=false",
+    ])
+    (metrics,) = (tmp_path / "runs").rglob("metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(rows) == 2
+    for r in rows:
+        assert all(math.isfinite(float(r[key])) for key in ("train/loss", "loss/image", "is/ess", "is/jackknife_correction"))
