@@ -42,7 +42,7 @@ def _loss_of_advantages(a: torch.Tensor, log_q: torch.Tensor, estimator: str) ->
 def _brute_force_jackknife(a: list[float], log_q: list[float]) -> float:
     """The formula of method.md 4.5 written out draw by draw, in Python floats."""
     k = len(a)
-    w = [math.exp(ai - lq) for ai, lq in zip(a, log_q)]
+    w = [math.exp(ai - lq) for ai, lq in zip(a, log_q, strict=True)]
     z = sum(w) / k
     z_minus = [(sum(w) - w[j]) / (k - 1) for j in range(k)]
     return k * math.log1p(z) - (k - 1) / k * sum(math.log1p(zj) for zj in z_minus)
@@ -68,7 +68,7 @@ def test_jackknife_is_the_formula_in_value_and_gradient(k):
     weights = torch.linspace(0.5, 1.5, ours.shape[0], dtype=F64)  # a weighted sum: rows may not trade errors
     got = torch.autograd.grad((weights * ours).sum(), leaves)
     want = torch.autograd.grad((weights * naive).sum(), naive_leaves)
-    for g_ours, g_naive in zip(got, want):
+    for g_ours, g_naive in zip(got, want, strict=True):
         torch.testing.assert_close(g_ours, g_naive, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(
         lambda *x: plackett_luce_loss(*x, beta, log_q=log_q, estimator="jackknife"),
@@ -131,8 +131,8 @@ def test_both_estimates_converge_to_the_full_pool_loss_as_k_grows(pool):
     # exactly, K = 1..5: the plug-in's gap shrinks at every K; the jackknife's is smaller at each K >= 2 and shrinks too
     plugin = [abs(_exact_mean(a, q, k, "plugin") - full) for k in range(1, 6)]
     jackknife = [abs(_exact_mean(a, q, k, "jackknife") - full) for k in range(2, 6)]
-    assert all(later < earlier for earlier, later in zip(plugin, plugin[1:])), plugin
-    assert all(j < p for j, p in zip(jackknife, plugin[1:])), (jackknife, plugin)
+    assert all(later < earlier for earlier, later in zip(plugin, plugin[1:], strict=False)), plugin
+    assert all(j < p for j, p in zip(jackknife, plugin[1:], strict=True)), (jackknife, plugin)
     assert jackknife[-1] < jackknife[0] / 4, jackknife
     # by sampling, K = 8 against K = 128 (4000 draw sets each): both estimates' root-mean-square error to the
     # full-pool loss falls about as 1/sqrt(K) (a factor 4; asserted: at least 2.5), and at K = 128 their mean
@@ -169,7 +169,7 @@ def test_the_default_is_the_plugin_bit_for_bit():
             results.append((loss.detach(), torch.autograd.grad(loss.sum(), leaves)))
         for loss, grads in results[1:]:
             assert torch.equal(loss, results[0][0])
-            assert all(torch.equal(g, g0) for g, g0 in zip(grads, results[0][1]))
+            assert all(torch.equal(g, g0) for g, g0 in zip(grads, results[0][1], strict=True))
     assert PlackettLuce().estimator == "plugin"
     for name in ("misp_dpo", "misp_ground", "mdpo", "random_neg"):
         assert Method.preset(name).terms["image"].estimator == "plugin", name
