@@ -11,7 +11,7 @@ exp(a_{i_k})`` plugged into ``log(1 + Z^)`` unless said otherwise:
   is biased too.
 - ``self-normalised``: ``c_k = M (1/q(i_k)) / sum_j (1/q(i_j))``, the SNIS estimate of ``M * mean_i exp(a_i)``.
 - ``jackknife``: ``K f(Z^) - (K-1)/K sum_j f(Z^_{-j})`` with ``f = log(1 + .)``, which removes the
-  ``O(1/K)`` term of the plug-in bias.
+  ``O(1/K)`` term of the plug-in bias; its loss is misp's own ``PlackettLuce(estimator: jackknife)``.
 - ``sum form``: the pairwise loss ``sum_i softplus(a_i)`` over the pool, estimated without bias by
   ``(1/K) sum_k softplus(a_{i_k}) / q(i_k)``. It is a different objective; its bias and spread are against
   its own full-pool value, and ``cos(g_sum, g_img)`` says how far its full-pool gradient points from L_img's.
@@ -32,6 +32,8 @@ import math
 from typing import Any
 
 import torch
+
+from misp.losses import plackett_luce_loss
 
 NAME = "estimators"
 
@@ -82,6 +84,20 @@ def _scatter(values: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor:
     return out.scatter_add_(-1, index, values)
 
 
+def misp_image_loss(a_d: torch.Tensor, q_d: torch.Tensor, estimator: str) -> torch.Tensor:
+    """misp's importance-sampled image loss (``misp.losses.plackett_luce_loss``) of draws ``[P, R, K]``, ``[P, R]``.
+
+    The advantages enter as ``a = beta (negative - positive)`` with beta 1 and the positive and the references
+    at 0, so the loss sees exactly ``a_d``.
+    """
+    p, r, k = a_d.shape
+    a_flat = a_d.reshape(p * r, k)
+    zeros = a_flat.new_zeros(p * r)
+    log_q = q_d.log().reshape(p * r, k)
+    return plackett_luce_loss(zeros, a_flat, zeros, torch.zeros_like(a_flat), 1.0, log_q=log_q,
+                              estimator=estimator).reshape(p, r)
+
+
 def estimates(name: str, a: torch.Tensor, q: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One estimator's loss ``[P, R]`` and pool gradient ``[P, R, M]`` from draws ``index [P, R, K]``."""
     p, m = a.shape
@@ -101,7 +117,9 @@ def estimates(name: str, a: torch.Tensor, q: torch.Tensor, index: torch.Tensor) 
             raise ValueError("the jackknife needs K >= 2 draws")
         z = w.mean(-1)
         z_minus = (w.sum(-1, keepdim=True) - w) / (k - 1)  # [P, R, K]: Z^ without draw j
-        loss = k * torch.log1p(z) - (k - 1) / k * torch.log1p(z_minus).sum(-1)
+        # The loss is the one misp trains with (PlackettLuce(estimator: jackknife)); the closed-form gradient
+        # below is checked against its autograd gradient (tests/bench/test_bench_math.py).
+        loss = misp_image_loss(a_d, q_d, "jackknife")
         # d loss / d w_k = f'(Z^) - (1/K) sum_{j != k} f'(Z^_{-j}), and d w_k / d a_{i_k} = w_k.
         fprime_minus = 1.0 / (1 + z_minus)
         dw = 1.0 / (1 + z).unsqueeze(-1) - (fprime_minus.sum(-1, keepdim=True) - fprime_minus) / k

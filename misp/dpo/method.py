@@ -112,6 +112,7 @@ def method_problems(method: Method) -> list[str]:
             "(image: {class_path: misp.dpo.terms.PlackettLuce})"
         )
     for key, term in terms.items():
+        problems.extend(f"terms.{key} {term!r}: {p}" for p in term.problems(k if draws else None))
         if term.needs_proposal_log_q and not term.trains_proposal and draws and negatives.proposal == "none":
             problems.append(
                 f"terms.{key} {term!r} reweights each draw by its proposal log q, but source {source!r} makes "

@@ -16,7 +16,8 @@ needs, so a method is checked before anything loads (``misp.dpo.method.Method``)
 | ``PairAnchors``   | anchors on both chosen cells of the pairs     | ``paired``                                   |
 | ``VCDist``        | IC-VCO's gated distillation                   | ``paired``, spans, the two-image context     |
 
-``PlackettLuce`` and ``ImageRanking`` take CW-DPO's cooling weight (``cooling: {floor, tau}``, method.md 9.4).
+``PlackettLuce`` and ``ImageRanking`` take CW-DPO's cooling weight (``cooling: {floor, tau}``, method.md 9.4);
+``PlackettLuce`` with importance sampling takes the jackknife estimator (``estimator: jackknife``, method.md 4.5).
 
 A new term is a subclass with ``name``, its needs and ``__call__``; a config names it by ``class_path``.
 """
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from misp.losses import (
+    ESTIMATORS,
+    Estimator,
     anchor_loss,
     cool_gradient,
     cooling_weights,
@@ -192,6 +195,11 @@ class LossTerm(ABC):
             raise ValueError(f"{type(self).__name__}.weight must be > 0, got {weight}")
         self.weight = float(weight)
 
+    def problems(self, k: int | None) -> list[str]:
+        """What contradicts itself in the term's settings, or the ``k`` negatives drawn per record (None: the
+        source draws none), one sentence each; ``misp.dpo.method`` reports them with the method's own."""
+        return []
+
     @abstractmethod
     def __call__(self, x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-example losses ``[B]`` (unweighted) and the term's metrics."""
@@ -250,25 +258,49 @@ class PlackettLuce(LossTerm):
 
     With one negative this is mDPO's conditional loss; with ``importance_sampling`` it is MISP-DPO's
     ``L_img^IS`` (method.md 4.5), the draws reweighted by their proposal log q into an estimate of the
-    loss over the whole candidate pool.
+    loss over the whole candidate pool: the plug-in ``log(1 + Z^)``, biased low, or its jackknife
+    correction (``estimator: jackknife``, K >= 2).
 
     Args:
         weight: the term's multiplier.
         importance_sampling: subtract log q and log K inside the LSE (false: the "no IS" ablation).
         cooling: CW-DPO's cooling weight on each negative (None: every negative pushes with its softmax share).
+        estimator: how the importance-sampled loss estimates the full-pool ``log(1 + Z)``: ``plugin``
+            (``log(1 + Z^)``, MISP-DPO as published) or ``jackknife`` (``K f(Z^) - (K-1)/K sum_j f(Z^_{-j})``,
+            most of the plug-in's bias removed for a few percent more spread; needs importance sampling and K >= 2).
     """
 
     name = "image"
     needs_negatives = True
 
-    def __init__(self, weight: float = 1.0, importance_sampling: bool = False, cooling: Cooling | None = None) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        importance_sampling: bool = False,
+        cooling: Cooling | None = None,
+        estimator: Estimator = "plugin",
+    ) -> None:
         super().__init__(weight)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"PlackettLuce.estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.importance_sampling = bool(importance_sampling)
         self.cooling = cooling
+        self.estimator = estimator
 
     @property
     def needs_proposal_log_q(self) -> bool:  # type: ignore[override]
         return self.importance_sampling
+
+    def problems(self, k: int | None) -> list[str]:
+        if self.estimator != "jackknife":
+            return []
+        if not self.importance_sampling:
+            return ["estimator: jackknife corrects the importance-sampled estimate, so it needs importance_sampling: "
+                    "true (without it the loss over the drawn negatives is exact and there is no bias to correct)"]
+        if k is not None and k < 2:
+            return [f"estimator: jackknife leaves one draw out, so it needs negatives.k >= 2, got k={k}; use "
+                    "estimator: plugin with one draw"]
+        return []
 
     def __call__(self, x: TermInputs) -> tuple[Tensor, dict[str, Tensor]]:
         p, r = x.policy, x.reference
@@ -276,7 +308,9 @@ class PlackettLuce(LossTerm):
         # From the log-probs, not from x.advantages: the same values, but autograd then sums the gradient
         # in another order, and the trained weights would differ from earlier releases' in the last bits.
         negatives, cool_metrics = _cooled_negatives(x, self.cooling)
-        losses = plackett_luce_loss(p.chosen, negatives, r.chosen, r.negatives, x.beta, log_q=log_q)
+        losses = plackett_luce_loss(
+            p.chosen, negatives, r.chosen, r.negatives, x.beta, log_q=log_q, estimator=self.estimator
+        )
         a = x.advantages.detach()
         metrics = cool_metrics | {
             "rewards/img_pos": (x.beta * (p.chosen - r.chosen)).detach().mean(),
@@ -294,6 +328,11 @@ class PlackettLuce(LossTerm):
         if self.importance_sampling:
             ess, max_weight = importance_weight_stats(a, x.log_q)
             metrics |= {"is/ess": ess.mean(), "is/max_weight": max_weight.mean()}
+        if self.estimator == "jackknife":
+            # The correction the jackknife adds to the plug-in: its estimate of the plug-in's (negative) bias.
+            with torch.no_grad():
+                plugin = plackett_luce_loss(p.chosen, p.negatives, r.chosen, r.negatives, x.beta, log_q=log_q)
+            metrics["is/jackknife_correction"] = (losses.detach() - plugin).mean()
         return losses, metrics
 
 
