@@ -14,6 +14,7 @@ from torch import Tensor
 
 from misp.batch import PreferenceBatch
 from misp.dpo.batching import split_pair_rows, split_rows
+from misp.dpo.reference import ReferenceCache
 from misp.dpo.terms import CellTokenLogps, EditSpans, PairedLogps, PairedResponses
 
 
@@ -52,7 +53,7 @@ def edit_spans(batch: PreferenceBatch, policy_tokens: Tensor, reference_tokens: 
                      chosen_mask, own_mask)
 
 
-class TokenReferenceCache:
+class TokenReferenceCache(ReferenceCache):
     """Per-token reference log-probs of rows, by the reference cache's row keys, for terms over edited spans.
 
     ``misp.dpo.reference.ReferenceCache`` keeps one summed value per row; IC-VCO's single-image branch sums
@@ -61,17 +62,8 @@ class TokenReferenceCache:
     reference's fingerprint like the summed cache, and saved in checkpoints as plain lists.
     """
 
-    def __init__(self) -> None:
-        self.fingerprint: str | None = None
-        self.values: dict = {}
-        self.hits = 0
-        self.misses = 0
-
-    def bind(self, fingerprint: str) -> None:
-        """Use the cache for the reference with this fingerprint, dropping entries of any other."""
-        if fingerprint != self.fingerprint:
-            self.values.clear()
-            self.fingerprint = fingerprint
+    _pack = staticmethod(list)
+    _unpack = staticmethod(tuple)
 
     def lookup(self, keys: list, width: int) -> tuple[Tensor, Tensor]:
         """``[N, width]`` cached rows (0 where missing or past a row's end) and the mask of rows to compute."""
@@ -88,22 +80,6 @@ class TokenReferenceCache:
 
     def store(self, keys: list, tokens: Tensor, counts: Tensor) -> None:
         """Keep each row's first ``counts[i]`` token log-probs (``tokens [N, L]``)."""
-        from misp.dpo.reference import ReferenceCache
-
         for key, row, n in zip(keys, tokens.tolist(), counts.tolist(), strict=True):
-            if ReferenceCache.cacheable(key):
+            if self.cacheable(key):
                 self.values[key] = tuple(row[: int(n)])
-
-    def state_dict(self) -> dict:
-        from misp.batch import NegativeRef
-
-        return {"fingerprint": self.fingerprint,
-                "values": [[a, b, list(c) if isinstance(c, NegativeRef) else c, list(v)]
-                           for (a, b, c), v in self.values.items()]}
-
-    def load_state_dict(self, state: dict) -> None:
-        from misp.batch import NegativeRef
-
-        self.fingerprint = state.get("fingerprint")
-        self.values = {(a, b, NegativeRef(*c) if isinstance(c, (list, tuple)) else c): tuple(v)
-                       for a, b, c, v in state.get("values", [])}

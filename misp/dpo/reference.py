@@ -104,11 +104,16 @@ class ReferenceCache:
             if self.cacheable(key):
                 self.values[key] = float(value)
 
+    # A cached value as checkpoints hold it, and back (a subclass caching token rows keeps lists).
+    _pack = staticmethod(float)
+    _unpack = staticmethod(float)
+
     def state_dict(self) -> dict:
         return {
             "fingerprint": self.fingerprint,
             # Plain lists (a NegativeRef as its four fields), so checkpoints load with weights_only=True.
-            "values": [[a, b, list(c) if isinstance(c, NegativeRef) else c, v] for (a, b, c), v in self.values.items()],
+            "values": [[a, b, list(c) if isinstance(c, NegativeRef) else c, self._pack(v)]
+                       for (a, b, c), v in self.values.items()],
             "hits": self.hits,
             "misses": self.misses,
         }
@@ -116,6 +121,7 @@ class ReferenceCache:
     def load_state_dict(self, state: dict) -> None:
         self.fingerprint = state.get("fingerprint")
         self.values = {
-            (a, b, NegativeRef(*c) if isinstance(c, (list, tuple)) else c): float(v) for a, b, c, v in state.get("values", [])
+            (a, b, NegativeRef(*c) if isinstance(c, (list, tuple)) else c): self._unpack(v)
+            for a, b, c, v in state.get("values", [])
         }
         self.hits, self.misses = int(state.get("hits", 0)), int(state.get("misses", 0))
