@@ -296,6 +296,14 @@ def _shared_response_logits(
         return None
     if not plan.shares:
         return None
+    packed_tokens, unshared_tokens = len(plan.groups) * int(plan.lengths.max()), n * t
+    if packed_tokens >= unshared_tokens:
+        # Packed rows are padded to the longest of them, and the rows that share nothing (responses under
+        # negative images) to that length too: with short prefixes that padding costs more than the prefixes
+        # saved. Both layouts give the same log-probs, so the cheaper one runs.
+        log_fallback_once("packing would run more padded tokens than the unshared rows (prefixes short beside "
+                          "their responses, or few rows sharing one); checked per batch")
+        return None
     device = input_ids.device
     positions = family.row_position_ids(model, input_ids, attention_mask, images, index)
     packed_ids = gather_packed(input_ids, plan)

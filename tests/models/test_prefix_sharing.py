@@ -260,3 +260,31 @@ def test_rows_of_several_images_share_when_all_their_images_and_prompt_agree(fam
     unshared, shared = run(False, seen_off), run(True, seen_on)
     assert seen_off == [4] and seen_on == [3]  # rows 0 and 1 packed; row 2 (images swapped) on its own
     _assert_same(shared, unshared, torch.float32)
+
+
+def test_a_batch_where_packing_costs_more_tokens_runs_unshared(caplog):
+    """A short shared prefix beside long rows that share nothing: the packed layout would pad every row to the
+    packed pair's length, so the unshared rows run (the same log-probs either way), and the reason is logged."""
+    model, processor = build_llava15(SMALL_LLAVA)
+    model.train()
+    long = "a red circle at the top left, a blue square below it, and a green triangle at the right " * 2
+    rows = [(0, "Yes, there is" + long, 0), (0, "No" + long, 0), (0, "Maybe.", 1), (0, "Maybe.", 2),
+            (1, "Maybe.", 1), (1, "Maybe.", 2)]  # one pair; four rows of their own image and prompt
+    examples = [encode_example(processor, PROMPTS[p], r) for p, r, _ in rows]
+    batch = collate_examples(examples, processor.tokenizer.pad_token_id)
+    images = prepare_images(processor, _images())
+    index = torch.tensor([i for *_, i in rows])
+    ids, mask, labels = expand_image_rows(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                          _image_token_id(model), images.tokens_per_image[index])
+    plan = plan_packing(ids, mask, labels, [(int(i),) for i in index])
+    assert plan.shares and len(plan.groups) * int(plan.lengths.max()) >= ids.numel()  # packing would cost more
+    seen: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="misp.models.prefix_sharing"):
+        logits, _ = response_logits(model, batch["input_ids"], batch["attention_mask"], images, batch["labels"], index,
+                                    prefix_sharing=True)
+        model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        response_logits(model, batch["input_ids"], batch["attention_mask"], images, batch["labels"], index,
+                        prefix_sharing=True)
+    assert seen == [len(rows)] and "more padded tokens" in caplog.text
+    unshared, _ = response_logits(model, batch["input_ids"], batch["attention_mask"], images, batch["labels"], index)
+    torch.testing.assert_close(logits, unshared, rtol=0, atol=0)
