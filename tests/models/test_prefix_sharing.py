@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from misp.logprobs import sequence_logps
+from misp.models import prefix_sharing
 from misp.models.families import family_of
 from misp.models.forward import _image_token_id, expand_image_rows, response_logits
 from misp.models.prefix_sharing import gather_packed, plan_packing
@@ -201,7 +202,8 @@ def test_under_fsdp_sharing_equals_the_unshared_rows(tmp_path):
         dist.destroy_process_group()
 
 
-def test_where_the_mask_is_not_exact_the_unshared_rows_run_and_the_reason_is_logged(caplog):
+def test_where_the_mask_is_not_exact_the_unshared_rows_run_and_the_reason_is_logged(caplog, monkeypatch):
+    monkeypatch.setattr(prefix_sharing, "_logged", set())  # each reason is logged once per process
     model, processor = build_gemma3()
     model.config.get_text_config().sliding_window = 8  # shorter than the rows: one 4-D mask cannot express it
     model.train()
@@ -262,7 +264,7 @@ def test_rows_of_several_images_share_when_all_their_images_and_prompt_agree(fam
     _assert_same(shared, unshared, torch.float32)
 
 
-def test_a_batch_where_packing_costs_more_tokens_runs_unshared(caplog):
+def test_a_batch_where_packing_costs_more_tokens_runs_unshared(caplog, monkeypatch):
     """A short shared prefix beside long rows that share nothing: the packed layout would pad every row to the
     packed pair's length, so the unshared rows run (the same log-probs either way), and the reason is logged."""
     model, processor = build_llava15(SMALL_LLAVA)
@@ -279,6 +281,7 @@ def test_a_batch_where_packing_costs_more_tokens_runs_unshared(caplog):
     plan = plan_packing(ids, mask, labels, [(int(i),) for i in index])
     assert plan.shares and len(plan.groups) * int(plan.lengths.max()) >= ids.numel()  # packing would cost more
     seen: list[int] = []
+    monkeypatch.setattr(prefix_sharing, "_logged", set())  # logged once per process: an earlier test may have
     with caplog.at_level(logging.WARNING, logger="misp.models.prefix_sharing"):
         logits, _ = response_logits(model, batch["input_ids"], batch["attention_mask"], images, batch["labels"], index,
                                     prefix_sharing=True)
