@@ -4,6 +4,7 @@ one-way handshake whose absence is one UserError line for every datamodule and m
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,20 @@ def test_the_module_hands_the_data_its_methods_negatives(tiny_world, vlm_dir, tm
     dpo = MISPDPOModule(VLMSpec(path=str(vlm_dir)), method=Method.preset("dpo"))
     data.attach(dpo)
     assert data.k == 0 and data.draws_for_epoch(0) is None  # the DPO method draws nothing
+
+
+def test_the_experiment_checks_a_training_command_without_importing_the_misp_command():
+    """`misp` (misp.cli) runs `misp experiment`; the experiment parses each variant's training command through
+    misp.lightning_cli, never misp.cli, so the two packages do not import each other (no import circle)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from misp.experiment.runner import check_fit_command\n"
+        "check_fit_command(['fit', '--config', 'configs/shapes/preference.yaml', '--config', 'configs/methods/mdpo.yaml'])\n"
+        "print(sorted(m for m in sys.modules if m == 'misp.cli'))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:] + out.stderr[-2000:]

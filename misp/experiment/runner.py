@@ -129,9 +129,9 @@ def check_fit_command(args: list[str]) -> None:
 def _check_fit_command(args: list[str]) -> None:
     from jsonargparse import ArgumentError
 
-    from misp.cli import MispCLI
+    from misp.lightning_cli import TrainingCLI
 
-    class ParseOnly(MispCLI):
+    class ParseOnly(TrainingCLI):
         def init_parser(self, **kwargs):
             return super().init_parser(**kwargs, exit_on_error=False)
 
