@@ -16,7 +16,7 @@ import torch
 
 from misp.batch import NegativeRef
 from misp.negatives.edits import SOURCE as EDITS
-from misp.negatives.edits import edit_refs, record_edits
+from misp.negatives.edits import edit_refs, record_edits, record_targets
 from misp.negatives.mining import Candidates, Selection
 from misp.negatives.sources import DrawContext, NegativeDraws, get_source
 
@@ -88,8 +88,17 @@ class NegativeDrawer:
             selected_refs=lambda: refs(selection.pool_index),
             proposal_log_q=proposal_log_q,
             record_lists=lambda kind: self._record_lists(records, kind),
+            target_strata=lambda: self._target_strata(records, candidates, selection),
         )
         return source.draw(context, epoch)
+
+    def _target_strata(self, records: list, candidates: Candidates, selection: Selection) -> torch.Tensor:
+        """``[R, M]`` bool: which selected negatives are the record's target edits (matched by resolved file)."""
+        targets = [{str(Path(p).resolve()) for p in record_targets(r, self.records_file, self.image_root)}
+                   for r in records]
+        files = candidates.paths
+        return torch.tensor([[i >= 0 and str(Path(files[i]).resolve()) in targets[r] for i in row.tolist()]
+                             for r, row in enumerate(selection.pool_index)], dtype=torch.bool).reshape(selection.pool_index.shape)
 
     def _record_lists(self, records: list, kind: str) -> list[list[NegativeRef]]:
         """The image lists records carry; warns once when some hold fewer than K, since their draws then repeat."""

@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from misp.data.drawing import record_images
 from misp.data.pool import read_pool
+from misp.negatives.edits import record_targets
 from misp.models.clip import ClipSpec, load_clip
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import get_source
@@ -56,6 +59,12 @@ class MiningPass:
             return
         if self.candidates is not None:
             return
+        if source is not None and source.targets and self.mining.record_candidates != "edits":
+            raise ValueError(
+                f"source {negatives.source!r} keeps each record's target edits among its selected negatives, so they "
+                f"must be candidates: set data.init_args.mining.record_candidates: edits (it is "
+                f"{self.mining.record_candidates!r})"
+            )
         own = self._own_candidates(records)
         self.pool_paths = read_pool(
             self.pool, verify=True, column=self.pool_column, split=self.split, image_store=self.cache_dir / "images"
@@ -67,12 +76,26 @@ class MiningPass:
             self.mining, self.cache_dir, progress=progress, own_images=own,
         )
         if source is not None and source.needs_sae:
-            self.selection = self._select(progress)
+            self.selection = self._select(progress, self._pinned(records) if source.targets else None)
         if negatives is not None:
             self._warn_repeats(negatives)
 
-    def _select(self, progress: bool) -> Selection:
-        """The SAE's selection among the candidates, after checking the SAE reads this data's embedding."""
+    def _pinned(self, records: list) -> torch.Tensor:
+        """``[R, P]`` candidate indices of each record's target edits (-1 pads); warns when no record has one."""
+        where = {Path(p).resolve(): i for i, p in enumerate(self.candidates.paths)}
+        rows = [[where[Path(p).resolve()] for p in record_targets(r, self.records_file, self.image_root)]
+                for r in records]
+        if not any(rows):
+            log.warning("no record in %s has a target edit (an edit with target: true, or a format-6 partner edit): "
+                        "the selection and the draws are those of sae_pairs", self.records_file)
+        pinned = torch.full((len(rows), max(map(len, rows), default=0) or 1), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            pinned[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return pinned
+
+    def _select(self, progress: bool, pinned: torch.Tensor | None = None) -> Selection:
+        """The SAE's selection among the candidates (``pinned``: candidates kept first), after checking the
+        SAE reads this data's embedding."""
         sae, meta = load_sae(self.sae_path)
         expected = self.candidates.joint.metadata()
         if meta.get("joint") is None:
@@ -91,7 +114,8 @@ class MiningPass:
                 f"SAE {self.sae_path}: input dimension {sae.config.d_in}, the data's difference vectors have "
                 f"{self.candidates.dim}; retrain it on this data"
             )
-        return select_negatives(self.candidates, sae, meta["identity"], self.mining, self.cache_dir, progress=progress)
+        return select_negatives(self.candidates, sae, meta["identity"], self.mining, self.cache_dir, progress=progress,
+                                pinned_index=pinned)
 
     def _own_candidates(self, records: list) -> list[list[Path]] | None:
         """Per record, the images ``mining.record_candidates`` adds to its candidates (None for ``none``).

@@ -131,6 +131,10 @@ class EditedImage:
     """The edited image, absolute."""
     response: str
     """Its own correct response to the record's prompt (e.g. its caption)."""
+    target: bool = False
+    """Whether the edit changes the object the record is about (e.g. inserts or removes the object a model
+    hallucinates): the ``sae_targets`` source keeps such edits among the selected negatives and draws one
+    every epoch."""
 
 
 @dataclass(frozen=True)
@@ -429,7 +433,8 @@ def _image_list(value: list, ctx: _Context) -> tuple[Path, ...]:
 
 
 def _edit_list(value: list, ctx: _Context) -> tuple[EditedImage, ...]:
-    """``[{"image": ..., "response": ...}, ...]``: negative images with their own correct responses."""
+    """``[{"image": ..., "response": ..., "target": false}, ...]``: negative images with their own correct
+    responses (``target`` optional)."""
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
@@ -439,11 +444,13 @@ def _edit_list(value: list, ctx: _Context) -> tuple[EditedImage, ...]:
                 raise _Invalid(f"item {i}: missing '{key}'")
         if not isinstance(item["response"], str) or not item["response"].strip():
             raise _Invalid(f"item {i}: 'response': expected a non-empty string, got {item['response']!r}")
+        if not isinstance(item.get("target", False), bool):
+            raise _Invalid(f"item {i}: 'target': expected true or false, got {item['target']!r}")
         try:
             image = _image(item["image"], ctx)
         except _Invalid as e:
             raise _Invalid(f"item {i}: 'image': {e}") from None
-        out.append(EditedImage(image, item["response"]))
+        out.append(EditedImage(image, item["response"], item.get("target", False)))
     return tuple(out)
 
 

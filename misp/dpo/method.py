@@ -122,6 +122,12 @@ def method_problems(method: Method) -> list[str]:
         for need, gives, what in SOURCE_NEEDS:
             if getattr(term, need) and draws and not getattr(negatives, gives):
                 problems.append(f"terms.{key} {term!r} needs {what}, but source {source!r} gives none")
+        if getattr(term, "estimator", "plugin") == "jackknife" and draws and negatives.targets:
+            problems.append(
+                f"terms.{key} {term!r}: the jackknife leaves one draw out, but source {source!r} draws one negative "
+                "from another stratum than the rest, so a leave-one-out estimate is no estimate of the pool's sum; "
+                "use estimator: plugin, or source: sae_pairs"
+            )
         if term.trains_proposal and draws and negatives.proposal != "learned":
             problems.append(
                 f"terms.{key} {term!r} trains the proposal q_phi, but source {source!r} does not draw from it; drop the "

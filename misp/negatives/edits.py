@@ -28,16 +28,28 @@ WORLD_KEY = "captioned_counterfactuals"
 """The Shapes world's ``meta`` key for the same (format 6)."""
 
 
+def _world_edits(record) -> list[dict]:
+    """Format 6's captioned counterfactuals of ``record`` that have an image and a non-empty caption."""
+    return [item for item in record.meta.get(WORLD_KEY, []) or []
+            if isinstance(item, dict) and item.get("image") and isinstance(item.get("caption"), str)
+            and item["caption"].strip()]
+
+
 def record_edits(record, records_file: str, image_root: str | None) -> list[tuple[str, str]]:
     """``(image path, own response)`` of each edit ``record`` carries, in its order (empty when it carries none)."""
     if getattr(record, "edits", ()):
         return [(str(e.image), e.response) for e in record.edits]
     root = Path(image_root) if image_root else Path(records_file).parent
-    out = []
-    for item in record.meta.get(WORLD_KEY, []) or []:
-        if isinstance(item, dict) and item.get("image") and isinstance(item.get("caption"), str) and item["caption"].strip():
-            out.append((str(root / item["image"]), item["caption"]))
-    return out
+    return [(str(root / item["image"]), item["caption"]) for item in _world_edits(record)]
+
+
+def record_targets(record, records_file: str, image_root: str | None) -> list[str]:
+    """The image paths of the record's target edits: ``edits`` items with ``target: true``, or format 6's
+    captioned counterfactuals that insert or remove the trigger's partner (``partner: true``)."""
+    if getattr(record, "edits", ()):
+        return [str(e.image) for e in record.edits if e.target]
+    root = Path(image_root) if image_root else Path(records_file).parent
+    return [str(root / item["image"]) for item in _world_edits(record) if item.get("partner") is True]
 
 
 def edit_refs(record, records_file: str, image_root: str | None) -> list[NegativeRef]:

@@ -18,6 +18,7 @@ so memory stays ``O(chunk * N * (D + h))``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -300,14 +301,15 @@ class Selection:
 
 def select_chunk(
     candidates: Candidates, rows: torch.Tensor, valid: torch.Tensor, scores: dict[str, torch.Tensor], m: int,
-    beta_div: float,
+    beta_div: float, pinned: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Greedy diverse selection for the records ``rows`` from their SAE ``scores`` (``sae_scores``'s output).
+    """Greedy diverse selection for the records ``rows`` from their SAE ``scores`` (``sae_scores``'s output);
+    ``pinned [r, N]`` marks candidates chosen first (``greedy_diverse_select``).
 
     Returns CPU tensors: ``pool_index [r, m]`` (-1 pads), ``features [r, m, 4]``, ``scores [r, m]``, ``gains [r, m]``.
     """
     device = valid.device
-    idx, gains = greedy_diverse_select(scores["s"], scores["z"], valid, m, beta_div)
+    idx, gains = greedy_diverse_select(scores["s"], scores["z"], valid, m, beta_div, pinned)
     sims = candidates.sims[rows].to(device).clamp_min(-1.0)
     features = selection_features(scores["l"], scores["v"], gains, sims, idx, valid)
     chosen = idx >= 0
@@ -328,8 +330,12 @@ def select_negatives(
     config: MiningConfig,
     cache_dir: str | Path,
     progress: bool = True,
+    pinned_index: torch.Tensor | None = None,
 ) -> Selection:
-    """Score every candidate with the SAE and greedily select ``pool_size`` diverse negatives (cached)."""
+    """Score every candidate with the SAE and greedily select ``pool_size`` diverse negatives (cached).
+
+    ``pinned_index [R, P]`` (candidate image indices, -1 pads) names each record's candidates to keep before
+    any other (the ``sae_targets`` source's target edits)."""
     c = config
     key = {
         "kind": "selection",
@@ -338,6 +344,8 @@ def select_negatives(
         "m": c.pool_size,
         "beta_div": c.beta_div,
     }
+    if pinned_index is not None:
+        key["pinned"] = hashlib.sha256(pinned_index.to(torch.int64).numpy().tobytes()).hexdigest()
 
     def build() -> dict[str, torch.Tensor]:
         sae.eval()
@@ -349,13 +357,18 @@ def select_negatives(
             rows = torch.arange(start, min(start + c.chunk_records, n))
             valid = candidates.valid[rows].to(device)
             d = candidates.differences(rows, device)
-            chunk = select_chunk(candidates, rows, valid, sae_scores(sae, d, valid), c.pool_size, c.beta_div)
+            pinned = None
+            if pinned_index is not None:
+                own = pinned_index[rows].to(device)
+                pinned = ((candidates.indices[rows].to(device)[:, :, None] == own[:, None, :]) & (own[:, None, :] >= 0)).any(-1)
+            chunk = select_chunk(candidates, rows, valid, sae_scores(sae, d, valid), c.pool_size, c.beta_div, pinned)
             for k, v in chunk.items():
                 out[k].append(v)
         return {k: torch.cat(v) for k, v in out.items()}
 
     # One file per setting, so runs of MISP-DPO over the pool alone and over the mixed pool sharing a
     # cache_dir each keep theirs (the key alone would make them overwrite each other's).
-    name = f"selection_m{c.pool_size}" + ("" if c.record_candidates == "none" else f"_{c.record_candidates}")
+    name = (f"selection_m{c.pool_size}" + ("" if c.record_candidates == "none" else f"_{c.record_candidates}")
+            + ("" if pinned_index is None else "_pinned"))
     found = cached(Path(cache_dir) / name, key, build)
     return Selection(found["pool_index"], found["features"], found["scores"], found["gains"])

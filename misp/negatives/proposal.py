@@ -175,6 +175,11 @@ def draw_negatives(log_q: Tensor, k: int, seed: int, epoch: int, record_ids: Seq
         raise ValueError(f"got {len(record_ids)} record ids for {log_q.shape[0]} rows of log_q")
     if log_q.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.long, device=log_q.device)
+    return inverse_cdf(log_q, torch.from_numpy(_uniforms(seed, epoch, record_ids, k)))
+
+
+def inverse_cdf(log_q: Tensor, u: Tensor) -> Tensor:
+    """``[R, K]`` indices drawn from the rows ``exp(log_q [R, M])`` (normalised here) by the uniforms ``u [R, K]``."""
     probs = log_q.detach().to(torch.float64).exp()
     if bool(torch.isnan(probs).any()):
         raise ValueError("log_q holds NaN")
@@ -184,8 +189,7 @@ def draw_negatives(log_q: Tensor, k: int, seed: int, epoch: int, record_ids: Seq
         raise ValueError("every row of log_q needs a candidate with positive probability")
     # Normalising makes the last valid entry exactly 1, so u < 1 never lands past it.
     cdf = cdf / total
-    u = torch.from_numpy(_uniforms(seed, epoch, record_ids, k)).to(cdf.device)
-    idx = torch.searchsorted(cdf, u, right=True)
+    idx = torch.searchsorted(cdf, u.to(device=cdf.device, dtype=torch.float64).contiguous(), right=True)
     return idx.clamp_max(log_q.shape[1] - 1)
 
 

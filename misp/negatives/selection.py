@@ -21,6 +21,7 @@ def greedy_diverse_select(
     valid: torch.Tensor,
     m: int,
     beta_div: float = 0.5,
+    pinned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``m`` high-scoring, mutually diverse candidates per record.
 
@@ -31,6 +32,8 @@ def greedy_diverse_select(
         valid: ``[R, N]`` bool; invalid candidates are never chosen.
         m: negatives to choose per record.
         beta_div: weight of the diversity term.
+        pinned: optional ``[R, N]`` bool: valid candidates chosen before any other (by the same objective
+            among themselves), so they are in the selection whenever they number at most ``m``.
 
     Returns:
         ``(indices [R, m] long, gains [R, m] float32)``, in selection order. ``gains[r, k]`` is the diversity
@@ -51,6 +54,8 @@ def greedy_diverse_select(
         )
     if m < 1:
         raise ValueError(f"m must be positive, got {m}")
+    if pinned is not None and (pinned.shape != (R, N) or pinned.dtype != torch.bool):
+        raise ValueError(f"pinned must be a bool tensor of shape ({R}, {N}), got {pinned.dtype} {tuple(pinned.shape)}")
 
     device = scores.device
     s = scores.float()
@@ -64,7 +69,11 @@ def greedy_diverse_select(
     neg_inf = torch.tensor(float("-inf"), device=device)
     for k in range(m):
         objective = s if k == 0 else s + beta_div * min_div
-        objective = torch.where(avail, objective, neg_inf)
+        allowed = avail
+        if pinned is not None:  # a record with pinned candidates left chooses among them first
+            first = avail & pinned.to(device)
+            allowed = torch.where(first.any(1, keepdim=True), first, avail)
+        objective = torch.where(allowed, objective, neg_inf)
         # argmax returns the first maximum, which gives the lowest-index tie rule.
         pick = objective.argmax(dim=1)
         has = avail[rows, pick]

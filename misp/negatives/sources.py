@@ -19,6 +19,7 @@ side never does (a ref says itself whether it names a file). A new source is one
 | occlude        | the positive with 1/K, 2/K, ..., K/K of an object hidden (LPOI), in that rank order | 0 (no proposal) |
 | edits          | K of the record's edited images, each with its own response (``misp.negatives.edits``) | -log (#edits) |
 | sae_pairs      | as ``sae``; a draw that is one of the record's edits (``mining.record_candidates: edits``) carries its response | log q_phi |
+| sae_targets    | as ``sae_pairs``; the record's target edits (the partner's) are kept among the M and one is drawn every epoch | stratified log q_phi |
 | none           | no negatives (plain DPO)                                          | -              |
 
 With ``mining.record_candidates`` set (the mixed pool), the candidates of ``sae`` and ``random`` also hold
@@ -39,6 +40,7 @@ from PIL import Image
 from misp.batch import NegativeRef
 from misp.negatives.occlusion import occlude
 from misp.negatives.proposal import draw_negatives, gather_log_q, record_key
+from misp.negatives.stratified import draw_stratified
 from misp.negatives.transforms import diffusion_noise, random_resized_crop
 
 
@@ -118,6 +120,8 @@ class DrawContext:
     """[R, M] log q_phi over the selected negatives (uniform without a learnable proposal)."""
     record_lists: Callable[[str], list[list[NegativeRef]]] | None = None
     """Per record, the image lists a record carries: ``record_lists("given")`` or ``("counterfactual")``."""
+    target_strata: Callable[[], torch.Tensor] | None = None
+    """[R, M] bool: which of the M selected negatives are the record's target edits (sources with ``targets``)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,9 @@ class NegativeSource:
     """Gives the token spans each negative's edit changes in both responses (``TermInputs.spans``)."""
     in_context: bool = False
     """Gives the pairs in a two-image context (``TermInputs.in_context``)."""
+    targets: bool = False
+    """Keeps each record's target edits (``misp.negatives.edits.record_targets``: the partner's insertions and
+    removals) among its M selected negatives and draws one of them every epoch (``misp.negatives.stratified``)."""
 
     @property
     def draws_negatives(self) -> bool:
@@ -243,5 +250,20 @@ register_source(NegativeSource("edits", _draw_edits, paired_responses=True, edit
 register_source(NegativeSource(
     "sae_pairs", lambda c, epoch: draw_from_lists(c.proposal_log_q(), c.selected_refs(), c.k, c.seed, epoch, c.ids),
     needs_pool=True, needs_sae=True, proposal="learned", paired_responses=True,
+))
+
+
+def _draw_targets(c: DrawContext, epoch: int) -> NegativeDraws:
+    log_q, candidates = c.proposal_log_q(), c.selected_refs()
+    index, log_q_eff = draw_stratified(log_q, c.target_strata().to(log_q.device), c.k, c.seed, epoch, c.ids)
+    refs = [[candidates[r][int(i)] for i in index[r]] for r in range(len(c.ids))]
+    return NegativeDraws(refs, log_q_eff.float(), index)
+
+
+# misp_ground's stratified variant: the partner's edits always among the M, one of them drawn every epoch, the
+# importance weights those of the stratified design (misp.negatives.stratified), so L_img^IS stays unbiased.
+register_source(NegativeSource(
+    "sae_targets", _draw_targets, needs_pool=True, needs_sae=True, proposal="learned", paired_responses=True,
+    targets=True,
 ))
 register_source(NegativeSource("none", None, proposal="none"))

@@ -14,7 +14,7 @@ from PIL import Image
 from misp.batch import NegativeRef
 from misp.data.pairs import EditResponses, collate_pairs, edit_spans, encode_edits
 from misp.data.records import EditedImage, RecordError, read_preference_records
-from misp.negatives.edits import edit_refs, record_edits
+from misp.negatives.edits import edit_refs, record_edits, record_targets
 from misp.negatives.sources import DrawContext, get_source
 
 
@@ -72,6 +72,7 @@ def test_records_carry_edits_with_their_responses(images: Path):
     ([{"image": "e0.png", "response": " "}], "item 0: 'response': expected a non-empty string"),
     ([{"image": "nope.png", "response": "a blue circle."}], "item 0: 'image'"),
     (["e0.png"], "item 0: expected an object with 'image' and 'response'"),
+    ([{"image": "e0.png", "response": "a blue circle.", "target": "yes"}], "item 0: 'target': expected true or false"),
 ])
 def test_a_bad_edit_names_the_file_line_and_field(images: Path, edits, fragment):
     f = _rows(images, [_pref(0), _pref(1, edits=edits)])
@@ -87,6 +88,23 @@ def test_the_shapes_worlds_captioned_counterfactuals_are_read_relative_to_the_re
     record = read_preference_records(f).records[0]
     assert record_edits(record, str(f), None) == [(str(images / "e0.png"), "a blue circle.")]
     assert record_edits(record, str(f), "/elsewhere") == [("/elsewhere/e0.png", "a blue circle.")]
+    assert record_targets(record, str(f), None) == []
+
+
+def test_target_edits_are_marked_in_the_edits_field_or_by_the_worlds_partner_flag(images: Path):
+    """The sae_targets source's stratum: edits with target: true, or format 6's partner insertions and removals."""
+    f = _rows(images, [
+        _pref(0, edits=[{"image": "e0.png", "response": "a blue circle."},
+                        {"image": "e1.png", "response": "a red circle. a green square.", "target": True}]),
+        _pref(1, meta={"captioned_counterfactuals": [
+            {"image": "e0.png", "caption": "a blue circle.", "partner": False},
+            {"image": "e1.png", "caption": "", "partner": True},  # no caption: not an edit at all
+            {"image": "e1.png", "caption": "a red circle. a green square.", "partner": True}]}),
+    ])
+    records = read_preference_records(f).records
+    assert records[0].edits[1].target and not records[0].edits[0].target
+    assert record_targets(records[0], str(f), None) == [str(images / "e1.png")]
+    assert record_targets(records[1], str(f), None) == [str(images / "e1.png")]
 
 
 def test_a_record_without_edits_is_one_line_naming_file_line_and_field(images: Path, vlm_dir):

@@ -160,3 +160,47 @@ def test_misp_ground_fits_on_the_mixed_pool_and_pairs_only_the_edits(edits_world
         flags = batch.pairs.valid
         expected = torch.tensor([[ref.response is not None for ref in r] for r in batch.negatives])
         assert torch.equal(flags, expected) if flags is not None else bool(expected.all())
+
+
+@pytest.mark.slow
+def test_misp_ground_with_partner_draws_draws_a_partner_edit_first_every_epoch(edits_world, clip_dir, sae_dir,
+                                                                               tmp_path, monkeypatch):
+    """source: sae_targets keeps each record's partner edits among its selected negatives and draws one of them
+    first, with the stratified log q that the image term and q_phi's fit read."""
+    import json
+
+    world, vlm = edits_world
+    monkeypatch.chdir(tmp_path)
+    targets = {}
+    for line in (world / "pref.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        targets[record["id"]] = {Path(item["image"]).name for item in record["meta"]["captioned_counterfactuals"]
+                                 if item.get("partner")}
+    assert any(targets.values()) and not all(targets.values())
+    seen = []
+    from misp.dpo import module as dpo_module
+
+    step = dpo_module.MISPDPOModule.training_step
+
+    def recorded(self, batch, i):
+        seen.append(batch)
+        return step(self, batch, i)
+
+    monkeypatch.setattr(dpo_module.MISPDPOModule, "training_step", recorded)
+    rows = _fit("misp_ground", world, vlm, tmp_path, f"--data.pool={world / 'pool.jsonl'}",
+                f"--data.clip.checkpoint={clip_dir}", f"--data.sae_path={sae_dir}", "--data.mining.n_candidates=8",
+                "--data.mining.pool_size=6", "--data.mining.dup_threshold=0.99999",
+                "--model.init_args.method.negatives.source=sae_targets", "--trainer.max_steps=4")
+    assert {"loss/image", "loss/pairs", "loss/proposal", "is/ess"} <= _logged(rows)
+    assert torch.isfinite(_losses(rows)).all()
+    checked = 0
+    for batch in seen:
+        for rid, refs in zip(batch.ids, batch.negatives, strict=True):
+            drawn = [Path(ref.path).name for ref in refs]
+            if targets[rid]:
+                checked += 1
+                assert drawn[0] in targets[rid] and refs[0].response is not None
+                assert not set(drawn[1:]) & targets[rid]
+            else:
+                assert not set(drawn) & {n for t in targets.values() for n in t}
+    assert checked
