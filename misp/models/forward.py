@@ -29,14 +29,12 @@ from misp.models.families import family_of
 from misp.models.families.base import attention_implementation, unwrapped
 from misp.models.families.llava import find_projector, position_ids_from_mask
 from misp.models.prefix_sharing import (
-    PackPlan,
     attention_pair_weight,
     block_mask,
+    choose_layout,
     gather_packed,
-    layout_cost,
     log_fallback_once,
     packed_keep,
-    plan_packing,
     unpack_logits,
 )
 
@@ -260,7 +258,7 @@ def response_logits(
     label (a DPO pair's chosen and rejected rows) run as one packed sequence with a block mask, the prefix
     computed once (``misp.models.prefix_sharing``). With ``padding_free``, the sequences (shared groups and
     rows of their own alike) are bin-packed several to a row, so padding nearly vanishes. Per batch the
-    cheapest layout runs (:func:`_packed_plan`); the returned logits are laid out as the unpacked rows' and
+    cheapest layout runs (``misp.models.prefix_sharing.choose_layout``); the returned logits are laid out as the unpacked rows' and
     equal them to float rounding. Where the model cannot run a packed layout exactly the unshared rows run,
     and the reason is logged once.
     """
@@ -277,45 +275,6 @@ def response_logits(
             return logits, labels[:, -logits.shape[1] :]
     logits = vlm_logits(model, input_ids, attention_mask, images, image_index, logits_to_keep=keep)
     return logits, labels[:, -logits.shape[1] :]
-
-
-def _packed_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                 slot_keys: list[tuple[int, ...]], prefix_sharing: bool, padding_free: bool) -> PackPlan | None:
-    """The packed layout to run, or None for the unshared rows.
-
-    Without ``padding_free`` (the rule before bin packing, kept so that those runs' numbers stay bitwise
-    what they were): the prefix-shared layout when it runs fewer tokens than the unshared rows. With it:
-    the cheapest by :func:`layout_cost` (linear-layer tokens and dense attention pairs, padding included)
-    of the unshared rows, the prefix-shared rows, and the shared groups or the single rows bin-packed;
-    ties go to the simpler layout.
-    """
-    n, t = input_ids.shape
-    plan = plan_packing(input_ids, attention_mask, labels, slot_keys, share=prefix_sharing)
-    if plan is None:
-        log_fallback_once("the rows are left-padded (packing reads right-padded rows)")
-        return None
-    if not padding_free:
-        if not plan.shares:
-            return None
-        if len(plan.groups) * int(plan.lengths.max()) >= n * t:
-            # Packed rows are padded to the longest of them, and the rows that share nothing (responses under
-            # negative images) to that length too: with short prefixes that padding costs more than the
-            # prefixes saved. Both layouts give the same log-probs, so the cheaper one runs.
-            log_fallback_once("packing would run more padded tokens than the unshared rows (prefixes short beside "
-                              "their responses, or few rows sharing one); checked per batch")
-            return None
-        return plan
-    candidates = [plan] if plan.shares else []
-    if prefix_sharing and plan.shares:
-        candidates.append(plan_packing(input_ids, attention_mask, labels, slot_keys, padding_free=True))
-    candidates.append(plan_packing(input_ids, attention_mask, labels, slot_keys, share=False, padding_free=True))
-    weight = attention_pair_weight(unwrapped(model).config.get_text_config())
-    best, best_cost = None, layout_cost(n, t, weight)
-    for candidate in candidates:
-        cost = layout_cost(len(candidate.rows), candidate.width, weight)
-        if cost < best_cost:
-            best, best_cost = candidate, cost
-    return best
 
 
 def _packed_response_logits(
@@ -337,7 +296,8 @@ def _packed_response_logits(
     slots = index.tolist() if index is not None else list(range(sum(counts)))
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
     slot_keys = [tuple(slots[bounds[i] : bounds[i + 1]]) for i in range(n)]
-    plan = _packed_plan(model, input_ids, attention_mask, labels, slot_keys, prefix_sharing, padding_free)
+    weight = attention_pair_weight(unwrapped(model).config.get_text_config())
+    plan = choose_layout(input_ids, attention_mask, labels, slot_keys, prefix_sharing, padding_free, weight)
     if plan is None:
         return None
     device = input_ids.device

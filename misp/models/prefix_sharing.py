@@ -16,8 +16,12 @@ both on LLaVA-1.5 geometry (CPU): the packed row 1.84x the unshared pair, KV reu
 also goes through the model's own forward (so LoRA, 4-bit, gradient checkpointing and FSDP see an ordinary
 call) and needs no cache plumbing that differs between transformers releases. docs/performance.md.
 
-Rows that share nothing (a response under a negative image, an SFT row) stay as they are. The mask is
-dense (SDPA or eager attention); attention implementations that take no 4-D mask (FlashAttention's varlen
+Rows that share nothing (a response under a negative image, an SFT row) stay as they are, unless bin
+packing is on (padding-free, ``plan_packing(padding_free=True)``): then the sequences (the shared groups and
+the rows of their own alike) are packed several to a row, first-fit decreasing, into rows no longer than
+the longest sequence, each sequence attending only to itself under the block mask and keeping its own
+positions, so the linear layers no longer run on padding. :func:`choose_layout` runs, per batch, the
+cheapest layout by linear-layer tokens and attention pairs. The mask is dense (SDPA or eager attention); attention implementations that take no 4-D mask (FlashAttention's varlen
 kernels) and rows the family cannot mask exactly fall back to the unshared forward, with the reason logged
 once.
 """
@@ -249,3 +253,44 @@ def layout_cost(rows: int, width: int, pair_weight: float) -> float:
     every position runs the linear layers (padding too) and every query meets every key (a dense mask
     computes each pair, masked or not), ``pair_weight`` (:func:`attention_pair_weight`) each."""
     return rows * width * (1.0 + width * pair_weight)
+
+
+def choose_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  slot_keys: list[tuple[int, ...]], prefix_sharing: bool, padding_free: bool,
+                  pair_weight: float) -> PackPlan | None:
+    """The packed layout to run for these (expanded, right-padded) rows, or None for the unshared rows.
+
+    Without ``padding_free`` (the rule from before bin packing, kept so that those runs' numbers stay
+    bitwise what they were): the prefix-shared layout when it runs fewer tokens than the unshared rows.
+    With it: the cheapest by :func:`layout_cost` (linear-layer tokens and dense attention pairs, padding
+    included; ``pair_weight`` from :func:`attention_pair_weight`) of the unshared rows, the prefix-shared
+    rows, and the shared groups or the single rows bin-packed; ties go to the simpler layout, in that order.
+    All give the same log-probs; a layout that saves tokens can still cost more attention (a long packed
+    sequence of short prefix and long responses), and then the unshared rows run.
+    """
+    n, t = input_ids.shape
+    plan = plan_packing(input_ids, attention_mask, labels, slot_keys, share=prefix_sharing)
+    if plan is None:
+        log_fallback_once("the rows are left-padded (packing reads right-padded rows)")
+        return None
+    if not padding_free:
+        if not plan.shares:
+            return None
+        if len(plan.groups) * int(plan.lengths.max()) >= n * t:
+            # Packed rows are padded to the longest of them, and the rows that share nothing (responses under
+            # negative images) to that length too: with short prefixes that padding costs more than the
+            # prefixes saved. Both layouts give the same log-probs, so the cheaper one runs.
+            log_fallback_once("packing would run more padded tokens than the unshared rows (prefixes short beside "
+                              "their responses, or few rows sharing one); checked per batch")
+            return None
+        return plan
+    candidates = [plan] if plan.shares else []
+    if plan.shares:
+        candidates.append(plan_packing(input_ids, attention_mask, labels, slot_keys, padding_free=True))
+    candidates.append(plan_packing(input_ids, attention_mask, labels, slot_keys, share=False, padding_free=True))
+    best, best_cost = None, layout_cost(n, t, pair_weight)
+    for candidate in candidates:
+        cost = layout_cost(len(candidate.rows), candidate.width, pair_weight)
+        if cost < best_cost:
+            best, best_cost = candidate, cost
+    return best
