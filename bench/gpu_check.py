@@ -426,7 +426,7 @@ def run(args: argparse.Namespace) -> dict:
                     # The paper's method at this check's K (the base config names none: it runs DEFAULT_METHOD).
                     method=replace(Method.preset(DEFAULT_METHOD), negatives=Negatives("sae", args.k)),
                     cache_reference=False,  # every step computes its reference, as the first epoch does
-                    lr=float(init.get("lr", 1e-5)), warmup_steps=1, prefix_sharing=sharing,
+                    lr=float(init.get("lr", 1e-5)), warmup_steps=1, prefix_sharing=sharing, padding_free=sharing,
                 )
             phases["load" + suffix + "_s"] = time.perf_counter() - t0
             lora_params = sum(p.numel() for n, p in module.model.named_parameters() if "lora_" in n)
