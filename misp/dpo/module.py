@@ -83,13 +83,15 @@ class MISPDPOModule(VLMModule):
             positive image) as one packed row, the image and prompt computed once, in the policy and the
             reference forward (``misp.models.prefix_sharing``; same log-probs and gradients to float
             rounding). Where the model's attention cannot take the block mask (FlashAttention) the
-            unshared rows run and the reason is logged once. false: always the unshared rows.
+            unshared rows run and the reason is logged once. false: no shared prefixes (with
+            ``padding_free`` on, whole rows may still be bin-packed; both false: always the unshared rows).
         padding_free: bin-pack the forward's sequences (the shared groups and the rows of their own, such
             as responses under negative images) several to a row, first-fit decreasing into rows no longer
             than the longest, so the linear layers skip the padding; each sequence attends only to itself
             and keeps its positions (same log-probs and gradients to float rounding). Per batch the
             cheapest of the unshared, prefix-shared and bin-packed layouts runs (tokens through the linear
-            layers and attention pairs). Same attention implementations as ``prefix_sharing``.
+            layers and attention pairs). Same attention implementations as ``prefix_sharing``; with both
+            off, every number is what it was before either existed. docs/performance.md section 5.
     """
 
     def __init__(

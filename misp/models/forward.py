@@ -257,10 +257,10 @@ def response_logits(
     With ``prefix_sharing``, rows that hold the same images and the same tokens before their first scored
     label (a DPO pair's chosen and rejected rows) run as one packed sequence with a block mask, the prefix
     computed once (``misp.models.prefix_sharing``). With ``padding_free``, the sequences (shared groups and
-    rows of their own alike) are bin-packed several to a row, so padding nearly vanishes. Per batch the
-    cheapest layout runs (``misp.models.prefix_sharing.choose_layout``); the returned logits are laid out as the unpacked rows' and
-    equal them to float rounding. Where the model cannot run a packed layout exactly the unshared rows run,
-    and the reason is logged once.
+    rows of their own alike) are bin-packed several to a row, so the decoder runs less padding where lengths
+    vary. Per batch the cheapest layout runs (``misp.models.prefix_sharing.choose_layout``); the returned
+    logits are laid out as the unpacked rows' and equal them to float rounding. Where the model cannot run a
+    packed layout exactly the unshared rows run, and the reason is logged once.
     """
     image_token_id = _image_token_id(model)
     images = _as_image_inputs(images, input_ids, image_token_id)
