@@ -418,3 +418,26 @@ def test_the_cheapest_layout_runs_per_batch():
     ids[3, :10] += 500
     plan = choose(ids, mask, labels)
     assert plan.groups == [[0, 1], [2], [3]] and plan.rows == [[0], [2, 1]]
+
+
+def test_bin_packed_rows_of_several_images_take_their_images_in_order():
+    """Qwen2.5-VL: a two-image pair with long responses and two short one-image rows. Sharing the pair's
+    prefix would make one long row (more attention than it saves), so the rule bin-packs the rows as they
+    are: the two short rows side by side, a packed row holding two rows' images in the order they sit."""
+    two = "<image>\n<image>\nWhat differs between the two images?"
+    long = " and it is larger, brighter and closer to the top left corner than the first one" * 2
+    rows = [(two, "The second one" + long, (0, 1)), (two, "The first one" + long, (0, 1)),
+            (PROMPTS[0], "A red circle.", (2,)), (PROMPTS[1], "Yes.", (1,))]
+    model, processor = build_qwen25vl()
+    model.train()
+    batch = collate_examples([encode_example(processor, p, r) for p, r, _ in rows], processor.tokenizer.pad_token_id)
+    images = prepare_images(processor, _images())
+    index = torch.tensor([i for *_, ims in rows for i in ims])
+    weights = torch.tensor([1.0, -0.5, 0.7, 0.3])
+    unshared = _pf_run(model, batch, images, index, weights)
+    seen: list[tuple[int, int]] = []
+    binned = _pf_run(model, batch, images, index, weights, seen, prefix_sharing=True, padding_free=True)
+    ids, mask, _ = expand_image_rows(batch["input_ids"], batch["attention_mask"], None, _image_token_id(model),
+                                     images.tokens_per_image[index])
+    assert seen == [(3, int(mask.sum(1).max()))]  # 4 rows in 3, none longer than the longest row
+    _assert_same(binned, unshared, torch.float32)
