@@ -34,7 +34,8 @@ GPU) trains twice from the same saved model, sharing on (the shipped default: ch
 positive image run as one packed row, the image and prompt computed once) and off, and reports both; the
 top-level results are the "on" run's, the other run's under ``"prefix_sharing_off"`` (or ``_on``). With
 sharing on, the rows the FLOPs count are the packed rows the forward runs (each shared prefix once; attention
-over the packed row's full length, as the dense block mask computes it).
+over the packed row's full length, as the dense block mask computes it). "Off" turns bin packing
+(``padding_free``) off too; "on" runs both as shipped.
 
 Model FLOPs of a step (MFU's numerator; the work the algorithm needs: no recomputation from activation
 checkpointing, no 4-bit dequantisation, padding excluded), with P the language model's matmul weights
