@@ -26,7 +26,7 @@ from misp.utils.io import atomic_write_json
 
 BENCHMARKS = (
     "mining", "logprobs", "forward", "trl_dpo", "negatives", "mining_scale", "demo_profile", "sft_cache", "estimators",
-    "prefix_sharing",
+    "prefix_sharing", "padding_free",
 )
 
 

@@ -34,7 +34,8 @@ GPU) trains twice from the same saved model, sharing on (the shipped default: ch
 positive image run as one packed row, the image and prompt computed once) and off, and reports both; the
 top-level results are the "on" run's, the other run's under ``"prefix_sharing_off"`` (or ``_on``). With
 sharing on, the rows the FLOPs count are the packed rows the forward runs (each shared prefix once; attention
-over the packed row's full length, as the dense block mask computes it).
+over the packed row's full length, as the dense block mask computes it). "Off" turns bin packing
+(``padding_free``) off too; "on" runs both as shipped.
 
 Model FLOPs of a step (MFU's numerator; the work the algorithm needs: no recomputation from activation
 checkpointing, no 4-bit dequantisation, padding excluded), with P the language model's matmul weights
@@ -426,7 +427,7 @@ def run(args: argparse.Namespace) -> dict:
                     # The paper's method at this check's K (the base config names none: it runs DEFAULT_METHOD).
                     method=replace(Method.preset(DEFAULT_METHOD), negatives=Negatives("sae", args.k)),
                     cache_reference=False,  # every step computes its reference, as the first epoch does
-                    lr=float(init.get("lr", 1e-5)), warmup_steps=1, prefix_sharing=sharing,
+                    lr=float(init.get("lr", 1e-5)), warmup_steps=1, prefix_sharing=sharing, padding_free=sharing,
                 )
             phases["load" + suffix + "_s"] = time.perf_counter() - t0
             lora_params = sum(p.numel() for n, p in module.model.named_parameters() if "lora_" in n)

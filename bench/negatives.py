@@ -159,6 +159,7 @@ def negatives_child(cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             module.__dict__.pop("_logps", None)
         module.hparams["prefix_sharing"] = encoding == "once"
+        module.hparams["padding_free"] = encoding == "once"  # unshared: no packing at all
         # Cold: an empty cache (the first epoch), refilled by this step and dropped; warm: the full one.
         module.reference_cache = warm_caches[(k, m)] if cache == "warm" else ReferenceCache()
         current[0] = (k, m)

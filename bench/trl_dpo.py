@@ -167,7 +167,8 @@ class MispContender:
 
         self.module = MISPDPOModule(VLMSpec(path=model_dir, gradient_checkpointing=checkpointing),
                                     method=Method.preset("dpo", beta=BETA),
-                                    cache_reference=True, prefix_sharing=prefix_sharing)
+                                    cache_reference=True, prefix_sharing=prefix_sharing,
+                                    padding_free=prefix_sharing)  # off: no packing at all, misp before issue 23
         self.module.train()
         if checkpointing and not getattr(self.module.model, "is_gradient_checkpointing", False):
             raise RuntimeError("VLMSpec.gradient_checkpointing did not switch checkpointing on")

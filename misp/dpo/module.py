@@ -83,7 +83,15 @@ class MISPDPOModule(VLMModule):
             positive image) as one packed row, the image and prompt computed once, in the policy and the
             reference forward (``misp.models.prefix_sharing``; same log-probs and gradients to float
             rounding). Where the model's attention cannot take the block mask (FlashAttention) the
-            unshared rows run and the reason is logged once. false: always the unshared rows.
+            unshared rows run and the reason is logged once. false: no shared prefixes (with
+            ``padding_free`` on, whole rows may still be bin-packed; both false: always the unshared rows).
+        padding_free: bin-pack the forward's sequences (the shared groups and the rows of their own, such
+            as responses under negative images) several to a row, first-fit decreasing into rows no longer
+            than the longest, so the linear layers skip the padding; each sequence attends only to itself
+            and keeps its positions (same log-probs and gradients to float rounding). Per batch the
+            cheapest of the unshared, prefix-shared and bin-packed layouts runs (tokens through the linear
+            layers and attention pairs). Same attention implementations as ``prefix_sharing``; with both
+            off, every number is what it was before either existed. docs/performance.md section 5.
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class MISPDPOModule(VLMModule):
         export_dir: str | None = None,
         diagnostics_every_n_steps: int = 0,
         prefix_sharing: bool = True,
+        padding_free: bool = True,
     ) -> None:
         if diagnostics_every_n_steps < 0:
             raise ConfigError(f"model.diagnostics_every_n_steps must be >= 0 (0: off), got {diagnostics_every_n_steps}")
@@ -203,7 +212,8 @@ class MISPDPOModule(VLMModule):
     def _logps(self, model, rows: ConcatenatedRows, images: ImageInputs) -> torch.Tensor:
         # Logits only from the first response position on: the image and prompt logits carry no log-prob.
         logits, labels = response_logits(model, rows.input_ids, rows.attention_mask, images, rows.labels, rows.image_index,
-                                          prefix_sharing=self.hparams.get("prefix_sharing", True))
+                                          prefix_sharing=self.hparams.get("prefix_sharing", True),
+                                          padding_free=self.hparams.get("padding_free", False))
         return sequence_logps(logits, labels)
 
     @staticmethod

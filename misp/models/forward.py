@@ -26,14 +26,15 @@ from torch import nn
 from misp.batch import ImageInputs
 from misp.logprobs import IGNORE_INDEX
 from misp.models.families import family_of
-from misp.models.families.base import attention_implementation
+from misp.models.families.base import attention_implementation, unwrapped
 from misp.models.families.llava import find_projector, position_ids_from_mask
 from misp.models.prefix_sharing import (
+    attention_pair_weight,
     block_mask,
+    choose_layout,
     gather_packed,
     log_fallback_once,
     packed_keep,
-    plan_packing,
     unpack_logits,
 )
 
@@ -244,6 +245,7 @@ def response_logits(
     labels: torch.Tensor,
     image_index: torch.Tensor | None = None,
     prefix_sharing: bool = False,
+    padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`vlm_logits` on the positions a loss on ``labels`` reads, with ``labels`` cut to match.
 
@@ -253,10 +255,12 @@ def response_logits(
     placeholder are expanded first (``labels`` with them), as :func:`vlm_logits` does.
 
     With ``prefix_sharing``, rows that hold the same images and the same tokens before their first scored
-    label (a DPO pair's chosen and rejected rows) run as one packed row with a block mask, the prefix
-    computed once (``misp.models.prefix_sharing``); the returned logits are laid out as the unpacked rows'
-    and equal them to float rounding. Where the model cannot run it exactly the unshared rows run, and the
-    reason is logged once.
+    label (a DPO pair's chosen and rejected rows) run as one packed sequence with a block mask, the prefix
+    computed once (``misp.models.prefix_sharing``). With ``padding_free``, the sequences (shared groups and
+    rows of their own alike) are bin-packed several to a row, so the decoder runs less padding where lengths
+    vary. Per batch the cheapest layout runs (``misp.models.prefix_sharing.choose_layout``); the returned
+    logits are laid out as the unpacked rows' and equal them to float rounding. Where the model cannot run a
+    packed layout exactly the unshared rows run, and the reason is logged once.
     """
     image_token_id = _image_token_id(model)
     images = _as_image_inputs(images, input_ids, image_token_id)
@@ -264,20 +268,22 @@ def response_logits(
     per_row = images.tokens_per_image if index is None else images.tokens_per_image[index.to(images.tokens_per_image.device)]
     input_ids, attention_mask, labels = expand_image_rows(input_ids, attention_mask, labels, image_token_id, per_row)
     keep = positions_to_keep(labels)
-    if prefix_sharing:
-        logits = _shared_response_logits(model, input_ids, attention_mask, images, labels, index, keep)
+    if prefix_sharing or padding_free:
+        logits = _packed_response_logits(model, input_ids, attention_mask, images, labels, index, keep, prefix_sharing,
+                                         padding_free)
         if logits is not None:
             return logits, labels[:, -logits.shape[1] :]
     logits = vlm_logits(model, input_ids, attention_mask, images, image_index, logits_to_keep=keep)
     return logits, labels[:, -logits.shape[1] :]
 
 
-def _shared_response_logits(
+def _packed_response_logits(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: ImageInputs,
-    labels: torch.Tensor, index: torch.Tensor | None, keep: int,
+    labels: torch.Tensor, index: torch.Tensor | None, keep: int, prefix_sharing: bool, padding_free: bool,
 ) -> torch.Tensor | None:
-    """:func:`response_logits`' logits with each shared prefix computed once; None when nothing is shared or
-    the model cannot run it exactly (the caller then runs the unshared rows). Rows are expanded already."""
+    """:func:`response_logits`' logits from a packed layout (shared prefixes computed once, sequences
+    bin-packed); None when the unshared rows are cheaper or the model cannot run it exactly (the caller
+    then runs the unshared rows). Rows are expanded already."""
     family = family_of(model)
     reason = family.prefix_sharing_refusal(model, attention_mask)
     if reason is not None:
@@ -290,25 +296,16 @@ def _shared_response_logits(
     slots = index.tolist() if index is not None else list(range(sum(counts)))
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
     slot_keys = [tuple(slots[bounds[i] : bounds[i + 1]]) for i in range(n)]
-    plan = plan_packing(input_ids, attention_mask, labels, slot_keys)
+    weight = attention_pair_weight(unwrapped(model).config.get_text_config())
+    plan = choose_layout(input_ids, attention_mask, labels, slot_keys, prefix_sharing, padding_free, weight)
     if plan is None:
-        log_fallback_once("the rows are left-padded (packing reads right-padded rows)")
-        return None
-    if not plan.shares:
-        return None
-    packed_tokens, unshared_tokens = len(plan.groups) * int(plan.lengths.max()), n * t
-    if packed_tokens >= unshared_tokens:
-        # Packed rows are padded to the longest of them, and the rows that share nothing (responses under
-        # negative images) to that length too: with short prefixes that padding costs more than the prefixes
-        # saved. Both layouts give the same log-probs, so the cheaper one runs.
-        log_fallback_once("packing would run more padded tokens than the unshared rows (prefixes short beside "
-                          "their responses, or few rows sharing one); checked per batch")
         return None
     device = input_ids.device
     positions = family.row_position_ids(model, input_ids, attention_mask, images, index)
     packed_ids = gather_packed(input_ids, plan)
     packed_real = (plan.segment >= 0).to(device=device, dtype=attention_mask.dtype)
-    packed_slots = [s for members in plan.groups for s in slot_keys[members[0]]]
+    # The images in the order their tokens sit in the packed rows, which is the order the model fills them in.
+    packed_slots = [s for seqs in plan.rows for q in seqs for s in slot_keys[plan.groups[q][0]]]
     packed_index = _check_index(torch.tensor(packed_slots, dtype=torch.long), len(packed_slots), len(images))
     if packed_index is not None:
         packed_index = packed_index.to(device)

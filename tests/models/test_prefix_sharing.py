@@ -21,8 +21,16 @@ from PIL import Image
 from misp.logprobs import sequence_logps
 from misp.models import prefix_sharing
 from misp.models.families import family_of
+from misp.models.families.base import ModelFamily
 from misp.models.forward import _image_token_id, expand_image_rows, response_logits
-from misp.models.prefix_sharing import gather_packed, plan_packing
+from misp.models.prefix_sharing import (
+    block_mask,
+    choose_layout,
+    first_fit_decreasing,
+    gather_packed,
+    layout_cost,
+    plan_packing,
+)
 from misp.models.prompting import collate_examples, encode_example, prepare_images
 from misp.testing.gemma3 import build_gemma3
 from misp.testing.llava15 import Llava15Sizes, build_llava15
@@ -291,3 +299,145 @@ def test_a_batch_where_packing_costs_more_tokens_runs_unshared(caplog, monkeypat
     assert seen == [len(rows)] and "more padded tokens" in caplog.text
     unshared, _ = response_logits(model, batch["input_ids"], batch["attention_mask"], images, batch["labels"], index)
     torch.testing.assert_close(logits, unshared, rtol=0, atol=0)
+
+
+# --- padding-free: whole sequences bin-packed several to a row (response_logits(padding_free=True)) --------
+LONG = "The image shows a red circle at the top left, a blue square below it and a green triangle at the right."
+# Three long responses on the positive image (one long packed sequence), and four short rows on their own
+# (negatives of other sizes, a second prompt): bin packing puts the short ones side by side.
+PF_ROWS = [(0, LONG, 0), (0, "There is a blue square below a red circle and " + LONG, 0), (0, "No. " + LONG, 0),
+           (0, "A circle.", 1), (1, "Yes.", 2), (1, "No, there is not.", 1), (0, "A square.", 2)]
+PF_WEIGHTS = torch.tensor([1.0, -0.5, 0.7, 0.3, -1.2, 0.9, 0.4])
+
+
+def _pf_batch(processor, dtype: torch.dtype, rows=PF_ROWS):
+    examples = [encode_example(processor, PROMPTS[p], r) for p, r, _ in rows]
+    batch = collate_examples(examples, processor.tokenizer.pad_token_id)
+    return batch, prepare_images(processor, _images()).to("cpu", dtype), torch.tensor([i for *_, i in rows])
+
+
+def _pf_run(model, batch, images, index, weights, seen: list[tuple[int, int]] | None = None, **switches):
+    """Row log-probs and gradients of their weighted sum; ``seen`` collects each forward's (rows, width)."""
+    handle = None
+    if seen is not None:
+        handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                  with_kwargs=True)
+    model.zero_grad(set_to_none=True)
+    try:
+        logits, labels = response_logits(model, batch["input_ids"], batch["attention_mask"], images, batch["labels"],
+                                         index, **switches)
+    finally:
+        if handle is not None:
+            handle.remove()
+    logps = sequence_logps(logits, labels)
+    (weights * logps.float()).sum().backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logps.detach().float(), grads
+
+
+@pytest.mark.parametrize(("family", "dtype"), [(f, torch.float32) for f in BUILDERS] + [("qwen2.5-vl", torch.bfloat16)],
+                         ids=[f"{f}-float32" for f in BUILDERS] + ["qwen2.5-vl-bfloat16"])
+def test_bin_packed_log_probs_and_gradients_equal_the_unshared_rows(family, dtype):
+    model, processor = BUILDERS[family](dtype=dtype)
+    model.train()
+    batch, images, index = _pf_batch(processor, dtype)
+    ids, mask, labels = expand_image_rows(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                          _image_token_id(model), images.tokens_per_image[index])
+    if family == "gemma-3":  # every row fits the sliding window, the packed rows do not: still exact (one 4-D mask)
+        model.config.get_text_config().sliding_window = int(mask.sum(1).max())
+    keys = [(int(i),) for i in index]
+    shared = plan_packing(ids, mask, labels, keys)
+    binned = plan_packing(ids, mask, labels, keys, padding_free=True)
+    assert len(binned.rows) < len(shared.groups) == 5  # bin packing puts short sequences side by side
+    unshared = _pf_run(model, batch, images, index, PF_WEIGHTS, prefix_sharing=False)
+    seen: list[tuple[int, int]] = []
+    packed = _pf_run(model, batch, images, index, PF_WEIGHTS, seen, prefix_sharing=True, padding_free=True)
+    # One forward of the bin-packed rows: fewer rows and fewer positions than the unshared and the shared layouts.
+    assert seen == [(len(binned.rows), binned.width)]
+    assert len(binned.rows) * binned.width < min(ids.numel(), len(shared.groups) * shared.width)
+    assert sum(len(r) > 1 for r in binned.rows) >= 1  # some packed row holds several sequences
+    _assert_same(packed, unshared, dtype)
+
+
+def _rows(lengths: list[int], prefix: list[int], shared_prefix: bool = False):
+    """Right-padded synthetic rows: row i holds ``lengths[i]`` tokens, its first ``prefix[i]`` unscored;
+    with ``shared_prefix`` every row starts with the same prefix tokens."""
+    n, t = len(lengths), max(lengths)
+    ids = torch.zeros(n, t, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = torch.arange(1, length + 1) if shared_prefix else torch.arange(1, length + 1) + 1000 * i
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, p in enumerate(prefix):
+        labels[i, :p] = -100
+    return ids, mask, labels
+
+
+def test_bin_packing_keeps_each_sequence_to_itself_with_its_own_positions():
+    ids, mask, labels = _rows([9, 4, 3, 5], [3, 2, 2, 2])
+    plan = plan_packing(ids, mask, labels, [(i,) for i in range(4)], padding_free=True)
+    assert first_fit_decreasing([9, 4, 3, 5], 9) == [[0], [3, 1], [2]]
+    assert plan.rows == [[0], [3, 1], [2]] and plan.width == 9 and plan.lengths.tolist() == [9, 9, 3]
+    positions = gather_packed(ModelFamily.row_position_ids(None, None, ids, mask, None, None), plan)
+    assert positions[1].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]  # row 3 then row 1, each from 0
+    allow = block_mask(plan)[1, 0]
+    seq = plan.sequence[1]
+    assert seq.tolist() == [3] * 5 + [1] * 4
+    assert torch.equal(allow, torch.ones(9, 9, dtype=torch.bool).tril() & (seq[:, None] == seq[None, :]))
+    assert torch.equal(gather_packed(ids, plan)[1, :9], torch.cat([ids[3, :5], ids[1, :4]]))
+    # Every unpacked position maps to where its token sits.
+    for n in range(4):
+        length = int(mask[n].sum())
+        assert torch.equal(gather_packed(ids, plan)[plan.group_of[n], plan.packed_at[n, :length]], ids[n, :length])
+
+
+def test_the_cheapest_layout_runs_per_batch():
+    weight = 0.003125  # the tiny LLaVA's attention_pair_weight
+    keys = [(0,)] * 4
+
+    def choose(ids, mask, labels, share=True, padding_free=True):
+        return choose_layout(ids, mask, labels, keys[: len(ids)], share, padding_free, weight)
+
+    # Rows of different lengths sharing nothing: three short rows fit beside each other, 2 rows instead of 4.
+    rows = _rows([40, 12, 10, 15], [5, 5, 5, 5])
+    plan = choose(*rows)
+    assert plan is not None and plan.rows == [[0], [3, 1, 2]]
+    assert choose(*rows, padding_free=False) is None  # nothing shared: the padded rows as before
+    # Rows of one length: nothing to pack, the unshared rows run (a tie goes to the simpler layout).
+    assert choose(*_rows([20, 20, 20], [5, 5, 5])) is None
+    # A short shared prefix before long responses: the packed pair runs fewer tokens (130 < 140) but more
+    # attention pairs (130^2 > 2 x 70^2), and costs more in all: the unshared rows run. The token-only rule
+    # (padding_free off, kept for bitwise reproducibility) packs it.
+    rows = _rows([70, 70], [10, 10], shared_prefix=True)
+    assert layout_cost(1, 130, weight) > layout_cost(2, 70, weight)
+    assert choose(*rows) is None
+    assert choose(*rows, padding_free=False).groups == [[0, 1]]
+    # A long shared prefix (an image) and short rows beside it: the shared pair and the short rows bin-packed.
+    ids, mask, labels = _rows([60, 60, 20, 25], [50, 50, 10, 10], shared_prefix=True)
+    ids[2:, :10] += 500  # rows 2 and 3: another prompt each
+    ids[3, :10] += 500
+    plan = choose(ids, mask, labels)
+    assert plan.groups == [[0, 1], [2], [3]] and plan.rows == [[0], [2, 1]]
+
+
+def test_bin_packed_rows_of_several_images_take_their_images_in_order():
+    """Qwen2.5-VL: a two-image pair with long responses and two short one-image rows. Sharing the pair's
+    prefix would make one long row (more attention than it saves), so the rule bin-packs the rows as they
+    are: the two short rows side by side, a packed row holding two rows' images in the order they sit."""
+    two = "<image>\n<image>\nWhat differs between the two images?"
+    long = " and it is larger, brighter and closer to the top left corner than the first one" * 2
+    rows = [(two, "The second one" + long, (0, 1)), (two, "The first one" + long, (0, 1)),
+            (PROMPTS[0], "A red circle.", (2,)), (PROMPTS[1], "Yes.", (1,))]
+    model, processor = build_qwen25vl()
+    model.train()
+    batch = collate_examples([encode_example(processor, p, r) for p, r, _ in rows], processor.tokenizer.pad_token_id)
+    images = prepare_images(processor, _images())
+    index = torch.tensor([i for *_, ims in rows for i in ims])
+    weights = torch.tensor([1.0, -0.5, 0.7, 0.3])
+    unshared = _pf_run(model, batch, images, index, weights)
+    seen: list[tuple[int, int]] = []
+    binned = _pf_run(model, batch, images, index, weights, seen, prefix_sharing=True, padding_free=True)
+    ids, mask, _ = expand_image_rows(batch["input_ids"], batch["attention_mask"], None, _image_token_id(model),
+                                     images.tokens_per_image[index])
+    assert seen == [(3, int(mask.sum(1).max()))]  # 4 rows in 3, none longer than the longest row
+    _assert_same(binned, unshared, torch.float32)
