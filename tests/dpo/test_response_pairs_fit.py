@@ -131,14 +131,11 @@ def test_icvco_trains_on_the_tokens_each_edit_changes(edits_world, tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
 
 
-@pytest.mark.slow
-def test_misp_ground_fits_on_the_mixed_pool_and_pairs_only_the_edits(edits_world, clip_dir, sae_dir, tmp_path,
-                                                                      monkeypatch):
-    world, vlm = edits_world
-    monkeypatch.chdir(tmp_path)
-    seen = []
+def _fit_ground(world: Path, vlm: Path, clip_dir, sae_dir, tmp_path: Path, monkeypatch, *extra: str):
+    """misp_ground fitted on the tiny world's mixed pool: the logged rows and every training batch it saw."""
     from misp.dpo import module as dpo_module
 
+    seen = []
     step = dpo_module.MISPDPOModule.training_step
 
     def recorded(self, batch, i):
@@ -148,7 +145,16 @@ def test_misp_ground_fits_on_the_mixed_pool_and_pairs_only_the_edits(edits_world
     monkeypatch.setattr(dpo_module.MISPDPOModule, "training_step", recorded)
     rows = _fit("misp_ground", world, vlm, tmp_path, f"--data.pool={world / 'pool.jsonl'}",
                 f"--data.clip.checkpoint={clip_dir}", f"--data.sae_path={sae_dir}", "--data.mining.n_candidates=8",
-                "--data.mining.pool_size=6", "--data.mining.dup_threshold=0.99999")
+                "--data.mining.pool_size=6", "--data.mining.dup_threshold=0.99999", *extra)
+    return rows, seen
+
+
+@pytest.mark.slow
+def test_misp_ground_fits_on_the_mixed_pool_and_pairs_only_the_edits(edits_world, clip_dir, sae_dir, tmp_path,
+                                                                      monkeypatch):
+    world, vlm = edits_world
+    monkeypatch.chdir(tmp_path)
+    rows, seen = _fit_ground(world, vlm, clip_dir, sae_dir, tmp_path, monkeypatch)
     assert {"loss/image", "loss/text", "loss/anchor", "loss/pairs", "loss/proposal", "cool/weight_mean",
             "is/ess"} <= _logged(rows)
     assert torch.isfinite(_losses(rows)).all()
@@ -177,20 +183,8 @@ def test_misp_ground_with_partner_draws_draws_a_partner_edit_first_every_epoch(e
         targets[record["id"]] = {Path(item["image"]).name for item in record["meta"]["captioned_counterfactuals"]
                                  if item.get("partner")}
     assert any(targets.values()) and not all(targets.values())
-    seen = []
-    from misp.dpo import module as dpo_module
-
-    step = dpo_module.MISPDPOModule.training_step
-
-    def recorded(self, batch, i):
-        seen.append(batch)
-        return step(self, batch, i)
-
-    monkeypatch.setattr(dpo_module.MISPDPOModule, "training_step", recorded)
-    rows = _fit("misp_ground", world, vlm, tmp_path, f"--data.pool={world / 'pool.jsonl'}",
-                f"--data.clip.checkpoint={clip_dir}", f"--data.sae_path={sae_dir}", "--data.mining.n_candidates=8",
-                "--data.mining.pool_size=6", "--data.mining.dup_threshold=0.99999",
-                "--model.init_args.method.negatives.source=sae_targets", "--trainer.max_steps=4")
+    rows, seen = _fit_ground(world, vlm, clip_dir, sae_dir, tmp_path, monkeypatch,
+                             "--model.init_args.method.negatives.source=sae_targets", "--trainer.max_steps=4")
     assert {"loss/image", "loss/pairs", "loss/proposal", "is/ess"} <= _logged(rows)
     assert torch.isfinite(_losses(rows)).all()
     checked = 0
