@@ -16,8 +16,8 @@ import torch
 
 from misp.data.drawing import record_images
 from misp.data.pool import read_pool
-from misp.negatives.edits import record_targets
 from misp.models.clip import ClipSpec, load_clip
+from misp.negatives.edits import record_targets
 from misp.negatives.mining import Candidates, MiningConfig, Selection, mine_candidates, select_negatives
 from misp.negatives.sources import get_source
 from misp.negatives.spec import Negatives

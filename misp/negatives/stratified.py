@@ -70,7 +70,7 @@ def draw_stratified(
     log_qa = log_qa - torch.logsumexp(log_qa, 1, keepdim=True)
     log_qb = torch.where(in_b, q, NEG_INF)
     log_qb = log_qb - torch.logsumexp(log_qb, 1, keepdim=True)
-    u = torch.from_numpy(_uniforms(seed, epoch, [r for r, keep in zip(record_ids, rows.tolist()) if keep], k))
+    u = torch.from_numpy(_uniforms(seed, epoch, [r for r, keep in zip(record_ids, rows.tolist(), strict=True) if keep], k))
     drawn = torch.cat([inverse_cdf(log_qa, u[:, :1]), inverse_cdf(log_qb, u[:, 1:])], 1).to(index.device)
     eff = torch.cat([gather_log_q(log_qa, drawn[:, :1]) - math.log(k),
                      gather_log_q(log_qb, drawn[:, 1:]) + math.log((k - 1) / k)], 1)
