@@ -246,10 +246,11 @@ def _draw_edits(c: DrawContext, epoch: int) -> NegativeDraws:
 # several images per prompt; MISPDPOModule refuses them for one that does not).
 register_source(NegativeSource("edits", _draw_edits, paired_responses=True, edit_spans=True, in_context=True))
 # The mixed pool of misp_ground: retrieved images and the record's own edits, the SAE choosing, q_phi drawing.
-# Only the draws that are edits have a response; the pair terms mask the others (ResponsePairRows.valid).
+# Only the draws that are edits have a response; the pair terms mask the others (ResponsePairRows.valid), and
+# a retrieved draw's span is empty (its placeholder response is y_p itself).
 register_source(NegativeSource(
     "sae_pairs", lambda c, epoch: draw_from_lists(c.proposal_log_q(), c.selected_refs(), c.k, c.seed, epoch, c.ids),
-    needs_pool=True, needs_sae=True, proposal="learned", paired_responses=True,
+    needs_pool=True, needs_sae=True, proposal="learned", paired_responses=True, edit_spans=True,
 ))
 
 
@@ -264,6 +265,6 @@ def _draw_targets(c: DrawContext, epoch: int) -> NegativeDraws:
 # importance weights those of the stratified design (misp.negatives.stratified), so L_img^IS stays unbiased.
 register_source(NegativeSource(
     "sae_targets", _draw_targets, needs_pool=True, needs_sae=True, proposal="learned", paired_responses=True,
-    targets=True,
+    edit_spans=True, targets=True,
 ))
 register_source(NegativeSource("none", None, proposal="none"))

@@ -198,3 +198,27 @@ def test_misp_ground_with_partner_draws_draws_a_partner_edit_first_every_epoch(e
             else:
                 assert not set(drawn) & {n for t in targets.values() for n in t}
     assert checked
+
+
+@pytest.mark.slow
+def test_misp_ground_with_the_span_mask_pairs_only_the_tokens_each_edit_changes(edits_world, clip_dir, sae_dir,
+                                                                                tmp_path, monkeypatch):
+    """configs/experiments/ablations/pairs_span.yaml on misp_ground: the pair term reads the edited span of each
+    captioned draw (a piece of the edit's own caption), and a retrieved draw has no span and no pair."""
+    world, vlm = edits_world
+    monkeypatch.chdir(tmp_path)
+    rows, seen = _fit_ground(world, vlm, clip_dir, sae_dir, tmp_path, monkeypatch,
+                             "--config", str(ROOT / "configs/experiments/ablations/pairs_span.yaml"))
+    assert {"loss/image", "loss/anchor", "loss/pairs_span", "loss/proposal"} <= _logged(rows)
+    assert "loss/pairs" not in _logged(rows)
+    assert torch.isfinite(_losses(rows)).all()
+    spans = 0
+    for batch in seen:
+        own = batch.pairs.own_span
+        for r, refs in enumerate(batch.negatives):
+            for k, ref in enumerate(refs):
+                if ref.response is None:
+                    assert not own[r, k].any()  # a retrieved image: nothing to pair
+                else:
+                    spans += int(own[r, k].any())
+    assert spans
