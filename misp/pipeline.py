@@ -57,6 +57,9 @@ class Stage:
     resume_from: Path | None = None
     """A checkpoint the stage writes as it goes: when an earlier attempt of the same fingerprint left it,
     the stage continues from it (``--ckpt_path``) instead of starting over."""
+    reads: str = ""
+    """What else the stage's output depends on that its command line does not name (an experiment run: the
+    stamps of the chain stages it reads, whose outputs are folders), folded into its fingerprint."""
 
 
 _SIGNATURES: dict[tuple[str, int, int], str] = {}
@@ -123,6 +126,8 @@ def data_files(stage: Stage, cwd: Path = Path(".")) -> list[Path]:
 def fingerprint(stage: Stage, cwd: Path = Path(".")) -> str:
     """sha256 of the stage's command line, the config files it names and the data files they name."""
     h = hashlib.sha256(json.dumps(stage.args).encode())
+    if stage.reads:
+        h.update(stage.reads.encode())
     for flag, value in zip(stage.args, stage.args[1:], strict=False):
         if flag == "--config":
             h.update((cwd / value).read_bytes())

@@ -2,9 +2,9 @@
 
 Order of work (each step resumable; a finished step is never redone):
 
-1. the chain, once: world -> CLIP -> SFT (the base every method starts from) -> SAE, plus the data of any
-   method that makes its own (``<name>_prefs.yaml``, CLIP-DPO), and the base model's validation and test
-   results;
+1. the chain, once: world -> CLIP -> SFT (the base every method starts from) -> SAE, and the base model's
+   validation and test results; then the data of any method that makes its own (``<name>_prefs.yaml``,
+   CLIP-DPO; ``<name>_sae.yaml``, the mixed pools), which reads the shared chain but not another method's;
 2. tuning: each method's grid on the first seed, each point judged by ``misp validate`` on the
    validation split;
 3. the chosen point of each method on every seed, and each ablation with its method's chosen point on
@@ -13,7 +13,8 @@ Order of work (each step resumable; a finished step is never redone):
 
 Every stage is a ``misp`` command run in the experiment's workspace (``misp.pipeline``), the same command
 a user would type. A run whose fit died resumes from its last checkpoint. A changed config, data file,
-grid value or chain output makes exactly the affected runs run again.
+grid value or chain output makes exactly the affected runs run again: a run's fingerprint holds the stamps of
+the chain stages it reads, so adding a method with data of its own reruns none of the others.
 
 What is recorded is only what finished: a fit counts once it wrote ``fit_done.json`` (``misp fit`` writes
 it when training reached its end, never when interrupted or failed), and a run's row is written after its
@@ -173,6 +174,7 @@ class Experiment:
         self.results = ResultsLog(self.workspace / "results.jsonl")
         self.runner = StageRunner(stamps=STAMPS, cwd=self.workspace, label="experiment")
         self.chain_hash = ""
+        self.chain_hashes: dict[str, str] = {}
         self._check_files()
 
     # configuration ----------------------------------------------------------------------------------
@@ -223,6 +225,8 @@ class Experiment:
         return ["--trainer.max_epochs", str(epochs)] if epochs else []
 
     def chain(self) -> list[Stage]:
+        """The shared stages every run reads (world, CLIP, SFT and its evaluations, the SAE), then each method's
+        own (``own_stages``)."""
         world = ["world", "--out", "worlds/shapes", "--quiet", "true"]
         if self.config.world:
             world += [world_file_flag(self.repo / self.config.world), str(self.repo / self.config.world)]
@@ -230,7 +234,7 @@ class Experiment:
             world += [f"--{k}={v}" for k, v in self._quick.world.items()]
         sft = ["--config", str(self.configs / "sft.yaml")]
         sft_ckpt = "runs/shapes/sft/checkpoints/last.ckpt"
-        stages = [
+        return [
             Stage("world", world, Path("worlds/shapes/world.json")),
             Stage("clip", ["fit", "--config", str(self.configs / "clip.yaml"), *self._quick_flags("clip")],
                   Path("runs/shapes/clip/export")),
@@ -241,27 +245,44 @@ class Experiment:
             Stage("sae", ["fit", "--config", str(self.configs / "sae.yaml"), *self._quick_flags("sae")],
                   Path("runs/shapes/sae/export/sae.json")),
         ]
+
+    def own_stages(self) -> dict[str, list[Stage]]:
+        """Each method's own data, made once for every seed and grid point: its pairs (CLIP-DPO) or its SAE
+        (the mixed pools). They read the shared chain but not each other."""
+        stages = {}
         for method in sorted({v.method for v in self.config.methods + self.config.ablations}):
-            # A method's own pairs (CLIP-DPO) or SAE (mixed pool) are made once, for every seed and grid point.
-            for stage in own_data_stages(method, self.configs):
+            stages[method] = own_data_stages(method, self.configs)
+            for stage in stages[method]:
                 if stage.args[0] == "fit":
                     stage.args += self._quick_flags("sae")
-                stages.append(stage)
         return stages
+
+    def _stamp(self, stage: Stage) -> str:
+        stamp = self.runner.stamp_path(stage)
+        return f"{stage.name}:{stamp.read_text().strip()}:{stamp.stat().st_mtime_ns}"
 
     def run_chain(self) -> None:
         force = False
-        stamps = []
+        shared = []
         self.check_select_metric()  # a workspace whose base model was validated already: before anything
         for stage in self.chain():
             # A stage that ran changed what every later one reads, so none of their outputs may be reused.
             force = self.runner.run(stage, force) or force
             if stage.name == "sft-val":
                 self.check_select_metric()  # the first validation results: before the rest of the chain
-            stamp = self.runner.stamp_path(stage)
-            stamps.append(f"{stage.name}:{stamp.read_text().strip()}:{stamp.stat().st_mtime_ns}")
-        # Every run's fingerprint includes this: a rerun chain stage (a new base model) reruns every run.
-        self.chain_hash = hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+            shared.append(self._stamp(stage))
+        # A run's fingerprint holds the stamps of the stages it reads: a rerun shared stage (a new base model)
+        # reruns every run, a method's rerun SAE only that method's runs, and a method added to the
+        # experiment (with stages of its own) none of the others'.
+        self.chain_hash = hashlib.sha256("\n".join(shared).encode()).hexdigest()
+        self.chain_hashes = {}
+        for method, stages in self.own_stages().items():
+            own, ran = [], force
+            for stage in stages:
+                ran = self.runner.run(stage, ran) or ran
+                own.append(self._stamp(stage))
+            self.chain_hashes[method] = (hashlib.sha256("\n".join(shared + own).encode()).hexdigest() if own
+                                         else self.chain_hash)
         for split, name in (("val", "validation_results.json"), ("test", "test_results.json")):
             metrics = json.loads((self.workspace / "runs/shapes/sft" / name).read_text())
             self.results.put({"run": "base", "variant": "base", "method": "sft", "phase": "base", "seed": None,
@@ -299,8 +320,10 @@ class Experiment:
 
     def stages(self, run: Run) -> tuple[Stage, Stage]:
         """The run's fit and its evaluation (``validate`` for a tuning run, ``test`` otherwise)."""
+        # A new base model (or the method's own SAE or pairs) makes the fit stale, not only its row.
         fit = Stage(f"{run.id}/fit", ["fit", *self.run_args(run, run.dir), *self._logger_args(run, run.dir, "fit")],
-                    run.dir / FIT_DONE, resume_from=run.dir / "checkpoints/last.ckpt")
+                    run.dir / FIT_DONE, resume_from=run.dir / "checkpoints/last.ckpt",
+                    reads=self.chain_hashes.get(run.variant.method, self.chain_hash))
         split = "val" if run.phase == "tune" else "test"
         root = run.dir / split
         sub, out = ("validate", "validation_results.json") if split == "val" else ("test", "test_results.json")
@@ -311,16 +334,17 @@ class Experiment:
                          root / out)
         return fit, evaluate
 
-    def run_fingerprint(self, fit: Stage, evaluate: Stage) -> str:
-        """One hash of a run's fit and evaluation commands, their configs' contents and the chain."""
-        payload = [fingerprint(fit, self.workspace), fingerprint(evaluate, self.workspace), self.chain_hash]
+    def run_fingerprint(self, run: Run, fit: Stage, evaluate: Stage) -> str:
+        """One hash of a run's fit and evaluation commands, their configs' contents and the chain stages it reads."""
+        chain = self.chain_hashes.get(run.variant.method, self.chain_hash)
+        payload = [fingerprint(fit, self.workspace), fingerprint(evaluate, self.workspace), chain]
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
     def run(self, run: Run, position: str) -> dict:
         """Fit and evaluate ``run`` unless results.jsonl already holds it; its row."""
         split = "val" if run.phase == "tune" else "test"
         fit, evaluate = self.stages(run)
-        fp = self.run_fingerprint(fit, evaluate)
+        fp = self.run_fingerprint(run, fit, evaluate)
         if (row := self.results.find(run.id, split, fp)) is not None:
             return row
         print(f"[experiment] {position} {run.id} ({run.phase}, {split})", flush=True)

@@ -53,7 +53,7 @@ class FakeMisp:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text("{}\n")
         elif sub == "fit" and root is None:
-            stage = Path(_arg(args, "--config")).stem
+            stage = Path([a for flag, a in zip(args, args[1:]) if flag == "--config"][-1]).stem
             target = cwd / f"runs/shapes/{stage}/export"
             target.mkdir(parents=True, exist_ok=True)
             (target / "sae.json").write_text("{}")
@@ -354,3 +354,25 @@ def test_results_jsonl_lines_are_split_on_newlines_only(tmp_path):
     row = {"run": "a\u2028b\x85c", "split": "val", "metrics": {}}
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     assert ResultsLog(path).rows == [row]
+
+
+def test_a_method_added_with_data_of_its_own_reruns_none_of_the_others(tmp_path, monkeypatch):
+    """A method whose own stage (CLIP-DPO's pairs, a mixed pool's SAE) first runs when it joins an experiment
+    reruns no other method's own stage and no other method's runs; a rerun of a shared stage reruns all."""
+    fake = FakeMisp()
+    monkeypatch.setattr(pipeline, "run_child", fake)
+    methods = [Variant("dpo", "dpo"), Variant("misp_ground", "misp_ground")]
+    Experiment(_config(tmp_path, methods=methods, ablations=[], main="misp_ground")).execute()
+    assert any(c[0] == "fit" and "misp_ground_sae.yaml" in " ".join(c) for c in fake.calls)
+    fake.calls.clear()
+    # clip_dpo sorts before misp_ground: its new pairs once forced every later stage, and so every run, again
+    Experiment(_config(tmp_path, methods=[*methods, Variant("clip_dpo", "clip_dpo")], ablations=[], main="misp_ground")).execute()
+    assert [c[0] for c in fake.calls if "--trainer.default_root_dir" not in c] == ["prefs"]
+    assert {Path(_arg(c, "--trainer.default_root_dir")).parts[3] for c in _runs(fake, "fit")} == {"clip_dpo"}
+    # a new base model reruns everything
+    fake.calls.clear()
+    (tmp_path / "ws/worlds/shapes/world.json").unlink()
+    Experiment(_config(tmp_path, methods=[*methods, Variant("clip_dpo", "clip_dpo")], ablations=[], main="misp_ground")).execute()
+    assert {Path(_arg(c, "--trainer.default_root_dir")).parts[3] for c in _runs(fake, "fit")} == {
+        "dpo", "misp_ground", "clip_dpo"}
+    assert sum(c[0] == "prefs" for c in fake.calls) == 1
