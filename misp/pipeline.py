@@ -39,7 +39,7 @@ SIGINT_GRACE_S = 10.0
 KILL_AFTER_S = 300.0
 """How long a child may take to stop after a forwarded signal (its last checkpoint save) before SIGKILL."""
 OUTPUT_OPTIONS = frozenset({"config", "ckpt_path", "output_file", "export_dir", "cache_dir", "default_root_dir",
-                            "dirpath", "save_dir", "out", "report"})
+                            "dirpath", "save_dir", "out", "report", "summary_file", "candidates_file"})
 """Option names (the last part of a key) whose files a stage writes or that are fingerprinted otherwise
 (``--config`` by content, checkpoints by the chain's stamps): left out of the data files."""
 HASH_WHOLE_BYTES = 64 << 20

@@ -319,6 +319,20 @@ def test_a_rewritten_data_file_reruns_the_stage_that_reads_it(tmp_path, monkeypa
     assert runner.run(stage) and len(ran) == 2
 
 
+def test_a_stage_that_wrote_its_outputs_is_not_rerun_for_them(tmp_path):
+    """CLIP-DPO's pairs stage as the experiment runs it: the files it writes (pairs, summary, candidates) are
+    not among the inputs its fingerprint reads, so its second call finds it done (they once were, and it reran
+    on every call, and with it every CLIP-DPO run)."""
+    from misp.demo import own_data_stages
+
+    (stage,) = own_data_stages("clip_dpo", REPO / "configs/shapes")
+    config = __import__("yaml").safe_load((REPO / "configs/shapes/clip_dpo_prefs.yaml").read_text())
+    for key in ("output_file", "summary_file", "candidates_file", "input_file"):
+        (tmp_path / config[key]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / config[key]).write_text("{}\n")
+    assert [p.name for p in pipeline.data_files(stage, tmp_path)] == [Path(config["input_file"]).name]
+
+
 def test_report_only_reports_the_config_the_results_were_made_with(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "run_child", FakeMisp())
     monkeypatch.chdir(tmp_path)
