@@ -19,7 +19,7 @@ exp(a_{i_k})`` plugged into ``log(1 + Z^)`` unless said otherwise:
 Proposals: uniform; a noisy learned one, ``(1 - eps) softmax(0.5 a + xi) + eps/M`` with ``xi ~ N(0, 1)``
 (what q_phi can reach from SAE features); ``exp(a / 2)`` and ``exp(a)`` with the floor eps (the issue's
 ``exp(a / tau)`` proposal; ``exp(a)`` is the variance-minimising one, which needs every pool advantage).
-Advantage regimes follow the training diagnostics of docs/results.md: early (the negatives still compete)
+Advantage regimes follow the training diagnostics of docs/results-format5.md: early (the negatives still compete)
 to late (solved: mean advantage -5).
 
 Everything is float64 and closed-form (no model), so the numbers depend only on the seed.

@@ -100,7 +100,8 @@ class ExperimentConfig:
     """Test metrics in the report's tables, in order (all are kept in results.jsonl)."""
     report: str | None = None
     """Where the report goes (relative to where misp runs); the figure and a copy of results.jsonl go
-    beside it. Default ``docs/results.md``, or ``docs/results-<world file stem>.md`` for another world."""
+    beside it. Default ``docs/results-<world file stem>.md``, or ``docs/results-default.md`` for the default
+    world (``docs/results.md`` is the hand-written reading of the reports, which no run overwrites)."""
     wandb: bool = False
     """Log every fit to W&B, grouped by ``name``, with variant, seed and grid values in the run config."""
     wandb_project: str = "misp"
@@ -111,7 +112,7 @@ class ExperimentConfig:
 
     def resolved(self) -> ExperimentConfig:
         """This config with its derived defaults (workspace, report) filled in."""
-        suffix = f"-{Path(self.world).stem}" if self.world else ""
+        suffix = f"-{Path(self.world).stem}" if self.world else "-default"
         return replace(
             self,
             workspace=self.workspace or f"runs/experiments/{self.name}{suffix}",
