@@ -222,3 +222,21 @@ def test_misp_ground_with_the_span_mask_pairs_only_the_tokens_each_edit_changes(
                 else:
                     spans += int(own[r, k].any())
     assert spans
+
+
+@pytest.mark.slow
+def test_misp_ground_with_pair_anchors_anchors_the_drawn_edits_own_captions(edits_world, clip_dir, sae_dir, tmp_path,
+                                                                           monkeypatch):
+    """The experiment's ground_pair_anchors layers (partner draws, then SymMPO's two anchors) on misp_ground: the
+    anchor term trains beside the pair term, and at policy = reference each of its two anchors is log 2."""
+    world, vlm = edits_world
+    monkeypatch.chdir(tmp_path)
+    rows, seen = _fit_ground(world, vlm, clip_dir, sae_dir, tmp_path, monkeypatch,
+                             "--config", str(ROOT / "configs/experiments/ablations/targets.yaml"),
+                             "--config", str(ROOT / "configs/experiments/ablations/pair_anchors.yaml"))
+    assert {"loss/pairs", "loss/pair_anchors", "loss/anchor", "loss/image"} <= _logged(rows)
+    first = next(float(r["loss/pair_anchors"]) for r in rows if r.get("loss/pair_anchors"))
+    # the first step (policy = reference): 2 log 2 for each row that drew an edit, 0 for one that drew none
+    paired = sum(any(ref.response is not None for ref in refs) for refs in seen[0].negatives) / len(seen[0].ids)
+    assert 0 < paired and first == pytest.approx(2 * math.log(2) * paired, abs=1e-4)
+    assert torch.isfinite(_losses(rows)).all()
