@@ -93,6 +93,10 @@ def parse_reason(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else message
 
 
+def _hash_stamps(stamps: list[str]) -> str:
+    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()
+
+
 def world_file_flag(path: Path) -> str:
     """How ``misp world`` takes ``path``: ``--world`` for a flat YAML of WorldConfig fields (what
     ``ExperimentConfig.world`` documents), ``--config`` for one nesting them under ``world:``."""
@@ -274,15 +278,14 @@ class Experiment:
         # A run's fingerprint holds the stamps of the stages it reads: a rerun shared stage (a new base model)
         # reruns every run, a method's rerun SAE only that method's runs, and a method added to the
         # experiment (with stages of its own) none of the others'.
-        self.chain_hash = hashlib.sha256("\n".join(shared).encode()).hexdigest()
+        self.chain_hash = _hash_stamps(shared)
         self.chain_hashes = {}
         for method, stages in self.own_stages().items():
             own, ran = [], force
             for stage in stages:
                 ran = self.runner.run(stage, ran) or ran
                 own.append(self._stamp(stage))
-            self.chain_hashes[method] = (hashlib.sha256("\n".join(shared + own).encode()).hexdigest() if own
-                                         else self.chain_hash)
+            self.chain_hashes[method] = _hash_stamps(shared + own) if own else self.chain_hash
         for split, name in (("val", "validation_results.json"), ("test", "test_results.json")):
             metrics = json.loads((self.workspace / "runs/shapes/sft" / name).read_text())
             self.results.put({"run": "base", "variant": "base", "method": "sft", "phase": "base", "seed": None,
@@ -323,7 +326,7 @@ class Experiment:
         # A new base model (or the method's own SAE or pairs) makes the fit stale, not only its row.
         fit = Stage(f"{run.id}/fit", ["fit", *self.run_args(run, run.dir), *self._logger_args(run, run.dir, "fit")],
                     run.dir / FIT_DONE, resume_from=run.dir / "checkpoints/last.ckpt",
-                    reads=self.chain_hashes.get(run.variant.method, self.chain_hash))
+                    reads=self.chain_read_by(run))
         split = "val" if run.phase == "tune" else "test"
         root = run.dir / split
         sub, out = ("validate", "validation_results.json") if split == "val" else ("test", "test_results.json")
@@ -334,10 +337,13 @@ class Experiment:
                          root / out)
         return fit, evaluate
 
+    def chain_read_by(self, run: Run) -> str:
+        """The hash of the chain stages ``run`` reads: the shared ones and its method's own."""
+        return self.chain_hashes.get(run.variant.method, self.chain_hash)
+
     def run_fingerprint(self, run: Run, fit: Stage, evaluate: Stage) -> str:
         """One hash of a run's fit and evaluation commands, their configs' contents and the chain stages it reads."""
-        chain = self.chain_hashes.get(run.variant.method, self.chain_hash)
-        payload = [fingerprint(fit, self.workspace), fingerprint(evaluate, self.workspace), chain]
+        payload = [fingerprint(fit, self.workspace), fingerprint(evaluate, self.workspace), self.chain_read_by(run)]
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
     def run(self, run: Run, position: str) -> dict:
